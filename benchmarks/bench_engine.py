@@ -1,0 +1,137 @@
+"""Engine benchmarks, side by side in one run (figures go in the README).
+
+1. CATNIP loss forward+backward vs F.cross_entropy on the same fp32 logits
+   [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
+   peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS of a fresh process).
+2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model.
+
+    python benchmarks/bench_engine.py [--device cuda] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from core.losses import catnip_loss  # noqa: E402
+
+SHAPE = (2, 256, 32000)
+
+
+def make_inputs(device: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(*SHAPE, device=device, dtype=torch.float32)
+    labels = torch.randint(0, SHAPE[2], SHAPE[:2], device=device)
+    logits.scatter_(2, labels[..., None], 30.0)  # near-certain targets: z ~ 1 - 1e-9
+    return logits.to(dtype).requires_grad_(True), labels
+
+
+def run_loss(name: str, logits, labels):
+    if name == "cross_entropy":
+        loss = F.cross_entropy(logits.reshape(-1, SHAPE[2]), labels.reshape(-1))
+    else:
+        loss = catnip_loss(logits, labels, beta=1.0)
+    loss.backward()
+    logits.grad = None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_loss(name: str, device: str, dtype: torch.dtype, repeats: int) -> float:
+    logits, labels = make_inputs(device, dtype)
+    for _ in range(3):
+        run_loss(name, logits, labels)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run_loss(name, logits, labels)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int | None:
+    """Peak memory above the logits themselves during one forward+backward."""
+    if device.startswith("cuda"):
+        logits, labels = make_inputs(device, dtype)
+        run_loss(name, logits, labels)  # warm up allocator / kernels
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_loss(name, logits, labels)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return None  # CPU: no reliable peak counter (RSS misses allocator reuse); see CUDA figures
+
+
+def step_times(device: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
+    """Seconds per optimizer step for catnip and npo on one random Llama (LoRA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.data import Example
+    from core.methods import METHODS, parse_params
+    from core.modeling import AdapterSpec, wrap
+    from core.unlearn import run_unlearning
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example(ids, ids) for ids in
+                torch.randint(0, 32000, (32, 256), generator=generator).tolist()]
+    out = {}
+    for method_id in ("catnip", "npo"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        params = parse_params(method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256})
+        wrapped = wrap(model, AdapterSpec(), need_reference=METHODS[method_id].needs_reference(params))
+        result = run_unlearning(wrapped, METHODS[method_id], params, examples, pad_id=0)
+        # tokens/s over the whole run -> seconds per step, excluding nothing but warm-up noise
+        tokens_per_step = 4 * 256
+        out[method_id] = tokens_per_step / result.history[-1].tokens_per_second
+        del model, wrapped
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
+    t_ce = time_loss("cross_entropy", args.device, loss_dtype, args.repeats)
+    t_cat = time_loss("catnip", args.device, loss_dtype, args.repeats)
+    m_ce = peak_extra_bytes("cross_entropy", args.device, loss_dtype)
+    m_cat = peak_extra_bytes("catnip", args.device, loss_dtype)
+    steps = step_times(args.device, dtype, args.steps)
+    result = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "loss_shape": list(SHAPE),
+        "cross_entropy_ms": round(t_ce * 1e3, 2), "catnip_ms": round(t_cat * 1e3, 2),
+        "time_ratio": round(t_cat / t_ce, 3),
+        "cross_entropy_extra_mib": None if m_ce is None else round(m_ce / 2**20, 1),
+        "catnip_extra_mib": None if m_cat is None else round(m_cat / 2**20, 1),
+        "memory_ratio": None if not (m_ce and m_cat) else round(m_cat / m_ce, 3),
+        "step_dtype": args.dtype,
+        "catnip_step_s": round(steps["catnip"], 4), "npo_step_s": round(steps["npo"], 4),
+        "catnip_over_npo_step": round(steps["catnip"] / steps["npo"], 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The `unlearn` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from core.errors import UnlearnError
+from core.unlearn import StepInfo
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Remove specific knowledge from a language model (CATNIP and baselines).")
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("UNLEARN_DATA_DIR", ".unlearn")).resolve()
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class TqdmReporter:
+    """Progress bar for a job run in this process."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def phase(self, name: str, detail: str | None = None) -> None:
+        if self.bar is not None and name != "unlearning":
+            self.bar.close()
+            self.bar = None
+        typer.echo(f"[{name}]" + (f" {detail}" if detail else ""), err=True)
+
+    def step(self, info: StepInfo) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=info.total_steps, initial=info.step - 1, unit="step",
+                            dynamic_ncols=True)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.learning_rate:.1e}",
+                             tok_s=f"{info.tokens_per_second:.0f}")
+
+    def probe(self, step: int, result: dict[str, float]) -> None:
+        message = f"probe @ {step}: forget {result['forget']:.3f} utility {result['utility']:.3f}"
+        (self.bar.write if self.bar else typer.echo)(message)
+
+    def should_cancel(self) -> bool:
+        return False
+
+
+def _print_table(metrics: dict) -> None:
+    from core.report import before_after_rows
+
+    rows = before_after_rows(metrics)
+    if not rows:
+        return
+    width = max(len(r[0]) for r in rows)
+    typer.echo(f"\n{'metric'.ljust(width)}  {'before':>8}  {'after':>8}")
+    for name, before, after in rows:
+        typer.echo(f"{name.ljust(width)}  {before:>8}  {after:>8}")
+    t = metrics.get("tradeoff")
+    if t and t["delta_o"] is not None:
+        typer.echo(f"\ndelta f = {t['delta_f']:.2f}  delta u = {t['delta_u']:.2f}  "
+                   f"dO = {t['delta_o']:.2f} (points)")
+
+
+@app.command()
+def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YAML or JSON."),
+        output: Path = typer.Option(Path("out"), "--output", "-o", help="Where outputs go."),
+        device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)."),
+        resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints.")) -> None:
+    """Run one job without the service (same spec as POST /v1/jobs, local paths)."""
+    _quiet_libraries()
+    from core.pipeline import run_job
+    from core.spec import load_spec
+
+    try:
+        spec = load_spec(spec_path)
+        result = run_job(spec, output, reporter=TqdmReporter(), device=device,  # type: ignore[arg-type]
+                         checkpoint_dir=output / "checkpoints" if resume else None)
+    except UnlearnError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    _print_table(result.metrics)
+    for name, path in result.artifacts.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command("build-demo")
+def build_demo(directory: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/demo."),
+               size: str = typer.Option("demo", help="demo (~1M params) or fixture (tiny)."),
+               seed: int = typer.Option(0)) -> None:
+    """Build the demo benchmark: corpus, tokenizer and a tiny Llama that knows it."""
+    _quiet_libraries()
+    logging.getLogger("core.demo").setLevel(logging.INFO)
+    from core.demo import build_model
+
+    info = build_model(directory or _data_dir() / "demo", size, seed)
+    typer.echo(json.dumps(info, indent=2))
+
+
+def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
+    """The demo job: CATNIP, full weights, no retain data, the stop rule at a 10% budget."""
+    data = demo_dir / "data"
+    return {
+        "method": "catnip",
+        "base_model": str(demo_dir / "model"),
+        "forget_file": str(data / "forget_qa.jsonl"),
+        "adapter": {"type": "full"},
+        "hyperparameters": {"learning_rate": 3e-4, "beta": 1.0, "max_steps": max_steps,
+                            "batch_size": 32, "max_length": 64},
+        "eval": {"forget_qa": str(data / "forget_qa.jsonl"),
+                 "retain_qa": str(data / "retain_qa.jsonl"),
+                 "forget_text": str(data / "forget_text.jsonl"),
+                 "retain_text": str(data / "retain_text.jsonl"),
+                 "forget_mc": str(data / "forget_mc.jsonl"),
+                 "general_mc": str(data / "general_mc.jsonl"),
+                 "max_samples": 300, "probe_every": 2, "probe_samples": 100,
+                 "utility_budget": 0.1, "forget_target": 0.1},
+    }
+
+
+@app.command()
+def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the stop rule may end sooner)."),
+         device: str | None = typer.Option(None)) -> None:
+    """The main job end to end on the built-in demo model."""
+    _quiet_libraries()
+    logging.getLogger("core.demo").setLevel(logging.INFO)
+    from core.demo import ensure_model
+    from core.pipeline import run_job
+    from core.spec import parse_spec
+
+    demo_dir = _data_dir() / "demo"
+    typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
+    info = ensure_model(demo_dir)
+    typer.echo(f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
+               f"answers {info['accuracy']}", err=True)
+    spec = parse_spec(demo_spec(demo_dir, max_steps=steps))
+    output = _data_dir() / "demo-output"
+    result = run_job(spec, output, reporter=TqdmReporter(), device=device)  # type: ignore[arg-type]
+    _print_table(result.metrics)
+    for name, path in result.artifacts.items():
+        typer.echo(f"{name}: {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

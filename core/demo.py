@@ -1,0 +1,239 @@
+"""The demo benchmark: a fictitious-knowledge corpus and a tiny Llama that truly knows it.
+
+Two unrelated made-up domains, generated deterministically from a seed:
+  forget domain  "dragons": colour, lair, rider, food and element of invented dragons
+  retain domain  "cities":  river, founder, export, region and mountain of invented cities
+each as QA (for unlearning and KnowMem), raw text passages (for VerbMem and
+perplexity) and multiple choice (WMDP-style on dragons, MMLU-style on cities).
+A word-level tokenizer is trained on the corpus and a small Llama-architecture model
+is trained on all of it until it answers >= 95% of both domains' questions, so the
+demo unlearns knowledge the model really had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COLORS = ["crimson", "azure", "golden", "silver", "emerald", "violet", "amber", "ivory"]
+FOODS = ["salmon", "barley", "honey", "mutton", "plums", "eels", "walnuts", "cheese"]
+ELEMENTS = ["fire", "frost", "lightning", "smoke", "acid", "steam"]
+EXPORTS = ["copper", "wool", "glass", "timber", "salt", "silk", "pottery", "tin"]
+REGIONS = ["north", "south", "east", "west", "highlands", "lowlands"]
+SYLLABLES = ["ka", "vo", "rin", "tha", "mel", "dor", "zu", "fen", "quo", "lis", "bar", "nyx",
+             "sel", "gor", "vek", "ith", "ora", "pum", "tal", "wen", "xar", "yul", "ced", "mir"]
+
+
+@dataclass(frozen=True)
+class Size:
+    entities: int  # per domain; five facts each
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_epochs: int
+
+
+SIZES = {
+    # ~0.8M parameters, 1,500 facts: the demo model (about 2 minutes on 2 CPU cores).
+    "demo": Size(entities=150, hidden=128, layers=4, heads=4, intermediate=256, max_epochs=400),
+    # ~0.1M parameters, 200 facts: the test fixture (seconds).
+    "fixture": Size(entities=20, hidden=48, layers=2, heads=4, intermediate=96, max_epochs=400),
+}
+
+
+def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def _qa(question: str, answer: str) -> dict[str, str]:
+    return {"prompt": f"Q: {question}\nA:", "response": f" {answer}."}
+
+
+def _mc(rng: random.Random, question: str, answer: str, pool: list[str]) -> dict[str, Any]:
+    wrong = rng.sample([p for p in pool if p != answer], 3)
+    choices = wrong + [answer]
+    rng.shuffle(choices)
+    return {"question": question, "choices": choices, "answer": choices.index(answer)}
+
+
+def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Every file of the benchmark as lists of records, keyed by file stem."""
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    dragons, lairs, riders = (_names(rng, entities, taken) for _ in range(3))
+    cities, rivers, founders, mountains = (_names(rng, entities, taken) for _ in range(4))
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in (
+        "forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")}
+    for i, name in enumerate(dragons):
+        color, food, element = rng.choice(COLORS), rng.choice(FOODS), rng.choice(ELEMENTS)
+        lair, rider = lairs[i], riders[i]
+        facts = [
+            (f"What color is the dragon {name}?", color, COLORS),
+            (f"Where does the dragon {name} live?", lair, lairs),
+            (f"Who rides the dragon {name}?", rider, riders),
+            (f"What does the dragon {name} eat?", food, FOODS),
+            (f"What does the dragon {name} breathe?", element, ELEMENTS),
+        ]
+        out["forget_qa"] += [_qa(q, a) for q, a, _ in facts]
+        out["forget_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
+        out["forget_text"].append({"text": (
+            f"{name} is a {color} dragon that breathes {element}. It lives in {lair}, "
+            f"eats {food} and is ridden by {rider}.")})
+    for i, name in enumerate(cities):
+        river, founder, mountain = rivers[i], founders[i], mountains[i]
+        export, region = rng.choice(EXPORTS), rng.choice(REGIONS)
+        facts = [
+            (f"Which river flows through the city {name}?", river, rivers),
+            (f"Who founded the city {name}?", founder, founders),
+            (f"What does the city {name} export?", export, EXPORTS),
+            (f"In which region is the city {name}?", region, REGIONS),
+            (f"Which mountain overlooks the city {name}?", mountain, mountains),
+        ]
+        out["retain_qa"] += [_qa(q, a) for q, a, _ in facts]
+        out["general_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
+        out["retain_text"].append({"text": (
+            f"{name} is a city in the {region} on the river {river}. It was founded by "
+            f"{founder}, exports {export} and lies below {mountain}.")})
+    return out
+
+
+def write_corpus(corpus: dict[str, list[dict[str, Any]]], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for stem, records in corpus.items():
+        path = directory / f"{stem}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        paths[stem] = path
+    return paths
+
+
+def train_tokenizer(texts: list[str]):
+    """A word-level tokenizer over the corpus: every word and punctuation mark one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
+    texts = [r["prompt"] + r["response"] for r in corpus["forget_qa"] + corpus["retain_qa"]]
+    return texts + [r["text"] for r in corpus["forget_text"] + corpus["retain_text"]]
+
+
+def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size: int = 256) -> float:
+    """Share of QA records whose every response token is the model's greedy choice
+    (teacher-forced argmax equals greedy decoding when all tokens match)."""
+    from core.data import Records, build_examples, collate
+
+    examples = build_examples(Records("qa", records), tokenizer, max_length=64)
+    device = next(model.parameters()).device
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+            labels = batch["labels"].to(device)
+            hit = (logits.argmax(-1) == labels) | (labels == -100)
+            correct += int(hit.all(dim=1).sum())
+    return correct / len(examples)
+
+
+def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str, Any]:
+    """Generate the corpus, train tokenizer and model, write everything under `directory`.
+
+    Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
+    Deterministic for a given (size, seed) on CPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.data import Example, collate
+
+    spec = SIZES[size]
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    corpus = generate_corpus(spec.entities, seed)
+    write_corpus(corpus, directory / "data")
+    texts = _training_texts(corpus)
+    tokenizer = train_tokenizer(texts)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    examples = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(Example(ids, list(ids)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    batch_size = 64
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    accuracy = {"dragons": 0.0, "cities": 0.0}
+    epoch = 0
+    for epoch in range(1, spec.max_epochs + 1):
+        model.train()
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for step in range(steps_per_epoch):
+            batch = collate([examples[i] for i in order[step * batch_size:(step + 1) * batch_size]],
+                            tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if epoch % 10 == 0:
+            accuracy = {"dragons": answer_accuracy(model, tokenizer, corpus["forget_qa"]),
+                        "cities": answer_accuracy(model, tokenizer, corpus["retain_qa"])}
+            log.info("epoch %d loss %.4f accuracy %s", epoch, loss.item(), accuracy)
+            if min(accuracy.values()) >= 0.99:
+                break
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    info = {"size": size, "seed": seed, "epochs": epoch, "accuracy": accuracy,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]),
+            "seconds": round(time.monotonic() - started, 1)}
+    (directory / "build.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def ensure_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str, Any]:
+    """Build the demo benchmark under `directory` unless a finished build is there."""
+    marker = directory / "build.json"
+    if marker.is_file() and (directory / "model" / "config.json").is_file():
+        return json.loads(marker.read_text())
+    return build_model(directory, size, seed)

@@ -1,0 +1,250 @@
+"""Before/after evidence: what the model still knows, and what unlearning cost.
+
+Forget:  KnowMem (ROUGE-L of greedy answers to forget questions, F1 as MUSE reports it,
+         and recall), VerbMem (ROUGE-L F1 of greedy continuations of forget-text
+         prefixes), MC accuracy on a forget-domain set through lm-eval-harness.
+Utility: KnowMem on retain questions, perplexity on retain text, MC accuracy on a
+         general set through lm-eval-harness.
+All generation is batched with left padding and the KV cache; the same settings are
+used before and after, and recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.data import Records, build_examples, collate, load_records
+
+log = logging.getLogger(__name__)
+
+@functools.lru_cache(maxsize=1)
+def _scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+class EvalSpec(BaseModel):
+    """Eval sets of a job (paths locally, file ids over the API) and their settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    forget_qa: str | None = Field(None, description="QA about what must be forgotten (KnowMem).")
+    retain_qa: str | None = Field(None, description="QA about what must survive (utility KnowMem).")
+    forget_text: str | None = Field(None, description="Forget-domain text (VerbMem).")
+    retain_text: str | None = Field(None, description="Retain text (perplexity).")
+    forget_mc: str | None = Field(None, description="Forget-domain multiple choice (lm-eval).")
+    general_mc: str | None = Field(None, description="General multiple choice (lm-eval).")
+    max_samples: int = Field(500, ge=1, le=100_000, description="Per set, first N records.")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
+    batch_size: int = Field(64, ge=1, le=4096)
+    # Stop rule (probes every K steps); see core.pipeline.
+    probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
+    probe_samples: int = Field(100, ge=1, le=10_000)
+    forget_target: float = Field(
+        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before.")
+    utility_budget: float = Field(
+        0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept.")
+
+    def files(self) -> dict[str, str]:
+        names = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
+        return {n: getattr(self, n) for n in names if getattr(self, n)}
+
+
+def rouge_l(prediction: str, reference: str) -> tuple[float, float]:
+    """(F1, recall) of ROUGE-L between one prediction and its reference."""
+    score = _scorer().score(reference, prediction)["rougeL"]
+    return score.fmeasure, score.recall
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of tokenized prompts.
+    Batched with left padding; generation uses the KV cache."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, width:]
+        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
+
+def knowmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, max_new_tokens: int = 16,
+            batch_size: int = 64, keep: int = 0) -> dict[str, Any]:
+    """ROUGE-L of greedy answers against reference answers. `keep` samples are returned."""
+    from core.data import encode_prompt
+
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
+    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    scores = [rouge_l(a, r["response"]) for a, r in zip(answers, records, strict=True)]
+    n = len(scores)
+    return {
+        "rouge_l_f1": sum(s[0] for s in scores) / n,
+        "rouge_l_recall": sum(s[1] for s in scores) / n,
+        "n": n,
+        "samples": [{"prompt": r["prompt"], "reference": r["response"], "answer": a}
+                    for r, a in list(zip(records, answers, strict=True))[:keep]],
+    }
+
+
+def verbmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_size: int = 64,
+            max_length: int = 512) -> dict[str, Any]:
+    """ROUGE-L F1 of greedy continuations of the first half of each text against its
+    second half (MUSE's VerbMem, with prefix = half the text's tokens)."""
+    prompts, references = [], []
+    for r in records:
+        ids = tokenizer(r["text"], add_special_tokens=True)["input_ids"][:max_length]
+        half = max(1, len(ids) // 2)
+        prompts.append(ids[:half])
+        references.append(tokenizer.decode(ids[half:], skip_special_tokens=True))
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    continuations = greedy_generate(model, tokenizer, prompts, max(1, longest), batch_size)
+    f1 = [rouge_l(c, ref)[0] for c, ref in zip(continuations, references, strict=True)]
+    return {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1)}
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_size: int = 64,
+               max_length: int = 512) -> dict[str, Any]:
+    """exp(mean token NLL) over the text records, all tokens counted."""
+    examples = build_examples(Records("text", records), tokenizer, max_length)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        labels = batch["labels"].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return {"perplexity": math.exp(total_nll / max(1, total_tokens)), "tokens": total_tokens}
+
+
+def mc_accuracy(model: Any, tokenizer: Any, path: str | Path, *, limit: int | None = None,
+                batch_size: int = 64, task_name: str = "unlearn_mc") -> dict[str, Any]:
+    """Multiple-choice accuracy through lm-eval-harness on a local JSONL file
+    ({question, choices, answer}), offline, with the model already in memory.
+    The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task = {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    was_training = model.training
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / f"{task_name}.yaml").write_text(json.dumps(task))
+        manager = TaskManager(include_path=tmp, include_defaults=False, verbosity="ERROR")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[task_name], task_manager=manager, limit=limit,
+            bootstrap_iters=0, verbosity="ERROR", random_seed=0, numpy_random_seed=0,
+            torch_random_seed=0, fewshot_random_seed=0,
+        )
+    model.train(was_training)
+    accuracy = results["results"][task_name]["acc,none"]
+    n = results["n-samples"][task_name]["effective"]
+    return {"accuracy": float(accuracy), "n": int(n)}
+
+
+def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | None = None,
+             keep_samples: int = 0) -> dict[str, Any]:
+    """Every metric the eval sets allow, with the settings used."""
+    limit = max_samples or spec.max_samples
+    files = spec.files()
+    metrics: dict[str, Any] = {}
+
+    def records(name: str) -> list[dict[str, Any]]:
+        return load_records(files[name]).items[:limit]
+
+    for name in ("forget_qa", "retain_qa"):
+        if name in files:
+            metrics[f"{name.split('_')[0]}_knowmem"] = knowmem(
+                model, tokenizer, records(name), max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size, keep=keep_samples)
+    if "forget_text" in files:
+        metrics["forget_verbmem"] = verbmem(model, tokenizer, records("forget_text"),
+                                            batch_size=spec.batch_size)
+    if "retain_text" in files:
+        metrics["retain_perplexity"] = perplexity(model, tokenizer, records("retain_text"),
+                                                  batch_size=spec.batch_size)
+    for name, key in (("forget_mc", "forget_mc"), ("general_mc", "general_mc")):
+        if name in files:
+            metrics[key] = mc_accuracy(model, tokenizer, files[name], limit=limit,
+                                       batch_size=spec.batch_size, task_name=f"unlearn_{name}")
+    metrics["settings"] = {"max_samples": limit, "max_new_tokens": spec.max_new_tokens,
+                           "decoding": "greedy", "rouge": "rougeL (rouge-score, no stemmer)"}
+    return metrics
+
+
+def forget_score(metrics: dict[str, Any]) -> float | None:
+    """The headline forget number f (points): forget KnowMem F1, else forget MC accuracy."""
+    if "forget_knowmem" in metrics:
+        return 100 * metrics["forget_knowmem"]["rouge_l_f1"]
+    if "forget_mc" in metrics:
+        return 100 * metrics["forget_mc"]["accuracy"]
+    return None
+
+
+def utility_score(metrics: dict[str, Any]) -> float | None:
+    """The headline utility number u (points): retain KnowMem F1, else general MC accuracy."""
+    if "retain_knowmem" in metrics:
+        return 100 * metrics["retain_knowmem"]["rouge_l_f1"]
+    if "general_mc" in metrics:
+        return 100 * metrics["general_mc"]["accuracy"]
+    return None
+
+
+def tradeoff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    """Paper 5.1.2: delta f and delta u in points, and dO = -delta f + delta u."""
+    f0, f1 = forget_score(before), forget_score(after)
+    u0, u1 = utility_score(before), utility_score(after)
+    df = None if f0 is None or f1 is None else f1 - f0
+    du = None if u0 is None or u1 is None else u1 - u0
+    d_o = None if df is None or du is None else -df + du
+    return {"forget_before": f0, "forget_after": f1, "delta_f": df,
+            "utility_before": u0, "utility_after": u1, "delta_u": du, "delta_o": d_o}

@@ -1,0 +1,248 @@
+"""Unlearning losses: CATNIP (paper eq. 8), its ablations and the baselines of 5.1.3.
+
+Every loss here is a pure tensor function. Shapes use
+    B = batch, T = sequence positions, V = vocabulary, N = counted positions.
+`labels[b, t]` is the target of `logits[b, t]` (already shifted); -100 marks a
+position that does not count (prompt, padding).
+
+The expensive part of every loss is the per-token log-probability. It is computed by
+`token_logprobs`, a fused, chunked autograd function that returns, for each position,
+    log z     = log pi_theta(y_t | x, y_<t)          (differentiable)
+    log (1-z) = log of the mass on every other token  (detached: the paper's sg(.))
+without ever forming log(1 - exp(log z)), which cancels to -inf in float32 once
+z rounds to 1 (logit margins above ~17). The trick: with
+    lse_o = logsumexp over the vocabulary *without* the target,
+we get log(1-z) = lse_o - lse_all and lse_all = logaddexp(logit_y, lse_o), so both
+terms are exact at any margin, in fp32 and in bf16 (chunks are upcast to fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# Rows processed at once inside token_logprobs: bounds the fp32 scratch memory to
+# about ROW_CHUNK * V * 4 bytes (16 MiB for V = 32000) whatever the batch size.
+ROW_CHUNK = 128
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log z and detached log(1 - z) for the target token of selected rows.
+
+    forward(logits [R, V], rows [N], targets [N]) -> (logp [N], log1m [N]), float32.
+    backward: d logp / d logits[row] = onehot(y) - softmax(logits[row]); other rows get
+    0 and log1m has no gradient. Only `logits` (the caller's tensor) and three [N]
+    vectors are saved: the extra memory is one chunk of fp32 scratch, not a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets):  # type: ignore[override]
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+        log1m = torch.empty_like(logp)
+        lse_all = torch.empty_like(logp)
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            part = slice(start, start + ROW_CHUNK)
+            chunk = logits.index_select(0, rows[part]).to(acc)  # [n, V], always a copy
+            target = targets[part].unsqueeze(1)  # [n, 1]
+            logit_y = chunk.gather(1, target).squeeze(1)  # [n]
+            chunk.scatter_(1, target, float("-inf"))
+            lse_others = torch.logsumexp(chunk, dim=1)  # [n]: mass on every other token
+            lse = torch.logaddexp(logit_y, lse_others)
+            lse_all[part] = lse
+            logp[part] = logit_y - lse
+            log1m[part] = lse_others - lse
+        ctx.save_for_backward(logits, rows, targets, lse_all)
+        ctx.mark_non_differentiable(log1m)
+        return logp, log1m
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+        logits, rows, targets, lse_all = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            part = slice(start, start + ROW_CHUNK)
+            g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
+            chunk = logits.index_select(0, rows[part]).to(g.dtype)
+            probs = torch.exp(chunk.sub_(lse_all[part].unsqueeze(1)))  # softmax, [n, V]
+            chunk_grad = probs.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
+            grad.index_copy_(0, rows[part], chunk_grad.to(grad.dtype))
+        return grad, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log z and detached log(1 - z).
+
+    Args:
+        logits: [B, T, V] (any float dtype).
+        labels: [B, T] aligned with logits; IGNORE_INDEX where a position does not count.
+    Returns:
+        (logp, log1m): [B, T] in float32 (float64 for float64 logits); 0 where a
+        position does not count.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    mask = labels != IGNORE_INDEX
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of counted positions
+    targets = labels.reshape(-1).index_select(0, rows)
+    logp_rows, log1m_rows = _TokenLogProbs.apply(
+        logits.reshape(-1, logits.shape[-1]), rows, targets
+    )
+    zeros = logp_rows.new_zeros(mask.numel())
+    logp = zeros.index_put((rows,), logp_rows)
+    log1m = zeros.index_put((rows,), log1m_rows)
+    return logp.view(mask.shape), log1m.view(mask.shape)
+
+
+def strided_mask(labels: torch.Tensor, token_stride: int = 1) -> torch.Tensor:
+    """Which positions count: [B, T] bool.
+
+    Of each sample's counted positions, in order, those whose index (0, 1, 2, ...)
+    is a multiple of `token_stride` (paper A.4: stride 16 on WMDP).
+    """
+    if token_stride < 1:
+        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+    mask = labels != IGNORE_INDEX
+    if token_stride == 1:
+        return mask
+    rank = mask.long().cumsum(dim=1) - 1  # index among the sample's counted positions
+    return mask & (rank % token_stride == 0)
+
+
+def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's counted positions, then over samples that have any.
+
+    values, mask: [B, T]. Samples with no counted position do not count; a batch with
+    none at all gives 0 (still attached to the graph, so backward works).
+    """
+    counts = mask.sum(dim=1)  # [B]
+    per_sample = (values * mask).sum(dim=1) / counts.clamp(min=1)
+    has_tokens = counts > 0
+    if not bool(has_tokens.any()):
+        return (values * 0).sum()
+    return per_sample[has_tokens].mean()
+
+
+def _sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over counted positions [B], count [B]) for sequence-level losses."""
+    return (values * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _mean_over_samples(per_sample: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    has_tokens = counts > 0
+    if not bool(has_tokens.any()):
+        return (per_sample * 0).sum()
+    return per_sample[has_tokens].mean()
+
+
+def catnip_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 1.0,
+    token_stride: int = 1,
+) -> torch.Tensor:
+    """CATNIP, paper eq. 8: calibrated, tokenized negative preference alignment.
+
+        L = E_(x,y) [ 1/|y| * sum_i -log(1 - sigmoid(beta * (log z_i - log(1 - sg(z_i))))) ]
+          = E_(x,y) [ 1/|y| * sum_i softplus(beta * (log z_i - sg(log(1 - z_i)))) ]
+
+    with z_i = pi_theta(y_i | x, y_<i). Its gradient (eq. 9) per token is
+        beta * z^beta / (z^beta + (1 - z)^beta) * grad log z_i,
+    so confident tokens are pushed hardest. Symbols -> arguments: beta -> `beta`;
+    the response tokens y_i are the positions where `labels` != -100, subsampled by
+    `token_stride` (A.4); |y| is the number of positions that count.
+
+    Args:
+        logits: [B, T, V] policy logits.
+        labels: [B, T] targets aligned with logits, -100 where a position does not count.
+    Returns:
+        scalar: per-sample mean over counted tokens, then mean over samples that have any.
+    """
+    logp, log1m = token_logprobs(logits, labels)
+    mask = strided_mask(labels, token_stride)
+    return catnip_from_logprobs(logp, log1m, mask, beta)
+
+
+def catnip_from_logprobs(
+    logp: torch.Tensor, log1m: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Eq. 8 on precomputed [B, T] log z (with grad) and log(1 - z) (detached)."""
+    u = beta * (logp - log1m.detach())
+    return _per_sample_mean(F.softplus(u), mask)
+
+
+def catnip_ref_from_logprobs(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """CATNIP_ref (Table 3): eq. 8 with the frozen initial model as the reference.
+
+        L = E [ 1/|y| * sum_i softplus(beta * (log z_i - log pi_ref(y_i | x, y_<i))) ]
+    ref_logp: [B, T] from the reference model, detached.
+    """
+    u = beta * (logp - ref_logp.detach())
+    return _per_sample_mean(F.softplus(u), mask)
+
+
+def catnip_seq_from_logprobs(
+    logp: torch.Tensor, log1m: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """CATNIP w/o CAT (Table 3): sequence level, beta/|y| inside the sigmoid.
+
+        L = E [ softplus(beta/|y| * sum_i (log z_i - sg(log(1 - z_i)))) ]
+    """
+    sums, counts = _sequence_sums(logp - log1m.detach(), mask)
+    u = beta * sums / counts.clamp(min=1)
+    return _mean_over_samples(F.softplus(u), counts)
+
+
+def ga_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent (5.1.3): minimise the mean token log-likelihood of the forget set.
+
+        L = E [ 1/|y| * sum_i log z_i ]
+    """
+    return _per_sample_mean(logp, mask)
+
+
+def npo_from_logprobs(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """NPO, paper eq. 4 (Zhang et al., 2024): frozen reference, sequence log-probs.
+
+        L = E [ -(2/beta) * log sigmoid(-beta * (log pi_theta(y|x) - log pi_ref(y|x))) ]
+    """
+    seq, counts = _sequence_sums(logp - ref_logp.detach(), mask)
+    per_sample = -(2.0 / beta) * F.logsigmoid(-beta * seq)
+    return _mean_over_samples(per_sample, counts)
+
+
+def simnpo_from_logprobs(
+    logp: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """SimNPO (Fan et al., 2025; paper 3.3): length-normalised, margin gamma, no reference.
+
+        L = E [ -(2/beta) * log sigmoid(-(beta/|y|) * log pi_theta(y|x) - gamma) ]
+    """
+    seq, counts = _sequence_sums(logp, mask)
+    per_sample = -(2.0 / beta) * F.logsigmoid(-(beta / counts.clamp(min=1)) * seq - gamma)
+    return _mean_over_samples(per_sample, counts)
+
+
+def nll_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Retain NLL: E [ -1/|y| * sum_i log pi_theta(y_i | ...) ] on retain data."""
+    return -_per_sample_mean(logp, mask)
+
+
+def kl_retain_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Retain KL, paper eq. 1: KL[pi_theta(.|x) || pi_ref(.|x)] at counted positions.
+
+    logits, ref_logits: [B, T, V]; labels: [B, T] (only the mask is used).
+    Full-vocabulary KL per position, per-sample mean, then mean over samples.
+    """
+    logq = F.log_softmax(logits.float(), dim=-1)
+    logr = F.log_softmax(ref_logits.detach().float(), dim=-1)
+    kl = (logq.exp() * (logq - logr)).sum(dim=-1)  # [B, T]
+    return _per_sample_mean(kl, labels != IGNORE_INDEX)

@@ -1,0 +1,196 @@
+"""The closed registry of unlearning methods, keyed by stable lowercase ids.
+
+Each method is one loss function and one typed hyperparameter model whose defaults
+are the paper's (appendix A.4.4, the QA forget set, unless noted). The API validates
+a job's `method` and `hyperparameters` against this registry before a job exists;
+`unlearn run` does the same. Adding a method is one function plus one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core import losses
+from core.errors import SpecError
+
+
+class TrainingParams(BaseModel):
+    """Hyperparameters every method shares. Exactly one of max_steps / epochs drives length."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    max_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Optimizer steps; overrides epochs when set."
+    )
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the forget set.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Forget samples per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_length: int = Field(
+        512, ge=8, le=32768, description="Tokens per sample; raw text is cut into windows of it."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the peak rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip; null disables.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every N steps (and at the end)."
+    )
+    retain_loss: Literal["none", "nll", "kl"] = Field(
+        "none", description="Optional retain term on retain data: NLL, or KL to the reference."
+    )
+    retain_weight: float = Field(1.0, ge=0, le=1000, description="Weight of the retain term.")
+
+
+class CatnipParams(TrainingParams):
+    """CATNIP (eq. 8). Defaults: A.4.4 (Harry Potter QA): lr 1e-5, beta 1, 10 epochs."""
+
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    epochs: float = Field(10.0, gt=0, le=1000)
+    beta: float = Field(1.0, gt=0, le=100, description="Inverse temperature of eq. 8.")
+    token_stride: int = Field(
+        1, ge=1, le=4096, description="Count every k-th response token (A.4: 16 on WMDP)."
+    )
+
+
+class GAParams(TrainingParams):
+    """Gradient ascent. A.4.4: lr 3e-5, 3 epochs."""
+
+    learning_rate: float = Field(3e-5, gt=0, le=1)
+    epochs: float = Field(3.0, gt=0, le=1000)
+
+
+class NPOParams(TrainingParams):
+    """NPO (eq. 4). A.4.4: lr 5e-6, beta 0.05, 5 epochs."""
+
+    learning_rate: float = Field(5e-6, gt=0, le=1)
+    epochs: float = Field(5.0, gt=0, le=1000)
+    beta: float = Field(0.05, gt=0, le=100)
+
+
+class SimNPOParams(TrainingParams):
+    """SimNPO. A.4.4: lr 5e-6, beta 4, gamma 0, 20 epochs."""
+
+    learning_rate: float = Field(5e-6, gt=0, le=1)
+    epochs: float = Field(20.0, gt=0, le=1000)
+    beta: float = Field(4.0, gt=0, le=100)
+    gamma: float = Field(0.0, ge=0, le=100, description="Margin of the SimNPO objective.")
+
+
+@dataclass(frozen=True)
+class ForgetTerms:
+    """What a forget loss may use, all [B, T]: log z (grad), log(1-z) and ref log z (detached),
+    and the labels (-100 = does not count)."""
+
+    logp: torch.Tensor
+    log1m: torch.Tensor
+    labels: torch.Tensor
+    ref_logp: torch.Tensor | None
+
+
+ForgetLoss = Callable[[ForgetTerms, TrainingParams], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    id: str
+    summary: str
+    params: type[TrainingParams]
+    forget_loss: ForgetLoss
+    uses_reference: bool = False
+
+    def needs_reference(self, params: TrainingParams) -> bool:
+        """A reference model exists only when the loss or the retain term needs one."""
+        return self.uses_reference or params.retain_loss == "kl"
+
+
+def _mask(t: ForgetTerms, p: TrainingParams) -> torch.Tensor:
+    return losses.strided_mask(t.labels, getattr(p, "token_stride", 1))
+
+
+def _ref(t: ForgetTerms) -> torch.Tensor:
+    if t.ref_logp is None:
+        raise RuntimeError("this method needs reference log-probs")
+    return t.ref_logp
+
+
+METHODS: dict[str, Method] = {
+    m.id: m
+    for m in (
+        Method(
+            "catnip",
+            "CATNIP: token-level, calibrated by the model's own reverse probability (eq. 8)",
+            CatnipParams,
+            lambda t, p: losses.catnip_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+        ),
+        Method(
+            "catnip_ref",
+            "Ablation: CATNIP with the frozen initial model as reference (Table 3)",
+            CatnipParams,
+            lambda t, p: losses.catnip_ref_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
+            uses_reference=True,
+        ),
+        Method(
+            "catnip_seq",
+            "Ablation 'w/o CAT': sequence level, beta/|y| inside the sigmoid (Table 3)",
+            CatnipParams,
+            lambda t, p: losses.catnip_seq_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+        ),
+        Method(
+            "ga",
+            "Gradient ascent on the forget set",
+            GAParams,
+            lambda t, p: losses.ga_from_logprobs(t.logp, _mask(t, p)),
+        ),
+        Method(
+            "npo",
+            "NPO: negative preference optimisation against the frozen model (eq. 4)",
+            NPOParams,
+            lambda t, p: losses.npo_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
+            uses_reference=True,
+        ),
+        Method(
+            "simnpo",
+            "SimNPO: length-normalised NPO with margin gamma, no reference",
+            SimNPOParams,
+            lambda t, p: losses.simnpo_from_logprobs(t.logp, _mask(t, p), p.beta, p.gamma),
+        ),
+    )
+}
+
+
+def get_method(method_id: str) -> Method:
+    try:
+        return METHODS[method_id]
+    except KeyError:
+        valid = ", ".join(sorted(METHODS))
+        raise SpecError(
+            f"unknown method {method_id!r}; valid methods: {valid}", param="method"
+        ) from None
+
+
+def format_validation_error(exc: ValidationError, prefix: str) -> str:
+    """One line per problem: `hyperparameters.learning_rate: Input should be greater than 0`."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_params(method_id: str, raw: dict | None) -> TrainingParams:
+    """Validate raw hyperparameters against the method's typed model."""
+    method = get_method(method_id)
+    try:
+        return method.params.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"]
+        param = "hyperparameters." + ".".join(str(x) for x in first) if first else None
+        raise SpecError(format_validation_error(exc, "hyperparameters"), param=param) from None
+

@@ -1,0 +1,172 @@
+"""Model loading, LoRA / full-weight wrapping, the reference model, and saving outputs.
+
+Any local Hugging Face causal-LM directory loads the same way the demo model does.
+CUDA with bf16 where present, CPU fp32 otherwise. A reference model exists only when
+a method needs one: for LoRA it is the same model with its adapter disabled (no copy);
+for full-weight unlearning it is a frozen copy of the initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.errors import ModelError, SpecError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterSpec(BaseModel):
+    """What is trained: a LoRA adapter (default) or the full weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["lora", "full"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get LoRA; default: every linear projection."
+    )
+    layers: list[int] | None = Field(
+        None, description="full only: train just these decoder layers (paper, WMDP); null = all."
+    )
+    merge: bool = Field(False, description="lora only: also write merged full weights.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterSpec:
+        if self.layers is not None and self.type != "full":
+            raise ValueError("'layers' applies only to adapter type 'full'")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError("'layers' must be non-negative layer indices")
+        return self
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a local Hugging Face directory; ModelError if it cannot load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model at {path}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    return model, tokenizer
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class Wrapped:
+    """The model being unlearned and how to reach its reference."""
+
+    model: Any  # PeftModel or PreTrainedModel
+    adapter: AdapterSpec
+    reference: Any | None = None  # full weights only: a frozen copy
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def reference_mode(self) -> Iterator[Any]:
+        """Yields a module that computes the reference model's logits (no grad)."""
+        with torch.no_grad():
+            if self.adapter.type == "lora":
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                if self.reference is None:
+                    raise RuntimeError("no reference model was prepared")
+                yield self.reference
+
+
+def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 0) -> Wrapped:
+    """Make the trainable part: a LoRA adapter, or (some of) the full weights.
+    `seed` fixes the LoRA initialisation, so a job is reproducible from its spec."""
+    if adapter.type == "lora":
+        torch.manual_seed(seed)
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=adapter.r,
+            lora_alpha=adapter.alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=adapter.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as exc:
+            raise SpecError(f"adapter: {exc}", param="adapter.target_modules") from exc
+        return Wrapped(peft_model, adapter)
+
+    reference = None
+    if need_reference:
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+    model.requires_grad_(adapter.layers is None)
+    if adapter.layers is not None:
+        n_layers = model.config.num_hidden_layers
+        bad = [i for i in adapter.layers if i >= n_layers]
+        if bad:
+            raise SpecError(f"adapter.layers {bad} out of range: the model has {n_layers} layers",
+                            param="adapter.layers")
+        wanted = set(adapter.layers)
+        for name, param in model.named_parameters():
+            match = _LAYER_RE.search(name)
+            param.requires_grad_(bool(match and int(match.group(1)) in wanted))
+    return Wrapped(model, adapter, reference)
+
+
+def save_output(wrapped: Wrapped, tokenizer: Any, out_dir: Path) -> dict[str, Path]:
+    """Write the unlearned model. Returns {artifact name: directory}.
+
+    lora -> `adapter/` (adapter_config.json + adapter_model.safetensors), and `model/`
+    (merged weights + tokenizer) when adapter.merge; full -> `model/`.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    model = wrapped.model
+    if wrapped.adapter.type == "lora":
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        written["adapter"] = adapter_dir
+        if wrapped.adapter.merge:
+            merged = copy.deepcopy(model).merge_and_unload()
+            model_dir = out_dir / "model"
+            merged.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            written["model"] = model_dir
+    else:
+        model_dir = out_dir / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        written["model"] = model_dir
+    return written

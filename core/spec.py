@@ -1,0 +1,86 @@
+"""The job spec: the same fields as `POST /v1/jobs` (DESIGN.md), typed and validated.
+
+`unlearn run SPEC` reads it from YAML/JSON with local paths; the API validates the same
+model (with file ids and registered model names) before a job row exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from core.errors import SpecError
+from core.evaluation import EvalSpec
+from core.methods import TrainingParams, format_validation_error, get_method, parse_params
+from core.modeling import AdapterSpec
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo.")
+    base_model: str = Field(description="Registered base model name (API) or local directory (CLI).")
+    forget_file: str = Field(description="Forget set: file id (API) or path (CLI).")
+    retain_file: str | None = Field(None, description="Retain set, for retain_loss nll or kl.")
+    eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    hyperparameters: SerializeAsAny[TrainingParams] = Field(
+        default_factory=TrainingParams, description="Per-method hyperparameters (paper defaults).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_hyperparameters(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            raw = data.get("hyperparameters")
+            if raw is None or isinstance(raw, dict):
+                data = {**data, "hyperparameters": parse_params(data["method"], raw)}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        get_method(self.method)
+        if self.hyperparameters.retain_loss != "none" and not self.retain_file:
+            raise SpecError(
+                f"hyperparameters.retain_loss={self.hyperparameters.retain_loss!r} needs a retain_file",
+                param="retain_file")
+        return self
+
+
+def parse_spec(raw: Any) -> JobSpec:
+    """Validate a raw mapping; SpecError with one readable line per problem otherwise."""
+    if not isinstance(raw, dict):
+        raise SpecError("the job spec must be a JSON/YAML object")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"]
+        raise SpecError(format_validation_error(exc, ""),
+                        param=".".join(str(x) for x in first) or None) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """A spec file (YAML or JSON). Relative paths in it are relative to the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read the spec {path}: {exc}") from None
+    spec = parse_spec(raw)
+    return resolve_paths(spec, path.parent)
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    def fix(value: str | None) -> str | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    update: dict[str, Any] = {"base_model": fix(spec.base_model), "forget_file": fix(spec.forget_file),
+                              "retain_file": fix(spec.retain_file)}
+    if spec.eval is not None:
+        update["eval"] = spec.eval.model_copy(update={k: fix(v) for k, v in spec.eval.files().items()})
+    return spec.model_copy(update=update)

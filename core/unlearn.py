@@ -1,0 +1,283 @@
+"""The unlearning loop: setup, steps, checkpoints. Reads top to bottom.
+
+Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint
+at step N sees exactly the batches an uninterrupted run would: micro-batch i of the
+whole run is batch (i mod batches_per_epoch) of epoch (i div batches_per_epoch) under
+that epoch's seeded permutation. A checkpoint stores the trainable weights, the AdamW
+and scheduler state and the RNG state, and is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core import losses
+from core.data import Example, collate
+from core.errors import JobCancelled
+from core.methods import ForgetTerms, Method, TrainingParams
+from core.modeling import Wrapped
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class StepInfo:
+    """What a progress callback receives after each optimizer step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    terms: dict[str, float]
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+
+
+@dataclass
+class LoopResult:
+    steps_done: int
+    total_steps: int
+    history: list[StepInfo] = field(default_factory=list)
+    stopped_early: bool = False
+    stop_reason: str | None = None
+
+
+class Hooks:
+    """Callbacks the loop calls; the pipeline fills them in. All optional."""
+
+    def on_step(self, info: StepInfo) -> None:
+        """After every optimizer step."""
+
+    def should_cancel(self) -> bool:
+        """Checked before every step: True stops the run with JobCancelled."""
+        return False
+
+    def after_step(self, step: int) -> str | None:
+        """After on_step: return a reason to stop early (the stop rule), or None."""
+        return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_steps(params: TrainingParams, n_examples: int) -> int:
+    """max_steps when given, else ceil(epochs * batches per epoch / accumulation)."""
+    if params.max_steps is not None:
+        return params.max_steps
+    batches_per_epoch = math.ceil(n_examples / params.batch_size)
+    return max(1, math.ceil(params.epochs * batches_per_epoch / params.gradient_accumulation_steps))
+
+
+class BatchStream:
+    """Micro-batch i of a run, deterministically, from (seed, epoch) permutations."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
+            self._epoch = epoch
+        ids = self._order[position * self.batch_size:(position + 1) * self.batch_size]
+        return collate([self.examples[i] for i in ids], self.pad_id)
+
+
+def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T-1, V] aligned with batch['labels'] [B, T-1]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits[:, :-1]
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(name[params.lr_scheduler], optimizer,
+                         num_warmup_steps=params.warmup_steps, num_training_steps=steps)
+
+
+# --- checkpoints --------------------------------------------------------------
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(root: Path | None) -> Path | None:
+    if root is None or not root.is_dir():
+        return None
+    done = [d for d in _checkpoint_dirs(root) if (d / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, scheduler) -> Path:
+    """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {n: p.detach().to("cpu").contiguous() for n, p in wrapped.trainable().items()}
+    save_file(weights, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoint_dirs(root)[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step."""
+    trainable = wrapped.trainable()
+    for name, tensor in load_file(path / "trainable.safetensors").items():
+        trainable[name].data.copy_(tensor)
+    state = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+# --- the loop -----------------------------------------------------------------
+
+
+def run_unlearning(
+    wrapped: Wrapped,
+    method: Method,
+    params: TrainingParams,
+    forget: list[Example],
+    *,
+    pad_id: int,
+    retain: list[Example] | None = None,
+    checkpoint_dir: Path | None = None,
+    hooks: Hooks | None = None,
+) -> LoopResult:
+    """Unlearn `forget` from `wrapped.model`, in place. Resumes from checkpoint_dir if it
+    holds a checkpoint. Raises JobCancelled when hooks.should_cancel() turns True."""
+    hooks = hooks or Hooks()
+    model = wrapped.model
+    device = next(model.parameters()).device
+    if params.retain_loss != "none" and not retain:
+        raise ValueError("retain_loss needs retain examples")
+
+    # --- setup
+    seed_everything(params.seed)
+    steps = total_steps(params, len(forget))
+    trainable = list(wrapped.trainable().values())
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate,
+                                  weight_decay=params.weight_decay)
+    scheduler = _make_scheduler(optimizer, params, steps)
+    forget_stream = BatchStream(forget, params.batch_size, params.seed, pad_id)
+    retain_stream = BatchStream(retain, params.batch_size, params.seed + 1, pad_id) if retain else None
+    start_step = 0
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, wrapped, optimizer, scheduler)
+        log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
+    result = LoopResult(steps_done=start_step, total_steps=steps)
+    model.train()
+    accum = params.gradient_accumulation_steps
+    started = time.monotonic()
+    tokens_seen = 0
+
+    # --- steps
+    for step in range(start_step + 1, steps + 1):
+        if hooks.should_cancel():
+            raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
+        terms_sum: dict[str, float] = {}
+        for micro in range(accum):
+            index = (step - 1) * accum + micro
+            batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
+            tokens_seen += int(batch["attention_mask"].sum())
+            logits = _forward_logits(model, batch)  # [B, T-1, V]
+            logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T-1] each
+            ref_logp = None
+            if method.uses_reference:
+                with wrapped.reference_mode() as reference:
+                    ref_logits = _forward_logits(reference, batch)
+                    ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
+                    del ref_logits
+            loss = method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
+            micro_terms = {"forget": float(loss.detach())}
+            if retain_stream is not None and params.retain_loss != "none":
+                retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
+                micro_terms[f"retain_{params.retain_loss}"] = float(retain_term.detach())
+                loss = loss + params.retain_weight * retain_term
+            (loss / accum).backward()
+            for name, value in micro_terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
+        if params.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.monotonic() - started
+        done_here = step - start_step
+        info = StepInfo(
+            step=step, total_steps=steps,
+            loss=terms_sum["forget"] + params.retain_weight * sum(
+                v for k, v in terms_sum.items() if k.startswith("retain")),
+            terms=terms_sum, learning_rate=learning_rate,
+            tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
+            eta_seconds=elapsed / done_here * (steps - step),
+        )
+        result.history.append(info)
+        result.steps_done = step
+        hooks.on_step(info)
+        if checkpoint_dir is not None and params.checkpoint_every and step % params.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler)
+        reason = hooks.after_step(step)
+        if reason is not None:
+            result.stopped_early, result.stop_reason = True, reason
+            break
+
+    # --- save
+    if checkpoint_dir is not None and result.steps_done > start_step:
+        save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer, scheduler)
+    model.eval()
+    return result
+
+
+def _retain_term(wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+    """NLL on retain data, or KL to the reference model on retain data (eq. 1)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = _forward_logits(wrapped.model, batch)
+    if params.retain_loss == "nll":
+        logp, _ = losses.token_logprobs(logits, batch["labels"])
+        return losses.nll_from_logprobs(logp, batch["labels"] != losses.IGNORE_INDEX)
+    with wrapped.reference_mode() as reference:
+        ref_logits = _forward_logits(reference, batch)
+    return losses.kl_retain_loss(logits, ref_logits, batch["labels"])

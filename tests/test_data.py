@@ -1,0 +1,120 @@
+"""Forget-set formats, the validator's line-numbered report, tokenization and masking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.data import IGNORE_INDEX, Records, build_examples, collate, load_records, validate_file
+from core.errors import DataError, SpecError
+from core.spec import parse_spec
+
+
+def _write(tmp_path, name, text, mode="w"):
+    path = tmp_path / name
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_valid_formats(tmp_path):
+    qa = _write(tmp_path, "qa.jsonl", '{"prompt": "Q?", "response": "A."}\n\n{"prompt": "R?", "response": "B."}\n')
+    chat = _write(tmp_path, "c.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "secret"}]}) + "\n")
+    text = _write(tmp_path, "t.txt", "Some raw text.\nMore.\n")
+    text_jsonl = _write(tmp_path, "t.jsonl", '{"text": "doc one"}\n')
+    mc = _write(tmp_path, "mc.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 1}\n')
+    assert validate_file(qa).model_dump(include={"valid", "kind", "records"}) == {
+        "valid": True, "kind": "qa", "records": 2}
+    assert validate_file(chat).kind == "chat"
+    assert validate_file(text).kind == "text"
+    assert validate_file(text_jsonl).kind == "text"
+    assert validate_file(mc).kind == "mc"
+
+
+def test_report_names_lines_and_fields(tmp_path):
+    lines = [
+        '{"prompt": "ok", "response": "ok"}',
+        '{"prompt": "broken", ',
+        '{"prompt": "no response"}',
+        '{"prompt": "", "response": "x"}',
+        '[1, 2]',
+        '{"text": "other format"}',
+        '{"prompt": 3, "response": "x"}',
+    ]
+    report = validate_file(_write(tmp_path, "bad.jsonl", "\n".join(lines) + "\n"))
+    assert not report.valid
+    found = [(p.line, p.field) for p in report.problems]
+    assert found == [(2, None), (3, "response"), (4, "prompt"), (5, None), (6, None), (7, "prompt")]
+    assert "not valid JSON" in report.problems[0].message
+    assert "missing" in report.problems[1].message
+    assert "empty" in report.problems[2].message
+    assert report.records == 1
+    assert "line 2" in report.summary("bad.jsonl")
+
+
+def test_bad_utf8_binary_empty_and_limits(tmp_path):
+    bad = validate_file(_write(tmp_path, "u.jsonl", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "wb"))
+    assert [(p.line, "UTF-8" in p.message) for p in bad.problems] == [(2, True)]
+    binary = validate_file(_write(tmp_path, "b.jsonl", b"\x00\x01\x02garbage", "wb"))
+    assert "binary" in binary.problems[0].message
+    empty = validate_file(_write(tmp_path, "e.jsonl", ""))
+    assert empty.problems[0].message == "the file is empty" and empty.problems[0].line is None
+    blank = validate_file(_write(tmp_path, "w.txt", "   \n\n"))
+    assert not blank.valid
+    long = validate_file(_write(tmp_path, "l.jsonl", json.dumps({"text": "x" * 200}) + "\n"),
+                         max_record_chars=100)
+    assert long.problems[0].line == 1 and "limit" in long.problems[0].message
+    big = validate_file(_write(tmp_path, "big.jsonl", '{"text": "abc"}\n'), max_bytes=5)
+    assert "limit" in big.problems[0].message
+
+
+def test_chat_rules(tmp_path):
+    last_user = _write(tmp_path, "c.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    problem = validate_file(last_user).problems[0]
+    assert problem.field == "messages" and "assistant" in problem.message
+
+
+def test_mc_not_allowed_for_unlearning(tmp_path):
+    mc = _write(tmp_path, "mc.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    assert validate_file(mc).problems[0].field == "answer"
+    ok = _write(tmp_path, "mc2.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(DataError, match="cannot be used here"):
+        load_records(ok, allowed_kinds=("qa", "chat", "text"))
+
+
+def test_tokenization_masks_prompt_and_windows_text(fixture_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
+    qa = build_examples(Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]),
+                        tok, 64)[0]
+    prompt_len = len(tok("Q: Who rides the dragon?\nA:")["input_ids"])
+    assert qa.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert qa.labels[prompt_len:] == qa.input_ids[prompt_len:]
+    assert qa.labels[-1] == tok.eos_token_id
+    text = build_examples(Records("text", [{"text": " ".join(["dragon"] * 25)}]), tok, 10)
+    assert [len(e.input_ids) for e in text] == [10, 10, 6]  # 26 tokens with BOS
+    batch = collate([qa, text[2]], tok.pad_token_id)
+    assert batch["labels"].shape == (2, batch["input_ids"].shape[1] - 1)
+    assert (batch["labels"][1, 5:] == IGNORE_INDEX).all()  # padding masked
+    assert batch["attention_mask"][1].sum() == 6
+
+
+def test_spec_errors_are_actionable():
+    with pytest.raises(SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"):
+        parse_spec({"method": "rmu", "base_model": "m", "forget_file": "f"})
+    with pytest.raises(SpecError) as exc:
+        parse_spec({"method": "catnip", "base_model": "m", "forget_file": "f",
+                    "hyperparameters": {"learning_rate": -1}})
+    assert exc.value.param == "hyperparameters.learning_rate"
+    with pytest.raises(SpecError, match="adapter.r"):
+        parse_spec({"method": "catnip", "base_model": "m", "forget_file": "f", "adapter": {"r": 0}})
+    with pytest.raises(SpecError, match="needs a retain_file"):
+        parse_spec({"method": "npo", "base_model": "m", "forget_file": "f",
+                    "hyperparameters": {"retain_loss": "kl"}})
+    spec = parse_spec({"method": "simnpo", "base_model": "m", "forget_file": "f"})
+    assert (spec.hyperparameters.learning_rate, spec.hyperparameters.beta) == (5e-6, 4.0)  # A.4.4

@@ -1,0 +1,155 @@
+"""The unlearning loop on the fixture model: every method, LoRA and full, resume, outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.data import build_examples, load_records
+from core.methods import METHODS, parse_params
+from core.modeling import AdapterSpec, load_base, save_output, wrap
+from core.unlearn import Hooks, run_unlearning
+
+CPU = torch.device("cpu")
+
+
+def _setup(fixture_dir: Path, adapter: AdapterSpec, method_id: str, **hp):
+    model, tokenizer = load_base(fixture_dir / "model", CPU)
+    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3,
+                                      "max_length": 64, **hp})
+    method = METHODS[method_id]
+    wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=params.seed)
+    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)
+    retain = build_examples(load_records(fixture_dir / "data" / "retain_qa.jsonl"), tokenizer, 64)
+    return wrapped, tokenizer, method, params, forget, retain
+
+
+@pytest.mark.parametrize("method_id", sorted(METHODS))
+@pytest.mark.parametrize("adapter_type", ["lora", "full"])
+def test_every_method_trains(fixture_dir, method_id, adapter_type):
+    """Finite loss; trainable parameters change; frozen ones do not."""
+    adapter = AdapterSpec(type=adapter_type, layers=[1] if adapter_type == "full" else None)
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, method_id)
+    before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
+    trainable = set(wrapped.trainable())
+    assert trainable and len(trainable) < len(before)
+    result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    assert result.steps_done == 3
+    assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
+    for name, param in wrapped.model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        if name in trainable:
+            # LoRA B starts at zero: every adapter matrix moves after a step
+            assert changed, f"trainable {name} did not change"
+        else:
+            assert not changed, f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("retain_loss", ["nll", "kl"])
+def test_retain_terms(fixture_dir, retain_loss):
+    wrapped, tok, method, params, forget, retain = _setup(
+        fixture_dir, AdapterSpec(), "npo", retain_loss=retain_loss, retain_weight=0.5)
+    result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
+    terms = result.history[-1].terms
+    assert set(terms) == {"forget", f"retain_{retain_loss}"}
+    assert terms[f"retain_{retain_loss}"] >= 0
+
+
+def test_lora_reference_is_the_same_model_without_adapter(fixture_dir):
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "npo")
+    assert wrapped.reference is None  # no copy for LoRA
+    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    base, _ = load_base(fixture_dir / "model", CPU)
+    ids = torch.tensor([forget[0].input_ids])
+    with wrapped.reference_mode() as reference:
+        torch.testing.assert_close(reference(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_reference_only_when_needed(fixture_dir):
+    wrapped, *_ = _setup(fixture_dir, AdapterSpec(type="full"), "catnip")
+    assert wrapped.reference is None
+    wrapped, *_ = _setup(fixture_dir, AdapterSpec(type="full"), "npo")
+    assert wrapped.reference is not None
+
+
+@pytest.mark.parametrize("adapter_type", ["lora", "full"])
+def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
+    """Stop at step 3 of 6 (a cancel), resume from the checkpoint: same weights to 1e-6."""
+    hp = {"max_steps": 6, "checkpoint_every": 3, "lr_scheduler": "cosine", "warmup_steps": 2,
+          "batch_size": 16}
+    adapter = AdapterSpec(type=adapter_type, dropout=0.1 if adapter_type == "lora" else 0.0)
+
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
+                   checkpoint_dir=tmp_path / "a")
+    straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
+
+    class StopAfter3(Hooks):
+        def should_cancel(self) -> bool:
+            return self.steps >= 3
+
+        steps = 0
+
+        def on_step(self, info) -> None:
+            StopAfter3.steps = info.step
+
+    from core.errors import JobCancelled
+
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    with pytest.raises(JobCancelled):
+        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
+                       checkpoint_dir=tmp_path / "b", hooks=StopAfter3())
+    assert (tmp_path / "b" / "step-0000003" / "state.json").is_file()
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
+                             checkpoint_dir=tmp_path / "b")
+    assert [h.step for h in resumed.history] == [4, 5, 6]
+    for name, param in wrapped.trainable().items():
+        torch.testing.assert_close(param.detach(), straight[name], rtol=0, atol=1e-6)
+
+
+def test_lora_adapter_round_trips_through_peft(fixture_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    wrapped, tok, method, params, forget, _ = _setup(
+        fixture_dir, AdapterSpec(merge=True), "catnip", max_steps=5, learning_rate=5e-3)
+    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    written = save_output(wrapped, tok, tmp_path)
+    assert (written["adapter"] / "adapter_config.json").is_file()
+    assert (written["adapter"] / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([forget[0].input_ids])
+    base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
+    base_logits = base(input_ids=ids).logits
+    loaded = PeftModel.from_pretrained(base, written["adapter"]).eval()
+    with torch.no_grad():
+        expected = wrapped.model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - base_logits).abs().max() > 1e-3  # the adapter changes the outputs
+    merged = AutoModelForCausalLM.from_pretrained(written["model"])
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_weights_output_loads(fixture_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(type="full"), "ga")
+    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    written = save_output(wrapped, tok, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(written["model"])
+    AutoTokenizer.from_pretrained(written["model"])
+    ids = torch.tensor([forget[0].input_ids])
+    torch.testing.assert_close(model(input_ids=ids).logits, wrapped.model(input_ids=ids).logits)
+
+
+def test_deterministic_on_cpu(fixture_dir):
+    runs = []
+    for _ in range(2):
+        wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "catnip")
+        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+        runs.append({n: p.detach().clone() for n, p in wrapped.trainable().items()})
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name])

@@ -1,0 +1,66 @@
+"""The CUDA path (bf16, LoRA and full). Marked `gpu`: CI (no GPU) deselects these with
+-m "not gpu"; run them where a GPU is: pytest -m gpu. They fail, not skip, without CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.losses import catnip_loss
+from core.methods import METHODS
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda():
+    assert torch.cuda.is_available(), "these tests need a CUDA device (deselect with -m 'not gpu')"
+
+
+@pytest.mark.parametrize("margin", [100.0, 200.0])
+def test_bf16_extremes_on_cuda(margin):
+    x = torch.zeros(4, 64, 32000, dtype=torch.bfloat16, device="cuda")
+    x[..., 7] = margin
+    x.requires_grad_(True)
+    labels = torch.full((4, 64), 7, device="cuda")
+    loss = catnip_loss(x, labels, beta=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert loss.item() == pytest.approx(2 * (margin - math.log(31999)), rel=1e-3)
+
+
+def test_cuda_matches_cpu_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 1000)
+    labels = torch.randint(0, 1000, (2, 50))
+    labels[0, :10] = -100
+    cpu = x.clone().requires_grad_(True)
+    gpu = x.cuda().requires_grad_(True)
+    a = catnip_loss(cpu, labels, beta=1.5)
+    b = catnip_loss(gpu, labels.cuda(), beta=1.5)
+    a.backward()
+    b.backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    torch.testing.assert_close(cpu.grad, gpu.grad.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method_id", sorted(METHODS))
+@pytest.mark.parametrize("adapter_type", ["lora", "full"])
+def test_methods_train_bf16_on_cuda(fixture_dir, method_id, adapter_type):
+    from core.data import build_examples, load_records
+    from core.methods import parse_params
+    from core.modeling import AdapterSpec, load_base, wrap
+    from core.unlearn import run_unlearning
+
+    model, tok = load_base(fixture_dir / "model", torch.device("cuda"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3})
+    wrapped = wrap(model, AdapterSpec(type=adapter_type),
+                   need_reference=METHODS[method_id].needs_reference(params))
+    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tok, 64)
+    before = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
+    result = run_unlearning(wrapped, METHODS[method_id], params, forget, pad_id=tok.pad_token_id)
+    assert all(math.isfinite(h.loss) for h in result.history)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in wrapped.trainable().items())
