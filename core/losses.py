@@ -23,9 +23,15 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-# Rows processed at once inside token_logprobs: bounds the fp32 scratch memory to
-# about ROW_CHUNK * V * 4 bytes (16 MiB for V = 32000) whatever the batch size.
-ROW_CHUNK = 128
+# Elements processed at once inside token_logprobs: bounds the fp32 scratch memory to
+# CHUNK_ELEMENTS * 4 bytes (64 MiB) whatever the batch size, while keeping chunks big
+# enough that a GPU is not dominated by kernel launches (measured on an H100: 128-row
+# chunks made the loss 9x slower than cross-entropy on [2, 256, 32000]).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -43,8 +49,9 @@ class _TokenLogProbs(torch.autograd.Function):
         logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
         log1m = torch.empty_like(logp)
         lse_all = torch.empty_like(logp)
-        for start in range(0, rows.shape[0], ROW_CHUNK):
-            part = slice(start, start + ROW_CHUNK)
+        step = _row_chunk(logits.shape[1])
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
             chunk = logits.index_select(0, rows[part]).to(acc)  # [n, V], always a copy
             target = targets[part].unsqueeze(1)  # [n, 1]
             logit_y = chunk.gather(1, target).squeeze(1)  # [n]
@@ -62,8 +69,9 @@ class _TokenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
         logits, rows, targets, lse_all = ctx.saved_tensors
         grad = torch.zeros_like(logits)
-        for start in range(0, rows.shape[0], ROW_CHUNK):
-            part = slice(start, start + ROW_CHUNK)
+        step = _row_chunk(logits.shape[1])
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
             g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
             chunk = logits.index_select(0, rows[part]).to(g.dtype)
             probs = torch.exp(chunk.sub_(lse_all[part].unsqueeze(1)))  # softmax, [n, V]
