@@ -211,7 +211,8 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
     report = validate_file(path, allowed_kinds=allowed_kinds)
     if not report.valid:
         raise DataError(report.summary(path.name))
-    assert report.kind is not None
+    if report.kind is None:  # a valid report always has a kind; keep the invariant explicit
+        raise DataError(f"{path.name}: cannot tell the file's format")
     if report.kind == "text" and path.suffix.lower() == ".txt":
         return Records("text", [{"text": path.read_text(encoding="utf-8")}])
     with path.open(encoding="utf-8") as fh:
