@@ -22,9 +22,9 @@ import torch
 from pydantic import BaseModel
 
 from core.errors import DataError
+from core.losses import IGNORE_INDEX
 
 Kind = Literal["qa", "chat", "text", "mc"]
-IGNORE_INDEX = -100
 
 MAX_PROBLEMS_LISTED = 50
 DEFAULT_MAX_RECORD_CHARS = 1_000_000
