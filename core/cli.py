@@ -6,12 +6,15 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from tqdm import tqdm
 
 from core.errors import UnlearnError
-from core.unlearn import StepInfo
+
+if TYPE_CHECKING:
+    from core.unlearn import StepInfo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Remove specific knowledge from a language model (CATNIP and baselines).")
@@ -130,29 +133,6 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
                  "max_samples": 300, "probe_every": 2, "probe_samples": 100,
                  "utility_budget": 0.1, "forget_target": 0.1},
     }
-
-
-@app.command()
-def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the stop rule may end sooner)."),
-         device: str | None = typer.Option(None)) -> None:
-    """The main job end to end on the built-in demo model."""
-    _quiet_libraries()
-    logging.getLogger("core.demo").setLevel(logging.INFO)
-    from core.demo import ensure_model
-    from core.pipeline import run_job
-    from core.spec import parse_spec
-
-    demo_dir = _data_dir() / "demo"
-    typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
-    info = ensure_model(demo_dir)
-    typer.echo(f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
-               f"answers {info['accuracy']}", err=True)
-    spec = parse_spec(demo_spec(demo_dir, max_steps=steps))
-    output = _data_dir() / "demo-output"
-    result = run_job(spec, output, reporter=TqdmReporter(), device=device)  # type: ignore[arg-type]
-    _print_table(result.metrics)
-    for name, path in result.artifacts.items():
-        typer.echo(f"{name}: {path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from core.data import Records, build_examples, collate, load_records
+from core.spec_parts import EvalSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -32,33 +32,6 @@ def _scorer() -> Any:
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-class EvalSpec(BaseModel):
-    """Eval sets of a job (paths locally, file ids over the API) and their settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    forget_qa: str | None = Field(None, description="QA about what must be forgotten (KnowMem).")
-    retain_qa: str | None = Field(None, description="QA about what must survive (utility KnowMem).")
-    forget_text: str | None = Field(None, description="Forget-domain text (VerbMem).")
-    retain_text: str | None = Field(None, description="Retain text (perplexity).")
-    forget_mc: str | None = Field(None, description="Forget-domain multiple choice (lm-eval).")
-    general_mc: str | None = Field(None, description="General multiple choice (lm-eval).")
-    max_samples: int = Field(500, ge=1, le=100_000, description="Per set, first N records.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
-    batch_size: int = Field(64, ge=1, le=4096)
-    # Stop rule (probes every K steps); see core.pipeline.
-    probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
-    probe_samples: int = Field(100, ge=1, le=10_000)
-    forget_target: float = Field(
-        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before.")
-    utility_budget: float = Field(
-        0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept.")
-
-    def files(self) -> dict[str, str]:
-        names = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
-        return {n: getattr(self, n) for n in names if getattr(self, n)}
 
 
 def rouge_l(prediction: str, reference: str) -> tuple[float, float]:

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core import losses
 from core.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _losses():  # type: ignore[no-untyped-def]
+    """core.losses (torch) is imported when a loss runs, not when the API validates a spec."""
+    from core import losses
+
+    return losses
 
 
 class TrainingParams(BaseModel):
@@ -94,7 +102,7 @@ class ForgetTerms:
     ref_logp: torch.Tensor | None
 
 
-ForgetLoss = Callable[[ForgetTerms, TrainingParams], torch.Tensor]
+ForgetLoss = Callable[[ForgetTerms, TrainingParams], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ class Method:
 
 
 def _mask(t: ForgetTerms, p: TrainingParams) -> torch.Tensor:
-    return losses.strided_mask(t.labels, getattr(p, "token_stride", 1))
+    return _losses().strided_mask(t.labels, getattr(p, "token_stride", 1))
 
 
 def _ref(t: ForgetTerms) -> torch.Tensor:
@@ -127,39 +135,39 @@ METHODS: dict[str, Method] = {
             "catnip",
             "CATNIP: token-level, calibrated by the model's own reverse probability (eq. 8)",
             CatnipParams,
-            lambda t, p: losses.catnip_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+            lambda t, p: _losses().catnip_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
         ),
         Method(
             "catnip_ref",
             "Ablation: CATNIP with the frozen initial model as reference (Table 3)",
             CatnipParams,
-            lambda t, p: losses.catnip_ref_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
+            lambda t, p: _losses().catnip_ref_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
             uses_reference=True,
         ),
         Method(
             "catnip_seq",
             "Ablation 'w/o CAT': sequence level, beta/|y| inside the sigmoid (Table 3)",
             CatnipParams,
-            lambda t, p: losses.catnip_seq_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+            lambda t, p: _losses().catnip_seq_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
         ),
         Method(
             "ga",
             "Gradient ascent on the forget set",
             GAParams,
-            lambda t, p: losses.ga_from_logprobs(t.logp, _mask(t, p)),
+            lambda t, p: _losses().ga_from_logprobs(t.logp, _mask(t, p)),
         ),
         Method(
             "npo",
             "NPO: negative preference optimisation against the frozen model (eq. 4)",
             NPOParams,
-            lambda t, p: losses.npo_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
+            lambda t, p: _losses().npo_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
             uses_reference=True,
         ),
         Method(
             "simnpo",
             "SimNPO: length-normalised NPO with margin gamma, no reference",
             SimNPOParams,
-            lambda t, p: losses.simnpo_from_logprobs(t.logp, _mask(t, p), p.beta, p.gamma),
+            lambda t, p: _losses().simnpo_from_logprobs(t.logp, _mask(t, p), p.beta, p.gamma),
         ),
     )
 }

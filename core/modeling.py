@@ -15,40 +15,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import ModelError, SpecError
+from core.spec_parts import AdapterSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-
-class AdapterSpec(BaseModel):
-    """What is trained: a LoRA adapter (default) or the full weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["lora", "full"] = "lora"
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Modules that get LoRA; default: every linear projection."
-    )
-    layers: list[int] | None = Field(
-        None, description="full only: train just these decoder layers (paper, WMDP); null = all."
-    )
-    merge: bool = Field(False, description="lora only: also write merged full weights.")
-
-    @model_validator(mode="after")
-    def _check(self) -> AdapterSpec:
-        if self.layers is not None and self.type != "full":
-            raise ValueError("'layers' applies only to adapter type 'full'")
-        if self.layers is not None and any(i < 0 for i in self.layers):
-            raise ValueError("'layers' must be non-negative layer indices")
-        return self
 
 
 def pick_device(requested: str | None = None) -> torch.device:

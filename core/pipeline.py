@@ -40,6 +40,9 @@ class Reporter:
     def probe(self, step: int, result: dict[str, float]) -> None:
         """Stop-rule probe results."""
 
+    def resumed(self, step: int) -> None:
+        """The loop continued from a checkpoint at `step`."""
+
     def should_cancel(self) -> bool:
         return False
 
@@ -138,6 +141,9 @@ class _LoopHooks(Hooks):
 
     def after_step(self, step: int) -> str | None:
         return self.stop_rule.check(step) if self.stop_rule else None
+
+    def on_resume(self, step: int) -> None:
+        self.reporter.resumed(step)
 
 
 def _probe_every(spec: JobSpec, steps: int) -> int | None:

@@ -13,9 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from core.errors import SpecError
-from core.evaluation import EvalSpec
 from core.methods import TrainingParams, format_validation_error, get_method, parse_params
-from core.modeling import AdapterSpec
+from core.spec_parts import AdapterSpec, EvalSpec
 
 
 class JobSpec(BaseModel):

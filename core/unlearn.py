@@ -69,6 +69,9 @@ class Hooks:
         """After on_step: return a reason to stop early (the stop rule), or None."""
         return None
 
+    def on_resume(self, step: int) -> None:
+        """Once, when the run continues from a checkpoint at `step`."""
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -133,8 +136,11 @@ def latest_checkpoint(root: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, scheduler) -> Path:
-    """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json."""
+def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, scheduler,
+                    stop_reason: str | None = None) -> Path:
+    """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json.
+    `stop_reason` marks the last checkpoint of a run the stop rule ended, so a resume
+    after that point does not train on past it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -146,7 +152,7 @@ def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, schedule
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "stop_reason": stop_reason}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in _checkpoint_dirs(root)[:-CHECKPOINTS_KEPT]:
@@ -154,8 +160,8 @@ def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, schedule
     return final
 
 
-def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns its step."""
+def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> tuple[int, str | None]:
+    """Restore a checkpoint written by save_checkpoint; returns its step and stop reason."""
     trainable = wrapped.trainable()
     for name, tensor in load_file(path / "trainable.safetensors").items():
         trainable[name].data.copy_(tensor)
@@ -165,7 +171,8 @@ def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> int:
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(json.loads((path / "state.json").read_text())["step"])
+    meta = json.loads((path / "state.json").read_text())
+    return int(meta["step"]), meta.get("stop_reason")
 
 
 # --- the loop -----------------------------------------------------------------
@@ -199,19 +206,24 @@ def run_unlearning(
     scheduler = _make_scheduler(optimizer, params, steps)
     forget_stream = BatchStream(forget, params.batch_size, params.seed, pad_id)
     retain_stream = BatchStream(retain, params.batch_size, params.seed + 1, pad_id) if retain else None
-    start_step = 0
+    # Without an explicit cadence, a run with a checkpoint directory saves about every
+    # 10% of its steps, so a killed worker loses at most a tenth of the work.
+    checkpoint_every = params.checkpoint_every or max(1, steps // 10)
+    start_step, stop_reason = 0, None
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, wrapped, optimizer, scheduler)
+        start_step, stop_reason = load_checkpoint(resume_from, wrapped, optimizer, scheduler)
         log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
-    result = LoopResult(steps_done=start_step, total_steps=steps)
+        hooks.on_resume(start_step)
+    result = LoopResult(steps_done=start_step, total_steps=steps,
+                        stopped_early=stop_reason is not None, stop_reason=stop_reason)
     model.train()
     accum = params.gradient_accumulation_steps
     started = time.monotonic()
     tokens_seen = 0
 
     # --- steps
-    for step in range(start_step + 1, steps + 1):
+    for step in range(start_step + 1, (start_step if stop_reason else steps) + 1):
         if hooks.should_cancel():
             raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
         terms_sum: dict[str, float] = {}
@@ -256,16 +268,17 @@ def run_unlearning(
         result.history.append(info)
         result.steps_done = step
         hooks.on_step(info)
-        if checkpoint_dir is not None and params.checkpoint_every and step % params.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler)
         reason = hooks.after_step(step)
         if reason is not None:
             result.stopped_early, result.stop_reason = True, reason
             break
+        if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
+            save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler)
 
     # --- save
     if checkpoint_dir is not None and result.steps_done > start_step:
-        save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer, scheduler)
+        save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer, scheduler,
+                        stop_reason=result.stop_reason)
     model.eval()
     return result
 

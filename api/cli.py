@@ -1,0 +1,322 @@
+"""The `unlearn` command: the engine's commands (run, build-demo, from core.cli) plus
+the service's: serve, worker, migrate, keys, models, and the demo over REST."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from core import cli as core_cli
+
+app = core_cli.app
+keys_app = typer.Typer(help="API keys (stored hashed; the key is shown once).", no_args_is_help=True)
+models_app = typer.Typer(help="Base models tenants may name in jobs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from core.settings import Settings
+
+    return Settings()
+
+
+def _sessions(settings):  # type: ignore[no-untyped-def]
+    from core.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.db_url))
+
+
+def _prepare_embedded(settings) -> None:  # type: ignore[no-untyped-def]
+    """The embedded default keeps its state in one directory and migrates itself."""
+    from core.migrate import upgrade
+
+    settings.unlearn_data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.database_url is None:
+        upgrade(settings.db_url)
+
+
+@app.command()
+def migrate(revision: str = typer.Argument("head")) -> None:
+    """Apply the database migrations (production runs this as its own step)."""
+    from core.migrate import upgrade
+
+    settings = _settings()
+    settings.unlearn_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., help="The tenant the key acts for."),
+                name: str | None = typer.Option(None, help="A label, e.g. the tool that uses it.")) -> None:
+    """Create an API key; the key is printed as the last line, once."""
+    from core import repo
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings).begin() as session:
+        row, plain = repo.create_key(session, tenant, name)
+        typer.echo(f"created key {row.id} for tenant {tenant!r}", err=True)
+    typer.echo(plain)
+
+
+@models_app.command("add")
+def models_add(name: str, uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
+               description: str | None = typer.Option(None)) -> None:
+    """Register a base model directory (local path or s3://bucket/prefix) as NAME."""
+    from core import repo
+
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            typer.echo(f"error: {path} is not a Hugging Face model directory (no config.json)", err=True)
+            raise typer.Exit(2)
+        uri = str(path)
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings).begin() as session:
+        repo.add_model(session, name, uri, description)
+    typer.echo(f"registered model {name!r} -> {uri}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    from core import repo
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings)() as session:
+        rows, _ = repo.list_models(session, limit=100, after=None)
+        for row in rows:
+            typer.echo(f"{row.name}\t{row.uri}")
+
+
+def worker_command(settings, *, pool: str | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    # Embedded: one solo process (no fork at all). Production: prefork with one child per
+    # worker process, the model loaded in the child; one GPU per worker via CUDA_VISIBLE_DEVICES.
+    pool = pool or ("solo" if settings.embedded else "prefork")
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", pool,
+            "--concurrency", "1", "-Q", settings.task_queue, "--loglevel", settings.log_level,
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+@app.command()
+def worker(pool: str | None = typer.Option(None, help="solo or prefork (default: prefork; solo embedded).")) -> None:
+    """A Celery worker: takes job ids from the broker and runs them through core."""
+    settings = _settings()
+    if settings.embedded:
+        _prepare_embedded(settings)
+    command = worker_command(settings, pool=pool)
+    os.execv(command[0], command)
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+          with_worker: bool = typer.Option(True, help="Also start a worker (the embedded default).")) -> None:
+    """The API plus a worker. Embedded (SQLite, local store, a server-less queue) when
+    DATABASE_URL / BROKER_URL are not set; state under UNLEARN_DATA_DIR."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    worker_process = None
+    if with_worker:
+        env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
+        worker_process = subprocess.Popen(worker_command(settings), env=env)
+    mode = "embedded (SQLite, local store)" if settings.embedded else "configured services"
+    typer.echo(f"serving on http://{host}:{port} ({mode}); data in {settings.unlearn_data_dir}", err=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        if worker_process is not None:
+            worker_process.send_signal(signal.SIGTERM)
+            try:
+                worker_process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker_process.kill()
+
+
+# --- the demo, over REST ------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(client: Any, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the server did not become ready in time")
+
+
+def _check(response: Any) -> Any:
+    if response.status_code >= 400:
+        error = response.json().get("error", {})
+        raise typer.BadParameter(f"{response.request.method} {response.request.url.path}: "
+                                 f"{response.status_code} {error.get('code')}: {error.get('message')}")
+    return response.json()
+
+
+def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int,
+                       model_name: str = "demo-llama", echo: Any = typer.echo) -> dict[str, Any]:
+    """Upload the demo's files, submit the CATNIP job, poll it with a progress bar,
+    download and check the artifacts. Returns the job, its metrics and what was saved."""
+    from tqdm import tqdm
+
+    from core.cli import demo_spec
+
+    local = demo_spec(demo_dir, max_steps=steps)
+    uploaded: dict[str, str] = {}
+
+    def upload(path: str, purpose: str) -> str:
+        if (path, purpose) not in uploaded:
+            with open(path, "rb") as handle:
+                body = _check(client.post("/v1/files", data={"purpose": purpose},
+                                          files={"file": (Path(path).name, handle)}))
+            if body["status"] != "valid":
+                raise typer.BadParameter(f"{path}: {body['validation']['summary']}")
+            uploaded[(path, purpose)] = body["id"]  # type: ignore[index]
+        return uploaded[(path, purpose)]  # type: ignore[index]
+
+    request = {**local, "base_model": model_name, "forget_file": upload(local["forget_file"], "forget")}
+    request["eval"] = {k: (upload(v, "eval") if k in ("forget_qa", "retain_qa", "forget_text",
+                                                      "retain_text", "forget_mc", "general_mc") else v)
+                       for k, v in local["eval"].items()}
+    echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
+    job = _check(client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"}))
+    bar, phase, after = None, None, None
+    while job["status"] in ("queued", "running", "evaluating"):
+        time.sleep(0.5)
+        job = _check(client.get(f"/v1/jobs/{job['id']}"))
+        events = _check(client.get(f"/v1/jobs/{job['id']}/events", params={"after": after, "limit": 1000}
+                                   if after else {"limit": 1000}))
+        after = events["last_id"] or after
+        for event in events["data"]:
+            if event["type"] in ("phase", "probe", "message"):
+                (bar.write if bar is not None else lambda m: echo(m, err=True))(f"[{event['type']}] {event['message']}")
+        progress = job["progress"]
+        if progress["total_steps"] and bar is None:
+            bar = tqdm(total=progress["total_steps"], unit="step", desc="unlearning", dynamic_ncols=True)
+        if bar is not None:
+            bar.n = progress["step"]
+            if progress["loss"] is not None:
+                bar.set_postfix(loss=f"{progress['loss']:.4f}", phase=progress["phase"])
+            bar.refresh()
+        phase = progress["phase"]
+    if bar is not None:
+        bar.close()
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        raise typer.BadParameter(f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}")
+    metrics = _check(client.get(f"/v1/jobs/{job['id']}/metrics"))["metrics"]
+    artifacts = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"))["data"]
+    saved = {}
+    for artifact in artifacts:
+        saved[artifact["name"]] = download_artifact(client, job["id"], artifact, out_dir)
+    _ = phase
+    return {"job": job, "metrics": metrics, "artifacts": saved}
+
+
+def download_artifact(client: Any, job_id: str, artifact: dict[str, Any], out_dir: Path) -> Path:
+    """Stream an artifact to disk, check its sha256, unpack it; returns the directory."""
+    import hashlib
+    import tarfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    archive = out_dir / artifact["filename"]
+    digest = hashlib.sha256()
+    with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact['name']}", follow_redirects=True) as response:
+        if response.status_code != 200:
+            response.read()
+            _check(response)
+        with archive.open("wb") as handle:
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+                handle.write(chunk)
+    if digest.hexdigest() != artifact["sha256"]:
+        raise RuntimeError(f"{artifact['name']}: sha256 mismatch after download")
+    target = out_dir / artifact["name"]
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    archive.unlink()
+    return target
+
+
+@app.command()
+def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the stop rule may end sooner)."),
+         port: int = typer.Option(0, help="Port for the embedded service (0: any free port).")) -> None:
+    """The main job end to end: the embedded service comes up, the demo forget set is
+    uploaded, a CATNIP job is submitted over REST and polled, the result is downloaded."""
+    import httpx
+
+    from core import repo
+
+    core_cli._quiet_libraries()
+    started = time.monotonic()
+    settings = _settings()
+    if not settings.embedded:
+        typer.echo("[demo] DATABASE_URL/BROKER_URL are set: the demo runs on the embedded default "
+                   "only; unset them", err=True)
+        raise typer.Exit(2)
+    demo_dir = settings.unlearn_data_dir / "demo"
+    typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
+    from core.demo import ensure_model
+
+    info = ensure_model(demo_dir)
+    typer.echo(f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
+               f"answers {info['accuracy']}", err=True)
+    _prepare_embedded(settings)
+    with _sessions(settings).begin() as session:
+        repo.add_model(session, "demo-llama", str(demo_dir / "model"), "The built-in demo model")
+        _, key = repo.create_key(session, "demo", "unlearn demo")
+
+    port = port or _free_port()
+    env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
+    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            _wait_ready(client, server)
+            typer.echo(f"[demo] service up on http://127.0.0.1:{port} (embedded)", err=True)
+            result = run_demo_over_rest(client, demo_dir, settings.unlearn_data_dir / "demo-output",
+                                        steps=steps)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    core_cli._print_table(result["metrics"])
+    stop = result["metrics"].get("stop_rule") or {}
+    if stop:
+        typer.echo(f"stop rule: {stop.get('reason') or 'ran all steps'}; kept the state of step "
+                   f"{stop.get('best', {}).get('step')}")
+    for name, path in result["artifacts"].items():
+        typer.echo(f"{name}: {path}")
+    typer.echo(f"job {result['job']['id']} succeeded; end to end {time.monotonic() - started:.0f} s")
+    (settings.unlearn_data_dir / "demo-output" / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,27 @@
+"""Send job ids to the workers by task name: the API never imports the worker package."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+TASK_NAME = "unlearn.run_job"
+
+
+class TaskQueue:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.client = Celery("unlearn-api", broker=settings.celery_broker_url)
+        self.client.conf.update(
+            broker_transport_options=settings.broker_transport_options,
+            broker_connection_retry_on_startup=True, task_ignore_result=True)
+
+    def send(self, job_id: str) -> None:
+        self.client.send_task(TASK_NAME, args=[job_id], queue=self.settings.task_queue,
+                              retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
+                                                        "interval_step": 0.5})
+
+    def ping(self) -> None:
+        with self.client.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)

@@ -1,0 +1,55 @@
+"""/v1/models (registered base models), /healthz (alive) and /readyz (dependencies up)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.deps import SessionDep, TenantDep
+from api.schemas import ListResponse, ModelObject
+from core import repo
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ListResponse[ModelObject], tags=["models"],
+            summary="Base models this deployment can unlearn from (registered by an operator)")
+def list_models(session: SessionDep, _tenant: TenantDep,
+                limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+                ) -> ListResponse[ModelObject]:
+    rows, more = repo.list_models(session, limit=limit, after=after)
+    return ListResponse(data=[ModelObject.of(r) for r in rows], has_more=more,
+                        last_id=rows[-1].name if rows else None)
+
+
+@router.get("/healthz", tags=["health"], summary="The process is up")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="The database, the store and the broker answer")
+def readyz(request: Request) -> JSONResponse:
+    state = request.app.state
+    checks: dict[str, str] = {}
+    for name, probe in (("database", lambda: _db(state.sessions)), ("storage", state.store.check),
+                        ("broker", state.queue.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - report, do not raise
+            log.warning("readyz: %s: %s", name, exc)
+            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def _db(sessions) -> None:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        session.execute(text("SELECT 1"))

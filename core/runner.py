@@ -1,0 +1,314 @@
+"""Run one job of the service: take the lease, fetch inputs, run the pipeline, store the
+artifacts, record the outcome. The Celery task is a thin wrapper around `JobRunner.run`.
+
+The job row is the truth. A delivery that finds the job finished returns; one that finds
+a live lease (another worker is on it) backs off. The heartbeat renews the lease while
+the job runs; if it stops (the worker was killed) the lease expires, a reaper re-sends
+the job id, and the next worker resumes from the job's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from core import repo
+from core.db import TERMINAL_STATUSES, Artifact, File, Job
+from core.errors import JobCancelled, UnlearnError
+from core.settings import Settings
+from core.storage import LocalStore, S3Store, file_sha256, make_archive
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_KINDS = {"adapter": "peft_adapter", "model": "hf_model", "report": "report"}
+EVAL_SLOTS = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (our heartbeat could not renew the lease)."""
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease every heartbeat_seconds; notices when it is lost."""
+
+    def __init__(self, sessions: sessionmaker, job_id: str, owner: str, settings: Settings):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.sessions, self.job_id, self.owner, self.settings = sessions, job_id, owner, settings
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.heartbeat_seconds):
+            try:
+                with self.sessions.begin() as session:
+                    if not repo.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds):
+                        self.lost = True
+                        log.warning("job %s: lease lost to another worker", self.job_id)
+                        return
+            except Exception:  # a DB blip: try again next beat; the lease has slack
+                log.exception("job %s: heartbeat failed", self.job_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class DbReporter:
+    """The pipeline's reporter for the service: phases and throttled steps become events
+    and progress columns on the job row; cancel requests are read back from the row."""
+
+    def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings, heartbeat: Heartbeat):
+        self.sessions, self.job_id, self.settings, self.heartbeat = sessions, job_id, settings, heartbeat
+        self._last_step_write = 0.0
+        self._pending: Any = None
+        self._last_cancel_check = 0.0
+        self._cancel = False
+
+    def phase(self, name: str, detail: str | None = None) -> None:
+        self._flush_step()
+        with self.sessions.begin() as session:
+            job = repo.get_job(session, None, self.job_id)
+            job.phase = name
+            if name == "evaluating_after":
+                job.status = "evaluating"
+            repo.add_event(session, self.job_id, "phase", name + (f": {detail}" if detail else ""),
+                           {"phase": name, "detail": detail})
+        log.info("job %s: phase %s %s", self.job_id, name, detail or "")
+
+    def step(self, info: Any) -> None:
+        self._pending = info
+        now = time.monotonic()
+        if now - self._last_step_write >= self.settings.event_min_interval_seconds \
+                or info.step == info.total_steps:
+            self._flush_step()
+
+    def _flush_step(self) -> None:
+        info, self._pending = self._pending, None
+        if info is None:
+            return
+        self._last_step_write = time.monotonic()
+        with self.sessions.begin() as session:
+            job = repo.get_job(session, None, self.job_id)
+            job.step, job.total_steps, job.loss = info.step, info.total_steps, info.loss
+            repo.add_event(session, self.job_id, "step", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}",
+                           {"step": info.step, "total_steps": info.total_steps, "loss": info.loss,
+                            "terms": info.terms, "learning_rate": info.learning_rate,
+                            "tokens_per_second": round(info.tokens_per_second, 1),
+                            "eta_seconds": round(info.eta_seconds, 1)})
+
+    def probe(self, step: int, result: dict[str, float]) -> None:
+        with self.sessions.begin() as session:
+            repo.add_event(session, self.job_id, "probe",
+                           f"probe at step {step}: forget {result['forget']:.3f}, utility {result['utility']:.3f}",
+                           dict(result))
+
+    def resumed(self, step: int) -> None:
+        with self.sessions.begin() as session:
+            job = repo.get_job(session, None, self.job_id)
+            job.resumed_from_step = step
+            repo.add_event(session, self.job_id, "message", f"resumed from the checkpoint at step {step}",
+                           {"resumed_from_step": step})
+
+    def should_cancel(self) -> bool:
+        if self.heartbeat.lost:
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= 1.0:
+            self._last_cancel_check = now
+            with self.sessions() as session:
+                self._cancel = bool(session.scalar(
+                    select(Job.cancel_requested).where(Job.id == self.job_id)))
+        return self._cancel
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, sessions: sessionmaker, store: LocalStore | S3Store,
+                 owner: str | None = None):
+        self.settings, self.sessions, self.store = settings, sessions, store
+        self.owner = owner or worker_identity()
+
+    def run(self, job_id: str) -> str:
+        """Run the job if this worker can take it. Returns what happened, for logs."""
+        with self.sessions.begin() as session:
+            acquired = repo.acquire_lease(session, job_id, self.owner, self.settings.lease_seconds)
+        if not acquired:
+            return self._not_acquired(job_id)
+        heartbeat = Heartbeat(self.sessions, job_id, self.owner, self.settings)
+        heartbeat.start()
+        try:
+            with self.sessions.begin() as session:
+                job = repo.get_job(session, None, job_id)
+                repo.add_event(session, job_id, "status", f"job running (attempt {job.attempts}) on {self.owner}",
+                               {"status": "running", "attempt": job.attempts, "worker": self.owner})
+            outcome = self._execute(job_id, heartbeat)
+        finally:
+            heartbeat.stop()
+        return outcome
+
+    def _not_acquired(self, job_id: str) -> str:
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return "no such job"
+            if job.status in TERMINAL_STATUSES:
+                return f"already {job.status}"
+            if job.cancel_requested and (job.lease_owner is None or job.status == "queued"):
+                repo.finish_job(session, job, "cancelled")
+                return "cancelled before it started"
+            return f"leased by {job.lease_owner} until {job.lease_expires_at}; backing off"
+
+    def _execute(self, job_id: str, heartbeat: Heartbeat) -> str:
+        from core.pipeline import run_job  # torch is imported here, in the worker child only
+
+        work = self.settings.work_dir / "jobs" / job_id
+        try:
+            spec = self._local_spec(job_id, work / "inputs")
+            reporter = DbReporter(self.sessions, job_id, self.settings, heartbeat)
+            result = run_job(spec, work / "output", reporter=reporter, device=self.settings.worker_device,
+                             checkpoint_dir=work / "checkpoints")
+            reporter.phase("uploading")
+            self._store_artifacts(job_id, result.artifacts, work / "archives")
+            with self.sessions.begin() as session:
+                job = repo.get_job(session, None, job_id)
+                if job.lease_owner != self.owner:
+                    raise LeaseLost
+                job.metrics = _json_safe(result.metrics)
+                repo.finish_job(session, job, "succeeded")
+            shutil.rmtree(work, ignore_errors=True)
+            return "succeeded"
+        except LeaseLost:
+            return "lease lost; the other worker continues"
+        except JobCancelled as exc:
+            if heartbeat.lost:
+                return "lease lost; the other worker continues"
+            self._fail(job_id, "cancelled", None, str(exc.message))
+            shutil.rmtree(work, ignore_errors=True)
+            return "cancelled"
+        except UnlearnError as exc:
+            self._fail(job_id, "failed", exc.code, exc.message)
+            return f"failed: {exc.code}"
+        except Exception as exc:  # noqa: BLE001 - the job must end failed, never stuck running
+            log.exception("job %s failed", job_id)
+            code, message = _unexpected(exc)
+            self._fail(job_id, "failed", code, message)
+            return f"failed: {code}"
+
+    def _fail(self, job_id: str, status: str, code: str | None, message: str | None) -> None:
+        with self.sessions.begin() as session:
+            job = repo.get_job(session, None, job_id)
+            if job.lease_owner == self.owner:
+                repo.finish_job(session, job, status, error_code=code, error_message=message)
+
+    # --- inputs ---------------------------------------------------------------
+
+    def _local_spec(self, job_id: str, inputs: Path) -> Any:
+        """The job's spec with file ids replaced by local copies and the model name by a
+        local directory."""
+        from core.spec import parse_spec
+
+        with self.sessions() as session:
+            job = repo.get_job(session, None, job_id)
+            raw = dict(job.spec)
+            model = repo.get_model(session, job.base_model)
+            files = {f.id: f for f in session.scalars(select(File).where(File.tenant == job.tenant)).all()
+                     if f.id in _file_ids(raw)}
+        inputs.mkdir(parents=True, exist_ok=True)
+
+        def fetch(file_id: str | None) -> str | None:
+            if file_id is None:
+                return None
+            row = files.get(file_id)
+            if row is None:
+                raise UnlearnError(f"file {file_id} was deleted after the job was created",
+                                   code="file_not_found", param="forget_file")
+            target = inputs / f"{row.id}{Path(row.filename).suffix.lower() or '.jsonl'}"
+            if not target.is_file() or file_sha256(target) != row.sha256:
+                self.store.get(row.storage_key, target)
+            return str(target)
+
+        raw["base_model"] = str(self._model_dir(model.uri))
+        raw["forget_file"] = fetch(raw["forget_file"])
+        raw["retain_file"] = fetch(raw.get("retain_file"))
+        if raw.get("eval"):
+            raw["eval"] = {k: (fetch(v) if k in EVAL_SLOTS else v) for k, v in raw["eval"].items()}
+        return parse_spec(raw)
+
+    def _model_dir(self, uri: str) -> Path:
+        if not uri.startswith("s3://"):
+            return Path(uri)
+        cache = self.settings.work_dir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        if (cache / ".complete").is_file():
+            return cache
+        if not isinstance(self.store, S3Store):
+            raise UnlearnError(f"model {uri} is on S3 but S3 is not configured (S3_BUCKET)",
+                               code="model_unavailable")
+        partial = cache.with_name(cache.name + f".part-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.store.download_prefix(uri, partial)
+        (partial / ".complete").touch()
+        shutil.rmtree(cache, ignore_errors=True)
+        partial.rename(cache)
+        return cache
+
+    # --- outputs --------------------------------------------------------------
+
+    def _store_artifacts(self, job_id: str, artifacts: dict[str, Path], archives: Path) -> None:
+        archives.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for name, directory in artifacts.items():
+            archive = archives / f"{name}.tar.gz"
+            make_archive(directory, archive)
+            key = f"jobs/{job_id}/{name}.tar.gz"
+            self.store.put(key, archive)
+            rows.append(Artifact(job_id=job_id, name=name, kind=ARTIFACT_KINDS.get(name, name),
+                                 filename=f"{job_id}-{name}.tar.gz", bytes=archive.stat().st_size,
+                                 sha256=file_sha256(archive), storage_key=key))
+        with self.sessions.begin() as session:
+            for row in rows:
+                existing = session.get(Artifact, (job_id, row.name))
+                if existing is not None:
+                    session.delete(existing)
+                    session.flush()
+                session.add(row)
+
+
+def _file_ids(raw: dict[str, Any]) -> set[str]:
+    ids = {raw.get("forget_file"), raw.get("retain_file")}
+    ids |= {v for k, v in (raw.get("eval") or {}).items() if k in EVAL_SLOTS}
+    return {i for i in ids if i}
+
+
+def _unexpected(exc: Exception) -> tuple[str, str]:
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return ("out_of_memory", "the job ran out of GPU memory: lower hyperparameters.batch_size or "
+                "max_length, raise gradient_accumulation_steps, or use adapter.type=lora")
+    return ("internal_error", f"the job failed unexpectedly ({name}: {exc}); retrying may help, "
+            "and the operator has the worker's log")
+
+
+def _json_safe(value: Any) -> Any:
+    """Metrics go into a JSON column: floats like NaN become null."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

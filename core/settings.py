@@ -1,0 +1,103 @@
+"""Service settings (pydantic-settings), read from the environment and validated at start-up.
+
+Per-job ML parameters are not settings: they are the typed job spec (core.spec).
+With nothing set, the service is the embedded default: SQLite and a local artifact
+directory under UNLEARN_DATA_DIR, and a broker that needs no server (a SQLite
+queue through kombu's SQLAlchemy transport). Setting DATABASE_URL, BROKER_URL and
+S3_BUCKET switches to Postgres, Redis and S3 with the same code paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    unlearn_data_dir: Path = Field(Path(".unlearn"), description="State of the embedded default.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the data dir.")
+    broker_url: str | None = Field(None, description="Celery broker; default a SQLite queue in the data dir.")
+
+    # Artifact and upload storage: a local directory unless S3_BUCKET is set.
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(None, description="For MinIO and other S3-compatible servers.")
+    s3_region: str | None = None
+    s3_presign_seconds: int = Field(300, ge=10, le=7 * 24 * 3600)
+    s3_redirect_downloads: bool = Field(
+        True, description="Answer artifact downloads with a 307 to a presigned URL.")
+
+    max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="413 beyond this.")
+    max_record_chars: int = Field(1_000_000, ge=1)
+    validate_inline_bytes: int = Field(
+        8 * 1024 * 1024, ge=0,
+        description="Files up to this size are validated before the upload answers; "
+                    "larger ones answer `validating` and are validated in the background.")
+
+    # Workers
+    worker_device: str | None = Field(None, description="cpu, cuda, cuda:0; default cuda if present.")
+    worker_threads: int = Field(0, ge=0, description="torch threads per worker process; 0 = all cores.")
+    lease_seconds: float = Field(60.0, gt=0, description="A job's lease; renewed by the heartbeat.")
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    reap_every_seconds: float = Field(30.0, gt=0, description="How often a worker looks for orphans.")
+    visibility_timeout_seconds: int = Field(
+        48 * 3600, ge=60, description="Broker redelivery timeout: above the longest job.")
+    event_min_interval_seconds: float = Field(
+        1.0, ge=0, description="Step events are throttled to one per interval (phase changes are not).")
+    task_queue: str = "unlearn"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("unlearn_data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _heartbeat_below_lease(cls, value: float, info) -> float:  # type: ignore[no-untyped-def]
+        lease = info.data.get("lease_seconds")
+        if lease is not None and value >= lease:
+            raise ValueError(f"heartbeat_seconds ({value}) must be below lease_seconds ({lease})")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None and self.broker_url is None
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.unlearn_data_dir / 'unlearn.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.unlearn_data_dir / 'broker.db'}"
+
+    @property
+    def broker_transport_options(self) -> dict[str, object]:
+        """Redis redelivers an unacked message after the visibility timeout, so it must be
+        above the longest job. The SQLite queue passes its options to create_engine and
+        takes none."""
+        if self.celery_broker_url.startswith(("redis", "rediss", "sqs")):
+            return {"visibility_timeout": self.visibility_timeout_seconds}
+        return {}
+
+    @property
+    def local_store(self) -> Path:
+        return self.unlearn_data_dir / "store"
+
+    @property
+    def work_dir(self) -> Path:
+        """Worker scratch: downloaded inputs, checkpoints, outputs before upload."""
+        return self.unlearn_data_dir / "work"
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,61 @@
+"""The typed pieces of a job spec that are not hyperparameters: the adapter and the
+eval sets. Pure pydantic (no torch), so the API validates a job without loading torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AdapterSpec(BaseModel):
+    """What is trained: a LoRA adapter (default) or the full weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["lora", "full"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get LoRA; default: every linear projection."
+    )
+    layers: list[int] | None = Field(
+        None, description="full only: train just these decoder layers (paper, WMDP); null = all."
+    )
+    merge: bool = Field(False, description="lora only: also write merged full weights.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterSpec:
+        if self.layers is not None and self.type != "full":
+            raise ValueError("'layers' applies only to adapter type 'full'")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError("'layers' must be non-negative layer indices")
+        return self
+
+
+class EvalSpec(BaseModel):
+    """Eval sets of a job (paths locally, file ids over the API) and their settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    forget_qa: str | None = Field(None, description="QA about what must be forgotten (KnowMem).")
+    retain_qa: str | None = Field(None, description="QA about what must survive (utility KnowMem).")
+    forget_text: str | None = Field(None, description="Forget-domain text (VerbMem).")
+    retain_text: str | None = Field(None, description="Retain text (perplexity).")
+    forget_mc: str | None = Field(None, description="Forget-domain multiple choice (lm-eval).")
+    general_mc: str | None = Field(None, description="General multiple choice (lm-eval).")
+    max_samples: int = Field(500, ge=1, le=100_000, description="Per set, first N records.")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
+    batch_size: int = Field(64, ge=1, le=4096)
+    # Stop rule (probes every K steps); see core.pipeline.
+    probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
+    probe_samples: int = Field(100, ge=1, le=10_000)
+    forget_target: float = Field(
+        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before.")
+    utility_budget: float = Field(
+        0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept.")
+
+    def files(self) -> dict[str, str]:
+        names = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
+        return {n: getattr(self, n) for n in names if getattr(self, n)}

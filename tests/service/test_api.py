@@ -1,0 +1,258 @@
+"""The API over real HTTP (uvicorn) on Postgres + Redis: uploads and their validation,
+auth and tenancy, job validation, idempotency, pagination, the error envelope. No worker
+runs here, so jobs stay queued; the end-to-end tests run them."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.service.conftest import ThreadServer
+
+QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
+
+
+@pytest.fixture(scope="module")
+def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
+    from api.app import create_app
+    from core import repo
+    from core.db import make_engine, make_sessionmaker
+    from core.settings import Settings
+
+    settings = Settings(unlearn_data_dir=tmp_path_factory.mktemp("api"), database_url=migrated_pg,
+                        broker_url=redis_url, max_upload_bytes=200_000, validate_inline_bytes=100_000,
+                        task_queue="unlearn-api-test")
+    sessions = make_sessionmaker(make_engine(settings.db_url))
+    with sessions.begin() as session:
+        repo.add_model(session, "tiny", str(fixture_dir / "model"))
+        _, key_a = repo.create_key(session, "tenant-a")
+        _, key_b = repo.create_key(session, "tenant-b")
+    with ThreadServer(create_app(settings)) as server:
+        yield {"url": server.url, "a": key_a, "b": key_b, "settings": settings}
+
+
+@pytest.fixture
+def client(service):
+    with httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['a']}"},
+                      timeout=30) as c:
+        yield c
+
+
+def upload(client, content: bytes, purpose: str = "forget", name: str = "f.jsonl"):
+    return client.post("/v1/files", data={"purpose": purpose}, files={"file": (name, content)})
+
+
+def assert_error(response, status: int, code: str, *, param: str | None = None, contains: str = ""):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    assert contains in body["error"]["message"], body
+    return body["error"]
+
+
+def valid_file(client, purpose="forget", content=QA, name="f.jsonl") -> str:
+    response = upload(client, content, purpose, name)
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "valid", response.json()
+    return response.json()["id"]
+
+
+def job_body(forget_file: str, **over) -> dict:
+    return {"method": "catnip", "base_model": "tiny", "forget_file": forget_file,
+            "hyperparameters": {"max_steps": 2}, **over}
+
+
+# --- uploads ---------------------------------------------------------------------------
+
+def test_valid_upload_records_size_hash_and_kind(client):
+    import hashlib
+
+    response = upload(client, QA)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "valid" and body["kind"] == "qa" and body["records"] == 3
+    assert body["bytes"] == len(QA) and body["sha256"] == hashlib.sha256(QA).hexdigest()
+    assert client.get(f"/v1/files/{body['id']}").json()["sha256"] == body["sha256"]
+
+
+@pytest.mark.parametrize("content, line, field, words", [
+    (QA + b'{"prompt": "x", "response": \n', 4, None, "not valid JSON"),
+    (b'{"prompt": "a"}\n', 1, "response", "missing"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 3, None, "binary"),
+    (b"", None, None, "empty"),
+    (b'{"prompt": "a", "response": "\xff\xfe"}\n', 1, None, "UTF-8"),
+])
+def test_bad_files_are_invalid_with_a_report_naming_the_line(client, content, line, field, words):
+    response = upload(client, content)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "invalid"
+    problem = body["validation"]["problems"][0]
+    assert problem["line"] == line and words in problem["message"], problem
+    if field:
+        assert problem["field"] == field
+    assert body["validation"]["summary"].startswith("f.jsonl is invalid")
+
+
+def test_upload_over_the_cap_is_413_and_leaves_nothing(client, service):
+    before = client.get("/v1/files", params={"limit": 100}).json()["data"]
+    store = service["settings"].local_store
+    objects_before = sorted(p.name for p in store.rglob("*") if p.is_file())
+    assert_error(upload(client, b"x" * 300_000), 413, "file_too_large")
+    assert client.get("/v1/files", params={"limit": 100}).json()["data"] == before
+    assert sorted(p.name for p in store.rglob("*") if p.is_file()) == objects_before
+
+
+def test_upload_errors(client):
+    assert_error(upload(client, QA, purpose="training"), 422, "invalid_request", param="purpose")
+    assert_error(client.post("/v1/files", data={"purpose": "forget"}), 422, "invalid_request", param="file")
+    assert_error(upload(client, QA, name="notes.pdf"), 400, "unsupported_file_type", param="file")
+
+
+def test_large_upload_is_validated_in_the_background(client):
+    big = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_bytes
+    response = upload(client, big)
+    assert response.status_code == 201
+    assert response.json()["status"] == "validating"
+    final = client.get(f"/v1/files/{response.json()['id']}").json()  # background ran after the answer
+    assert final["status"] == "valid" and final["kind"] == "text"
+
+
+def test_delete_file(client):
+    file_id = valid_file(client)
+    assert client.delete(f"/v1/files/{file_id}").json()["deleted"] is True
+    assert_error(client.get(f"/v1/files/{file_id}"), 404, "file_not_found")
+
+
+# --- auth and tenancy ------------------------------------------------------------------
+
+def test_no_key_and_wrong_key_are_401(service):
+    response = httpx.get(f"{service['url']}/v1/jobs")
+    assert_error(response, 401, "missing_api_key")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_error(httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Bearer ul_nope"}),
+                 401, "invalid_api_key")
+    assert_error(httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Basic abc"}),
+                 401, "invalid_api_key")
+
+
+def test_other_tenants_ids_answer_404(client, service):
+    file_id = valid_file(client)
+    job = client.post("/v1/jobs", json=job_body(file_id)).json()
+    with httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['b']}"}) as other:
+        assert_error(other.get(f"/v1/files/{file_id}"), 404, "file_not_found")
+        assert_error(other.get(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+        assert_error(other.get(f"/v1/jobs/{job['id']}/events"), 404, "job_not_found")
+        assert_error(other.post(f"/v1/jobs/{job['id']}/cancel"), 404, "job_not_found")
+        assert_error(other.delete(f"/v1/files/{file_id}"), 404, "file_not_found")
+        # ... and a job naming another tenant's file is refused
+        assert_error(other.post("/v1/jobs", json=job_body(file_id)), 422, "file_not_found",
+                     param="forget_file")
+        assert all(j["id"] != job["id"] for j in other.get("/v1/jobs").json()["data"])
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+def test_job_validation_errors(client):
+    file_id = valid_file(client)
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, method="rmu")), 422, "invalid_spec",
+                 param="method", contains="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo")
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, hyperparameters={"learning_rate": -1})),
+                 422, "invalid_spec", param="hyperparameters.learning_rate")
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, base_model="llama-70b")), 422,
+                 "unknown_model", param="base_model", contains="tiny")
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, base_model="/etc/passwd")), 422,
+                 "unknown_model")
+    assert_error(client.post("/v1/jobs", json=job_body("file-missing")), 422, "file_not_found",
+                 param="forget_file")
+    assert_error(client.post("/v1/jobs", content=b'{"method": "catnip",',
+                             headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert_error(client.post("/v1/jobs", json=[1, 2]), 422, "invalid_request")
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, adapter={"type": "qlora"})), 422,
+                 "invalid_spec", param="adapter.type")
+
+
+def test_job_refuses_invalid_and_wrong_purpose_files(client):
+    bad = upload(client, b'{"prompt": "a"}\n').json()["id"]
+    assert_error(client.post("/v1/jobs", json=job_body(bad)), 422, "file_not_valid", param="forget_file",
+                 contains="line 1")
+    retain = valid_file(client, purpose="retain")
+    assert_error(client.post("/v1/jobs", json=job_body(retain)), 422, "wrong_file_purpose",
+                 param="forget_file")
+    mc = valid_file(client, purpose="eval",
+                    content=b'{"question": "q?", "choices": ["a", "b"], "answer": 0}\n')
+    forget = valid_file(client)
+    assert_error(client.post("/v1/jobs", json=job_body(forget, eval={"forget_qa": mc})), 422,
+                 "wrong_file_kind", param="eval.forget_qa")
+
+
+def test_create_get_cancel_and_events(client):
+    file_id = valid_file(client)
+    response = client.post("/v1/jobs", json=job_body(file_id))
+    assert response.status_code == 201
+    job = response.json()
+    assert job["status"] == "queued" and job["hyperparameters"]["beta"] == 1.0  # paper default
+    assert job["hyperparameters"]["learning_rate"] == 1e-5
+    assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_not_cancellable")
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()
+    assert [e["data"]["status"] for e in events["data"]] == ["queued", "cancelled"]
+    assert client.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"] is None
+    assert_error(client.get(f"/v1/jobs/{job['id']}/artifacts/adapter"), 404, "artifact_not_found")
+
+
+def test_idempotency_key(client):
+    file_id = valid_file(client)
+    headers = {"Idempotency-Key": "retry-me-1"}
+    first = client.post("/v1/jobs", json=job_body(file_id), headers=headers)
+    again = client.post("/v1/jobs", json=job_body(file_id), headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert_error(client.post("/v1/jobs", json=job_body(file_id, method="ga"), headers=headers), 422,
+                 "idempotency_key_reused", param="Idempotency-Key")
+
+
+def test_cursor_pagination_walks_every_job_once(client):
+    file_id = valid_file(client)
+    created = {client.post("/v1/jobs", json=job_body(file_id)).json()["id"] for _ in range(5)}
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert len(seen) == len(set(seen)) and created <= set(seen)
+    queued = client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()["data"]
+    assert all(j["status"] == "queued" for j in queued)
+    assert_error(client.get("/v1/jobs", params={"after": "job-nope"}), 404, "job_not_found", param="after")
+    assert_error(client.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request", param="limit")
+
+
+def test_models_health_and_unknown_routes(client, service):
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+    assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{service['url']}/readyz").json()
+    assert ready == {"status": "ready", "checks": {"database": "ok", "storage": "ok", "broker": "ok"}}
+    assert_error(client.get("/v1/nothing"), 404, "not_found")
+    assert_error(client.put("/v1/jobs"), 405, "method_not_allowed")
+    response = client.get("/healthz", headers={"X-Request-ID": "trace-123"})
+    assert response.headers["x-request-id"] == "trace-123"
+
+
+def test_openapi_documents_every_method_and_field(client):
+    schema = client.get("/openapi.json").json()
+    job = schema["components"]["schemas"]["JobCreate"]
+    assert job["properties"]["method"]["enum"] == ["catnip", "catnip_ref", "catnip_seq", "ga", "npo", "simnpo"]
+    catnip = schema["components"]["schemas"]["CatnipParams"]["properties"]
+    assert catnip["beta"]["default"] == 1.0 and "token_stride" in catnip
+    assert schema["components"]["schemas"]["SimNPOParams"]["properties"]["gamma"]["default"] == 0.0
+    assert json.dumps(schema).count("Idempotency-Key") >= 1

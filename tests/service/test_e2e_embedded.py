@@ -1,0 +1,46 @@
+"""End to end in the embedded default, as a new user runs it: `unlearn models add`,
+`unlearn keys create`, `unlearn serve` (SQLite, local store, the server-less queue and
+a worker started by the same command), then the API over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.flow import TERMINAL, check_succeeded_job, lora_job, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_service_end_to_end(fixture_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")}
+    env.update(UNLEARN_DATA_DIR=str(tmp_path / "state"), WORKER_THREADS="2", WORKER_DEVICE="cpu",
+               EVENT_MIN_INTERVAL_SECONDS="0")
+    assert "registered model 'tiny'" in cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
+    key = cli(env, "keys", "create", "--tenant", "acme").strip().splitlines()[-1]
+    assert key.startswith("ul_")
+    assert (tmp_path / "state" / "unlearn.db").is_file()
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env, cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", server)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            job = lora_job(client, fixture_dir / "data")
+            job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+            result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
+            assert any(e["type"] == "probe" for e in result["events"])
+            assert job["attempts"] == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+    # Everything lived under UNLEARN_DATA_DIR: the database, the queue and the artifacts.
+    assert (tmp_path / "state" / "broker.db").is_file()
+    assert list((tmp_path / "state" / "store" / "jobs").rglob("adapter.tar.gz"))
