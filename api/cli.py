@@ -170,10 +170,14 @@ def _wait_ready(client: Any, process: subprocess.Popen, timeout: float = 120) ->
     raise RuntimeError("the server did not become ready in time")
 
 
+class DemoError(Exception):
+    pass
+
+
 def _check(response: Any) -> Any:
     if response.status_code >= 400:
         error = response.json().get("error", {})
-        raise typer.BadParameter(f"{response.request.method} {response.request.url.path}: "
+        raise DemoError(f"{response.request.method} {response.request.url.path}: "
                                  f"{response.status_code} {error.get('code')}: {error.get('message')}")
     return response.json()
 
@@ -195,7 +199,7 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
                 body = _check(client.post("/v1/files", data={"purpose": purpose},
                                           files={"file": (Path(path).name, handle)}))
             if body["status"] != "valid":
-                raise typer.BadParameter(f"{path}: {body['validation']['summary']}")
+                raise DemoError(f"{path}: {body['validation']['summary']}")
             uploaded[(path, purpose)] = body["id"]  # type: ignore[index]
         return uploaded[(path, purpose)]  # type: ignore[index]
 
@@ -205,7 +209,7 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
                        for k, v in local["eval"].items()}
     echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
     job = _check(client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"}))
-    bar, phase, after = None, None, None
+    bar, after = None, None
     while job["status"] in ("queued", "running", "evaluating"):
         time.sleep(0.5)
         job = _check(client.get(f"/v1/jobs/{job['id']}"))
@@ -223,18 +227,16 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
             if progress["loss"] is not None:
                 bar.set_postfix(loss=f"{progress['loss']:.4f}", phase=progress["phase"])
             bar.refresh()
-        phase = progress["phase"]
     if bar is not None:
         bar.close()
     if job["status"] != "succeeded":
         error = job.get("error") or {}
-        raise typer.BadParameter(f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}")
+        raise DemoError(f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}")
     metrics = _check(client.get(f"/v1/jobs/{job['id']}/metrics"))["metrics"]
     artifacts = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"))["data"]
     saved = {}
     for artifact in artifacts:
         saved[artifact["name"]] = download_artifact(client, job["id"], artifact, out_dir)
-    _ = phase
     return {"job": job, "metrics": metrics, "artifacts": saved}
 
 
@@ -293,20 +295,28 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
 
     port = port or _free_port()
     env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
-    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env)
+    log_path = settings.unlearn_data_dir / "serve.log"
+    log_file = log_path.open("ab")
+    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env,
+                              stdout=log_file, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as client:
             _wait_ready(client, server)
-            typer.echo(f"[demo] service up on http://127.0.0.1:{port} (embedded)", err=True)
+            typer.echo(f"[demo] service up on http://127.0.0.1:{port} (embedded; its log: {log_path})",
+                       err=True)
             result = run_demo_over_rest(client, demo_dir, settings.unlearn_data_dir / "demo-output",
                                         steps=steps)
+    except (DemoError, RuntimeError) as exc:
+        typer.echo(f"[demo] error: {exc} (the service log: {log_path})", err=True)
+        raise typer.Exit(1) from None
     finally:
         server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+        log_file.close()
     core_cli._print_table(result["metrics"])
     stop = result["metrics"].get("stop_rule") or {}
     if stop:

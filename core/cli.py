@@ -12,6 +12,7 @@ import typer
 from tqdm import tqdm
 
 from core.errors import UnlearnError
+from core.runtime import quiet_libraries
 
 if TYPE_CHECKING:
     from core.unlearn import StepInfo
@@ -26,13 +27,7 @@ def _data_dir() -> Path:
 
 def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
 
 
 class TqdmReporter:

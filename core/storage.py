@@ -86,7 +86,7 @@ class S3Store:
         self.bucket, self.prefix, self.presign_seconds = bucket, prefix.strip("/"), presign_seconds
         self.client = boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+            config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}))
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -36,11 +36,8 @@ app.conf.update(
 
 @worker_process_init.connect
 def _init_child(**_: object) -> None:
-    """In each worker child: its own torch thread count, its own DB connections."""
-    import torch
-
-    if settings.worker_threads:
-        torch.set_num_threads(settings.worker_threads)
+    """In each prefork child: drop DB connections inherited from the parent. (torch is
+    set up by the first task, in the process that runs it: the child, or the solo worker.)"""
     from worker import tasks
 
     tasks.reset_runner()

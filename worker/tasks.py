@@ -7,6 +7,7 @@ import logging
 from core.db import make_engine, make_sessionmaker
 from core.repo import orphaned_jobs
 from core.runner import JobRunner
+from core.runtime import quiet_libraries, set_torch_threads
 from core.settings import get_settings
 from core.storage import make_store
 from worker.celery_app import TASK_NAME, app
@@ -25,6 +26,8 @@ def runner() -> JobRunner:
     global _runner
     if _runner is None:
         settings = get_settings()
+        quiet_libraries()
+        set_torch_threads(settings.worker_threads)
         _runner = JobRunner(settings, make_sessionmaker(make_engine(settings.db_url)), make_store(settings))
     return _runner
 

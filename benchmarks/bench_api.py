@@ -1,0 +1,122 @@
+"""GET /v1/jobs/{id} under 50 concurrent pollers, against the Postgres stack on this machine.
+
+Starts the API (uvicorn, N worker processes) on Postgres + Redis, creates a tenant, a file
+and a job, then runs `--pollers` concurrent clients (asyncio + httpx, one process) for
+`--seconds`, and prints latency p50/p99 and requests per second. The client shares the
+machine's cores with the server, so the figures are a floor, not a ceiling.
+
+    .venv/bin/python benchmarks/bench_api.py --pollers 50 --seconds 20 --api-workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def poll(client: httpx.AsyncClient, path: str, until: float, latencies: list[float],
+               errors: list[int]) -> None:
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        response = await client.get(path)
+        latencies.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            errors.append(response.status_code)
+
+
+async def run_pollers(url: str, key: str, job_id: str, pollers: int, seconds: float) -> dict:
+    limits = httpx.Limits(max_connections=pollers, max_keepalive_connections=pollers)
+    latencies: list[float] = []
+    errors: list[int] = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
+        await client.get(f"/v1/jobs/{job_id}")  # warm
+        started = time.perf_counter()
+        until = started + seconds
+        await asyncio.gather(*(poll(client, f"/v1/jobs/{job_id}", until, latencies, errors)
+                               for _ in range(pollers)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"requests": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pollers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--api-workers", type=int, default=1)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
+    args = parser.parse_args()
+
+    name = f"unlearn_bench_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    db_url = args.pg.rsplit("/", 1)[0] + f"/{name}"
+    state = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    env = {**os.environ, "DATABASE_URL": db_url, "BROKER_URL": args.redis,
+           "UNLEARN_DATA_DIR": str(state), "TASK_QUEUE": "bench-api", "LOG_LEVEL": "WARNING"}
+    server = None
+    try:
+        run = lambda *a: subprocess.run([sys.executable, "-m", "api", *a], env=env, cwd=ROOT,  # noqa: E731
+                                        check=True, capture_output=True, text=True).stdout
+        run("migrate")
+        key = run("keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+        model_dir = state / "model"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("{}")  # registered only; no job runs here
+        run("models", "add", "bench-model", str(model_dir))
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port),
+                                   "--workers", str(args.api_workers), "--log-level", "warning",
+                                   "--no-access-log"], env=env, cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        headers = {"Authorization": f"Bearer {key}"}
+        file_id = httpx.post(f"{url}/v1/files", headers=headers, data={"purpose": "forget"},
+                             files={"file": ("f.jsonl", b'{"prompt": "q", "response": "a"}\n')}).json()["id"]
+        job = httpx.post(f"{url}/v1/jobs", headers=headers,
+                         json={"method": "catnip", "base_model": "bench-model", "forget_file": file_id}).json()
+        result = asyncio.run(run_pollers(url, key, job["id"], args.pollers, args.seconds))
+        print(f"GET /v1/jobs/{{id}}: {args.pollers} concurrent pollers, {args.seconds:.0f} s, "
+              f"{args.api_workers} uvicorn worker(s), Postgres + Redis")
+        print(f"  requests {result['requests']}, errors {result['errors']}, "
+              f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(20)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+if __name__ == "__main__":
+    main()

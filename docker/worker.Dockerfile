@@ -1,0 +1,17 @@
+# The GPU worker: CUDA torch, the engine, lm-eval. One worker process per GPU
+# (CUDA_VISIBLE_DEVICES), prefork with one child, the model loaded in the child.
+FROM pytorch/pytorch:2.4.1-cuda12.4-cudnn9-runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY core core
+COPY api api
+COPY worker worker
+COPY migrations migrations
+# torch comes with the base image; pip keeps it (the project asks for torch>=2.4).
+RUN pip install .
+RUN useradd --uid 10001 --create-home unlearn && mkdir -p /data && chown unlearn /data
+USER unlearn
+ENV UNLEARN_DATA_DIR=/data
+CMD ["unlearn", "worker"]

@@ -1,0 +1,62 @@
+"""What the deployment files promise, checked as far as this machine allows (no Docker
+engine runs here): the API runs without torch (the slim image), and the compose file
+has the stack DESIGN.md describes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_api_and_job_validation_work_without_torch(tmp_path):
+    # torch, transformers and peft made unimportable, as in docker/api.Dockerfile.
+    script = f"""
+import sys
+for name in ("torch", "transformers", "peft", "accelerate", "lm_eval"):
+    sys.modules[name] = None
+from fastapi.testclient import TestClient
+from api.app import create_app
+from core.settings import Settings
+from core.spec import parse_spec
+from core.errors import SpecError
+app = create_app(Settings(unlearn_data_dir={str(tmp_path)!r}))
+assert TestClient(app).get("/healthz").json() == {{"status": "ok"}}
+assert "JobCreate" in app.openapi()["components"]["schemas"]
+spec = parse_spec({{"method": "npo", "base_model": "m", "forget_file": "f"}})
+assert spec.hyperparameters.beta == 0.05
+try:
+    parse_spec({{"method": "nope", "base_model": "m", "forget_file": "f"}})
+except SpecError as exc:
+    assert "valid methods" in exc.message
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_compose_has_the_production_stack():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "minio", "migrate", "api", "worker"} <= set(services)
+    assert services["migrate"]["command"] == ["unlearn", "migrate"]
+    assert services["migrate"]["restart"] == "no"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    env = compose["x-env"]
+    assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and env["BROKER_URL"].startswith("redis://")
+    assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
+    for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
+        text = (ROOT / "docker" / dockerfile).read_text()
+        assert "COPY migrations migrations" in text and "USER unlearn" in text
+    requirements = [line.split(">")[0].split("[")[0].strip()
+                    for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert "fastapi" in requirements
+    assert not {"torch", "transformers", "peft", "lm-eval"} & set(requirements)

@@ -1,0 +1,124 @@
+"""End to end on the production stack: Postgres, Redis, an S3-compatible server over
+HTTP (moto), the API (`unlearn serve --no-with-worker`) and separate Celery worker
+processes (`unlearn worker`, prefork). Also: a worker SIGKILLed mid-job, and duplicate
+deliveries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.flow import TERMINAL, check_succeeded_job, lora_job, upload, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, **s3_server, "DATABASE_URL": migrated_pg, "BROKER_URL": redis_url,
+           "UNLEARN_DATA_DIR": str(state), "TASK_QUEUE": "unlearn-stack-test",
+           "WORKER_THREADS": "2", "WORKER_DEVICE": "cpu", "EVENT_MIN_INTERVAL_SECONDS": "0.1",
+           "LEASE_SECONDS": "4", "HEARTBEAT_SECONDS": "0.5", "REAP_EVERY_SECONDS": "1"}
+    cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
+    key = cli(env, "keys", "create", "--tenant", "stack").strip().splitlines()[-1]
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
+                           env=env, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/healthz", api)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"})
+    yield {"env": env, "client": client, "state": state}
+    client.close()
+    api.send_signal(signal.SIGINT)
+    api.wait(30)
+
+
+def start_worker(env: dict) -> subprocess.Popen:
+    # A session of its own, so the test can SIGKILL the prefork parent and its child together.
+    return subprocess.Popen([sys.executable, "-m", "api", "worker"], env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
+def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, tmp_path):
+    from celery import Celery
+
+    client = stack["client"]
+    assert client.get("/readyz").json()["checks"] == {"database": "ok", "storage": "ok", "broker": "ok"}
+    worker = start_worker(stack["env"])
+    try:
+        job = lora_job(client, fixture_dir / "data")
+        wait_for(client, job["id"], lambda j: j["status"] != "queued", timeout=120)
+        # The broker delivers the same id again while the job runs: it must not run twice.
+        sender = Celery(broker=stack["env"]["BROKER_URL"])
+        sender.send_task("unlearn.run_job", args=[job["id"]], queue=stack["env"]["TASK_QUEUE"])
+        job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+        result = check_succeeded_job(client, job, fixture_dir, tmp_path)
+        time.sleep(2)  # let the duplicate be consumed
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        assert job["attempts"] == 1 and job["status"] == "succeeded"
+        running = [e for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+                   if e["type"] == "status" and e["data"]["status"] == "running"]
+        assert len(running) == 1
+        # On S3 the download is a redirect to a short-lived presigned URL on the S3 server.
+        redirect = client.get(f"/v1/jobs/{job['id']}/artifacts/report")
+        assert redirect.status_code == 307
+        assert redirect.headers["location"].startswith(stack["env"]["S3_ENDPOINT_URL"])
+        assert "X-Amz-Expires=300" in redirect.headers["location"]
+        assert result["artifacts"]["report"]["bytes"] > 0
+    finally:
+        stop_worker(worker)
+
+
+def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
+    client = stack["client"]
+    forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
+    body = {"method": "catnip", "base_model": "tiny", "forget_file": forget,
+            "adapter": {"type": "lora", "r": 8},
+            "hyperparameters": {"learning_rate": 1e-3, "max_steps": 1500, "batch_size": 8,
+                                "max_length": 64, "checkpoint_every": 50}}
+    job = client.post("/v1/jobs", json=body).json()
+    worker = start_worker(stack["env"])
+    try:
+        running = wait_for(client, job["id"], lambda j: j["progress"]["step"] >= 120, timeout=180, every=0.05)
+        assert running["status"] == "running"
+        os.killpg(worker.pid, signal.SIGKILL)  # parent and child, no chance to clean up
+        worker.wait(10)
+        killed_at = client.get(f"/v1/jobs/{job['id']}").json()
+        assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 1500
+        time.sleep(1)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == killed_at["progress"]["step"]
+
+        worker = start_worker(stack["env"])  # the reaper re-sends it once the lease expires
+        done = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        resumed = done["progress"]["resumed_from_step"]
+        assert resumed is not None and resumed >= 100 and resumed % 50 == 0, done["progress"]
+        assert resumed <= killed_at["progress"]["step"]
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        assert any(e["message"] == f"resumed from the checkpoint at step {resumed}" for e in events)
+        steps = [e["data"]["step"] for e in events if e["type"] == "step"]
+        assert steps[-1] == 1500
+        # After the resume, steps continue from the checkpoint, not from zero.
+        after_resume = steps[[e["message"] for e in events if e["type"] in ("step", "message")].index(
+            f"resumed from the checkpoint at step {resumed}") :]
+        assert min(after_resume) > resumed
+    finally:
+        stop_worker(worker)
