@@ -45,8 +45,10 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model at {path}: {exc}") from exc
+    except Exception as exc:  # a bad config can raise anything; out-of-memory is not a model error
+        if "OutOfMemory" in type(exc).__name__:
+            raise
+        raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}"[:2000]) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

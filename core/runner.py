@@ -199,13 +199,20 @@ class JobRunner:
             shutil.rmtree(work, ignore_errors=True)
             return "cancelled"
         except UnlearnError as exc:
-            self._fail(job_id, "failed", exc.code, exc.message)
+            self._fail(job_id, "failed", exc.code, self._redact(exc.message))
             return f"failed: {exc.code}"
         except Exception as exc:  # noqa: BLE001 - the job must end failed, never stuck running
             log.exception("job %s failed", job_id)
             code, message = _unexpected(exc)
             self._fail(job_id, "failed", code, message)
             return f"failed: {code}"
+
+    def _redact(self, message: str) -> str:
+        """Tenants name models, they do not see the operator's paths: messages about local
+        copies name the job's inputs by what the tenant knows."""
+        for secret, shown in getattr(self, "_redactions", {}).items():
+            message = message.replace(secret, shown)
+        return message.replace(str(self.settings.work_dir), "<work>")
 
     def _fail(self, job_id: str, status: str, code: str | None, message: str | None) -> None:
         with self.sessions.begin() as session:
@@ -241,6 +248,7 @@ class JobRunner:
             return str(target)
 
         raw["base_model"] = str(self._model_dir(model.uri))
+        self._redactions = {raw["base_model"]: f"model '{model.name}'", str(inputs): "<inputs>"}
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
         if raw.get("eval"):

@@ -122,3 +122,31 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         assert min(after_resume) > resumed
     finally:
         stop_worker(worker)
+
+
+def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture_dir, tmp_path):
+    client = stack["client"]
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    cli(stack["env"], "models", "add", "broken", str(broken))
+    forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
+    worker = start_worker(stack["env"])
+    try:
+        failing = client.post("/v1/jobs", json={"method": "ga", "base_model": "broken",
+                                                "forget_file": forget}).json()
+        failed = wait_for(client, failing["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "model_unavailable", failed["error"]
+        assert failed["error"]["message"].startswith("cannot load the model at model 'broken'")
+        assert str(broken) not in failed["error"]["message"]  # the operator's path stays private
+
+        long = client.post("/v1/jobs", json={
+            "method": "catnip", "base_model": "tiny", "forget_file": forget,
+            "hyperparameters": {"max_steps": 100000, "batch_size": 4, "max_length": 64}}).json()
+        wait_for(client, long["id"], lambda j: j["progress"]["step"] >= 5, timeout=120)
+        assert client.post(f"/v1/jobs/{long['id']}/cancel").json()["cancel_requested"] is True
+        cancelled = wait_for(client, long["id"], lambda j: j["status"] in TERMINAL, timeout=60)
+        assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] < 100000
+    finally:
+        stop_worker(worker)
