@@ -144,6 +144,8 @@ class Job(Base):
     # The lease: a worker owns a running job until lease_expires_at; its heartbeat renews it.
     # A second delivery finds the lease live and backs off; an expired lease means the
     # worker died and the job may be taken over (and resumes from its last checkpoint).
+    enqueued_at: Mapped[datetime | None] = mapped_column(
+        doc="When the id was last sent to the broker; a queued job sent long ago is re-sent.")
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)

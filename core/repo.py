@@ -212,6 +212,15 @@ def orphaned_jobs(session: Session, now: datetime | None = None) -> list[str]:
         Job.status.in_(("running", "evaluating")), Job.lease_expires_at < now)).all())
 
 
+def lost_queued_jobs(session: Session, older_than: float, now: datetime | None = None) -> list[Job]:
+    """Queued jobs whose id went to the broker long ago and that nobody took: the
+    message may be lost (a broker restart without persistence). Re-sending is safe."""
+    now = now or utcnow()
+    return list(session.scalars(select(Job).where(
+        Job.status == "queued", Job.lease_owner.is_(None), Job.cancel_requested.is_(False),
+        Job.enqueued_at < now - timedelta(seconds=older_than))).all())
+
+
 def finish_job(session: Session, job: Job, status: str, *, error_code: str | None = None,
                error_message: str | None = None) -> None:
     job.status = status

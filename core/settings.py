@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0, description="A job's lease; renewed by the heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0)
     reap_every_seconds: float = Field(30.0, gt=0, description="How often a worker looks for orphans.")
+    requeue_after_seconds: float = Field(
+        3600.0, gt=0, description="A job still queued this long after its id was sent is re-sent "
+                                  "(the message may have been lost); duplicates are harmless.")
     visibility_timeout_seconds: int = Field(
         48 * 3600, ge=60, description="Broker redelivery timeout: above the longest job.")
     event_min_interval_seconds: float = Field(

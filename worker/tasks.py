@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from core.db import make_engine, make_sessionmaker
-from core.repo import orphaned_jobs
+from core.db import make_engine, make_sessionmaker, utcnow
+from core.repo import lost_queued_jobs, orphaned_jobs
 from core.runner import JobRunner
 from core.runtime import quiet_libraries, set_torch_threads
 from core.settings import get_settings
@@ -40,11 +40,18 @@ def run_job(job_id: str) -> str:
 
 
 def reap_orphans() -> list[str]:
-    """Jobs left running by a dead worker (lease expired): send their ids again. The
-    lease makes a duplicate harmless: whoever takes it first runs it, others back off."""
-    with runner().sessions() as session:
+    """Jobs left running by a dead worker (lease expired), and queued jobs whose message
+    was sent long ago and never taken (a lost message): send their ids again. The lease
+    makes a duplicate harmless: whoever takes the job first runs it, others back off."""
+    settings = get_settings()
+    with runner().sessions.begin() as session:
         job_ids = orphaned_jobs(session)
+        for job_id in job_ids:
+            log.warning("job %s: lease expired; re-sending it", job_id)
+        for job in lost_queued_jobs(session, settings.requeue_after_seconds):
+            log.warning("job %s: queued since %s and not taken; re-sending it", job.id, job.enqueued_at)
+            job.enqueued_at = utcnow()
+            job_ids.append(job.id)
     for job_id in job_ids:
-        log.warning("job %s: lease expired; re-sending it", job_id)
-        app.send_task(TASK_NAME, args=[job_id])
+        app.send_task(TASK_NAME, args=[job_id], queue=settings.task_queue)
     return job_ids

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from core import repo
-from core.db import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, new_id
+from core.db import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, new_id, utcnow
 from core.errors import SpecError, UnlearnError
 from core.spec import JobSpec, parse_spec
 from core.storage import iter_stream
@@ -91,7 +91,7 @@ def create_job(
               base_model=spec.base_model, forget_file_id=spec.forget_file,
               retain_file_id=spec.retain_file, spec=spec.model_dump(mode="json"),
               idempotency_key=idempotency_key, request_hash=digest, step=0, attempts=0,
-              cancel_requested=False)
+              cancel_requested=False, enqueued_at=utcnow())
     session.add(job)
     repo.add_event(session, job.id, "status", "job queued", {"status": "queued"})
     try:

@@ -26,7 +26,8 @@ def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
     env = {**os.environ, **s3_server, "DATABASE_URL": migrated_pg, "BROKER_URL": redis_url,
            "UNLEARN_DATA_DIR": str(state), "TASK_QUEUE": "unlearn-stack-test",
            "WORKER_THREADS": "2", "WORKER_DEVICE": "cpu", "EVENT_MIN_INTERVAL_SECONDS": "0.1",
-           "LEASE_SECONDS": "4", "HEARTBEAT_SECONDS": "0.5", "REAP_EVERY_SECONDS": "1"}
+           "LEASE_SECONDS": "4", "HEARTBEAT_SECONDS": "0.5", "REAP_EVERY_SECONDS": "1",
+           "REQUEUE_AFTER_SECONDS": "3"}
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", "stack").strip().splitlines()[-1]
     port = free_port()
@@ -148,5 +149,24 @@ def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture
         assert client.post(f"/v1/jobs/{long['id']}/cancel").json()["cancel_requested"] is True
         cancelled = wait_for(client, long["id"], lambda j: j["status"] in TERMINAL, timeout=60)
         assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] < 100000
+    finally:
+        stop_worker(worker)
+
+
+def test_a_lost_message_is_recovered_from_the_jobs_table(stack, fixture_dir, redis_url):
+    import redis
+
+    client = stack["client"]
+    forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
+    job = client.post("/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": forget,
+                                        "hyperparameters": {"max_steps": 3, "max_length": 64}}).json()
+    broker = redis.Redis.from_url(redis_url)
+    queue = stack["env"]["TASK_QUEUE"]
+    assert broker.llen(queue) >= 1
+    broker.delete(queue)  # the broker lost the message (say, a restart without persistence)
+    worker = start_worker(stack["env"])
+    try:
+        done = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1
     finally:
         stop_worker(worker)
