@@ -111,8 +111,13 @@ def worker_command(settings, *, pool: str | None = None) -> list[str]:  # type: 
 
 
 @app.command()
-def worker(pool: str | None = typer.Option(None, help="solo or prefork (default: prefork; solo embedded).")) -> None:
+def worker(pool: str | None = typer.Option(None, help="solo or prefork (default: prefork; solo embedded)."),
+           gpu: str | None = typer.Option(None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES); "
+                                                    "run one worker per GPU. Default: cuda if present, else cpu.")) -> None:
     """A Celery worker: takes job ids from the broker and runs them through core."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ["WORKER_DEVICE"] = "cuda"
     settings = _settings()
     if settings.embedded:
         _prepare_embedded(settings)

@@ -33,30 +33,31 @@ class ListResponse(BaseModel, Generic[T]):
 
 class ProblemOut(BaseModel):
     line: int | None = Field(description="1-based line number; null for file-level problems.")
-    field: str | None
-    message: str
+    field: str | None = Field(description="The record field concerned (e.g. response), if any.")
+    message: str = Field(description="What is wrong with that line or field.")
 
 
 class ValidationOut(BaseModel):
     kind: str | None = Field(description="qa | chat | text | mc")
-    records: int
+    records: int = Field(description="Records that passed validation.")
     problems: list[ProblemOut] = Field(description="The first 50 problems, in file order.")
-    problems_total: int
-    summary: str
+    problems_total: int = Field(description="All problems found, listed or not.")
+    summary: str = Field(description="One line for people: valid, or the first problems.")
 
 
 class FileObject(BaseModel):
-    id: str
+    id: str = Field(description="file-..., what jobs name in forget_file, retain_file, eval.*")
     object: Literal["file"] = "file"
-    purpose: Literal["forget", "retain", "eval"]
-    filename: str
-    bytes: int
-    sha256: str
-    status: Literal["validating", "valid", "invalid"]
-    kind: str | None
-    records: int | None
+    purpose: Literal["forget", "retain", "eval"] = Field(description="What the file may be used for.")
+    filename: str = Field(description="The uploaded file's name.")
+    bytes: int = Field(description="Size as received.")
+    sha256: str = Field(description="SHA-256 of the content as received.")
+    status: Literal["validating", "valid", "invalid"] = Field(
+        description="validating (large files, in the background) -> valid | invalid")
+    kind: str | None = Field(description="qa | chat | text | mc, detected from the first record.")
+    records: int | None = Field(description="Valid records.")
     validation: ValidationOut | None = Field(description="The validator's report (null while validating).")
-    created_at: datetime
+    created_at: datetime = Field(description="Upload time, UTC.")
 
     @classmethod
     def of(cls, row: File) -> FileObject:
@@ -69,8 +70,8 @@ class FileObject(BaseModel):
 class ModelObject(BaseModel):
     id: str = Field(description="The name jobs use as base_model.")
     object: Literal["model"] = "model"
-    description: str | None
-    created_at: datetime
+    description: str | None = Field(description="What the operator said of it.")
+    created_at: datetime = Field(description="Registration time, UTC.")
 
     @classmethod
     def of(cls, row: RegisteredModel) -> ModelObject:
@@ -80,38 +81,39 @@ class ModelObject(BaseModel):
 class Progress(BaseModel):
     phase: str | None = Field(description="validating, loading, evaluating_before, unlearning, "
                                           "evaluating_after, saving, uploading")
-    step: int
-    total_steps: int | None
+    step: int = Field(description="Optimizer steps done.")
+    total_steps: int | None = Field(description="Steps planned (the stop rule may end sooner).")
     fraction: float | None = Field(description="step / total_steps")
-    loss: float | None
+    loss: float | None = Field(description="Loss of the last reported step.")
     resumed_from_step: int | None = Field(description="Set when a worker resumed the job from a checkpoint.")
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="Stable code: invalid_file, model_unavailable, out_of_memory, ...")
+    message: str = Field(description="What failed and what to change.")
 
 
 class JobObject(BaseModel):
-    id: str
+    id: str = Field(description="job-...")
     object: Literal["job"] = "job"
-    status: Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"]
-    method: str
-    base_model: str
-    forget_file: str
-    retain_file: str | None
-    adapter: dict[str, Any]
-    hyperparameters: dict[str, Any]
-    eval: dict[str, Any] | None
-    progress: Progress
+    status: Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"] = Field(
+        description="queued -> running -> evaluating -> succeeded | failed | cancelled")
+    method: str = Field(description="The unlearning method id.")
+    base_model: str = Field(description="The registered base model.")
+    forget_file: str = Field(description="The forget set's file id.")
+    retain_file: str | None = Field(description="The retain set's file id, if any.")
+    adapter: dict[str, Any] = Field(description="The adapter spec with defaults filled in.")
+    hyperparameters: dict[str, Any] = Field(description="All hyperparameters, defaults filled in.")
+    eval: dict[str, Any] | None = Field(description="Eval file ids and stop-rule settings.")
+    progress: Progress = Field(description="Phase and steps, updated while the job runs.")
     metrics_summary: dict[str, Any] | None = Field(
         description="forget and utility scores before/after and the trade-off (full set: /metrics).")
     error: JobError | None = Field(description="Set when status is failed.")
-    cancel_requested: bool
+    cancel_requested: bool = Field(description="A cancel was asked for; the loop stops at its next step.")
     attempts: int = Field(description="How many times a worker took the job (more than 1 after a resume).")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: datetime = Field(description="Submission time, UTC.")
+    started_at: datetime | None = Field(description="When a worker first took it.")
+    finished_at: datetime | None = Field(description="When it reached a final status.")
 
     @classmethod
     def of(cls, row: Job) -> JobObject:
@@ -141,10 +143,11 @@ class JobObject(BaseModel):
 class EventObject(BaseModel):
     id: str = Field(description="Sequence number, increasing; pass the last one as `after`.")
     object: Literal["job.event"] = "job.event"
-    type: Literal["phase", "step", "probe", "status", "message"]
-    message: str
-    data: dict[str, Any] | None
-    created_at: datetime
+    type: Literal["phase", "step", "probe", "status", "message"] = Field(
+        description="phase change, step loss (throttled), stop-rule probe, status change, or a note")
+    message: str = Field(description="One line for people.")
+    data: dict[str, Any] | None = Field(description="The same, structured (step, loss, terms, lr, ...).")
+    created_at: datetime = Field(description="UTC.")
 
     @classmethod
     def of(cls, row: JobEvent) -> EventObject:
@@ -154,8 +157,8 @@ class EventObject(BaseModel):
 
 class MetricsObject(BaseModel):
     object: Literal["job.metrics"] = "job.metrics"
-    job_id: str
-    status: str
+    job_id: str = Field(description="The job.")
+    status: str = Field(description="The job's status.")
     metrics: dict[str, Any] | None = Field(
         description="before, after, tradeoff (delta_f, delta_u, delta_o in points), stop_rule, "
                     "steps, timings_s, and every setting used; null until the job succeeds.")
@@ -165,10 +168,10 @@ class ArtifactObject(BaseModel):
     name: str = Field(description="adapter | model | report")
     object: Literal["artifact"] = "artifact"
     kind: str = Field(description="peft_adapter | hf_model | report")
-    filename: str
-    bytes: int
-    sha256: str
-    created_at: datetime
+    filename: str = Field(description="Name of the .tar.gz download.")
+    bytes: int = Field(description="Size of the archive.")
+    sha256: str = Field(description="SHA-256 of the archive: check it after download.")
+    created_at: datetime = Field(description="UTC.")
 
     @classmethod
     def of(cls, row: Artifact) -> ArtifactObject:

@@ -130,5 +130,29 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
     }
 
 
+@app.command()
+def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnpo", help="Comma-separated ids."),
+          lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default."),
+          retain_lr: str = typer.Option("1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."),
+          steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
+          output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
+          device: str | None = typer.Option(None)) -> None:
+    """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot."""
+    _quiet_libraries()
+    from core.bench import grid, run_bench
+    from core.demo import ensure_model
+
+    demo_dir = _data_dir() / "demo"
+    ensure_model(demo_dir)
+    learning_rates = [None if x.strip() == "paper" else float(x) for x in lrs.split(",")]
+    runs = grid([m.strip() for m in methods.split(",")], learning_rates,
+                None if retain_lr == "none" else float(retain_lr))
+    out = output or _data_dir() / "bench"
+    typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)
+    run_bench(demo_dir, out, demo_spec(demo_dir, max_steps=steps), runs, device=device, echo=typer.echo)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"plot: {out / 'tradeoff.png'}")
+
+
 def main() -> None:  # pragma: no cover
     app()

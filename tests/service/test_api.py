@@ -256,3 +256,13 @@ def test_openapi_documents_every_method_and_field(client):
     assert catnip["beta"]["default"] == 1.0 and "token_stride" in catnip
     assert schema["components"]["schemas"]["SimNPOParams"]["properties"]["gamma"]["default"] == 0.0
     assert json.dumps(schema).count("Idempotency-Key") >= 1
+
+
+def test_every_response_field_is_documented(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    undocumented = [f"{name}.{field}" for name in ("FileObject", "JobObject", "Progress", "EventObject",
+                                                   "ArtifactObject", "ModelObject", "MetricsObject",
+                                                   "ValidationOut", "ProblemOut", "JobError", "ErrorBody")
+                    for field, prop in schemas[name]["properties"].items()
+                    if field != "object" and not prop.get("description")]
+    assert undocumented == []

@@ -1,0 +1,146 @@
+"""`unlearn bench`: CATNIP and the baselines on the demo benchmark, side by side.
+
+Every run uses the same settings (full weights, max_steps, batch, the stop rule at the
+same utility budget, the same eval sets); only the method, its learning rate and the
+optional retain term vary. Writes results.json, a Markdown table and the trade-off plot
+of paper Fig. 3 (forget drop against utility change, one point per run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.methods import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    method: str
+    learning_rate: float | None  # None = the method's paper default (A.4.4)
+    retain_loss: str = "none"
+
+    @property
+    def name(self) -> str:
+        lr = "paper" if self.learning_rate is None else f"{self.learning_rate:g}"
+        retain = "" if self.retain_loss == "none" else f"+{self.retain_loss}"
+        return f"{self.method}{retain}@{lr}"
+
+
+def grid(methods: list[str], learning_rates: list[float | None], retain_lr: float | None) -> list[BenchRun]:
+    runs = [BenchRun(m, lr) for m in methods for lr in learning_rates]
+    if retain_lr is not None:
+        runs += [BenchRun(m, retain_lr, "kl") for m in methods]
+    return runs
+
+
+def run_spec(base: dict[str, Any], run: BenchRun, data: Path) -> dict[str, Any]:
+    spec = json.loads(json.dumps(base))
+    spec["method"] = run.method
+    hyper = {k: v for k, v in spec["hyperparameters"].items() if k not in ("learning_rate", "beta")}
+    if run.learning_rate is not None:
+        hyper["learning_rate"] = run.learning_rate
+    if run.retain_loss != "none":
+        hyper["retain_loss"] = run.retain_loss
+        spec["retain_file"] = str(data / "retain_qa.jsonl")
+    spec["hyperparameters"] = hyper
+    return spec
+
+
+def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+    after, before = metrics["after"], metrics["before"]
+    stop = metrics.get("stop_rule") or {}
+    return {
+        "run": run.name, "method": run.method, "retain_loss": run.retain_loss,
+        "learning_rate": metrics["hyperparameters"]["learning_rate"],
+        "forget_f1": 100 * after["forget_knowmem"]["rouge_l_f1"],
+        "forget_recall": 100 * after["forget_knowmem"]["rouge_l_recall"],
+        "forget_mc": 100 * after["forget_mc"]["accuracy"] if "forget_mc" in after else None,
+        "retain_f1": 100 * after["retain_knowmem"]["rouge_l_f1"],
+        "general_mc": 100 * after["general_mc"]["accuracy"] if "general_mc" in after else None,
+        "forget_f1_before": 100 * before["forget_knowmem"]["rouge_l_f1"],
+        "retain_f1_before": 100 * before["retain_knowmem"]["rouge_l_f1"],
+        **{k: metrics["tradeoff"][k] for k in ("delta_f", "delta_u", "delta_o")},
+        "kept_step": (stop.get("best") or {}).get("step", metrics["steps"]["done"]),
+        "steps_done": metrics["steps"]["done"], "stop_reason": stop.get("reason"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def markdown(rows: list[dict[str, Any]], settings: str) -> str:
+    def f(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    lines = [f"Settings: {settings}", "",
+             "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | general MC "
+             "| df | du | dO | kept step | time s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['learning_rate']:g} | {f(r['forget_f1'])} | {f(r['forget_recall'])} "
+                     f"| {f(r['forget_mc'])} | {f(r['retain_f1'])} | {f(r['general_mc'])} | {f(r['delta_f'])} "
+                     f"| {f(r['delta_u'])} | {f(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
+                     f"| {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Paper Fig. 3: x = forget drop (-df, points), y = utility change (du, points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = sorted({r["method"] for r in rows})
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    for r in rows:
+        marker = "s" if r["retain_loss"] != "none" else "o"
+        ax.scatter(-r["delta_f"], r["delta_u"], color=colours[r["method"]], marker=marker, s=50)
+        ax.annotate(r["run"], (-r["delta_f"], r["delta_u"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    for method in methods:
+        ax.scatter([], [], color=colours[method], label=method)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("forget drop -df (points, higher = more forgotten)")
+    ax.set_ylabel("utility change du (points, higher = better kept)")
+    ax.set_title("Trade-off on the demo benchmark (circles: no retain data; squares: +KL)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[BenchRun],
+              device: str | None = None, echo: Any = print) -> list[dict[str, Any]]:
+    from core.pipeline import run_job
+    from core.spec import parse_spec
+
+    for run in runs:
+        if run.method not in METHODS:
+            raise ValueError(f"unknown method {run.method!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, run in enumerate(runs, 1):
+        spec = parse_spec(run_spec(base, run, demo_dir / "data"))
+        started = time.monotonic()
+        result = run_job(spec, out_dir / "runs" / run.name, device=device)
+        rows.append(row(run, result.metrics, time.monotonic() - started))
+        r = rows[-1]
+        echo(f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
+             f"retain F1 {r['retain_f1']:.1f}, dO {r['delta_o']:.1f}, kept step {r['kept_step']}, "
+             f"{r['seconds']:.0f} s")
+        (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    hyper = base["hyperparameters"]
+    settings = (f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, stop rule every "
+                f"{base['eval']['probe_every']} steps with a {base['eval']['utility_budget']:.0%} utility budget "
+                f"(the best state within it is kept), eval on {base['eval']['max_samples']} samples per set; "
+                "lr 'paper' = the method's A.4.4 default; +kl = KL to the initial model on retain QA")
+    (out_dir / "results.md").write_text(markdown(rows, settings))
+    plot(rows, out_dir / "tradeoff.png")
+    return rows
