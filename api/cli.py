@@ -226,12 +226,12 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
                 (bar.write if bar is not None else lambda m: echo(m, err=True))(f"[{event['type']}] {event['message']}")
         progress = job["progress"]
         if progress["total_steps"] and bar is None:
-            bar = tqdm(total=progress["total_steps"], unit="step", desc="unlearning", dynamic_ncols=True)
+            bar = tqdm(total=progress["total_steps"], initial=progress["step"], unit="step",
+                       desc="unlearning", dynamic_ncols=True)
         if bar is not None:
-            bar.n = progress["step"]
             if progress["loss"] is not None:
-                bar.set_postfix(loss=f"{progress['loss']:.4f}", phase=progress["phase"])
-            bar.refresh()
+                bar.set_postfix(loss=f"{progress['loss']:.4f}", phase=progress["phase"], refresh=False)
+            bar.update(max(0, progress["step"] - bar.n))
     if bar is not None:
         bar.close()
     if job["status"] != "succeeded":
