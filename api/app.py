@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from api import errors
+from api.deps import KeyCache
 from api.middleware import RequestId, UploadLimit
 from api.queue import TaskQueue
 from api.routes import files, jobs, meta
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_sessionmaker(engine)
     app.state.store = make_store(settings)
     app.state.queue = TaskQueue(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     errors.install(app)
     # The upload cap is enforced while the body streams in (inside the request id, so
     # the 413 carries one too).

@@ -4,11 +4,13 @@ authorise as they load (another tenant's ids answer 404)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api.queue import TaskQueue
 from core import repo
@@ -52,27 +54,65 @@ StoreDep = Annotated[LocalStore | S3Store, Depends(get_store)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 
 
-def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header(
+class KeyCache:
+    """Recently verified keys (by hash) -> tenant, for a few seconds, so a dashboard
+    polling a job does not cost a key lookup per request. Only hits are cached."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 10_000):
+        self.ttl, self.max_entries = ttl_seconds, max_entries
+        self.entries: dict[str, tuple[str, float]] = {}
+
+    def get(self, key_hash: str) -> str | None:
+        hit = self.entries.get(key_hash)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, key_hash: str, tenant: str) -> None:
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        self.entries[key_hash] = (tenant, time.monotonic() + self.ttl)
+
+
+def _lookup_tenant(sessions: sessionmaker, plain: str) -> str | None:
+    with sessions() as session:
+        return repo.tenant_for_key(session, plain)
+
+
+async def get_tenant(request: Request, authorization: Annotated[str | None, Header(
         description="`Bearer <key>`; keys come from `unlearn keys create --tenant T`.")] = None) -> str:
     if not authorization:
         raise AuthError("missing API key: send `Authorization: Bearer <key>` "
                         "(an operator creates keys with `unlearn keys create --tenant T`)",
                         code="missing_api_key")
     scheme, _, key = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         raise AuthError("the Authorization header must be `Bearer <key>`", code="invalid_api_key")
-    tenant = repo.tenant_for_key(session, key.strip())
+    cache: KeyCache = request.app.state.key_cache
+    key_hash = repo.hash_key(key)
+    tenant = cache.get(key_hash)
     if tenant is None:
-        raise AuthError("invalid API key (unknown or revoked)", code="invalid_api_key")
+        tenant = await run_in_threadpool(_lookup_tenant, request.app.state.sessions, key)
+        if tenant is None:
+            raise AuthError("invalid API key (unknown or revoked)", code="invalid_api_key")
+        cache.put(key_hash, tenant)
     return tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
-def get_job_dep(job_id: Annotated[str, Path(description="A job id, e.g. job-...")],
-                session: SessionDep, tenant: TenantDep) -> Job:
-    return repo.get_job(session, tenant, job_id)
+def _load_job(sessions: sessionmaker, tenant: str, job_id: str) -> Job:
+    with sessions() as session:
+        return repo.get_job(session, tenant, job_id)
+
+
+async def get_job_dep(request: Request, job_id: Annotated[str, Path(description="A job id, e.g. job-...")],
+                      tenant: TenantDep) -> Job:
+    """The job, loaded and authorised in one trip to the database (a detached, read-only
+    row: routes that change a job load it again in their own session)."""
+    return await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
 
 
 def get_file_dep(file_id: Annotated[str, Path(description="A file id, e.g. file-...")],

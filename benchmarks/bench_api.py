@@ -6,6 +6,11 @@ and a job, then runs `--pollers` concurrent clients (asyncio + httpx, one proces
 machine's cores with the server, so the figures are a floor, not a ceiling.
 
     .venv/bin/python benchmarks/bench_api.py --pollers 50 --seconds 20 --api-workers 1
+    .venv/bin/python benchmarks/bench_api.py --client wrk   # wrk (apt install wrk) as the client
+
+`--client both` runs the two clients one after the other against the same server: the
+Python client costs about as much CPU per request as the server, so wrk (C, one thread)
+shows more of what the server itself can do on the same two cores.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -62,6 +69,22 @@ async def run_pollers(url: str, key: str, job_id: str, pollers: int, seconds: fl
             "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
 
 
+def run_wrk(url: str, key: str, job_id: str, pollers: int, seconds: float) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{pollers}", f"-d{int(seconds)}s", "--latency",
+                          "-H", f"Authorization: Bearer {key}", f"{url}/v1/jobs/{job_id}"],
+                         check=True, capture_output=True, text=True).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+            "errors": int(errors.group(1)) if errors else 0,
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "p50_ms": ms("50%"), "p99_ms": ms("99%")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pollers", type=int, default=50)
@@ -69,6 +92,7 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--client", choices=["python", "wrk", "both"], default="python")
     args = parser.parse_args()
 
     name = f"unlearn_bench_{uuid.uuid4().hex[:6]}"
@@ -105,11 +129,25 @@ def main() -> None:
                              files={"file": ("f.jsonl", b'{"prompt": "q", "response": "a"}\n')}).json()["id"]
         job = httpx.post(f"{url}/v1/jobs", headers=headers,
                          json={"method": "catnip", "base_model": "bench-model", "forget_file": file_id}).json()
-        result = asyncio.run(run_pollers(url, key, job["id"], args.pollers, args.seconds))
         print(f"GET /v1/jobs/{{id}}: {args.pollers} concurrent pollers, {args.seconds:.0f} s, "
               f"{args.api_workers} uvicorn worker(s), Postgres + Redis")
-        print(f"  requests {result['requests']}, errors {result['errors']}, "
-              f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
+        with httpx.Client(base_url=url, headers=headers) as one:
+            for path in (f"/v1/jobs/{job['id']}", "/healthz"):
+                one.get(path)
+                started = time.perf_counter()
+                for _ in range(300):
+                    one.get(path)
+                print(f"  one client, sequential: {path.split('/')[-1] if 'job' in path else path} "
+                      f"{(time.perf_counter() - started) / 300 * 1000:.1f} ms per request")
+        clients = ["python", "wrk"] if args.client == "both" else [args.client]
+        for client in clients:
+            if client == "wrk" and shutil.which("wrk") is None:
+                raise SystemExit("wrk is not installed (apt install wrk)")
+            runner = run_wrk if client == "wrk" else lambda *a: asyncio.run(run_pollers(*a))
+            result = runner(url, key, job["id"], args.pollers, args.seconds)
+            print(f"  {client:6s} client: requests {result['requests']}, errors {result['errors']}, "
+                  f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
+                  f"p99 {result['p99_ms']:.1f} ms")
     finally:
         if server is not None:
             server.terminate()

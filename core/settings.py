@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     s3_redirect_downloads: bool = Field(
         True, description="Answer artifact downloads with a 307 to a presigned URL.")
 
+    auth_cache_seconds: float = Field(
+        10.0, ge=0, description="How long a verified API key is trusted without a lookup.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="413 beyond this.")
     max_record_chars: int = Field(1_000_000, ge=1)
     validate_inline_bytes: int = Field(

@@ -136,12 +136,13 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
 
 
 @router.get("/{job_id}", response_model=JobObject, summary="A job: status, progress, error")
-def get_job(job: JobDep) -> JobObject:
+async def get_job(job: JobDep) -> JobObject:
     return JobObject.of(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, summary="Cancel a job (cooperative)")
 def cancel_job(job: JobDep, session: SessionDep) -> JobObject:
+    job = repo.get_job(session, job.tenant, job.id, for_update=True)
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job.id} already {job.status}; nothing to cancel", param="job_id",
                        code="job_not_cancellable")
@@ -167,7 +168,7 @@ def list_events(job: JobDep, session: SessionDep,
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")
-def get_metrics(job: JobDep) -> MetricsObject:
+async def get_metrics(job: JobDep) -> MetricsObject:
     return MetricsObject(job_id=job.id, status=job.status, metrics=job.metrics)
 
 
