@@ -70,6 +70,36 @@ def keys_create(tenant: str = typer.Option(..., help="The tenant the key acts fo
     typer.echo(plain)
 
 
+@keys_app.command("list")
+def keys_list(tenant: str | None = typer.Option(None)) -> None:
+    """Keys (id, tenant, prefix, created, revoked); never the keys themselves."""
+    from core import repo
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings)() as session:
+        for row in repo.list_keys(session, tenant):
+            typer.echo(f"{row.id}\t{row.tenant}\t{row.prefix}...\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                       f"{'revoked ' + f'{row.revoked_at:%Y-%m-%d %H:%M}' if row.revoked_at else 'active'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id (API processes stop accepting it within AUTH_CACHE_SECONDS)."""
+    from core import repo
+    from core.errors import UnlearnError
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    try:
+        with _sessions(settings).begin() as session:
+            row = repo.revoke_key(session, key_id)
+            typer.echo(f"revoked {row.id} (tenant {row.tenant!r})")
+    except UnlearnError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
 @models_app.command("add")
 def models_add(name: str, uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
                description: str | None = typer.Option(None)) -> None:

@@ -47,6 +47,22 @@ def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[
     return row, plain
 
 
+def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    return list(session.scalars(query).all())
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"no API key {key_id!r}", param="key_id", code="key_not_found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
 def tenant_for_key(session: Session, plain: str) -> str | None:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plain),
                                               ApiKey.revoked_at.is_(None)))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_embedded_service_end_to_end(fixture_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")}
     env.update(UNLEARN_DATA_DIR=str(tmp_path / "state"), WORKER_THREADS="2", WORKER_DEVICE="cpu",
-               EVENT_MIN_INTERVAL_SECONDS="0")
+               EVENT_MIN_INTERVAL_SECONDS="0", AUTH_CACHE_SECONDS="1")
     assert "registered model 'tiny'" in cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", "acme").strip().splitlines()[-1]
     assert key.startswith("ul_")
@@ -38,6 +39,13 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
             assert any(e["type"] == "probe" for e in result["events"])
             assert job["attempts"] == 1
+        # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
+        key_id = next(line.split("\t")[0] for line in cli(env, "keys", "list", "--tenant", "acme").splitlines())
+        assert "revoked" in cli(env, "keys", "revoke", key_id)
+        assert "\trevoked " in cli(env, "keys", "list")
+        time.sleep(1.5)
+        refused = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(30)
