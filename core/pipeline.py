@@ -43,6 +43,9 @@ class Reporter:
     def resumed(self, step: int) -> None:
         """The loop continued from a checkpoint at `step`."""
 
+    def checkpoint(self, path: Path) -> None:
+        """A checkpoint was written at `path`."""
+
     def should_cancel(self) -> bool:
         return False
 
@@ -144,6 +147,9 @@ class _LoopHooks(Hooks):
 
     def on_resume(self, step: int) -> None:
         self.reporter.resumed(step)
+
+    def on_checkpoint(self, path: Path) -> None:
+        self.reporter.checkpoint(path)
 
 
 def _probe_every(spec: JobSpec, steps: int) -> int | None:

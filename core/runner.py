@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import tarfile
 import threading
 import time
 import uuid
@@ -67,12 +68,19 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+def checkpoint_key(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoint.tar"
+
+
 class DbReporter:
     """The pipeline's reporter for the service: phases and throttled steps become events
-    and progress columns on the job row; cancel requests are read back from the row."""
+    and progress columns on the job row; cancel requests are read back from the row;
+    checkpoints are copied to the store, so any worker host can resume the job."""
 
-    def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings, heartbeat: Heartbeat):
+    def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings, heartbeat: Heartbeat,
+                 store: LocalStore | S3Store | None = None):
         self.sessions, self.job_id, self.settings, self.heartbeat = sessions, job_id, settings, heartbeat
+        self.store = store
         self._last_step_write = 0.0
         self._pending: Any = None
         self._last_cancel_check = 0.0
@@ -122,6 +130,15 @@ class DbReporter:
             job.resumed_from_step = step
             repo.add_event(session, self.job_id, "message", f"resumed from the checkpoint at step {step}",
                            {"resumed_from_step": step})
+
+    def checkpoint(self, path: Path) -> None:
+        if self.store is None or not self.settings.checkpoints_to_store:
+            return
+        archive = path.parent / f".{path.name}.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(path, arcname=path.name)
+        self.store.put(checkpoint_key(self.job_id), archive)
+        archive.unlink()
 
     def should_cancel(self) -> bool:
         if self.heartbeat.lost:
@@ -177,7 +194,8 @@ class JobRunner:
         work = self.settings.work_dir / "jobs" / job_id
         try:
             spec = self._local_spec(job_id, work / "inputs")
-            reporter = DbReporter(self.sessions, job_id, self.settings, heartbeat)
+            self._restore_checkpoint(job_id, work / "checkpoints")
+            reporter = DbReporter(self.sessions, job_id, self.settings, heartbeat, self.store)
             result = run_job(spec, work / "output", reporter=reporter, device=self.settings.worker_device,
                              checkpoint_dir=work / "checkpoints")
             reporter.phase("uploading")
@@ -189,6 +207,7 @@ class JobRunner:
                 job.metrics = _json_safe(result.metrics)
                 repo.finish_job(session, job, "succeeded")
             shutil.rmtree(work, ignore_errors=True)
+            self.store.delete(checkpoint_key(job_id))
             return "succeeded"
         except LeaseLost:
             return "lease lost; the other worker continues"
@@ -219,6 +238,23 @@ class JobRunner:
             job = repo.get_job(session, None, job_id)
             if job.lease_owner == self.owner:
                 repo.finish_job(session, job, status, error_code=code, error_message=message)
+
+    def _restore_checkpoint(self, job_id: str, directory: Path) -> None:
+        """A job taken over on another host (its local checkpoints are not here) gets the
+        last checkpoint its previous worker copied to the store."""
+        from core.unlearn import latest_checkpoint
+
+        if latest_checkpoint(directory) is not None or not self.settings.checkpoints_to_store:
+            return
+        if not self.store.exists(checkpoint_key(job_id)):
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        archive = directory / ".restore.tar"
+        self.store.get(checkpoint_key(job_id), archive)
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory, filter="data")
+        archive.unlink()
+        log.info("job %s: restored its checkpoint from the store", job_id)
 
     # --- inputs ---------------------------------------------------------------
 

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
                                   "(the message may have been lost); duplicates are harmless.")
     visibility_timeout_seconds: int = Field(
         48 * 3600, ge=60, description="Broker redelivery timeout: above the longest job.")
+    checkpoints_to_store: bool = Field(
+        True, description="Copy each checkpoint to the artifact store, so a job can resume on "
+                          "another worker host (costs an upload per checkpoint).")
     event_min_interval_seconds: float = Field(
         1.0, ge=0, description="Step events are throttled to one per interval (phase changes are not).")
     task_queue: str = "unlearn"

@@ -72,6 +72,9 @@ class Hooks:
     def on_resume(self, step: int) -> None:
         """Once, when the run continues from a checkpoint at `step`."""
 
+    def on_checkpoint(self, path: Path) -> None:
+        """After a checkpoint is complete on disk (e.g. to copy it off the machine)."""
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -273,12 +276,12 @@ def run_unlearning(
             result.stopped_early, result.stop_reason = True, reason
             break
         if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-            save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler)
+            hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler))
 
     # --- save
     if checkpoint_dir is not None and result.steps_done > start_step:
-        save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer, scheduler,
-                        stop_reason=result.stop_reason)
+        hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer,
+                                            scheduler, stop_reason=result.stop_reason))
     model.eval()
     return result
 

@@ -6,6 +6,7 @@ deliveries."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         assert running["status"] == "running"
         os.killpg(worker.pid, signal.SIGKILL)  # parent and child, no chance to clean up
         worker.wait(10)
+        # The next worker runs on "another host": the dead worker's disk is gone, and the
+        # checkpoint comes back from S3.
+        shutil.rmtree(stack["state"] / "work" / "jobs" / job["id"])
         killed_at = client.get(f"/v1/jobs/{job['id']}").json()
         assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 1500
         time.sleep(1)
