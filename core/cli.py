@@ -54,6 +54,12 @@ class TqdmReporter:
         message = f"probe @ {step}: forget {result['forget']:.3f} utility {result['utility']:.3f}"
         (self.bar.write if self.bar else typer.echo)(message)
 
+    def resumed(self, step: int) -> None:
+        typer.echo(f"[resumed] from the checkpoint at step {step}", err=True)
+
+    def checkpoint(self, path: Path) -> None:
+        """Checkpoints stay where they are written (OUTPUT/checkpoints)."""
+
     def should_cancel(self) -> bool:
         return False
 

@@ -31,6 +31,10 @@ def test_unlearn_run_writes_a_loadable_adapter(fixture_dir, tmp_path):
     assert model.peft_config["default"].r == 4
     assert (out / "report" / "summary.md").read_text().startswith("# Unlearning report: catnip")
     assert (out / "checkpoints").is_dir()
+    # Rerunning the same command resumes from the last checkpoint (here: the final one).
+    again = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "[resumed] from the checkpoint at step" in again.output
 
 
 def test_unlearn_run_bad_spec_is_a_clear_error(tmp_path):
