@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -84,8 +85,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+@functools.cache
+def _default_app() -> FastAPI:
+    return create_app()
+
+
 def __getattr__(name: str) -> Any:
-    """`uvicorn api.app:app`: build the app from the environment on first use."""
+    """`uvicorn api.app:app`: build the app from the environment on first use, once."""
     if name == "app":
-        return create_app()
+        return _default_app()
     raise AttributeError(name)

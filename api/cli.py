@@ -224,9 +224,10 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
     from tqdm import tqdm
 
     from core.cli import demo_spec
+    from core.spec_parts import EVAL_FILE_FIELDS
 
     local = demo_spec(demo_dir, max_steps=steps)
-    uploaded: dict[str, str] = {}
+    uploaded: dict[tuple[str, str], str] = {}
 
     def upload(path: str, purpose: str) -> str:
         if (path, purpose) not in uploaded:
@@ -235,12 +236,11 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
                                           files={"file": (Path(path).name, handle)}))
             if body["status"] != "valid":
                 raise DemoError(f"{path}: {body['validation']['summary']}")
-            uploaded[(path, purpose)] = body["id"]  # type: ignore[index]
-        return uploaded[(path, purpose)]  # type: ignore[index]
+            uploaded[(path, purpose)] = body["id"]
+        return uploaded[(path, purpose)]
 
     request = {**local, "base_model": model_name, "forget_file": upload(local["forget_file"], "forget")}
-    request["eval"] = {k: (upload(v, "eval") if k in ("forget_qa", "retain_qa", "forget_text",
-                                                      "retain_text", "forget_mc", "general_mc") else v)
+    request["eval"] = {k: (upload(v, "eval") if k in EVAL_FILE_FIELDS else v)
                        for k, v in local["eval"].items()}
     echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
     job = _check(client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"}))

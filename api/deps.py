@@ -17,7 +17,7 @@ from core import repo
 from core.db import File, Job
 from core.errors import UnlearnError
 from core.settings import Settings
-from core.storage import LocalStore, S3Store
+from core.storage import Store
 
 
 class AuthError(UnlearnError):
@@ -40,7 +40,7 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_store(request: Request) -> LocalStore | S3Store:
+def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
@@ -50,7 +50,7 @@ def get_queue(request: Request) -> TaskQueue:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StoreDep = Annotated[LocalStore | S3Store, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from core.runner import TASK_NAME
 from core.settings import Settings
-
-TASK_NAME = "unlearn.run_job"
 
 
 class TaskQueue:

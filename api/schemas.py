@@ -30,6 +30,11 @@ class ListResponse(BaseModel, Generic[T]):
     has_more: bool = Field(description="More items after `last_id`: pass it as `after`.")
     last_id: str | None = Field(None, description="Cursor for the next page.")
 
+    @classmethod
+    def page(cls, items: list[Any], has_more: bool, *, empty_cursor: str | None = None) -> ListResponse:
+        """A page of API objects; the cursor is the last one's id."""
+        return cls(data=items, has_more=has_more, last_id=items[-1].id if items else empty_cursor)
+
 
 class ProblemOut(BaseModel):
     line: int | None = Field(description="1-based line number; null for file-level problems.")
@@ -121,7 +126,7 @@ class JobObject(BaseModel):
         fraction = round(row.step / row.total_steps, 4) if row.total_steps else None
         summary = None
         if row.metrics:
-            summary = {k: row.metrics.get(k) for k in ("tradeoff",) if row.metrics.get(k)}
+            summary = {"tradeoff": row.metrics["tradeoff"]} if row.metrics.get("tradeoff") else {}
             stop = row.metrics.get("stop_rule")
             if stop:
                 summary["stop_rule"] = {k: stop.get(k) for k in ("before", "best", "restored_step", "reason")}
@@ -172,6 +177,10 @@ class ArtifactObject(BaseModel):
     bytes: int = Field(description="Size of the archive.")
     sha256: str = Field(description="SHA-256 of the archive: check it after download.")
     created_at: datetime = Field(description="UTC.")
+
+    @property
+    def id(self) -> str:
+        return self.name
 
     @classmethod
     def of(cls, row: Artifact) -> ArtifactObject:

@@ -118,12 +118,16 @@ def main() -> None:
                                    "--workers", str(args.api_workers), "--log-level", "warning",
                                    "--no-access-log"], env=env, cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 if httpx.get(f"{url}/healthz").status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the API did not come up")
+            time.sleep(0.1)
         headers = {"Authorization": f"Bearer {key}"}
         file_id = httpx.post(f"{url}/v1/files", headers=headers, data={"purpose": "forget"},
                              files={"file": ("f.jsonl", b'{"prompt": "q", "response": "a"}\n')}).json()["id"]

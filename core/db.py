@@ -30,11 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-JOB_STATUSES = ("queued", "running", "evaluating", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running", "evaluating")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-FILE_STATUSES = ("validating", "valid", "invalid", "deleted")
-FILE_PURPOSES = ("forget", "retain", "eval")
 
 
 def utcnow() -> datetime:

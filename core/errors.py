@@ -52,6 +52,20 @@ class NotFound(UnlearnError):
     status = 404
 
 
+class Conflict(UnlearnError):
+    """The request is valid but the resource's state forbids it (a finished job, a file in use)."""
+
+    code = "conflict"
+    status = 409
+
+
+class Unavailable(UnlearnError):
+    """A dependency (the queue, the store) is down; nothing was changed, retry later."""
+
+    code = "unavailable"
+    status = 503
+
+
 class JobCancelled(UnlearnError):
     """Raised inside the loop when a cooperative cancel was requested."""
 

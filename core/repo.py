@@ -28,6 +28,7 @@ from core.db import (
     utcnow,
 )
 from core.errors import NotFound, SpecError
+from core.spec_parts import spec_file_ids
 
 KEY_PREFIX = "ul_"
 
@@ -133,10 +134,11 @@ def list_files(session: Session, tenant: str, *, purpose: str | None, limit: int
     return _page(session, File, filters, limit, after, "file_not_found")
 
 
-def file_in_use(session: Session, file_id: str) -> bool:
-    return session.scalar(select(func.count()).select_from(Job).where(
-        or_(Job.forget_file_id == file_id, Job.retain_file_id == file_id),
-        Job.status.in_(ACTIVE_STATUSES))) > 0
+def file_in_use(session: Session, file: File) -> bool:
+    """An active job of the file's tenant names it (forget, retain or an eval slot)."""
+    specs = session.scalars(select(Job.spec).where(Job.tenant == file.tenant,
+                                                   Job.status.in_(ACTIVE_STATUSES))).all()
+    return any(file.id in spec_file_ids(spec) for spec in specs)
 
 
 # --- jobs -----------------------------------------------------------------------

@@ -28,12 +28,13 @@ from core import repo
 from core.db import TERMINAL_STATUSES, Artifact, File, Job
 from core.errors import JobCancelled, UnlearnError
 from core.settings import Settings
-from core.storage import LocalStore, S3Store, file_sha256, make_archive
+from core.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
+from core.storage import S3Store, Store, file_sha256, make_archive
 
 log = logging.getLogger(__name__)
 
+TASK_NAME = "unlearn.run_job"  # the API sends it by name; the worker registers it
 ARTIFACT_KINDS = {"adapter": "peft_adapter", "model": "hf_model", "report": "report"}
-EVAL_SLOTS = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
 
 
 class LeaseLost(Exception):
@@ -78,7 +79,7 @@ class DbReporter:
     checkpoints are copied to the store, so any worker host can resume the job."""
 
     def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings, heartbeat: Heartbeat,
-                 store: LocalStore | S3Store | None = None):
+                 store: Store | None = None):
         self.sessions, self.job_id, self.settings, self.heartbeat = sessions, job_id, settings, heartbeat
         self.store = store
         self._last_step_write = 0.0
@@ -153,7 +154,7 @@ class DbReporter:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, sessions: sessionmaker, store: LocalStore | S3Store,
+    def __init__(self, settings: Settings, sessions: sessionmaker, store: Store,
                  owner: str | None = None):
         self.settings, self.sessions, self.store = settings, sessions, store
         self.owner = owner or worker_identity()
@@ -267,8 +268,8 @@ class JobRunner:
             job = repo.get_job(session, None, job_id)
             raw = dict(job.spec)
             model = repo.get_model(session, job.base_model)
-            files = {f.id: f for f in session.scalars(select(File).where(File.tenant == job.tenant)).all()
-                     if f.id in _file_ids(raw)}
+            files = {f.id: f for f in session.scalars(select(File).where(
+                File.tenant == job.tenant, File.id.in_(spec_file_ids(raw)))).all()}
         inputs.mkdir(parents=True, exist_ok=True)
 
         def fetch(file_id: str | None) -> str | None:
@@ -288,7 +289,7 @@ class JobRunner:
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
         if raw.get("eval"):
-            raw["eval"] = {k: (fetch(v) if k in EVAL_SLOTS else v) for k, v in raw["eval"].items()}
+            raw["eval"] = {k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()}
         return parse_spec(raw)
 
     def _model_dir(self, uri: str) -> Path:
@@ -328,12 +329,6 @@ class JobRunner:
                     session.delete(existing)
                     session.flush()
                 session.add(row)
-
-
-def _file_ids(raw: dict[str, Any]) -> set[str]:
-    ids = {raw.get("forget_file"), raw.get("retain_file")}
-    ids |= {v for k, v in (raw.get("eval") or {}).items() if k in EVAL_SLOTS}
-    return {i for i in ids if i}
 
 
 def _unexpected(exc: Exception) -> tuple[str, str]:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+EVAL_FILE_FIELDS = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
+
 
 class AdapterSpec(BaseModel):
     """What is trained: a LoRA adapter (default) or the full weights."""
@@ -57,5 +59,11 @@ class EvalSpec(BaseModel):
         0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept.")
 
     def files(self) -> dict[str, str]:
-        names = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
-        return {n: getattr(self, n) for n in names if getattr(self, n)}
+        return {n: getattr(self, n) for n in EVAL_FILE_FIELDS if getattr(self, n)}
+
+
+def spec_file_ids(raw: dict) -> set[str]:
+    """Every file a (serialised) job spec names: forget, retain and eval files."""
+    ids = {raw.get("forget_file"), raw.get("retain_file")}
+    ids |= {v for k, v in (raw.get("eval") or {}).items() if k in EVAL_FILE_FIELDS}
+    return {i for i in ids if i}

@@ -17,7 +17,6 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
-TASK_NAME = "unlearn.run_job"
 
 settings = get_settings()
 app = Celery("unlearn", broker=settings.celery_broker_url, include=["worker.tasks"])

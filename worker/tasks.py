@@ -6,11 +6,11 @@ import logging
 
 from core.db import make_engine, make_sessionmaker, utcnow
 from core.repo import lost_queued_jobs, orphaned_jobs
-from core.runner import JobRunner
+from core.runner import TASK_NAME, JobRunner
 from core.runtime import quiet_libraries, set_torch_threads
 from core.settings import get_settings
 from core.storage import make_store
-from worker.celery_app import TASK_NAME, app
+from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 _runner: JobRunner | None = None

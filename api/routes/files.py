@@ -14,7 +14,7 @@ from api.deps import FileDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import FileObject, ListResponse
 from core import repo
 from core.db import File, new_id
-from core.errors import UnlearnError
+from core.errors import Conflict, UnlearnError
 from core.formats import validate_file
 from core.settings import Settings
 from core.storage import TooLarge, spool
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 ALLOWED_KINDS = {"forget": ("qa", "chat", "text"), "retain": ("qa", "chat", "text"),
                  "eval": ("qa", "chat", "text", "mc")}
 SUFFIXES = (".jsonl", ".json", ".txt")
-
-
-class Conflict(UnlearnError):
-    status = 409
 
 
 def _report(settings: Settings, path: Path, purpose: str, filename: str) -> dict:
@@ -110,8 +106,7 @@ def build(settings: Settings) -> APIRouter:
                    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
                    ) -> ListResponse[FileObject]:
         rows, more = repo.list_files(session, tenant, purpose=purpose, limit=limit, after=after)
-        return ListResponse(data=[FileObject.of(r) for r in rows], has_more=more,
-                            last_id=rows[-1].id if rows else None)
+        return ListResponse.page([FileObject.of(r) for r in rows], more)
 
     @router.get("/{file_id}", response_model=FileObject, summary="A file and its validation report")
     def get_file(file: FileDep) -> FileObject:
@@ -119,7 +114,7 @@ def build(settings: Settings) -> APIRouter:
 
     @router.delete("/{file_id}", summary="Delete a file (not while an active job uses it)")
     def delete_file(file: FileDep, session: SessionDep, store: StoreDep) -> dict:
-        if repo.file_in_use(session, file.id):
+        if repo.file_in_use(session, file):
             raise Conflict(f"file {file.id} is used by a queued or running job; cancel the job first",
                            param="file_id", code="file_in_use")
         # The content goes; a row that past jobs reference stays as a tombstone (id, name,

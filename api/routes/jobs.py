@@ -14,7 +14,7 @@ from api.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, Tenant
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from core import repo
 from core.db import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, new_id, utcnow
-from core.errors import SpecError, UnlearnError
+from core.errors import Conflict, SpecError, Unavailable, UnlearnError
 from core.spec import JobSpec, parse_spec
 from core.storage import iter_stream
 
@@ -32,14 +32,6 @@ FILE_SLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "eval.forget_mc": ("eval", ("mc",)),
     "eval.general_mc": ("eval", ("mc",)),
 }
-
-
-class Conflict(UnlearnError):
-    status = 409
-
-
-class Unavailable(UnlearnError):
-    status = 503
 
 
 def _check_files(session: Any, tenant: str, spec: JobSpec) -> None:
@@ -131,8 +123,7 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
               after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
               ) -> ListResponse[JobObject]:
     rows, more = repo.list_jobs(session, tenant, status=status_, limit=limit, after=after)
-    return ListResponse(data=[JobObject.of(r) for r in rows], has_more=more,
-                        last_id=rows[-1].id if rows else None)
+    return ListResponse.page([JobObject.of(r) for r in rows], more)
 
 
 @router.get("/{job_id}", response_model=JobObject, summary="A job: status, progress, error")
@@ -163,8 +154,8 @@ def list_events(job: JobDep, session: SessionDep,
                 after: Annotated[int | None, Query(ge=0, description="The last event id seen.")] = None,
                 ) -> ListResponse[EventObject]:
     rows, more = repo.list_events(session, job.id, limit=limit, after=after)
-    return ListResponse(data=[EventObject.of(r) for r in rows], has_more=more,
-                        last_id=str(rows[-1].seq) if rows else (str(after) if after is not None else None))
+    return ListResponse.page([EventObject.of(r) for r in rows], more,
+                             empty_cursor=str(after) if after is not None else None)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")
@@ -176,8 +167,7 @@ async def get_metrics(job: JobDep) -> MetricsObject:
             summary="The job's artifacts (adapter or model, report) with bytes and sha256")
 def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObject]:
     rows = repo.list_artifacts(session, job.id)
-    return ListResponse(data=[ArtifactObject.of(r) for r in rows], has_more=False,
-                        last_id=rows[-1].name if rows else None)
+    return ListResponse.page([ArtifactObject.of(r) for r in rows], False)
 
 
 @router.get("/{job_id}/artifacts/{name}", summary="Download an artifact (.tar.gz, files at its root)",

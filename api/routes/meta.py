@@ -24,8 +24,7 @@ def list_models(session: SessionDep, _tenant: TenantDep,
                 after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
                 ) -> ListResponse[ModelObject]:
     rows, more = repo.list_models(session, limit=limit, after=after)
-    return ListResponse(data=[ModelObject.of(r) for r in rows], has_more=more,
-                        last_id=rows[-1].name if rows else None)
+    return ListResponse.page([ModelObject.of(r) for r in rows], more)
 
 
 @router.get("/healthz", tags=["health"], summary="The process is up")

@@ -271,3 +271,13 @@ def test_every_response_field_is_documented(client):
                     for field, prop in schemas[name]["properties"].items()
                     if field != "object" and not prop.get("description")]
     assert undocumented == []
+
+
+def test_files_of_active_jobs_cannot_be_deleted(client):
+    forget = valid_file(client)
+    eval_qa = valid_file(client, purpose="eval")
+    job = client.post("/v1/jobs", json=job_body(forget, eval={"forget_qa": eval_qa})).json()
+    for file_id in (forget, eval_qa):  # the forget set and an eval file named in the spec
+        assert_error(client.delete(f"/v1/files/{file_id}"), 409, "file_in_use")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/files/{eval_qa}").json()["deleted"] is True
