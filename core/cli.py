@@ -124,14 +124,14 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
         "forget_file": str(data / "forget_qa.jsonl"),
         "adapter": {"type": "full"},
         "hyperparameters": {"learning_rate": 3e-4, "beta": 1.0, "max_steps": max_steps,
-                            "batch_size": 32, "max_length": 64},
+                            "batch_size": 128, "max_length": 64},
         "eval": {"forget_qa": str(data / "forget_qa.jsonl"),
                  "retain_qa": str(data / "retain_qa.jsonl"),
                  "forget_text": str(data / "forget_text.jsonl"),
                  "retain_text": str(data / "retain_text.jsonl"),
                  "forget_mc": str(data / "forget_mc.jsonl"),
                  "general_mc": str(data / "general_mc.jsonl"),
-                 "max_samples": 300, "probe_every": 2, "probe_samples": 100,
+                 "max_samples": 300, "probe_every": 1, "probe_samples": 300,
                  "utility_budget": 0.1, "forget_target": 0.1},
     }
 

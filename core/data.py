@@ -62,12 +62,15 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(ids)
 
 
-def build_examples(records: Records, tokenizer: Any, max_length: int) -> list[Example]:
+def build_examples(records: Records, tokenizer: Any, max_length: int, *,
+                   eos_target: bool = True) -> list[Example]:
     """Tokenize records into examples of at most max_length tokens.
 
-    qa/chat: prompt tokens are masked; the response and an EOS are targets; over-long
-    pairs are cut from the right. text: each document is tokenized once and cut into
-    consecutive windows of max_length tokens (paper: 2048 for books, 512 for WMDP).
+    qa/chat: prompt tokens are masked; the response is the target, followed by an EOS
+    that is a target too unless `eos_target` is False (the forget side's default: see
+    TrainingParams.forget_eos); over-long pairs are cut from the right. text: each
+    document is tokenized once and cut into consecutive windows of max_length tokens
+    (paper: 2048 for books, 512 for WMDP).
     """
     examples: list[Example] = []
     eos = tokenizer.eos_token_id
@@ -76,10 +79,12 @@ def build_examples(records: Records, tokenizer: Any, max_length: int) -> list[Ex
             prompt, target = prompt_and_target(tokenizer, record, records.kind)
             prompt_ids = encode_prompt(tokenizer, prompt)
             target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+            target_labels = list(target_ids)
             if eos is not None:
                 target_ids.append(eos)
+                target_labels.append(eos if eos_target else IGNORE_INDEX)
             ids = (prompt_ids + target_ids)[:max_length]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + target_labels)[:max_length]
             if any(label != IGNORE_INDEX for label in labels[1:]):
                 examples.append(Example(ids, labels))
     elif records.kind == "text":

@@ -165,8 +165,13 @@ def mc_accuracy(model: Any, tokenizer: Any, path: str | Path, *, limit: int | No
 
 
 def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | None = None,
-             keep_samples: int = 0) -> dict[str, Any]:
-    """Every metric the eval sets allow, with the settings used."""
+             keep_samples: int = 0, unwatched_from: int | None = None) -> dict[str, Any]:
+    """Every metric the eval sets allow, with the settings used.
+
+    unwatched_from: the stop rule watched the first N retain questions; when the file has
+    more, KnowMem is also measured on up to max_samples of the rest
+    (`retain_knowmem_unwatched`): utility evidence the stop rule could not select for.
+    """
     limit = max_samples or spec.max_samples
     files = spec.files()
     metrics: dict[str, Any] = {}
@@ -179,6 +184,12 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | N
             metrics[f"{name.split('_')[0]}_knowmem"] = knowmem(
                 model, tokenizer, records(name), max_new_tokens=spec.max_new_tokens,
                 batch_size=spec.batch_size, keep=keep_samples)
+    if unwatched_from is not None and "retain_qa" in files:
+        rest = load_records(files["retain_qa"]).items[unwatched_from:unwatched_from + limit]
+        if rest:
+            metrics["retain_knowmem_unwatched"] = knowmem(
+                model, tokenizer, rest, max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size)
     if "forget_text" in files:
         metrics["forget_verbmem"] = verbmem(model, tokenizer, records("forget_text"),
                                             batch_size=spec.batch_size)

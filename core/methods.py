@@ -54,6 +54,13 @@ class TrainingParams(BaseModel):
         "none", description="Optional retain term on retain data: NLL, or KL to the reference."
     )
     retain_weight: float = Field(1.0, ge=0, le=1000, description="Weight of the retain term.")
+    forget_eos: bool = Field(
+        False,
+        description="Count the end-of-sequence token after each forget response (QA/chat) as "
+        "a forget target. Off by default: it carries none of the knowledge, every answer in "
+        "every domain ends with it, and pushing it down teaches the model not to stop, "
+        "which damages all answers (measured on the demo benchmark, see the README).",
+    )
 
 
 class CatnipParams(TrainingParams):

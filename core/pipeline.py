@@ -187,7 +187,8 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     reporter.phase("loading")
     torch_device = pick_device(device)
     model, tokenizer = load_base(spec.base_model, torch_device)
-    forget = build_examples(forget_records, tokenizer, params.max_length)
+    forget = build_examples(forget_records, tokenizer, params.max_length,
+                            eos_target=params.forget_eos)
     retain = build_examples(retain_records, tokenizer, params.max_length) if retain_records else None
     wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
                    seed=params.seed)
@@ -198,14 +199,16 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
                                "adapter": spec.adapter.model_dump()}
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
+    steps = total_steps(params, len(forget))
+    every = _probe_every(spec, steps)
+    unwatched_from = spec.eval.probe_samples if every and spec.eval else None
     if spec.eval is not None:
         reporter.phase("evaluating_before")
-        metrics["before"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5)
+        metrics["before"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
+                                     unwatched_from=unwatched_from)
     lap("evaluate_before")
 
     # --- unlearn
-    steps = total_steps(params, len(forget))
-    every = _probe_every(spec, steps)
     stop_rule = StopRule(wrapped, tokenizer, spec.eval, every, reporter) if every and spec.eval else None
     reporter.phase("unlearning", f"{steps} steps")
     loop = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id,
@@ -221,7 +224,8 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     token_view_after = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     if spec.eval is not None:
         reporter.phase("evaluating_after")
-        metrics["after"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5)
+        metrics["after"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
+                                    unwatched_from=unwatched_from)
         metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
     lap("evaluate_after")
 

@@ -55,6 +55,8 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("forget_verbmem", "rouge_l_f1", "Forget VerbMem ROUGE-L F1 (lower is better)", 100),
         ("forget_mc", "accuracy", "Forget-domain MC accuracy (lower is better)", 100),
         ("retain_knowmem", "rouge_l_f1", "Retain KnowMem ROUGE-L F1 (higher is better)", 100),
+        ("retain_knowmem_unwatched", "rouge_l_f1",
+         "Retain KnowMem F1, questions the stop rule did not watch", 100),
         ("general_mc", "accuracy", "General MC accuracy (higher is better)", 100),
         ("retain_perplexity", "perplexity", "Retain perplexity (lower is better)", 1),
     ]

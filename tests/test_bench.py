@@ -29,6 +29,9 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
         assert r["forget_f1"] == 100 * metrics["after"]["forget_knowmem"]["rouge_l_f1"]
         assert r["delta_o"] == metrics["tradeoff"]["delta_o"]
         assert r["forget_f1_before"] > 90
+        # The stop rule watched the first 20 retain questions; the next 40 are reported apart.
+        unwatched = metrics["after"]["retain_knowmem_unwatched"]
+        assert unwatched["n"] == 40 and r["retain_unwatched_f1"] == 100 * unwatched["rouge_l_f1"]
     assert json.loads((tmp_path / "runs" / "ga+kl@paper" / "metrics.json").read_text())[
         "hyperparameters"]["retain_loss"] == "kl"
     table = (tmp_path / "results.md").read_text()

@@ -96,6 +96,11 @@ def test_tokenization_masks_prompt_and_windows_text(fixture_dir):
     assert qa.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert qa.labels[prompt_len:] == qa.input_ids[prompt_len:]
     assert qa.labels[-1] == tok.eos_token_id
+    # The forget side's default: the EOS is in the input but not a target.
+    no_eos = build_examples(Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]),
+                            tok, 64, eos_target=False)[0]
+    assert no_eos.input_ids == qa.input_ids
+    assert no_eos.labels == qa.labels[:-1] + [IGNORE_INDEX]
     text = build_examples(Records("text", [{"text": " ".join(["dragon"] * 25)}]), tok, 10)
     assert [len(e.input_ids) for e in text] == [10, 10, 6]  # 26 tokens with BOS
     batch = collate([qa, text[2]], tok.pad_token_id)
