@@ -2,7 +2,7 @@
 
 1. CATNIP loss forward+backward vs F.cross_entropy on the same fp32 logits
    [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
-   peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS of a fresh process).
+   peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
 2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model.
 
     python benchmarks/bench_engine.py [--device cuda] [--dtype bf16]
@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
-from core.losses import catnip_loss  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.losses import catnip_loss, set_backend  # noqa: E402
 
 SHAPE = (2, 256, 32000)
 
@@ -33,10 +35,14 @@ def make_inputs(device: str, dtype: torch.dtype):
     return logits.to(dtype).requires_grad_(True), labels
 
 
+LOSSES = ("cross_entropy", "catnip", "catnip_compiled")
+
+
 def run_loss(name: str, logits, labels):
     if name == "cross_entropy":
-        loss = F.cross_entropy(logits.reshape(-1, SHAPE[2]), labels.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     else:
+        set_backend("compiled" if name == "catnip_compiled" else "eager")
         loss = catnip_loss(logits, labels, beta=1.0)
     loss.backward()
     logits.grad = None
@@ -61,8 +67,15 @@ def time_loss(name: str, device: str, dtype: torch.dtype, repeats: int) -> float
     return statistics.median(times)
 
 
-def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int | None:
-    """Peak memory above the logits themselves during one forward+backward."""
+def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
+    """Peak memory above the inputs during one forward+backward.
+
+    CUDA: the allocator's peak counter. CPU: a fresh process (nothing else ran in it)
+    builds the inputs, then runs the loss once; the growth of its peak RSS is the loss's
+    extra peak. Every large CPU tensor here (64 MiB) is above glibc's largest mmap
+    threshold (32 MiB), so it is mapped on allocation and unmapped on free, and RSS
+    follows the live tensors rather than a heap that keeps freed memory.
+    """
     if device.startswith("cuda"):
         logits, labels = make_inputs(device, dtype)
         run_loss(name, logits, labels)  # warm up allocator / kernels
@@ -72,7 +85,30 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int | None:
         run_loss(name, logits, labels)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return None  # CPU: no reliable peak counter (RSS misses allocator reuse); see CUDA figures
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
+    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", dtype_name],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_child(name: str, dtype: torch.dtype) -> None:
+    """In a fresh process: print the peak-RSS growth (bytes) of one forward+backward.
+    A warm-up on small inputs first (compilation, lazy init), then the peak counter is
+    reset (Linux: `5 > /proc/self/clear_refs`) once the inputs exist."""
+    small = torch.randn(1, 8, 64, requires_grad=True)
+    run_loss(name, small, torch.randint(0, 64, (1, 8)))
+    logits, labels = make_inputs("cpu", dtype)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    run_loss(name, logits, labels)
+    print((_status_kib("VmHWM") - base) * 1024)
 
 
 def step_times(device: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
@@ -109,23 +145,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    if args.cpu_peak_of:
+        _cpu_peak_child(args.cpu_peak_of, torch.float32)
+        return
     loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
-    t_ce = time_loss("cross_entropy", args.device, loss_dtype, args.repeats)
-    t_cat = time_loss("catnip", args.device, loss_dtype, args.repeats)
-    m_ce = peak_extra_bytes("cross_entropy", args.device, loss_dtype)
-    m_cat = peak_extra_bytes("catnip", args.device, loss_dtype)
+    times = {name: time_loss(name, args.device, loss_dtype, args.repeats) for name in LOSSES}
+    peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
     steps = step_times(args.device, dtype, args.steps)
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "loss_shape": list(SHAPE),
-        "cross_entropy_ms": round(t_ce * 1e3, 2), "catnip_ms": round(t_cat * 1e3, 2),
-        "time_ratio": round(t_cat / t_ce, 3),
-        "cross_entropy_extra_mib": None if m_ce is None else round(m_ce / 2**20, 1),
-        "catnip_extra_mib": None if m_cat is None else round(m_cat / 2**20, 1),
-        "memory_ratio": None if not (m_ce and m_cat) else round(m_cat / m_ce, 3),
+        **{f"{name}_ms": round(times[name] * 1e3, 2) for name in LOSSES},
+        **{f"{name}_time_ratio": round(times[name] / times["cross_entropy"], 3) for name in LOSSES[1:]},
+        **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in LOSSES},
+        **{f"{name}_memory_ratio": round(peaks[name] / peaks["cross_entropy"], 3) for name in LOSSES[1:]},
         "step_dtype": args.dtype,
         "catnip_step_s": round(steps["catnip"], 4), "npo_step_s": round(steps["npo"], 4),
         "catnip_over_npo_step": round(steps["catnip"] / steps["npo"], 3),

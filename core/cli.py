@@ -12,7 +12,7 @@ import typer
 from tqdm import tqdm
 
 from core.errors import UnlearnError
-from core.runtime import quiet_libraries
+from core.runtime import quiet_libraries, set_loss_backend
 
 if TYPE_CHECKING:
     from core.unlearn import StepInfo
@@ -84,9 +84,14 @@ def _print_table(metrics: dict) -> None:
 def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YAML or JSON."),
         output: Path = typer.Option(Path("out"), "--output", "-o", help="Where outputs go."),
         device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)."),
-        resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints.")) -> None:
+        resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints."),
+        loss_backend: str = typer.Option("eager", help="eager, or compiled (torch.compile: a "
+                                         "one-off compilation, then a faster loss).")) -> None:
     """Run one job without the service (same spec as POST /v1/jobs, local paths)."""
     _quiet_libraries()
+    if loss_backend not in ("eager", "compiled"):
+        raise typer.BadParameter("eager or compiled", param_hint="--loss-backend")
+    set_loss_backend(loss_backend)
     from core.pipeline import run_job
     from core.spec import load_spec
 

@@ -14,14 +14,33 @@ z rounds to 1 (logit margins above ~17). The trick: with
     lse_o = logsumexp over the vocabulary *without* the target,
 we get log(1-z) = lse_o - lse_all and lse_all = logaddexp(logit_y, lse_o), so both
 terms are exact at any margin, in fp32 and in bf16 (chunks are upcast to fp32).
+
+Two backends compute the same numbers: "eager" (default: chunked torch ops, no start-up
+cost) and "compiled" (the same maths written as two pure functions for torch.compile,
+which fuses the row gather, the target exclusion and the reduction into one pass and
+the backward into another; it costs a one-off compilation, so it pays on long jobs).
+`set_backend` picks one per process (the worker reads LOSS_BACKEND).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+Backend = Literal["eager", "compiled"]
+_backend: Backend = "eager"
+
+
+def set_backend(name: Backend) -> None:
+    """Choose how token_logprobs runs in this process: "eager" or "compiled"."""
+    global _backend
+    if name not in ("eager", "compiled"):
+        raise ValueError(f"unknown loss backend {name!r}; valid: eager, compiled")
+    _backend = name
 
 # Elements processed at once inside token_logprobs: bounds the fp32 scratch memory to
 # CHUNK_ELEMENTS * 4 bytes (64 MiB) whatever the batch size, while keeping chunks big
@@ -80,6 +99,55 @@ class _TokenLogProbs(torch.autograd.Function):
         return grad, None, None
 
 
+def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+    """The forward maths on whole rows, functional (for torch.compile): [R, V], [N], [N]
+    -> (logp, log1m, lse_all), each [N] in the accumulation dtype."""
+    x = logits.index_select(0, rows)
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    logit_y = x.gather(1, targets[:, None]).squeeze(1)
+    lse_others = torch.logsumexp(torch.where(is_target, float("-inf"), x), dim=1)
+    lse = torch.logaddexp(logit_y, lse_others)
+    return logit_y - lse, lse_others - lse, lse
+
+
+def _rows_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                   lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere."""
+    x = logits.index_select(0, rows).to(lse.dtype)
+    is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad_rows = grad_logp[:, None] * (is_target.to(lse.dtype) - torch.exp(x - lse[:, None]))
+    return torch.zeros_like(logits).index_copy(0, rows, grad_rows.to(logits.dtype))
+
+
+@functools.cache
+def _compiled() -> tuple:
+    """torch.compile'd forward and backward, built on first use. dynamic=True: one
+    compilation serves every batch shape. Compiling in this process (compile_threads=1)
+    keeps it working inside daemonic worker processes, which may not fork helpers."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    return (torch.compile(_rows_forward, dynamic=True),
+            torch.compile(_rows_backward, dynamic=True))
+
+
+class _TokenLogProbsCompiled(torch.autograd.Function):
+    """_TokenLogProbs through the compiled functions (same inputs, outputs and saves)."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets):  # type: ignore[override]
+        logp, log1m, lse = _compiled()[0](logits, rows, targets)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.mark_non_differentiable(log1m)
+        return logp, log1m
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+        logits, rows, targets, lse = ctx.saved_tensors
+        return _compiled()[1](logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log z and detached log(1 - z).
 
@@ -95,9 +163,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     mask = labels != IGNORE_INDEX
     rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of counted positions
     targets = labels.reshape(-1).index_select(0, rows)
-    logp_rows, log1m_rows = _TokenLogProbs.apply(
-        logits.reshape(-1, logits.shape[-1]), rows, targets
-    )
+    function = _TokenLogProbsCompiled if _backend == "compiled" else _TokenLogProbs
+    logp_rows, log1m_rows = function.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
     zeros = logp_rows.new_zeros(mask.numel())
     logp = zeros.index_put((rows,), logp_rows)
     log1m = zeros.index_put((rows,), log1m_rows)

@@ -26,3 +26,11 @@ def set_torch_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def set_loss_backend(name: str) -> None:
+    """eager (default) or compiled token log-probs for this process (core.losses)."""
+    if name != "eager":
+        from core import losses
+
+        losses.set_backend(name)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import logging
 from core.db import make_engine, make_sessionmaker, utcnow
 from core.repo import lost_queued_jobs, orphaned_jobs
 from core.runner import TASK_NAME, JobRunner
-from core.runtime import quiet_libraries, set_torch_threads
+from core.runtime import quiet_libraries, set_loss_backend, set_torch_threads
 from core.settings import get_settings
 from core.storage import make_store
 from worker.celery_app import app
@@ -28,6 +28,7 @@ def runner() -> JobRunner:
         settings = get_settings()
         quiet_libraries()
         set_torch_threads(settings.worker_threads)
+        set_loss_backend(settings.loss_backend)
         _runner = JobRunner(settings, make_sessionmaker(make_engine(settings.db_url)), make_store(settings))
     return _runner
 
