@@ -140,7 +140,8 @@ def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[Be
              f"{r['seconds']:.0f} s")
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     hyper = base["hyperparameters"]
-    settings = (f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, stop rule every "
+    eos = "EOS counted as a forget target" if hyper.get("forget_eos") else "EOS not a forget target"
+    settings = (f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, {eos}, stop rule every "
                 f"{base['eval']['probe_every']} steps with a {base['eval']['utility_budget']:.0%} utility budget "
                 f"(the best state within it is kept; it watches the first "
                 f"{base['eval']['probe_samples']} questions of each QA set, 'unwatched' = the next retain "

@@ -146,6 +146,8 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
           lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default."),
           retain_lr: str = typer.Option("1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."),
           steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
+          batch_size: int = typer.Option(128, help="Forget samples per step, every run."),
+          forget_eos: bool = typer.Option(False, help="Count each forget response's EOS as a target."),
           output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
           device: str | None = typer.Option(None)) -> None:
     """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot."""
@@ -160,7 +162,9 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
                 None if retain_lr == "none" else float(retain_lr))
     out = output or _data_dir() / "bench"
     typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)
-    run_bench(demo_dir, out, demo_spec(demo_dir, max_steps=steps), runs, device=device, echo=typer.echo)
+    base = demo_spec(demo_dir, max_steps=steps)
+    base["hyperparameters"].update(batch_size=batch_size, forget_eos=forget_eos)
+    run_bench(demo_dir, out, base, runs, device=device, echo=typer.echo)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"plot: {out / 'tradeoff.png'}")
 
