@@ -149,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if args.cpu_peak_of:
-        _cpu_peak_child(args.cpu_peak_of, torch.float32)
+        _cpu_peak_child(args.cpu_peak_of, dtype)
         return
     loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
     times = {name: time_loss(name, args.device, loss_dtype, args.repeats) for name in LOSSES}

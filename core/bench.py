@@ -75,9 +75,12 @@ def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any
     }
 
 
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def markdown(rows: list[dict[str, Any]], settings: str) -> str:
-    def f(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.1f}"
+    f = _points
 
     lines = [f"Settings: {settings}", "",
              "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
@@ -136,7 +139,7 @@ def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[Be
         rows.append(row(run, result.metrics, time.monotonic() - started))
         r = rows[-1]
         echo(f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
-             f"retain F1 {r['retain_f1']:.1f} (unwatched {r['retain_unwatched_f1'] or 0:.1f}), dO {r['delta_o']:.1f}, kept step {r['kept_step']}, "
+             f"retain F1 {r['retain_f1']:.1f} (unwatched {_points(r['retain_unwatched_f1'])}), dO {r['delta_o']:.1f}, kept step {r['kept_step']}, "
              f"{r['seconds']:.0f} s")
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     hyper = base["hyperparameters"]

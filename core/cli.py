@@ -89,9 +89,10 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YA
                                          "one-off compilation, then a faster loss).")) -> None:
     """Run one job without the service (same spec as POST /v1/jobs, local paths)."""
     _quiet_libraries()
-    if loss_backend not in ("eager", "compiled"):
-        raise typer.BadParameter("eager or compiled", param_hint="--loss-backend")
-    set_loss_backend(loss_backend)
+    try:
+        set_loss_backend(loss_backend)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--loss-backend") from None
     from core.pipeline import run_job
     from core.spec import load_spec
 
@@ -146,7 +147,8 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
           lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default."),
           retain_lr: str = typer.Option("1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."),
           steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
-          batch_size: int = typer.Option(128, help="Forget samples per step, every run."),
+          batch_size: int | None = typer.Option(None, help="Forget samples per step, every run "
+                                                "(default: the demo job's)."),
           forget_eos: bool = typer.Option(False, help="Count each forget response's EOS as a target."),
           output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
           device: str | None = typer.Option(None)) -> None:
@@ -163,7 +165,9 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
     out = output or _data_dir() / "bench"
     typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)
     base = demo_spec(demo_dir, max_steps=steps)
-    base["hyperparameters"].update(batch_size=batch_size, forget_eos=forget_eos)
+    base["hyperparameters"]["forget_eos"] = forget_eos
+    if batch_size is not None:
+        base["hyperparameters"]["batch_size"] = batch_size
     run_bench(demo_dir, out, base, runs, device=device, echo=typer.echo)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"plot: {out / 'tradeoff.png'}")

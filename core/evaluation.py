@@ -180,13 +180,14 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | N
         return load_records(files[name]).items[:limit]
 
     for name in ("forget_qa", "retain_qa"):
-        if name in files:
-            metrics[f"{name.split('_')[0]}_knowmem"] = knowmem(
-                model, tokenizer, records(name), max_new_tokens=spec.max_new_tokens,
-                batch_size=spec.batch_size, keep=keep_samples)
-    if unwatched_from is not None and "retain_qa" in files:
-        rest = load_records(files["retain_qa"]).items[unwatched_from:unwatched_from + limit]
-        if rest:
+        if name not in files:
+            continue
+        items = load_records(files[name]).items
+        metrics[f"{name.split('_')[0]}_knowmem"] = knowmem(
+            model, tokenizer, items[:limit], max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size, keep=keep_samples)
+        rest = items[unwatched_from:unwatched_from + limit] if unwatched_from is not None else []
+        if name == "retain_qa" and rest:
             metrics["retain_knowmem_unwatched"] = knowmem(
                 model, tokenizer, rest, max_new_tokens=spec.max_new_tokens,
                 batch_size=spec.batch_size)

@@ -53,55 +53,47 @@ def _row_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-class _TokenLogProbs(torch.autograd.Function):
-    """log z and detached log(1 - z) for the target token of selected rows.
+def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+    """Eager forward: [R, V], [N], [N] -> (logp, log1m, lse_all), each [N] in the
+    accumulation dtype (float32; float64 for float64 logits). Rows are processed in
+    chunks, so the scratch memory is one fp32 chunk whatever the batch size."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+    log1m = torch.empty_like(logp)
+    lse_all = torch.empty_like(logp)
+    step = _row_chunk(logits.shape[1])
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        chunk = logits.index_select(0, rows[part]).to(acc)  # [n, V], always a copy
+        target = targets[part].unsqueeze(1)  # [n, 1]
+        logit_y = chunk.gather(1, target).squeeze(1)  # [n]
+        chunk.scatter_(1, target, float("-inf"))
+        lse_others = torch.logsumexp(chunk, dim=1)  # [n]: mass on every other token
+        lse = torch.logaddexp(logit_y, lse_others)
+        lse_all[part] = lse
+        logp[part] = logit_y - lse
+        log1m[part] = lse_others - lse
+    return logp, log1m, lse_all
 
-    forward(logits [R, V], rows [N], targets [N]) -> (logp [N], log1m [N]), float32.
-    backward: d logp / d logits[row] = onehot(y) - softmax(logits[row]); other rows get
-    0 and log1m has no gradient. Only `logits` (the caller's tensor) and three [N]
-    vectors are saved: the extra memory is one chunk of fp32 scratch, not a copy.
-    """
 
-    @staticmethod
-    def forward(ctx, logits, rows, targets):  # type: ignore[override]
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
-        log1m = torch.empty_like(logp)
-        lse_all = torch.empty_like(logp)
-        step = _row_chunk(logits.shape[1])
-        for start in range(0, rows.shape[0], step):
-            part = slice(start, start + step)
-            chunk = logits.index_select(0, rows[part]).to(acc)  # [n, V], always a copy
-            target = targets[part].unsqueeze(1)  # [n, 1]
-            logit_y = chunk.gather(1, target).squeeze(1)  # [n]
-            chunk.scatter_(1, target, float("-inf"))
-            lse_others = torch.logsumexp(chunk, dim=1)  # [n]: mass on every other token
-            lse = torch.logaddexp(logit_y, lse_others)
-            lse_all[part] = lse
-            logp[part] = logit_y - lse
-            log1m[part] = lse_others - lse
-        ctx.save_for_backward(logits, rows, targets, lse_all)
-        ctx.mark_non_differentiable(log1m)
-        return logp, log1m
-
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
-        logits, rows, targets, lse_all = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
-        step = _row_chunk(logits.shape[1])
-        for start in range(0, rows.shape[0], step):
-            part = slice(start, start + step)
-            g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
-            chunk = logits.index_select(0, rows[part]).to(g.dtype)
-            probs = torch.exp(chunk.sub_(lse_all[part].unsqueeze(1)))  # softmax, [n, V]
-            chunk_grad = probs.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
-            grad.index_copy_(0, rows[part], chunk_grad.to(grad.dtype))
-        return grad, None, None
+def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                      lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere."""
+    grad = torch.zeros_like(logits)
+    step = _row_chunk(logits.shape[1])
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
+        chunk = logits.index_select(0, rows[part]).to(g.dtype)
+        probs = torch.exp(chunk.sub_(lse[part].unsqueeze(1)))  # softmax, [n, V]
+        chunk_grad = probs.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
+        grad.index_copy_(0, rows[part], chunk_grad.to(grad.dtype))
+    return grad
 
 
 def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
-    """The forward maths on whole rows, functional (for torch.compile): [R, V], [N], [N]
-    -> (logp, log1m, lse_all), each [N] in the accumulation dtype."""
+    """_chunked_forward's maths on whole rows, functional (for torch.compile, which fuses
+    the gather, the target exclusion and the reduction, so nothing [N, V] is kept)."""
     x = logits.index_select(0, rows)
     x = x.double() if x.dtype == torch.float64 else x.float()
     is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
@@ -113,7 +105,7 @@ def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tenso
 
 def _rows_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                    lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
-    """d loss / d logits: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere."""
+    """_chunked_backward's maths, functional (for torch.compile)."""
     x = logits.index_select(0, rows).to(lse.dtype)
     is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     grad_rows = grad_logp[:, None] * (is_target.to(lse.dtype) - torch.exp(x - lse[:, None]))
@@ -132,12 +124,25 @@ def _compiled() -> tuple:
             torch.compile(_rows_backward, dynamic=True))
 
 
-class _TokenLogProbsCompiled(torch.autograd.Function):
-    """_TokenLogProbs through the compiled functions (same inputs, outputs and saves)."""
+def _kernels() -> tuple:
+    """(forward, backward) of the process's backend."""
+    return _compiled() if _backend == "compiled" else (_chunked_forward, _chunked_backward)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log z and detached log(1 - z) for the target token of selected rows.
+
+    forward(logits [R, V], rows [N], targets [N]) -> (logp [N], log1m [N]), float32.
+    backward: d logp / d logits[row] = onehot(y) - softmax(logits[row]); other rows get
+    0 and log1m has no gradient. Only `logits` (the caller's tensor) and three [N]
+    vectors are saved, not a copy of the logits. The backward runs on the backend the
+    forward ran on.
+    """
 
     @staticmethod
     def forward(ctx, logits, rows, targets):  # type: ignore[override]
-        logp, log1m, lse = _compiled()[0](logits, rows, targets)
+        forward, ctx.backward_kernel = _kernels()
+        logp, log1m, lse = forward(logits, rows, targets)
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.mark_non_differentiable(log1m)
         return logp, log1m
@@ -145,7 +150,7 @@ class _TokenLogProbsCompiled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
         logits, rows, targets, lse = ctx.saved_tensors
-        return _compiled()[1](logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
+        return ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +168,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     mask = labels != IGNORE_INDEX
     rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of counted positions
     targets = labels.reshape(-1).index_select(0, rows)
-    function = _TokenLogProbsCompiled if _backend == "compiled" else _TokenLogProbs
-    logp_rows, log1m_rows = function.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
+    logp_rows, log1m_rows = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
     zeros = logp_rows.new_zeros(mask.numel())
     logp = zeros.index_put((rows,), logp_rows)
     log1m = zeros.index_put((rows,), log1m_rows)
