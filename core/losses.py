@@ -42,15 +42,20 @@ def set_backend(name: Backend) -> None:
         raise ValueError(f"unknown loss backend {name!r}; valid: eager, compiled")
     _backend = name
 
-# Elements processed at once inside token_logprobs: bounds the fp32 scratch memory to
-# CHUNK_ELEMENTS * 4 bytes (64 MiB) whatever the batch size, while keeping chunks big
-# enough that a GPU is not dominated by kernel launches (measured on an H100: 128-row
-# chunks made the loss 9x slower than cross-entropy on [2, 256, 32000]).
-CHUNK_ELEMENTS = 1 << 24
+# Elements processed at once inside token_logprobs, per device type; the fp32 scratch
+# memory is one chunk (elements * 4 bytes) whatever the batch size.
+# - CPU: 2 MiB. The chunk stays in cache and no large temporary is allocated, so none
+#   is page-faulted in. Measured on 2 cores, fp32 [2, 256, 32000]: the forward went from
+#   78 ms with 64 MiB chunks to 19 ms, the backward from 117 ms to 47 ms (rows per chunk
+#   from 4 to 32 all within 10% of that).
+# - Accelerators: 64 MiB, big enough that kernel launches do not dominate (measured on an
+#   H100: 128-row chunks made the loss 9x slower than cross-entropy on [2, 256, 32000]).
+CHUNK_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 24}
 
 
-def _row_chunk(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab)
+def _row_chunk(logits: torch.Tensor) -> int:
+    elements = CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["default"])
+    return max(1, elements // logits.shape[1])
 
 
 def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
@@ -61,7 +66,7 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
     logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
     log1m = torch.empty_like(logp)
     lse_all = torch.empty_like(logp)
-    step = _row_chunk(logits.shape[1])
+    step = _row_chunk(logits)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
         chunk = logits.index_select(0, rows[part]).to(acc)  # [n, V], always a copy
@@ -79,15 +84,16 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
 def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                       lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
     """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere."""
-    grad = torch.zeros_like(logits)
-    step = _row_chunk(logits.shape[1])
+    # Every row gets written when every row counts, so only then can zeroing be skipped.
+    grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+    step = _row_chunk(logits)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
         g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
-        chunk = logits.index_select(0, rows[part]).to(g.dtype)
-        probs = torch.exp(chunk.sub_(lse[part].unsqueeze(1)))  # softmax, [n, V]
-        chunk_grad = probs.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
-        grad.index_copy_(0, rows[part], chunk_grad.to(grad.dtype))
+        chunk = logits.index_select(0, rows[part]).to(g.dtype)  # [n, V], always a copy
+        chunk.sub_(lse[part].unsqueeze(1)).exp_()  # softmax
+        chunk.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
+        grad.index_copy_(0, rows[part], chunk.to(grad.dtype))
     return grad
 
 

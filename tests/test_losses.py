@@ -183,17 +183,25 @@ def test_kl_retain_zero_for_identical_and_positive_otherwise():
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_chunking_does_not_change_results(monkeypatch):
+@pytest.mark.parametrize("masked", [False, True], ids=["every-row-counts", "some-masked"])
+def test_chunking_does_not_change_results(monkeypatch, masked):
+    """Chunks of 7 rows give the single-chunk loss and gradient, both when every row
+    counts (the backward skips zeroing) and when masked rows must get a zero gradient."""
     torch.manual_seed(4)
     x = torch.randn(3, 50, 11, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (3, 50))
+    if masked:
+        labels[:, :9] = IGNORE_INDEX
+        labels[2, 30:] = IGNORE_INDEX
     full = catnip_loss(x, labels, beta=1.5)
     (g_full,) = torch.autograd.grad(full, x)
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 7 * 11)  # 7 rows a chunk
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 7 * 11, "default": 7 * 11})  # 7 rows
     chunked = catnip_loss(x, labels, beta=1.5)
     (g_chunked,) = torch.autograd.grad(chunked, x)
     assert full.item() == pytest.approx(chunked.item(), abs=1e-12)
     torch.testing.assert_close(g_full, g_chunked)
+    if masked:
+        assert torch.all(g_chunked[labels == IGNORE_INDEX] == 0)
 
 
 @pytest.fixture
