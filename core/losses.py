@@ -73,7 +73,11 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
         target = targets[part].unsqueeze(1)  # [n, 1]
         logit_y = chunk.gather(1, target).squeeze(1)  # [n]
         chunk.scatter_(1, target, float("-inf"))
-        lse_others = torch.logsumexp(chunk, dim=1)  # [n]: mass on every other token
+        # logsumexp over every other token, in place on the copy (torch.logsumexp would
+        # allocate another [n, V]); a row whose others are all -inf (V = 1) gives -inf
+        top = chunk.amax(dim=1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # [n, 1]
+        lse_others = chunk.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # [n]
         lse = torch.logaddexp(logit_y, lse_others)
         lse_all[part] = lse
         logp[part] = logit_y - lse
