@@ -46,8 +46,9 @@ def set_backend(name: Backend) -> None:
 # memory is one chunk (elements * 4 bytes) whatever the batch size.
 # - CPU: 2 MiB. The chunk stays in cache and no large temporary is allocated, so none
 #   is page-faulted in. Measured on 2 cores, fp32 [2, 256, 32000]: the forward went from
-#   78 ms with 64 MiB chunks to 19 ms, the backward from 117 ms to 47 ms (rows per chunk
-#   from 4 to 32 all within 10% of that).
+#   78 ms with 64 MiB chunks to 19 ms, the backward from 117 ms to 47 ms. 8 to 32 rows
+#   per chunk were within 15% of that; 4 rows made the forward 1.45x slower, 131 rows
+#   (8 MiB) both 1.5-1.7x slower.
 # - Accelerators: 64 MiB, big enough that kernel launches do not dominate (measured on an
 #   H100: 128-row chunks made the loss 9x slower than cross-entropy on [2, 256, 32000]).
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 24}
