@@ -3,7 +3,8 @@
 1. CATNIP loss forward+backward vs F.cross_entropy on the same fp32 logits
    [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
    peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
-2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model.
+2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model,
+   and CATNIP's step time and peak memory with gradient checkpointing vs without.
 
     python benchmarks/bench_engine.py [--device cuda] [--dtype bf16]
 """
@@ -116,31 +117,73 @@ def _cpu_peak_child(name: str, dtype: torch.dtype) -> None:
     print((_status_kib("VmHWM") - base) * 1024)
 
 
-def step_times(device: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
-    """Seconds per optimizer step for catnip and npo on one random Llama (LoRA)."""
+STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
+    "catnip": ("catnip", {}),
+    "npo": ("npo", {}),
+    "catnip_checkpointing": ("catnip", {"gradient_checkpointing": True}),
+}
+
+
+def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
+    """Seconds per optimizer step and peak memory above the model (bytes) for one
+    configuration on one random Llama (LoRA), batch 4 x 256. The peak counter (CUDA's
+    allocator; on CPU the process's peak RSS, reset with /proc/self/clear_refs) is reset
+    once the model, its adapter and the examples exist."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.data import Example
     from core.methods import METHODS, parse_params
     from core.modeling import AdapterSpec, wrap
-    from core.unlearn import run_unlearning
+    from core.unlearn import Hooks, run_unlearning
 
     config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
     generator = torch.Generator().manual_seed(0)
     examples = [Example(ids, ids) for ids in
                 torch.randint(0, 32000, (32, 256), generator=generator).tolist()]
+    method_id, extra = STEP_CONFIGS[name]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    params = parse_params(method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256,
+                                      **extra})
+    wrapped = wrap(model, AdapterSpec(), need_reference=METHODS[method_id].needs_reference(params))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS") * 1024
+    class StepClock(Hooks):
+        ends: list[float] = []
+
+        def on_step(self, info) -> None:
+            sync(device)
+            self.ends.append(time.perf_counter())
+
+    clock = StepClock()
+    run_unlearning(wrapped, METHODS[method_id], params, examples, pad_id=0, hooks=clock)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _status_kib("VmHWM") * 1024 - base
+    # the median step after the first two (warm-up: lazy initialisation, allocator growth)
+    durations = [b - a for a, b in zip(clock.ends[1:], clock.ends[2:])]
+    return {"step_s": statistics.median(durations), "peak_bytes": peak}
+
+
+def step_configs(device: str, dtype: torch.dtype, steps: int) -> dict[str, dict[str, float]]:
+    """one_step_config for every configuration; on CPU each in a fresh process, so one
+    configuration's freed memory kept by the heap does not hide another's peak."""
+    if device.startswith("cuda"):
+        return {name: one_step_config(name, device, dtype, steps) for name in STEP_CONFIGS}
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
     out = {}
-    for method_id in ("catnip", "npo"):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-        params = parse_params(method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256})
-        wrapped = wrap(model, AdapterSpec(), need_reference=METHODS[method_id].needs_reference(params))
-        result = run_unlearning(wrapped, METHODS[method_id], params, examples, pad_id=0)
-        # tokens/s over the whole run -> seconds per step, excluding nothing but warm-up noise
-        tokens_per_step = 4 * 256
-        out[method_id] = tokens_per_step / result.history[-1].tokens_per_second
-        del model, wrapped
+    for name in STEP_CONFIGS:
+        child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", dtype_name,
+                                "--steps", str(steps)], check=True, capture_output=True, text=True)
+        out[name] = json.loads(child.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -149,12 +192,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
+    parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if args.cpu_peak_of:
         _cpu_peak_child(args.cpu_peak_of, dtype)
+        return
+    if args.step_of:
+        print(json.dumps(one_step_config(args.step_of, "cpu", dtype, args.steps)))
         return
     loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
     rounds = time_losses(args.device, loss_dtype, args.repeats)
@@ -163,7 +210,7 @@ def main() -> None:
     ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds["cross_entropy"]))
               for name in LOSSES[1:]}
     peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
-    steps = step_times(args.device, dtype, args.steps)
+    steps = step_configs(args.device, dtype, args.steps)
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -173,8 +220,13 @@ def main() -> None:
         **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in LOSSES},
         **{f"{name}_memory_ratio": round(peaks[name] / peaks["cross_entropy"], 3) for name in LOSSES[1:]},
         "step_dtype": args.dtype,
-        "catnip_step_s": round(steps["catnip"], 4), "npo_step_s": round(steps["npo"], 4),
-        "catnip_over_npo_step": round(steps["catnip"] / steps["npo"], 3),
+        **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
+        **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1) for name in STEP_CONFIGS},
+        "catnip_over_npo_step": round(steps["catnip"]["step_s"] / steps["npo"]["step_s"], 3),
+        "checkpointing_over_plain_step": round(
+            steps["catnip_checkpointing"]["step_s"] / steps["catnip"]["step_s"], 3),
+        "checkpointing_over_plain_peak": round(
+            steps["catnip_checkpointing"]["peak_bytes"] / steps["catnip"]["peak_bytes"], 3),
     }
     print(json.dumps(result, indent=2))
 

@@ -54,6 +54,12 @@ class TrainingParams(BaseModel):
         "none", description="Optional retain term on retain data: NLL, or KL to the reference."
     )
     retain_weight: float = Field(1.0, ge=0, le=1000, description="Weight of the retain term.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward instead of keeping "
+        "them: less memory for long sequences and big models, at the cost of about one more "
+        "forward per step. Same result.",
+    )
     forget_eos: bool = Field(
         False,
         description="Count the end-of-sequence token after each forget response (QA/chat) as "

@@ -9,6 +9,7 @@ and scheduler state and the RNG state, and is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from core import losses
 from core.data import Example, collate
-from core.errors import JobCancelled
+from core.errors import JobCancelled, SpecError
 from core.methods import ForgetTerms, Method, TrainingParams
 from core.modeling import Wrapped
 
@@ -220,6 +221,8 @@ def run_unlearning(
         hooks.on_resume(start_step)
     result = LoopResult(steps_done=start_step, total_steps=steps,
                         stopped_early=stop_reason is not None, stop_reason=stop_reason)
+    if params.gradient_checkpointing:
+        _set_gradient_checkpointing(model, True)
     model.train()
     accum = params.gradient_accumulation_steps
     started = time.monotonic()
@@ -282,8 +285,33 @@ def run_unlearning(
     if checkpoint_dir is not None and result.steps_done > start_step:
         hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer,
                                             scheduler, stop_reason=result.stop_reason))
+    if params.gradient_checkpointing:
+        _set_gradient_checkpointing(model, False)
     model.eval()
     return result
+
+
+def _set_gradient_checkpointing(model: Any, enable: bool) -> None:
+    """Activation checkpointing on every decoder layer (transformers' own), non-reentrant:
+    the variant that needs no gradient on the inputs, so a LoRA model with frozen
+    embeddings works, and that gives the same gradients as without it. transformers 5
+    renamed gradient_checkpointing_* to activation_checkpointing_*; both are handled."""
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if enable:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise SpecError(f"hyperparameters.gradient_checkpointing: {type(model).__name__} does "
+                            "not support gradient checkpointing; set it to false",
+                            param="hyperparameters.gradient_checkpointing")
+        kwargs = {"use_reentrant": False}
+        if renamed:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    (model.activation_checkpointing_disable if renamed else model.gradient_checkpointing_disable)()
+    # enabling may also have hooked the embeddings' output to require grad; unhook it
+    with contextlib.suppress(AttributeError):
+        model.disable_input_require_grads()
 
 
 def _retain_term(wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor],

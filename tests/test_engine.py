@@ -153,3 +153,32 @@ def test_deterministic_on_cpu(fixture_dir):
         runs.append({n: p.detach().clone() for n, p in wrapped.trainable().items()})
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name])
+
+
+@pytest.mark.parametrize(("adapter_type", "method_id"),
+                         [("lora", "catnip"), ("full", "catnip"), ("lora", "npo")])
+def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type, method_id):
+    """With checkpointing each decoder layer runs its forward again in the backward (so
+    its activations were not kept), and training ends at the same weights; NPO's
+    reference pass (the same LoRA model, adapter off, no grad) is not recomputed."""
+    adapter = AdapterSpec(type=adapter_type)
+    runs = {}
+    for checkpointing in (False, True):
+        wrapped, tok, method, params, forget, _ = _setup(
+            fixture_dir, adapter, method_id, gradient_checkpointing=checkpointing)
+        # a module inside the checkpointed layer starts again on recomputation (a pre-hook:
+        # torch stops a recomputation as soon as it has what the backward needs)
+        mlp = next(m for n, m in wrapped.model.named_modules() if n.endswith("layers.0.mlp"))
+        calls = []
+        mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+        runs[checkpointing] = ({n: p.detach().clone() for n, p in wrapped.trainable().items()},
+                               len(calls))
+        assert not any(getattr(m, "gradient_checkpointing", False)  # off again after
+                       for m in wrapped.model.modules())
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
+    passes = 2 if method.uses_reference else 1  # NPO also runs the reference forward
+    assert plain_calls == passes * params.max_steps
+    assert checkpointed_calls == (passes + 1) * params.max_steps  # + the recomputation
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=0, atol=1e-6)
