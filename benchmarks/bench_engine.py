@@ -154,8 +154,12 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
     else:
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_kib("VmRSS") * 1024
+
     class StepClock(Hooks):
-        ends: list[float] = []
+        """Records when each optimizer step ended."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
 
         def on_step(self, info) -> None:
             sync(device)
