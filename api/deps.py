@@ -74,9 +74,9 @@ class KeyCache:
         self.entries[key_hash] = (tenant, time.monotonic() + self.ttl)
 
 
-def _lookup_tenant(sessions: sessionmaker, plain: str) -> str | None:
+def _lookup_tenant(sessions: sessionmaker, key_hash: str) -> str | None:
     with sessions() as session:
-        return repo.tenant_for_key(session, plain)
+        return repo.tenant_for_key_hash(session, key_hash)
 
 
 async def get_tenant(request: Request, authorization: Annotated[str | None, Header(
@@ -93,7 +93,7 @@ async def get_tenant(request: Request, authorization: Annotated[str | None, Head
     key_hash = repo.hash_key(key)
     tenant = cache.get(key_hash)
     if tenant is None:
-        tenant = await run_in_threadpool(_lookup_tenant, request.app.state.sessions, key)
+        tenant = await run_in_threadpool(_lookup_tenant, request.app.state.sessions, key_hash)
         if tenant is None:
             raise AuthError("invalid API key (unknown or revoked)", code="invalid_api_key")
         cache.put(key_hash, tenant)

@@ -64,8 +64,9 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return row
 
 
-def tenant_for_key(session: Session, plain: str) -> str | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plain),
+def tenant_for_key_hash(session: Session, key_hash: str) -> str | None:
+    """The tenant of an active key, by the key's hash (`hash_key`)."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash,
                                               ApiKey.revoked_at.is_(None)))
     return row.tenant if row else None
 

@@ -21,3 +21,32 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     info = build_model(directory, "fixture", seed=0)
     assert min(info["accuracy"].values()) >= 0.95, info
     return directory
+
+
+@pytest.fixture
+def compare_loss_backends():
+    """Runs catnip_loss (beta 1.5) forward+backward on the eager and the compiled backend
+    and checks they agree: finite compiled loss and gradient, equal loss, gradients equal
+    to the dtype's precision. Returns the compiled gradient (float32) for further checks.
+    Leaves the process on the eager backend."""
+    import torch
+
+    from core.losses import catnip_loss, set_backend
+
+    def compare(logits, labels, dtype):
+        results = {}
+        for backend in ("eager", "compiled"):
+            set_backend(backend)
+            x = logits.to(dtype).requires_grad_(True)
+            loss = catnip_loss(x, labels, beta=1.5)
+            loss.backward()
+            results[backend] = (loss.detach().float(), x.grad.float())
+        (loss_e, grad_e), (loss_c, grad_c) = results["eager"], results["compiled"]
+        assert torch.isfinite(loss_c) and torch.isfinite(grad_c).all()
+        assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 grads are rounded to 8 bits
+        assert torch.allclose(grad_c, grad_e, atol=tolerance, rtol=tolerance)
+        return grad_c
+
+    yield compare
+    set_backend("eager")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from core.losses import catnip_loss, set_backend
+from core.losses import catnip_loss
 from core.methods import METHODS
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +47,7 @@ def test_cuda_matches_cpu_fp32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_backend_matches_eager_on_cuda(dtype):
+def test_compiled_backend_matches_eager_on_cuda(dtype, compare_loss_backends):
     """The torch.compile backend (Triton kernels on CUDA) gives the eager loss and
     gradient, with margin-200 rows and masked positions."""
     torch.manual_seed(0)
@@ -55,21 +55,7 @@ def test_compiled_backend_matches_eager_on_cuda(dtype):
     labels = torch.randint(0, 32000, (2, 64), device="cuda")
     logits[0, 5, labels[0, 5]] = 200.0
     labels[1, :16] = -100
-    results = {}
-    try:
-        for backend in ("eager", "compiled"):
-            set_backend(backend)
-            x = logits.to(dtype).requires_grad_(True)
-            loss = catnip_loss(x, labels, beta=1.5)
-            loss.backward()
-            results[backend] = (loss.detach().float(), x.grad.float())
-    finally:
-        set_backend("eager")
-    (loss_e, grad_e), (loss_c, grad_c) = results["eager"], results["compiled"]
-    assert torch.isfinite(loss_c) and torch.isfinite(grad_c).all()
-    assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(grad_c, grad_e, atol=tolerance, rtol=tolerance)
+    grad_c = compare_loss_backends(logits, labels, dtype)
     assert (grad_c[1, :16] == 0).all()
 
 
