@@ -88,13 +88,25 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
 
 def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                       lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
-    """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere."""
+    """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere.
+    `rows` are distinct and increasing (token_logprobs passes nonzero()), so when there
+    are as many as the logits have, they are every row in order."""
+    every_row = rows.shape[0] == logits.shape[0]
     # Every row gets written when every row counts, so only then can zeroing be skipped.
-    grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+    grad = torch.empty_like(logits) if every_row else torch.zeros_like(logits)
+    # When every row counts and the logits are already in the accumulation dtype, the
+    # softmax is computed straight into the gradient's rows: no gathered copy and no
+    # copy back (on CPU the backward went from 47-48 to 39-41 ms on [512, 32000]).
+    in_place = every_row and logits.dtype == grad_logp.dtype
     step = _row_chunk(logits)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
         g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
+        if in_place:
+            out = grad[part]  # [n, V], a view
+            torch.sub(logits[part], lse[part].unsqueeze(1), out=out).exp_()  # softmax
+            out.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
+            continue
         chunk = logits.index_select(0, rows[part]).to(g.dtype)  # [n, V], always a copy
         chunk.sub_(lse[part].unsqueeze(1)).exp_()  # softmax
         chunk.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)

@@ -39,15 +39,19 @@ def test_catnip_beta_scales_inside_softplus():
     assert loss.item() == pytest.approx(math.log(1.25), abs=1e-12)
 
 
-def test_gradient_matches_eq9_closed_form():
+@pytest.mark.parametrize("masked", [True, False], ids=["prompt-and-padding", "every-row-counts"])
+def test_gradient_matches_eq9_closed_form(masked):
     """Autograd gradient == (1/|y|) sum_i beta z^b/(z^b + (1-z)^b) * grad log z_i, per sample,
-    then mean over samples (eq. 9), on random logits with a prompt and padding mask."""
+    then mean over samples (eq. 9), on random logits with a prompt and padding mask, and
+    with every position counted (the backward then writes the softmax straight into the
+    gradient)."""
     torch.manual_seed(0)
     B, T, V, beta = 3, 6, 7, 1.7
     logits = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
-    labels[0, :2] = IGNORE_INDEX
-    labels[1, 4:] = IGNORE_INDEX
+    if masked:
+        labels[0, :2] = IGNORE_INDEX
+        labels[1, 4:] = IGNORE_INDEX
     catnip_loss(logits, labels, beta=beta).backward()
 
     x = logits.detach().clone().requires_grad_(True)
@@ -219,6 +223,7 @@ def test_compiled_backend_matches_eager(dtype, compare_loss_backends):
     labels[2] = IGNORE_INDEX
     grad_c = compare_loss_backends(logits, labels, dtype)
     assert (grad_c[2] == 0).all() and (grad_c[0, 0] == 0).all()  # masked rows get nothing
+    compare_loss_backends(logits, labels.clamp(min=0), dtype)  # every row counts
 
 
 def test_unknown_backend_is_refused():
