@@ -102,8 +102,11 @@ def build_examples(records: Records, tokenizer: Any, max_length: int, *,
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Returns input_ids, attention_mask [B, T] and labels [B, T-1]
-    already aligned with logits[:, :-1] (labels[b, t] is the target of logits[b, t])."""
+    """Right-pad a batch. Returns input_ids, attention_mask and labels, each [B, T].
+    The labels are already shifted to line up with the model's logits: labels[b, t] is
+    the target of logits[b, t] (token t + 1), and the last column is IGNORE_INDEX.
+    Shifting the labels rather than slicing the logits (logits[:, :-1]) spares a copy of
+    the logits, and its gradient, in every loss."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -113,4 +116,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels[:, 1:]}
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": shifted}

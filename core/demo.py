@@ -158,7 +158,7 @@ def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size:
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+                           attention_mask=batch["attention_mask"].to(device)).logits
             labels = batch["labels"].to(device)
             hit = (logits.argmax(-1) == labels) | (labels == -100)
             correct += int(hit.all(dim=1).sum())
@@ -208,7 +208,7 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str,
                             tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+                logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -115,7 +115,7 @@ def perplexity(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, bat
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+                       attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"].to(device)
         nll = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")

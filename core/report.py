@@ -24,7 +24,7 @@ def token_probabilities(model: Any, tokenizer: Any, examples: list[Example]) -> 
     model.eval()
     batch = collate(examples, tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+                   attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"].to(device)
     logp, _ = token_logprobs(logits, labels)
     model.train(was_training)

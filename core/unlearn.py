@@ -113,9 +113,8 @@ class BatchStream:
 
 
 def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T-1, V] aligned with batch['labels'] [B, T-1]."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1]
+    """Logits [B, T, V], aligned with batch['labels'] [B, T] (collate shifts the labels)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, steps: int):
@@ -237,8 +236,8 @@ def run_unlearning(
             index = (step - 1) * accum + micro
             batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
             tokens_seen += int(batch["attention_mask"].sum())
-            logits = _forward_logits(model, batch)  # [B, T-1, V]
-            logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T-1] each
+            logits = _forward_logits(model, batch)  # [B, T, V]
+            logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T] each
             ref_logp = None
             if method.uses_reference:
                 with wrapped.reference_mode() as reference:

@@ -104,8 +104,13 @@ def test_tokenization_masks_prompt_and_windows_text(fixture_dir):
     text = build_examples(Records("text", [{"text": " ".join(["dragon"] * 25)}]), tok, 10)
     assert [len(e.input_ids) for e in text] == [10, 10, 6]  # 26 tokens with BOS
     batch = collate([qa, text[2]], tok.pad_token_id)
-    assert batch["labels"].shape == (2, batch["input_ids"].shape[1] - 1)
-    assert (batch["labels"][1, 5:] == IGNORE_INDEX).all()  # padding masked
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert labels.shape == ids.shape  # shifted to line up with the logits, not cut
+    assert labels[1, :5].tolist() == ids[1, 1:6].tolist()  # labels[t] is token t + 1
+    assert (labels[1, 5:] == IGNORE_INDEX).all()  # padding masked
+    assert (labels[:, -1] == IGNORE_INDEX).all()  # the last logits have no target
+    counted = labels[0] != IGNORE_INDEX
+    assert labels[0][counted].tolist() == [t for t in qa.labels[1:] if t != IGNORE_INDEX]
     assert batch["attention_mask"][1].sum() == 6
 
 
