@@ -37,7 +37,9 @@ def compare_loss_backends():
         results = {}
         for backend in ("eager", "compiled"):
             set_backend(backend)
-            x = logits.to(dtype).requires_grad_(True)
+            # a new leaf per backend: logits.to(its own dtype) would be logits itself, so
+            # the two backwards would add up in one .grad and compare it with itself
+            x = logits.detach().to(dtype, copy=True).requires_grad_(True)
             loss = catnip_loss(x, labels, beta=1.5)
             loss.backward()
             results[backend] = (loss.detach().float(), x.grad.float())
