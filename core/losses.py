@@ -86,27 +86,56 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
     return logp, log1m, lse_all
 
 
+# The eager backward writes every row straight into the gradient when at least this
+# fraction of the rows count (raw text: all but the last position and the padding), and
+# gathers the counted rows otherwise (QA: the prompts do not count). Measured on CPU,
+# [1024, 32000] fp32, dense time / gathered time in two runs (the dense way computes the
+# rows that do not count too): 0.81 and 0.63 with 99.6% of the rows counted, 0.91 and
+# 0.67 at 95%, 0.93 and 0.71 at 90%, 1.14 and 0.84 at 80%, 1.54 and 1.38 at 50%.
+DENSE_MIN_FRACTION = 0.9
+
+
 def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
                       lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
     """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere.
-    `rows` are distinct and increasing (token_logprobs passes nonzero()), so when there
-    are as many as the logits have, they are every row in order."""
-    every_row = rows.shape[0] == logits.shape[0]
+    `rows` are distinct and increasing (token_logprobs passes nonzero())."""
+    if logits.dtype == grad_logp.dtype and rows.shape[0] >= DENSE_MIN_FRACTION * logits.shape[0]:
+        return _dense_backward(logits, rows, targets, lse, grad_logp)
+    return _gathered_backward(logits, rows, targets, lse, grad_logp)
+
+
+def _dense_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                    lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """Every row's softmax computed straight into the gradient (logits already in the
+    accumulation dtype): no gathered copy, no copy back, no zero-fill. A row that does
+    not count gets g = 0 and lse = +inf, so exp(x - lse) = 0 and its gradient is 0 (NaN
+    only where its logits are +inf or NaN, as with cross-entropy's ignore_index)."""
+    n_rows = logits.shape[0]
+    if rows.shape[0] < n_rows:  # spread the per-row terms over every row
+        grad_logp = grad_logp.new_zeros(n_rows).index_copy_(0, rows, grad_logp)
+        lse = lse.new_full((n_rows,), float("inf")).index_copy_(0, rows, lse)
+        targets = targets.new_zeros(n_rows).index_copy_(0, rows, targets)
+    grad = torch.empty_like(logits)
+    step = _row_chunk(logits)
+    for start in range(0, n_rows, step):
+        part = slice(start, start + step)
+        g = grad_logp[part].unsqueeze(1)  # [n, 1]
+        out = grad[part]  # [n, V], a view
+        torch.sub(logits[part], lse[part].unsqueeze(1), out=out).exp_()  # softmax
+        out.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
+    return grad
+
+
+def _gathered_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                       lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+    """The counted rows gathered chunk by chunk (upcast to the accumulation dtype),
+    computed in place on the copy and copied into a zeroed gradient."""
     # Every row gets written when every row counts, so only then can zeroing be skipped.
-    grad = torch.empty_like(logits) if every_row else torch.zeros_like(logits)
-    # When every row counts and the logits are already in the accumulation dtype, the
-    # softmax is computed straight into the gradient's rows: no gathered copy and no
-    # copy back (on CPU the backward went from 47-48 to 39-41 ms on [512, 32000]).
-    in_place = every_row and logits.dtype == grad_logp.dtype
+    grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
     step = _row_chunk(logits)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
         g = grad_logp[part].unsqueeze(1)  # [n, 1], the accumulation dtype
-        if in_place:
-            out = grad[part]  # [n, V], a view
-            torch.sub(logits[part], lse[part].unsqueeze(1), out=out).exp_()  # softmax
-            out.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)
-            continue
         chunk = logits.index_select(0, rows[part]).to(g.dtype)  # [n, V], always a copy
         chunk.sub_(lse[part].unsqueeze(1)).exp_()  # softmax
         chunk.mul_(-g).scatter_add_(1, targets[part].unsqueeze(1), g)

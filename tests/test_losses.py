@@ -39,19 +39,19 @@ def test_catnip_beta_scales_inside_softplus():
     assert loss.item() == pytest.approx(math.log(1.25), abs=1e-12)
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["prompt-and-padding", "every-row-counts"])
+@pytest.mark.parametrize("masked", [[(0, slice(0, 2)), (1, slice(4, None))], [(1, slice(5, None))], []],
+                         ids=["prompt-and-padding", "one-padding-position", "every-row-counts"])
 def test_gradient_matches_eq9_closed_form(masked):
     """Autograd gradient == (1/|y|) sum_i beta z^b/(z^b + (1-z)^b) * grad log z_i, per sample,
-    then mean over samples (eq. 9), on random logits with a prompt and padding mask, and
-    with every position counted (the backward then writes the softmax straight into the
-    gradient)."""
+    then mean over samples (eq. 9), on random logits with a prompt and padding mask (the
+    backward gathers the counted rows), with one position masked and with none (at 90% of
+    the rows or more it writes every row straight into the gradient)."""
     torch.manual_seed(0)
     B, T, V, beta = 3, 6, 7, 1.7
     logits = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
-    if masked:
-        labels[0, :2] = IGNORE_INDEX
-        labels[1, 4:] = IGNORE_INDEX
+    for row, positions in masked:
+        labels[row, positions] = IGNORE_INDEX
     catnip_loss(logits, labels, beta=beta).backward()
 
     x = logits.detach().clone().requires_grad_(True)
@@ -187,14 +187,17 @@ def test_kl_retain_zero_for_identical_and_positive_otherwise():
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["every-row-counts", "some-masked"])
+@pytest.mark.parametrize("masked", ["none", "last-positions", "prompts"])
 def test_chunking_does_not_change_results(monkeypatch, masked):
-    """Chunks of 7 rows give the single-chunk loss and gradient, both when every row
-    counts (the backward skips zeroing) and when masked rows must get a zero gradient."""
+    """Chunks of 7 rows give the single-chunk loss and gradient: when every row counts,
+    when only each sample's last position does not (the dense backward), and when
+    prompts do not (the gathered backward); rows that do not count get a zero gradient."""
     torch.manual_seed(4)
     x = torch.randn(3, 50, 11, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (3, 50))
-    if masked:
+    if masked == "last-positions":
+        labels[:, -1] = IGNORE_INDEX
+    if masked == "prompts":
         labels[:, :9] = IGNORE_INDEX
         labels[2, 30:] = IGNORE_INDEX
     full = catnip_loss(x, labels, beta=1.5)
@@ -204,8 +207,7 @@ def test_chunking_does_not_change_results(monkeypatch, masked):
     (g_chunked,) = torch.autograd.grad(chunked, x)
     assert full.item() == pytest.approx(chunked.item(), abs=1e-12)
     torch.testing.assert_close(g_full, g_chunked)
-    if masked:
-        assert torch.all(g_chunked[labels == IGNORE_INDEX] == 0)
+    assert torch.all(g_chunked[labels == IGNORE_INDEX] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -223,7 +225,11 @@ def test_compiled_backend_matches_eager(dtype, compare_loss_backends):
     labels[2] = IGNORE_INDEX
     grad_c = compare_loss_backends(logits, labels, dtype)
     assert (grad_c[2] == 0).all() and (grad_c[0, 0] == 0).all()  # masked rows get nothing
-    compare_loss_backends(logits, labels.clamp(min=0), dtype)  # every row counts
+    labels = labels.clamp(min=0)
+    compare_loss_backends(logits, labels, dtype)  # every row counts
+    labels[1, -1] = IGNORE_INDEX
+    grad_c = compare_loss_backends(logits, labels, dtype)  # 17 of 18 rows count: dense
+    assert (grad_c[1, -1] == 0).all()
 
 
 def test_unknown_backend_is_refused():
