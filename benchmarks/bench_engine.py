@@ -4,7 +4,8 @@
    [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
    peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
 2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model,
-   and CATNIP's step time and peak memory with gradient checkpointing vs without.
+   and CATNIP's step time and peak memory with gradient checkpointing vs without, in
+   interleaved rounds (--step-rounds); each ratio is the median of the rounds' ratios.
 
     python benchmarks/bench_engine.py [--device cuda] [--dtype bf16]
 """
@@ -177,18 +178,29 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
     return {"step_s": statistics.median(durations), "peak_bytes": peak}
 
 
-def step_configs(device: str, dtype: torch.dtype, steps: int) -> dict[str, dict[str, float]]:
-    """one_step_config for every configuration; on CPU each in a fresh process, so one
-    configuration's freed memory kept by the heap does not hide another's peak."""
-    if device.startswith("cuda"):
-        return {name: one_step_config(name, device, dtype, steps) for name in STEP_CONFIGS}
+def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int) -> list[dict[str, dict]]:
+    """one_step_config for every configuration, in `rounds` interleaved rounds (each round
+    runs every configuration once), so a slow spell of a shared machine hits all of them
+    alike. On CPU each run is a fresh process, so one configuration's freed memory kept
+    by the heap does not hide another's peak."""
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"
-    out = {}
-    for name in STEP_CONFIGS:
-        child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", dtype_name,
-                                "--steps", str(steps)], check=True, capture_output=True, text=True)
-        out[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    out = []
+    for _ in range(rounds):
+        results = {}
+        for name in STEP_CONFIGS:
+            if device.startswith("cuda"):
+                results[name] = one_step_config(name, device, dtype, steps)
+                continue
+            child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", dtype_name,
+                                    "--steps", str(steps)], check=True, capture_output=True, text=True)
+            results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        out.append(results)
     return out
+
+
+def round_ratio(rounds: list[dict[str, dict]], key: str, top: str, bottom: str) -> float:
+    """The median over rounds of that round's top/bottom ratio of `key`."""
+    return statistics.median(r[top][key] / r[bottom][key] for r in rounds)
 
 
 def main() -> None:
@@ -197,6 +209,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--step-rounds", type=int, default=3)
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +227,9 @@ def main() -> None:
     ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds["cross_entropy"]))
               for name in LOSSES[1:]}
     peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
-    steps = step_configs(args.device, dtype, args.steps)
+    rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds)
+    steps = {name: {key: statistics.median(r[name][key] for r in rounds_of_steps)
+                    for key in ("step_s", "peak_bytes")} for name in STEP_CONFIGS}
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -226,11 +241,12 @@ def main() -> None:
         "step_dtype": args.dtype,
         **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
         **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1) for name in STEP_CONFIGS},
-        "catnip_over_npo_step": round(steps["catnip"]["step_s"] / steps["npo"]["step_s"], 3),
+        "step_rounds": args.step_rounds,
+        "catnip_over_npo_step": round(round_ratio(rounds_of_steps, "step_s", "catnip", "npo"), 3),
         "checkpointing_over_plain_step": round(
-            steps["catnip_checkpointing"]["step_s"] / steps["catnip"]["step_s"], 3),
+            round_ratio(rounds_of_steps, "step_s", "catnip_checkpointing", "catnip"), 3),
         "checkpointing_over_plain_peak": round(
-            steps["catnip_checkpointing"]["peak_bytes"] / steps["catnip"]["peak_bytes"], 3),
+            round_ratio(rounds_of_steps, "peak_bytes", "catnip_checkpointing", "catnip"), 3),
     }
     print(json.dumps(result, indent=2))
 
