@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks of the engine (issue 2) in one command, on a machine with CUDA, from the
+# repository root: the tests marked `gpu` and the engine benchmark with a bf16 model.
+# Logs go to the folder given (default ./gpu-check). Exits non-zero if either fails.
+#
+# It needs only the engine's packages in the python3 it finds (torch with CUDA,
+# transformers, peft, safetensors, tokenizers, pyyaml, pydantic); the service's
+# (FastAPI, SQLAlchemy, Celery, ...) are not imported.
+#
+#     bash scripts/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+out=${1:-gpu-check}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+"$python" - <<'EOF' 2>&1 | tee "$out/device.txt"
+import torch, transformers, peft
+assert torch.cuda.is_available(), "no CUDA device: these checks need one"
+print("device", torch.cuda.get_device_name(), "| torch", torch.__version__,
+      "| transformers", transformers.__version__, "| peft", peft.__version__)
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+
+"$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/pytest-gpu.log"
+tests=${PIPESTATUS[0]}
+"$python" benchmarks/bench_engine.py --device cuda --dtype bf16 2>&1 | tee "$out/bench-cuda-bf16.json"
+bench=${PIPESTATUS[0]}
+echo "pytest -m gpu: exit $tests; bench_engine: exit $bench" | tee "$out/summary.txt"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
