@@ -3,11 +3,12 @@
 1. CATNIP loss forward+backward vs F.cross_entropy on the same fp32 logits
    [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
    peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
+   The same for the retain KL term of the +kl methods, against a reference's logits.
 2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model,
    and CATNIP's step time and peak memory with gradient checkpointing vs without, in
    interleaved rounds (--step-rounds); each ratio is the median of the rounds' ratios.
 
-    python benchmarks/bench_engine.py [--device cuda] [--dtype bf16]
+    python benchmarks/bench_engine.py [--device cuda] [--dtype bf16] [--losses-only]
 """
 
 from __future__ import annotations
@@ -24,25 +25,32 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.losses import catnip_loss, set_backend  # noqa: E402
+from core.losses import catnip_loss, kl_retain_loss, set_backend  # noqa: E402
 
 SHAPE = (2, 256, 32000)
 
 
-def make_inputs(device: str, dtype: torch.dtype):
+def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE):
+    """(logits with grad, labels, reference logits): near-certain targets; the reference
+    (for the retain KL) is the logits plus noise, without grad."""
     torch.manual_seed(0)
-    logits = torch.randn(*SHAPE, device=device, dtype=torch.float32)
-    labels = torch.randint(0, SHAPE[2], SHAPE[:2], device=device)
-    logits.scatter_(2, labels[..., None], 30.0)  # near-certain targets: z ~ 1 - 1e-9
-    return logits.to(dtype).requires_grad_(True), labels
+    logits = torch.randn(*shape, device=device, dtype=torch.float32)
+    labels = torch.randint(0, shape[-1], shape[:-1], device=device)
+    logits.scatter_(-1, labels[..., None], 30.0)  # near-certain targets: z ~ 1 - 1e-9
+    ref = logits + torch.randn_like(logits)
+    return logits.to(dtype).requires_grad_(True), labels, ref.to(dtype)
 
 
-LOSSES = ("cross_entropy", "catnip", "catnip_compiled")
+# cross_entropy is the yardstick; kl_retain is the retain term of the +kl methods (full
+# vocabulary KL to the reference at every position)
+LOSSES = ("cross_entropy", "catnip", "catnip_compiled", "kl_retain")
 
 
-def run_loss(name: str, logits, labels):
+def run_loss(name: str, logits, labels, ref):
     if name == "cross_entropy":
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    elif name == "kl_retain":
+        loss = kl_retain_loss(logits, ref, labels)
     else:
         set_backend("compiled" if name == "catnip_compiled" else "eager")
         loss = catnip_loss(logits, labels, beta=1.0)
@@ -59,16 +67,16 @@ def time_losses(device: str, dtype: torch.dtype, repeats: int) -> dict[str, list
     """Seconds per forward+backward of every loss, measured in interleaved rounds (each
     round runs every loss once), so a slow spell of a shared machine hits all of them
     alike and each round gives a side-by-side ratio."""
-    logits, labels = make_inputs(device, dtype)
+    inputs = make_inputs(device, dtype)
     for name in LOSSES:
         for _ in range(3):
-            run_loss(name, logits, labels)
+            run_loss(name, *inputs)
     times: dict[str, list[float]] = {name: [] for name in LOSSES}
     for _ in range(repeats):
         for name in LOSSES:
             sync(device)
             start = time.perf_counter()
-            run_loss(name, logits, labels)
+            run_loss(name, *inputs)
             sync(device)
             times[name].append(time.perf_counter() - start)
     return times
@@ -84,12 +92,12 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
     follows the live tensors rather than a heap that keeps freed memory.
     """
     if device.startswith("cuda"):
-        logits, labels = make_inputs(device, dtype)
-        run_loss(name, logits, labels)  # warm up allocator / kernels
+        inputs = make_inputs(device, dtype)
+        run_loss(name, *inputs)  # warm up allocator / kernels
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_loss(name, logits, labels)
+        run_loss(name, *inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"
@@ -109,12 +117,11 @@ def _cpu_peak_child(name: str, dtype: torch.dtype) -> None:
     """In a fresh process: print the peak-RSS growth (bytes) of one forward+backward.
     A warm-up on small inputs first (compilation, lazy init), then the peak counter is
     reset (Linux: `5 > /proc/self/clear_refs`) once the inputs exist."""
-    small = torch.randn(1, 8, 64, requires_grad=True)
-    run_loss(name, small, torch.randint(0, 64, (1, 8)))
-    logits, labels = make_inputs("cpu", dtype)
+    run_loss(name, *make_inputs("cpu", dtype, (1, 8, 64)))
+    inputs = make_inputs("cpu", dtype)
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
-    run_loss(name, logits, labels)
+    run_loss(name, *inputs)
     print((_status_kib("VmHWM") - base) * 1024)
 
 
@@ -210,6 +217,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--step-rounds", type=int, default=3)
+    parser.add_argument("--losses-only", action="store_true", help="skip the step benchmark")
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,9 +235,6 @@ def main() -> None:
     ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds["cross_entropy"]))
               for name in LOSSES[1:]}
     peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
-    rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds)
-    steps = {name: {key: statistics.median(r[name][key] for r in rounds_of_steps)
-                    for key in ("step_s", "peak_bytes")} for name in STEP_CONFIGS}
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -238,16 +243,23 @@ def main() -> None:
         **{f"{name}_time_ratio": round(ratios[name], 3) for name in LOSSES[1:]},
         **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in LOSSES},
         **{f"{name}_memory_ratio": round(peaks[name] / peaks["cross_entropy"], 3) for name in LOSSES[1:]},
-        "step_dtype": args.dtype,
-        **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
-        **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1) for name in STEP_CONFIGS},
-        "step_rounds": args.step_rounds,
-        "catnip_over_npo_step": round(round_ratio(rounds_of_steps, "step_s", "catnip", "npo"), 3),
-        "checkpointing_over_plain_step": round(
-            round_ratio(rounds_of_steps, "step_s", "catnip_checkpointing", "catnip"), 3),
-        "checkpointing_over_plain_peak": round(
-            round_ratio(rounds_of_steps, "peak_bytes", "catnip_checkpointing", "catnip"), 3),
     }
+    if not args.losses_only:
+        rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds)
+        steps = {name: {key: statistics.median(r[name][key] for r in rounds_of_steps)
+                        for key in ("step_s", "peak_bytes")} for name in STEP_CONFIGS}
+        result.update({
+            "step_dtype": args.dtype,
+            **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
+            **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1)
+               for name in STEP_CONFIGS},
+            "step_rounds": args.step_rounds,
+            "catnip_over_npo_step": round(round_ratio(rounds_of_steps, "step_s", "catnip", "npo"), 3),
+            "checkpointing_over_plain_step": round(
+                round_ratio(rounds_of_steps, "step_s", "catnip_checkpointing", "catnip"), 3),
+            "checkpointing_over_plain_peak": round(
+                round_ratio(rounds_of_steps, "peak_bytes", "catnip_checkpointing", "catnip"), 3),
+        })
     print(json.dumps(result, indent=2))
 
 

@@ -365,15 +365,62 @@ def nll_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -_per_sample_mean(logp, mask)
 
 
+class _RetainKL(torch.autograd.Function):
+    """KL[q || r] of selected rows, q = softmax(logits), r = softmax(ref_logits).
+
+    forward(logits [R, V], ref_logits [R, V], rows [N]) -> kl [N] in the accumulation
+    dtype (float32; float64 for float64 logits), computed chunk by chunk.
+    backward: d kl / d logits[row] = q * (log q - log r - kl); other rows get 0 and the
+    reference gets nothing. Only the two logits tensors, rows and kl are saved (nothing
+    [N, V] of its own): the backward recomputes both log-softmaxes per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, rows):  # type: ignore[override]
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        kl = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+        step = _row_chunk(logits)
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step]
+            logq = F.log_softmax(logits.index_select(0, part).to(acc), dim=1)  # [n, V]
+            diff = F.log_softmax(ref_logits.index_select(0, part).to(acc), dim=1)
+            diff.neg_().add_(logq)  # log q - log r
+            kl[start:start + step] = logq.exp_().mul_(diff).sum(dim=1)
+        ctx.save_for_backward(logits, ref_logits, rows, kl)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):  # type: ignore[override]
+        logits, ref_logits, rows, kl = ctx.saved_tensors
+        grad_kl = grad_kl.to(kl.dtype)
+        grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+        step = _row_chunk(logits)
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step]
+            logq = F.log_softmax(logits.index_select(0, part).to(kl.dtype), dim=1)
+            diff = F.log_softmax(ref_logits.index_select(0, part).to(kl.dtype), dim=1)
+            diff.neg_().add_(logq).sub_(kl[start:start + step].unsqueeze(1))  # log q - log r - kl
+            chunk = logq.exp_().mul_(diff).mul_(grad_kl[start:start + step].unsqueeze(1))
+            grad.index_copy_(0, part, chunk.to(grad.dtype))
+        return grad, None, None
+
+
 def kl_retain_loss(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """Retain KL, paper eq. 1: KL[pi_theta(.|x) || pi_ref(.|x)] at counted positions.
 
     logits, ref_logits: [B, T, V]; labels: [B, T] (only the mask is used).
-    Full-vocabulary KL per position, per-sample mean, then mean over samples.
+    Full-vocabulary KL per counted position (computed in chunks, so the scratch memory
+    is one fp32 chunk, not several [B, T, V] tensors), per-sample mean, then mean over
+    samples.
     """
-    logq = F.log_softmax(logits.float(), dim=-1)
-    logr = F.log_softmax(ref_logits.detach().float(), dim=-1)
-    kl = (logq.exp() * (logq - logr)).sum(dim=-1)  # [B, T]
-    return _per_sample_mean(kl, labels != IGNORE_INDEX)
+    if logits.shape != ref_logits.shape or logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
+                         f"and labels {tuple(labels.shape)} disagree")
+    mask = labels != IGNORE_INDEX
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # [N]
+    vocab = logits.shape[-1]
+    kl_rows = _RetainKL.apply(logits.reshape(-1, vocab), ref_logits.detach().reshape(-1, vocab), rows)
+    kl = kl_rows.new_zeros(mask.numel()).index_put((rows,), kl_rows).view(mask.shape)  # [B, T]
+    return _per_sample_mean(kl, mask)

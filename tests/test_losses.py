@@ -187,6 +187,35 @@ def test_kl_retain_zero_for_identical_and_positive_otherwise():
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [3, 1000], ids=["chunks-of-3-rows", "one-chunk"])
+def test_kl_retain_matches_the_formula_and_autograd(monkeypatch, chunk_rows):
+    """The chunked KL equals sum_v q (log q - log r) over counted positions, per-sample
+    mean then mean over samples; its hand-written backward passes gradcheck (float64);
+    the reference gets no gradient; a masked position with NaN logits changes nothing."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": chunk_rows * 9, "default": chunk_rows * 9})
+    torch.manual_seed(5)
+    logits = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.zeros(3, 5, dtype=torch.long)
+    labels[0, :2] = IGNORE_INDEX
+    labels[2] = IGNORE_INDEX  # a sample with no counted position does not count
+    logq, logr = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
+    kl = (logq.exp() * (logq - logr)).sum(-1)
+    mask = (labels != IGNORE_INDEX).double()
+    expected = ((kl * mask).sum(1) / mask.sum(1).clamp(min=1))[:2].mean()
+    loss = losses.kl_retain_loss(logits, ref, labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    loss.backward()
+    assert ref.grad is None
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: losses.kl_retain_loss(x, ref.detach(), labels),
+                                    (logits.detach().clone().requires_grad_(True),))
+    poisoned = logits.detach().clone()
+    poisoned[2, 0] = float("nan")
+    assert losses.kl_retain_loss(poisoned, ref, labels).item() == pytest.approx(loss.item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("masked", ["none", "last-positions", "prompts"])
 def test_chunking_does_not_change_results(monkeypatch, masked):
     """Chunks of 7 rows give the single-chunk loss and gradient: when every row counts,
