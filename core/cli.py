@@ -144,7 +144,8 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
 
 @app.command()
 def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnpo", help="Comma-separated ids."),
-          lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default."),
+          lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default; "
+                                 "'none' for only the +KL runs."),
           retain_lr: str = typer.Option("1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."),
           steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
           batch_size: int | None = typer.Option(None, help="Forget samples per step, every run "
@@ -159,9 +160,14 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
 
     demo_dir = _data_dir() / "demo"
     ensure_model(demo_dir)
-    learning_rates = [None if x.strip() == "paper" else float(x) for x in lrs.split(",")]
-    runs = grid([m.strip() for m in methods.split(",")], learning_rates,
-                None if retain_lr == "none" else float(retain_lr))
+    try:
+        learning_rates = ([] if lrs.strip() == "none" else
+                          [None if x.strip() == "paper" else float(x) for x in lrs.split(",")])
+        retain = None if retain_lr.strip() == "none" else float(retain_lr)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--lrs {lrs!r} / --retain-lr {retain_lr!r}: {exc}; give numbers, "
+                                 "'paper' (in --lrs) or 'none'") from exc
+    runs = grid([m.strip() for m in methods.split(",")], learning_rates, retain)
     out = output or _data_dir() / "bench"
     typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)
     base = demo_spec(demo_dir, max_steps=steps)
