@@ -181,7 +181,7 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
     else:
         peak = _status_kib("VmHWM") * 1024 - base
     # the median step after the first two (warm-up: lazy initialisation, allocator growth)
-    durations = [b - a for a, b in zip(clock.ends[1:], clock.ends[2:])]
+    durations = [b - a for a, b in zip(clock.ends[1:], clock.ends[2:], strict=False)]
     return {"step_s": statistics.median(durations), "peak_bytes": peak}
 
 
@@ -232,7 +232,7 @@ def main() -> None:
     rounds = time_losses(args.device, loss_dtype, args.repeats)
     times = {name: statistics.median(rounds[name]) for name in LOSSES}
     # the ratio is the median over rounds of that round's ratio (both timed back to back)
-    ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds["cross_entropy"]))
+    ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds["cross_entropy"], strict=True))
               for name in LOSSES[1:]}
     peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
     result = {

@@ -170,7 +170,7 @@ def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type
         # torch stops a recomputation as soon as it has what the backward needs)
         mlp = next(m for n, m in wrapped.model.named_modules() if n.endswith("layers.0.mlp"))
         calls = []
-        mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
         runs[checkpointing] = ({n: p.detach().clone() for n, p in wrapped.trainable().items()},
                                len(calls))
