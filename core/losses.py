@@ -59,11 +59,33 @@ def _row_chunk(logits: torch.Tensor) -> int:
     return max(1, elements // logits.shape[1])
 
 
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype the row maths runs in: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _row_grad(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The gradient buffer of a backward that writes only `rows`: zeroed unless every
+    row gets written."""
+    return torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+
+
+def _counted_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, T], rows [N]): which positions count, and their flat indices."""
+    mask = labels != IGNORE_INDEX
+    return mask, mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _unflatten_rows(values: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row values [N] back to [B, T], 0 where a position does not count."""
+    return values.new_zeros(mask.numel()).index_put((rows,), values).view(mask.shape)
+
+
 def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
     """Eager forward: [R, V], [N], [N] -> (logp, log1m, lse_all), each [N] in the
     accumulation dtype (float32; float64 for float64 logits). Rows are processed in
     chunks, so the scratch memory is one fp32 chunk whatever the batch size."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(logits)
     logp = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
     log1m = torch.empty_like(logp)
     lse_all = torch.empty_like(logp)
@@ -130,8 +152,7 @@ def _gathered_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.
                        lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
     """The counted rows gathered chunk by chunk (upcast to the accumulation dtype),
     computed in place on the copy and copied into a zeroed gradient."""
-    # Every row gets written when every row counts, so only then can zeroing be skipped.
-    grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+    grad = _row_grad(logits, rows)
     step = _row_chunk(logits)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
@@ -146,8 +167,7 @@ def _gathered_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.
 def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
     """_chunked_forward's maths on whole rows, functional (for torch.compile, which fuses
     the gather, the target exclusion and the reduction, so nothing [N, V] is kept)."""
-    x = logits.index_select(0, rows)
-    x = x.double() if x.dtype == torch.float64 else x.float()
+    x = logits.index_select(0, rows).to(_acc_dtype(logits))
     is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     logit_y = x.gather(1, targets[:, None]).squeeze(1)
     lse_others = torch.logsumexp(torch.where(is_target, float("-inf"), x), dim=1)
@@ -217,14 +237,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    mask = labels != IGNORE_INDEX
-    rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of counted positions
+    mask, rows = _counted_rows(labels)
     targets = labels.reshape(-1).index_select(0, rows)
     logp_rows, log1m_rows = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
-    zeros = logp_rows.new_zeros(mask.numel())
-    logp = zeros.index_put((rows,), logp_rows)
-    log1m = zeros.index_put((rows,), log1m_rows)
-    return logp.view(mask.shape), log1m.view(mask.shape)
+    return _unflatten_rows(logp_rows, rows, mask), _unflatten_rows(log1m_rows, rows, mask)
 
 
 def strided_mask(labels: torch.Tensor, token_stride: int = 1) -> torch.Tensor:
@@ -377,7 +393,7 @@ class _RetainKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ref_logits, rows):  # type: ignore[override]
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(logits)
         kl = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
         step = _row_chunk(logits)
         for start in range(0, rows.shape[0], step):
@@ -393,7 +409,7 @@ class _RetainKL(torch.autograd.Function):
     def backward(ctx, grad_kl):  # type: ignore[override]
         logits, ref_logits, rows, kl = ctx.saved_tensors
         grad_kl = grad_kl.to(kl.dtype)
-        grad = torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+        grad = _row_grad(logits, rows)
         step = _row_chunk(logits)
         for start in range(0, rows.shape[0], step):
             part = rows[start:start + step]
@@ -418,9 +434,7 @@ def kl_retain_loss(
     if logits.shape != ref_logits.shape or logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
                          f"and labels {tuple(labels.shape)} disagree")
-    mask = labels != IGNORE_INDEX
-    rows = mask.reshape(-1).nonzero().squeeze(1)  # [N]
+    mask, rows = _counted_rows(labels)
     vocab = logits.shape[-1]
     kl_rows = _RetainKL.apply(logits.reshape(-1, vocab), ref_logits.detach().reshape(-1, vocab), rows)
-    kl = kl_rows.new_zeros(mask.numel()).index_put((rows,), kl_rows).view(mask.shape)  # [B, T]
-    return _per_sample_mean(kl, mask)
+    return _per_sample_mean(_unflatten_rows(kl_rows, rows, mask), mask)
