@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,74 +221,85 @@ def run_unlearning(
         hooks.on_resume(start_step)
     result = LoopResult(steps_done=start_step, total_steps=steps,
                         stopped_early=stop_reason is not None, stop_reason=stop_reason)
-    if params.gradient_checkpointing:
-        _set_gradient_checkpointing(model, True)
-    model.train()
-    accum = params.gradient_accumulation_steps
-    started = time.monotonic()
-    tokens_seen = 0
+    # checkpointing is switched off again however the loop ends (a cancel raises)
+    with _gradient_checkpointing(model, params.gradient_checkpointing):
+        model.train()
+        accum = params.gradient_accumulation_steps
+        started = time.monotonic()
+        tokens_seen = 0
 
-    # --- steps
-    for step in range(start_step + 1, (start_step if stop_reason else steps) + 1):
-        if hooks.should_cancel():
-            raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
-        terms_sum: dict[str, float] = {}
-        for micro in range(accum):
-            index = (step - 1) * accum + micro
-            batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
-            tokens_seen += int(batch["attention_mask"].sum())
-            logits = _forward_logits(model, batch)  # [B, T, V]
-            logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T] each
-            ref_logp = None
-            if method.uses_reference:
-                with wrapped.reference_mode() as reference:
-                    ref_logits = _forward_logits(reference, batch)
-                    ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
-                    del ref_logits
-            loss = method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
-            micro_terms = {"forget": float(loss.detach())}
-            if retain_stream is not None and params.retain_loss != "none":
-                retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
-                micro_terms[f"retain_{params.retain_loss}"] = float(retain_term.detach())
-                loss = loss + params.retain_weight * retain_term
-            (loss / accum).backward()
-            for name, value in micro_terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
-        if params.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # --- steps
+        for step in range(start_step + 1, (start_step if stop_reason else steps) + 1):
+            if hooks.should_cancel():
+                raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
+            terms_sum: dict[str, float] = {}
+            for micro in range(accum):
+                index = (step - 1) * accum + micro
+                batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
+                tokens_seen += int(batch["attention_mask"].sum())
+                logits = _forward_logits(model, batch)  # [B, T, V]
+                logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T] each
+                ref_logp = None
+                if method.uses_reference:
+                    with wrapped.reference_mode() as reference:
+                        ref_logits = _forward_logits(reference, batch)
+                        ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
+                        del ref_logits
+                loss = method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
+                micro_terms = {"forget": float(loss.detach())}
+                if retain_stream is not None and params.retain_loss != "none":
+                    retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
+                    micro_terms[f"retain_{params.retain_loss}"] = float(retain_term.detach())
+                    loss = loss + params.retain_weight * retain_term
+                (loss / accum).backward()
+                for name, value in micro_terms.items():
+                    terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
+            if params.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        elapsed = time.monotonic() - started
-        done_here = step - start_step
-        info = StepInfo(
-            step=step, total_steps=steps,
-            loss=terms_sum["forget"] + params.retain_weight * sum(
-                v for k, v in terms_sum.items() if k.startswith("retain")),
-            terms=terms_sum, learning_rate=learning_rate,
-            tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
-            eta_seconds=elapsed / done_here * (steps - step),
-        )
-        result.history.append(info)
-        result.steps_done = step
-        hooks.on_step(info)
-        reason = hooks.after_step(step)
-        if reason is not None:
-            result.stopped_early, result.stop_reason = True, reason
-            break
-        if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-            hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler))
+            elapsed = time.monotonic() - started
+            done_here = step - start_step
+            info = StepInfo(
+                step=step, total_steps=steps,
+                loss=terms_sum["forget"] + params.retain_weight * sum(
+                    v for k, v in terms_sum.items() if k.startswith("retain")),
+                terms=terms_sum, learning_rate=learning_rate,
+                tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
+                eta_seconds=elapsed / done_here * (steps - step),
+            )
+            result.history.append(info)
+            result.steps_done = step
+            hooks.on_step(info)
+            reason = hooks.after_step(step)
+            if reason is not None:
+                result.stopped_early, result.stop_reason = True, reason
+                break
+            if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
+                hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler))
 
-    # --- save
-    if checkpoint_dir is not None and result.steps_done > start_step:
-        hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer,
-                                            scheduler, stop_reason=result.stop_reason))
-    if params.gradient_checkpointing:
-        _set_gradient_checkpointing(model, False)
+        # --- save
+        if checkpoint_dir is not None and result.steps_done > start_step:
+            hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer,
+                                                scheduler, stop_reason=result.stop_reason))
     model.eval()
     return result
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model: Any, enable: bool) -> Iterator[None]:
+    """Activation checkpointing on `model` inside the block when `enable`, off after it."""
+    if not enable:
+        yield
+        return
+    _set_gradient_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        _set_gradient_checkpointing(model, False)
 
 
 def _set_gradient_checkpointing(model: Any, enable: bool) -> None:

@@ -182,3 +182,18 @@ def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type
     assert checkpointed_calls == (passes + 1) * params.max_steps  # + the recomputation
     for name, value in plain.items():
         torch.testing.assert_close(checkpointed[name], value, rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
+    """A cancelled run (JobCancelled raised mid-loop) leaves no checkpointing behind."""
+    from core.errors import JobCancelled
+
+    class CancelAtOnce(Hooks):
+        def should_cancel(self) -> bool:
+            return True
+
+    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "catnip",
+                                                     gradient_checkpointing=True)
+    with pytest.raises(JobCancelled):
+        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, hooks=CancelAtOnce())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in wrapped.model.modules())
