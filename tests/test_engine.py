@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from engine_setup import setup_run
 
-from core.data import build_examples, load_records
-from core.methods import METHODS, parse_params
-from core.modeling import AdapterSpec, load_base, save_output, wrap
+from core.methods import METHODS
+from core.modeling import AdapterSpec, load_base, save_output
 from core.unlearn import Hooks, run_unlearning
 
 CPU = torch.device("cpu")
-
-
-def _setup(fixture_dir: Path, adapter: AdapterSpec, method_id: str, **hp):
-    model, tokenizer = load_base(fixture_dir / "model", CPU)
-    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3,
-                                      "max_length": 64, **hp})
-    method = METHODS[method_id]
-    wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=params.seed)
-    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)
-    retain = build_examples(load_records(fixture_dir / "data" / "retain_qa.jsonl"), tokenizer, 64)
-    return wrapped, tokenizer, method, params, forget, retain
 
 
 @pytest.mark.parametrize("method_id", sorted(METHODS))
@@ -31,7 +18,7 @@ def _setup(fixture_dir: Path, adapter: AdapterSpec, method_id: str, **hp):
 def test_every_method_trains(fixture_dir, method_id, adapter_type):
     """Finite loss; trainable parameters change; frozen ones do not."""
     adapter = AdapterSpec(type=adapter_type, layers=[1] if adapter_type == "full" else None)
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, method_id)
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id)
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     assert trainable and len(trainable) < len(before)
@@ -49,7 +36,7 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type):
 
 @pytest.mark.parametrize("retain_loss", ["nll", "kl"])
 def test_retain_terms(fixture_dir, retain_loss):
-    wrapped, tok, method, params, forget, retain = _setup(
+    wrapped, tok, method, params, forget, retain = setup_run(
         fixture_dir, AdapterSpec(), "npo", retain_loss=retain_loss, retain_weight=0.5)
     result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
     terms = result.history[-1].terms
@@ -58,7 +45,7 @@ def test_retain_terms(fixture_dir, retain_loss):
 
 
 def test_lora_reference_is_the_same_model_without_adapter(fixture_dir):
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "npo")
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "npo")
     assert wrapped.reference is None  # no copy for LoRA
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     base, _ = load_base(fixture_dir / "model", CPU)
@@ -68,9 +55,9 @@ def test_lora_reference_is_the_same_model_without_adapter(fixture_dir):
 
 
 def test_reference_only_when_needed(fixture_dir):
-    wrapped, *_ = _setup(fixture_dir, AdapterSpec(type="full"), "catnip")
+    wrapped, *_ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip")
     assert wrapped.reference is None
-    wrapped, *_ = _setup(fixture_dir, AdapterSpec(type="full"), "npo")
+    wrapped, *_ = setup_run(fixture_dir, AdapterSpec(type="full"), "npo")
     assert wrapped.reference is not None
 
 
@@ -81,7 +68,7 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
           "batch_size": 16}
     adapter = AdapterSpec(type=adapter_type, dropout=0.1 if adapter_type == "lora" else 0.0)
 
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
                    checkpoint_dir=tmp_path / "a")
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
@@ -97,12 +84,12 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
 
     from core.errors import JobCancelled
 
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     with pytest.raises(JobCancelled):
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
                        checkpoint_dir=tmp_path / "b", hooks=StopAfter3())
     assert (tmp_path / "b" / "step-0000003" / "state.json").is_file()
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, adapter, "catnip", **hp)
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
                              checkpoint_dir=tmp_path / "b")
     assert [h.step for h in resumed.history] == [4, 5, 6]
@@ -114,7 +101,7 @@ def test_lora_adapter_round_trips_through_peft(fixture_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    wrapped, tok, method, params, forget, _ = _setup(
+    wrapped, tok, method, params, forget, _ = setup_run(
         fixture_dir, AdapterSpec(merge=True), "catnip", max_steps=5, learning_rate=5e-3)
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     written = save_output(wrapped, tok, tmp_path)
@@ -136,7 +123,7 @@ def test_lora_adapter_round_trips_through_peft(fixture_dir, tmp_path):
 def test_full_weights_output_loads(fixture_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(type="full"), "ga")
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "ga")
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     written = save_output(wrapped, tok, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(written["model"])
@@ -148,7 +135,7 @@ def test_full_weights_output_loads(fixture_dir, tmp_path):
 def test_deterministic_on_cpu(fixture_dir):
     runs = []
     for _ in range(2):
-        wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "catnip")
+        wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip")
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
         runs.append({n: p.detach().clone() for n, p in wrapped.trainable().items()})
     for name in runs[0]:
@@ -164,7 +151,7 @@ def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type
     adapter = AdapterSpec(type=adapter_type)
     runs = {}
     for checkpointing in (False, True):
-        wrapped, tok, method, params, forget, _ = _setup(
+        wrapped, tok, method, params, forget, _ = setup_run(
             fixture_dir, adapter, method_id, gradient_checkpointing=checkpointing)
         # a module inside the checkpointed layer starts again on recomputation (a pre-hook:
         # torch stops a recomputation as soon as it has what the backward needs)
@@ -192,7 +179,7 @@ def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
         def should_cancel(self) -> bool:
             return True
 
-    wrapped, tok, method, params, forget, _ = _setup(fixture_dir, AdapterSpec(), "catnip",
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip",
                                                      gradient_checkpointing=True)
     with pytest.raises(JobCancelled):
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, hooks=CancelAtOnce())

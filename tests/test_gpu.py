@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+from engine_setup import setup_run
 
 from core.losses import catnip_loss
 from core.methods import METHODS
 
 pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -62,19 +64,14 @@ def test_compiled_backend_matches_eager_on_cuda(dtype, compare_loss_backends):
 @pytest.mark.parametrize("method_id", sorted(METHODS))
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_methods_train_bf16_on_cuda(fixture_dir, method_id, adapter_type):
-    from core.data import build_examples, load_records
-    from core.methods import parse_params
-    from core.modeling import AdapterSpec, load_base, wrap
+    from core.modeling import AdapterSpec
     from core.unlearn import run_unlearning
 
-    model, tok = load_base(fixture_dir / "model", torch.device("cuda"))
-    assert next(model.parameters()).dtype == torch.bfloat16
-    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3})
-    wrapped = wrap(model, AdapterSpec(type=adapter_type),
-                   need_reference=METHODS[method_id].needs_reference(params))
-    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tok, 64)
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(type=adapter_type), method_id, device=CUDA)
+    assert next(wrapped.model.parameters()).dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
-    result = run_unlearning(wrapped, METHODS[method_id], params, forget, pad_id=tok.pad_token_id)
+    result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     assert all(math.isfinite(h.loss) for h in result.history)
     assert any(not torch.equal(p.detach(), before[n]) for n, p in wrapped.trainable().items())
 
@@ -99,20 +96,13 @@ def test_retain_kl_on_cuda_matches_cpu():
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_retain_terms_train_bf16_on_cuda(fixture_dir, retain_loss, adapter_type):
     """CATNIP with a retain term (NLL, or KL to the reference) on a bf16 model."""
-    from core.data import build_examples, load_records
-    from core.methods import parse_params
-    from core.modeling import AdapterSpec, load_base, wrap
+    from core.modeling import AdapterSpec
     from core.unlearn import run_unlearning
 
-    model, tok = load_base(fixture_dir / "model", torch.device("cuda"))
-    params = parse_params("catnip", {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3,
-                                     "retain_loss": retain_loss, "retain_weight": 0.5})
-    wrapped = wrap(model, AdapterSpec(type=adapter_type),
-                   need_reference=METHODS["catnip"].needs_reference(params))
-    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tok, 64)
-    retain = build_examples(load_records(fixture_dir / "data" / "retain_qa.jsonl"), tok, 64)
-    result = run_unlearning(wrapped, METHODS["catnip"], params, forget, pad_id=tok.pad_token_id,
-                            retain=retain)
+    wrapped, tok, method, params, forget, retain = setup_run(
+        fixture_dir, AdapterSpec(type=adapter_type), "catnip", device=CUDA,
+        retain_loss=retain_loss, retain_weight=0.5)
+    result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
     terms = result.history[-1].terms
     assert set(terms) == {"forget", f"retain_{retain_loss}"}
     assert all(math.isfinite(v) for v in terms.values()) and terms[f"retain_{retain_loss}"] >= 0

@@ -1,0 +1,26 @@
+"""The engine tests' common set-up (tests/test_engine.py on CPU, tests/test_gpu.py on
+CUDA): the fixture model wrapped for a method, with its forget and retain examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core.data import build_examples, load_records
+from core.methods import METHODS, parse_params
+from core.modeling import AdapterSpec, load_base, wrap
+
+
+def setup_run(fixture_dir: Path, adapter: AdapterSpec, method_id: str, *,
+              device: torch.device = torch.device("cpu"), **hp):
+    """(wrapped, tokenizer, method, params, forget, retain): 3 steps of batch 8 at lr 1e-3,
+    sequences of at most 64 tokens, unless `hp` says otherwise."""
+    model, tokenizer = load_base(fixture_dir / "model", device)
+    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3,
+                                      "max_length": 64, **hp})
+    method = METHODS[method_id]
+    wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=params.seed)
+    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)
+    retain = build_examples(load_records(fixture_dir / "data" / "retain_qa.jsonl"), tokenizer, 64)
+    return wrapped, tokenizer, method, params, forget, retain
