@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.losses import catnip_loss, kl_retain_loss, set_backend  # noqa: E402
 
 SHAPE = (2, 256, 32000)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE):
@@ -110,8 +112,7 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
         run_loss(name, *inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
-    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", dtype_name],
+    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", DTYPE_NAMES[dtype]],
                          check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -123,16 +124,26 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_cpu_peak() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux: `5 > clear_refs`) and
+    return that RSS in bytes; the growth of VmHWM above it is the peak from here on."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _cpu_peak_above(base: int) -> int:
+    return _status_kib("VmHWM") * 1024 - base
+
+
 def _cpu_peak_child(name: str, dtype: torch.dtype) -> None:
     """In a fresh process: print the peak-RSS growth (bytes) of one forward+backward.
     A warm-up on small inputs first (compilation, lazy init), then the peak counter is
     reset (Linux: `5 > /proc/self/clear_refs`) once the inputs exist."""
     run_loss(name, *make_inputs("cpu", dtype, (1, 8, 64)))
     inputs = make_inputs("cpu", dtype)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status_kib("VmRSS")
+    base = _reset_cpu_peak()
     run_loss(name, *inputs)
-    print((_status_kib("VmHWM") - base) * 1024)
+    print(_cpu_peak_above(base))
 
 
 STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
@@ -170,8 +181,7 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _status_kib("VmRSS") * 1024
+        base = _reset_cpu_peak()
 
     class StepClock(Hooks):
         """Records when each optimizer step ended."""
@@ -189,7 +199,7 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _status_kib("VmHWM") * 1024 - base
+        peak = _cpu_peak_above(base)
     # the median step after the first two (warm-up: lazy initialisation, allocator growth)
     durations = [b - a for a, b in zip(clock.ends[1:], clock.ends[2:], strict=False)]
     return {"step_s": statistics.median(durations), "peak_bytes": peak}
@@ -200,7 +210,6 @@ def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int) -> lis
     runs every configuration once), so a slow spell of a shared machine hits all of them
     alike. On CPU each run is a fresh process, so one configuration's freed memory kept
     by the heap does not hide another's peak."""
-    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
     out = []
     for _ in range(rounds):
         results = {}
@@ -208,7 +217,7 @@ def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int) -> lis
             if device.startswith("cuda"):
                 results[name] = one_step_config(name, device, dtype, steps)
                 continue
-            child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", dtype_name,
+            child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", DTYPE_NAMES[dtype],
                                     "--steps", str(steps)], check=True, capture_output=True, text=True)
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         out.append(results)
@@ -223,7 +232,7 @@ def round_ratio(rounds: list[dict[str, dict]], key: str, top: str, bottom: str) 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--step-rounds", type=int, default=3)
@@ -231,7 +240,7 @@ def main() -> None:
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    dtype = DTYPES[args.dtype]
     if args.cpu_peak_of:
         _cpu_peak_child(args.cpu_peak_of, dtype)
         return
