@@ -80,17 +80,15 @@ def _points(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], settings: str) -> str:
-    f = _points
-
     lines = [f"Settings: {settings}", "",
              "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
              "| general MC | df | du | dO | kept step | time s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['learning_rate']:g} | {f(r['forget_f1'])} | {f(r['forget_recall'])} "
-                     f"| {f(r['forget_mc'])} | {f(r['retain_f1'])} | {f(r['retain_unwatched_f1'])} "
-                     f"| {f(r['general_mc'])} | {f(r['delta_f'])} "
-                     f"| {f(r['delta_u'])} | {f(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
+        lines.append(f"| {r['run']} | {r['learning_rate']:g} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
+                     f"| {_points(r['forget_mc'])} | {_points(r['retain_f1'])} | {_points(r['retain_unwatched_f1'])} "
+                     f"| {_points(r['general_mc'])} | {_points(r['delta_f'])} "
+                     f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
                      f"| {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
