@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,21 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
     return model, tokenizer
 
 
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers, found by structure, not by name: the
+    ModuleList as long as `config.num_hidden_layers` (Llama's `model.layers`, GPT-2's and
+    Falcon's `transformer.h`, OPT's `model.decoder.layers`, ...). Where several are that
+    long, the one made of the classes the model names as its layers (`_no_split_modules`).
+    SpecError when there is none: `adapter.layers` cannot apply to such a model."""
+    n_layers = model.config.num_hidden_layers
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    named = [m for m in stacks if all(type(child).__name__ in layer_classes for child in m)]
+    if named or stacks:
+        return (named or stacks)[0]
+    raise SpecError(f"adapter.layers: cannot find the {n_layers} decoder layers of "
+                    f"{type(model).__name__}; train every layer (layers: null) or use LoRA",
+                    param="adapter.layers")
 
 
 @dataclass
@@ -113,10 +126,9 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
         if bad:
             raise SpecError(f"adapter.layers {bad} out of range: the model has {n_layers} layers",
                             param="adapter.layers")
-        wanted = set(adapter.layers)
-        for name, param in model.named_parameters():
-            match = _LAYER_RE.search(name)
-            param.requires_grad_(bool(match and int(match.group(1)) in wanted))
+        stack = decoder_layers(model)
+        for index in sorted(set(adapter.layers)):
+            stack[index].requires_grad_(True)
     return Wrapped(model, adapter, reference)
 
 

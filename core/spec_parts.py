@@ -33,6 +33,8 @@ class AdapterSpec(BaseModel):
             raise ValueError("'layers' applies only to adapter type 'full'")
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise ValueError("'layers' must be non-negative layer indices")
+        if self.layers == []:
+            raise ValueError("'layers' is empty: name at least one layer, or null for all")
         return self
 
 
