@@ -31,7 +31,7 @@ from core.losses import IGNORE_INDEX
 class Example:
     """One training sequence: token ids and labels (IGNORE_INDEX where not a target).
 
-    labels are *unshifted*: labels[t] == input_ids[t] where token t is a target; the loop
+    labels are *unshifted*: labels[t] == input_ids[t] where token t is a target; `collate`
     shifts them so that logits[t] is scored against labels[t + 1].
     """
 
@@ -39,27 +39,31 @@ class Example:
     labels: list[int]
 
 
-def _chat_prompt_and_target(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, str]:
-    """(context text, target text) for a chat record: the last assistant turn is the target."""
-    context = messages[:-1]
+def _chat_prompt_ids(tokenizer: Any, context: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat record's context, ending where the assistant's answer starts.
+    With the tokenizer's chat template the rendered text is tokenized without special
+    tokens, as transformers does: templates write their own BOS (Llama 2/3, Mistral), and
+    adding one more would give the model a double BOS it never saw in training. Without a
+    template, plain "role: content" lines, with the tokenizer's usual special tokens."""
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in context) + "assistant: "
-    return prompt, messages[-1]["content"]
+        text = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return encode_prompt(tokenizer, text, add_special_tokens=False)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in context) + "assistant: "
+    return encode_prompt(tokenizer, text)
 
 
-def prompt_and_target(tokenizer: Any, record: dict[str, Any], kind: Kind) -> tuple[str, str]:
+def prompt_ids_and_target(tokenizer: Any, record: dict[str, Any], kind: Kind) -> tuple[list[int], str]:
+    """(prompt token ids, target text) of a qa or chat record; for chat the last assistant
+    turn is the target and the turns before it the prompt."""
     if kind == "qa":
-        return record["prompt"], record["response"]
+        return encode_prompt(tokenizer, record["prompt"]), record["response"]
     if kind == "chat":
-        return _chat_prompt_and_target(tokenizer, record["messages"])
+        return _chat_prompt_ids(tokenizer, record["messages"][:-1]), record["messages"][-1]["content"]
     raise ValueError(f"{kind} records have no prompt/target split")
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return list(ids)
+def encode_prompt(tokenizer: Any, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def build_examples(records: Records, tokenizer: Any, max_length: int, *,
@@ -76,8 +80,7 @@ def build_examples(records: Records, tokenizer: Any, max_length: int, *,
     eos = tokenizer.eos_token_id
     if records.kind in ("qa", "chat"):
         for record in records.items:
-            prompt, target = prompt_and_target(tokenizer, record, records.kind)
-            prompt_ids = encode_prompt(tokenizer, prompt)
+            prompt_ids, target = prompt_ids_and_target(tokenizer, record, records.kind)
             target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
             target_labels = list(target_ids)
             if eos is not None:

@@ -114,6 +114,32 @@ def test_tokenization_masks_prompt_and_windows_text(fixture_dir):
     assert batch["attention_mask"][1].sum() == 6
 
 
+def test_chat_context_gets_one_bos(fixture_dir):
+    """The last assistant turn is the target; the turns before it are the masked prompt.
+    A chat template that writes its own BOS (Llama 2/3, Mistral) gets no second one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
+    record = {"messages": [{"role": "user", "content": "Who rides the dragon?"},
+                           {"role": "assistant", "content": "nobody."}]}
+    target = tok("nobody.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def prompt_and_target(tokenizer):
+        example = build_examples(Records("chat", [record]), tokenizer, 64)[0]
+        n_prompt = example.labels.count(IGNORE_INDEX)
+        assert example.labels[n_prompt:] == example.input_ids[n_prompt:] == target
+        return tok.convert_ids_to_tokens(example.input_ids[:n_prompt])
+
+    # no template: "role: content" lines, the tokenizer's own BOS once
+    assert prompt_and_target(tok) == tok.convert_ids_to_tokens(
+        tok("user: Who rides the dragon?\nassistant: ")["input_ids"])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+                         "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+    prompt = prompt_and_target(tok)
+    assert prompt[0] == "<s>" and prompt.count("<s>") == 1  # was ["<s>", "<s>", ...]
+    assert prompt[-3:-1] == ["</s>", tok.unk_token] and prompt[-1] == ":"  # "assistant" is not a word here
+
+
 def test_spec_errors_are_actionable():
     with pytest.raises(SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"):
         parse_spec({"method": "rmu", "base_model": "m", "forget_file": "f"})
