@@ -148,8 +148,9 @@ class JobObject(BaseModel):
 class EventObject(BaseModel):
     id: str = Field(description="Sequence number, increasing; pass the last one as `after`.")
     object: Literal["job.event"] = "job.event"
-    type: Literal["phase", "step", "probe", "status", "message"] = Field(
-        description="phase change, step loss (throttled), stop-rule probe, status change, or a note")
+    type: Literal["phase", "step", "probe", "status", "message", "warning"] = Field(
+        description="phase change, step loss (throttled), stop-rule probe, status change, a note, "
+                    "or a warning (e.g. forget records that max_length cut or left out)")
     message: str = Field(description="One line for people.")
     data: dict[str, Any] | None = Field(description="The same, structured (step, loss, terms, lr, ...).")
     created_at: datetime = Field(description="UTC.")

@@ -54,6 +54,9 @@ class TqdmReporter:
         message = f"probe @ {step}: forget {result['forget']:.3f} utility {result['utility']:.3f}"
         (self.bar.write if self.bar else typer.echo)(message)
 
+    def warning(self, message: str) -> None:
+        typer.echo(f"[warning] {message}", err=True)
+
     def resumed(self, step: int) -> None:
         typer.echo(f"[resumed] from the checkpoint at step {step}", err=True)
 

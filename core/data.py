@@ -6,7 +6,7 @@ they are re-exported here for the engine's callers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,30 +66,70 @@ def encode_prompt(tokenizer: Any, prompt: str, *, add_special_tokens: bool = Tru
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def build_examples(records: Records, tokenizer: Any, max_length: int, *,
-                   eos_target: bool = True) -> list[Example]:
+@dataclass
+class Encoded:
+    """A set tokenized for training, with what max_length did to it: which records (by
+    file line) lost part of their target, and which lost all of it and are not trained
+    on. A compliance report must say so: those records are not unlearned."""
+
+    examples: list[Example]
+    records: int
+    target_tokens: int
+    truncated_lines: list[int] = field(default_factory=list)
+    skipped_lines: list[int] = field(default_factory=list)
+
+    def summary(self, max_length: int) -> dict[str, Any]:
+        """The counts for metrics.json, with at most 20 line numbers each."""
+        return {"records": self.records, "examples": len(self.examples),
+                "target_tokens": self.target_tokens, "max_length": max_length,
+                "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
+                "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]}}
+
+    def warning(self, name: str, max_length: int) -> str | None:
+        """One sentence on what max_length cut, or None when it cut nothing."""
+        parts = []
+        for lines, what in ((self.skipped_lines, "no target token within max_length and "
+                                                  "will not be unlearned"),
+                            (self.truncated_lines, "a target cut at max_length")):
+            if lines:
+                shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+                parts.append(f"{len(lines)} of {self.records} records have {what} (lines {shown})")
+        if not parts:
+            return None
+        return f"{name}: " + "; ".join(parts) + f"; raise hyperparameters.max_length ({max_length}) to keep them"
+
+
+def encode_records(records: Records, tokenizer: Any, max_length: int, *,
+                   eos_target: bool = True) -> Encoded:
     """Tokenize records into examples of at most max_length tokens.
 
     qa/chat: prompt tokens are masked; the response is the target, followed by an EOS
     that is a target too unless `eos_target` is False (the forget side's default: see
-    TrainingParams.forget_eos); over-long pairs are cut from the right. text: each
+    TrainingParams.forget_eos); over-long pairs are cut from the right, and a record
+    whose prompt fills max_length keeps no target and gives no example. text: each
     document is tokenized once and cut into consecutive windows of max_length tokens
-    (paper: 2048 for books, 512 for WMDP).
+    (paper: 2048 for books, 512 for WMDP); nothing is cut off.
     """
     examples: list[Example] = []
+    truncated: list[int] = []
+    skipped: list[int] = []
     eos = tokenizer.eos_token_id
     if records.kind in ("qa", "chat"):
-        for record in records.items:
+        for index, record in enumerate(records.items):
             prompt_ids, target = prompt_ids_and_target(tokenizer, record, records.kind)
             target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
             target_labels = list(target_ids)
             if eos is not None:
                 target_ids.append(eos)
                 target_labels.append(eos if eos_target else IGNORE_INDEX)
-            ids = (prompt_ids + target_ids)[:max_length]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + target_labels)[:max_length]
-            if any(label != IGNORE_INDEX for label in labels[1:]):
-                examples.append(Example(ids, labels))
+            all_labels = [IGNORE_INDEX] * len(prompt_ids) + target_labels
+            labels = all_labels[:max_length]
+            if not any(label != IGNORE_INDEX for label in labels[1:]):
+                skipped.append(records.line_of(index))
+                continue
+            if any(label != IGNORE_INDEX for label in all_labels[max_length:]):
+                truncated.append(records.line_of(index))
+            examples.append(Example((prompt_ids + target_ids)[:max_length], labels))
     elif records.kind == "text":
         for record in records.items:
             ids = list(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
@@ -100,8 +140,18 @@ def build_examples(records: Records, tokenizer: Any, max_length: int, *,
     else:
         raise DataError(f"{records.kind} files are for evaluation, not for unlearning")
     if not examples:
+        if skipped:
+            raise DataError(f"no record has a target token within max_length={max_length}: "
+                            f"the prompts fill it; raise hyperparameters.max_length")
         raise DataError("no usable examples: every record was empty after tokenization")
-    return examples
+    target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
+    return Encoded(examples, len(records.items), target_tokens, truncated, skipped)
+
+
+def build_examples(records: Records, tokenizer: Any, max_length: int, *,
+                   eos_target: bool = True) -> list[Example]:
+    """`encode_records(...).examples`: the examples alone."""
+    return encode_records(records, tokenizer, max_length, eos_target=eos_target).examples
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -208,8 +208,15 @@ def validate_file(
 
 @dataclass
 class Records:
+    """A file's records; `lines[i]` is the file line of `items[i]` (empty when the
+    records were not read from a file: they are then numbered from 1)."""
+
     kind: Kind
     items: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+
+    def line_of(self, index: int) -> int:
+        return self.lines[index] if self.lines else index + 1
 
 
 def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = None) -> Records:
@@ -223,7 +230,11 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
     if report.kind is None:  # a valid report always has a kind; keep the invariant explicit
         raise DataError(f"{path.name}: cannot tell the file's format")
     if report.kind == "text" and path.suffix.lower() == ".txt":
-        return Records("text", [{"text": path.read_text(encoding="utf-8")}])
+        return Records("text", [{"text": path.read_text(encoding="utf-8")}], [1])
+    items, lines = [], []
     with path.open(encoding="utf-8") as fh:
-        items = [json.loads(line) for line in fh if line.strip()]
-    return Records(report.kind, items)
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                items.append(json.loads(line))
+                lines.append(lineno)
+    return Records(report.kind, items, lines)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from core import report
-from core.data import build_examples, load_records
+from core.data import encode_records, load_records
 from core.evaluation import EvalSpec, evaluate, knowmem, tradeoff
 from core.methods import get_method
 from core.modeling import Wrapped, load_base, pick_device, save_output, wrap
@@ -39,6 +39,10 @@ class Reporter:
 
     def probe(self, step: int, result: dict[str, float]) -> None:
         """Stop-rule probe results."""
+
+    def warning(self, message: str) -> None:
+        """Something the user should know that does not stop the job (records that
+        max_length cut or left out)."""
 
     def resumed(self, step: int) -> None:
         """The loop continued from a checkpoint at `step`."""
@@ -187,16 +191,25 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     reporter.phase("loading")
     torch_device = pick_device(device)
     model, tokenizer = load_base(spec.base_model, torch_device)
-    forget = build_examples(forget_records, tokenizer, params.max_length,
-                            eos_target=params.forget_eos)
-    retain = build_examples(retain_records, tokenizer, params.max_length) if retain_records else None
+    encoded = {"forget": encode_records(forget_records, tokenizer, params.max_length,
+                                        eos_target=params.forget_eos)}
+    if retain_records:
+        encoded["retain"] = encode_records(retain_records, tokenizer, params.max_length)
+    for name, its in encoded.items():
+        warning = its.warning(f"{name} set", params.max_length)
+        if warning:
+            reporter.warning(warning)
+    forget = encoded["forget"].examples
+    retain = encoded["retain"].examples if retain_records else None
     wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
                    seed=params.seed)
     lap("load")
 
     # --- evaluate before
     metrics: dict[str, Any] = {"method": spec.method, "hyperparameters": params.model_dump(),
-                               "adapter": spec.adapter.model_dump()}
+                               "adapter": spec.adapter.model_dump(),
+                               "data": {name: its.summary(params.max_length)
+                                        for name, its in encoded.items()}}
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     steps = total_steps(params, len(forget))

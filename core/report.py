@@ -69,12 +69,28 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _data_line(name: str, data: dict[str, Any]) -> str:
+    """What the unlearning trained on, and what max_length cut or left out."""
+    line = (f"- {name.capitalize()} set as trained: {data['records']:,} records, "
+            f"{data['examples']:,} sequences, {data['target_tokens']:,} target tokens "
+            f"(max_length {data['max_length']})")
+    for key, what in (("skipped", "left out: no target token within max_length, not unlearned"),
+                      ("truncated", "target cut at max_length")):
+        part = data[key]
+        if part["count"]:
+            shown = ", ".join(map(str, part["lines"])) + (", ..." if part["count"] > len(part["lines"]) else "")
+            line += f"; **{part['count']:,} {what}** (lines {shown})"
+    return line
+
+
 def summary_markdown(spec: Any, metrics: dict[str, Any]) -> str:
     lines = [f"# Unlearning report: {spec.method}", "",
              f"- Base model: `{spec.base_model}`",
              f"- Forget set: `{spec.forget_file}`",
              f"- Adapter: {spec.adapter.type}",
-             f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned", ""]
+             f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned"]
+    lines += [_data_line(name, data) for name, data in metrics.get("data", {}).items()]
+    lines.append("")
     rows = before_after_rows(metrics)
     if rows:
         lines += ["| metric | before | after |", "|---|---:|---:|"]

@@ -125,6 +125,11 @@ class DbReporter:
                            f"probe at step {step}: forget {result['forget']:.3f}, utility {result['utility']:.3f}",
                            dict(result))
 
+    def warning(self, message: str) -> None:
+        with self.sessions.begin() as session:
+            repo.add_event(session, self.job_id, "warning", message, {})
+        log.warning("job %s: %s", self.job_id, message)
+
     def resumed(self, step: int) -> None:
         with self.sessions.begin() as session:
             job = repo.get_job(session, None, self.job_id)

@@ -43,3 +43,25 @@ def test_unlearn_run_bad_spec_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml")])
     assert result.exit_code == 2
     assert "hyperparameters.learning_rate" in result.output
+
+
+def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp_path):
+    """A forget record whose prompt fills max_length is not unlearned: the run says so
+    (stderr), and so do metrics.json and the report, by file line."""
+    import json
+
+    lines = (fixture_dir / "data" / "forget_qa.jsonl").read_text().splitlines()[:20]
+    lines.insert(4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."}))
+    (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
+    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"), "forget_file": "forget.jsonl",
+            "hyperparameters": {"max_steps": 1, "batch_size": 8, "max_length": 64}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("[warning] forget set: 1 of 21 records have no target token within max_length and will "
+            "not be unlearned (lines 5); raise hyperparameters.max_length (64)") in result.output
+    data = json.loads((out / "metrics.json").read_text())["data"]["forget"]
+    assert (data["records"], data["examples"], data["skipped"]) == (21, 20, {"count": 1, "lines": [5]})
+    assert "**1 left out: no target token within max_length, not unlearned** (lines 5)" in \
+        (out / "report" / "summary.md").read_text()

@@ -140,6 +140,41 @@ def test_chat_context_gets_one_bos(fixture_dir):
     assert prompt[-3:-1] == ["</s>", tok.unk_token] and prompt[-1] == ":"  # "assistant" is not a word here
 
 
+def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
+    """A record whose prompt fills max_length trains nothing: it is reported as left out
+    (not unlearned), by its file line (blank lines counted); one whose answer is cut is
+    reported as truncated; the rest are not mentioned."""
+    from transformers import AutoTokenizer
+
+    from core.data import encode_records
+
+    tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
+    short = {"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}
+    long_prompt = {"prompt": "Q: " + "dragon " * 30 + "?\nA:", "response": " nobody."}
+    long_answer = {"prompt": "Q: Who?\nA:", "response": " the dragon" * 12}
+    path = _write(tmp_path, "f.jsonl", "\n".join([json.dumps(short), "", json.dumps(long_prompt),
+                                                  json.dumps(long_answer), json.dumps(short)]) + "\n")
+    records = load_records(path)
+    assert records.lines == [1, 3, 4, 5]
+    encoded = encode_records(records, tok, 20)
+    assert encoded.records == 4 and len(encoded.examples) == 3
+    assert encoded.skipped_lines == [3] and encoded.truncated_lines == [4]
+    assert encoded.target_tokens == sum(
+        sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in encoded.examples)
+    warning = encoded.warning("forget set", 20)
+    assert warning.startswith("forget set: 1 of 4 records have no target token within max_length "
+                              "and will not be unlearned (lines 3); 1 of 4 records have a target cut")
+    assert "(lines 4)" in warning and "max_length (20)" in warning
+    summary = encoded.summary(20)
+    assert summary["skipped"] == {"count": 1, "lines": [3]} and summary["truncated"]["lines"] == [4]
+    # With room for everything nothing is reported; the EOS that is not a target is no cut.
+    roomy = encode_records(records, tok, 64, eos_target=False)
+    assert roomy.warning("forget set", 64) is None and len(roomy.examples) == 4
+    # Every prompt fills max_length: an error that says what to change.
+    with pytest.raises(DataError, match="no record has a target token within max_length=5"):
+        encode_records(records, tok, 5)
+
+
 def test_spec_errors_are_actionable():
     with pytest.raises(SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"):
         parse_spec({"method": "rmu", "base_model": "m", "forget_file": "f"})

@@ -28,8 +28,8 @@ def wait_for(client: Any, job_id: str, until: Any, timeout: float = 300, every: 
     raise AssertionError(f"job {job_id} did not reach the state in {timeout}s: {job}")
 
 
-def lora_job(client: Any, data: Path, **hyper: Any) -> dict:
-    forget = upload(client, data / "forget_qa.jsonl", "forget")
+def lora_job(client: Any, data: Path, *, forget_path: Path | None = None, **hyper: Any) -> dict:
+    forget = upload(client, forget_path or data / "forget_qa.jsonl", "forget")
     body = {"method": "catnip", "base_model": "tiny", "forget_file": forget,
             "adapter": {"type": "lora", "r": 8, "alpha": 16},
             "hyperparameters": {"learning_rate": 1e-2, "max_steps": 6, "batch_size": 16,

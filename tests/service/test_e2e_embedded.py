@@ -4,6 +4,7 @@ a worker started by the same command), then the API over real HTTP."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,10 +35,17 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
         wait_http(f"http://127.0.0.1:{port}/readyz", server)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
                           headers={"Authorization": f"Bearer {key}"}) as client:
-            job = lora_job(client, fixture_dir / "data")
+            # the forget set has one record whose prompt fills max_length (64 tokens)
+            lines = (fixture_dir / "data" / "forget_qa.jsonl").read_text().splitlines()
+            lines.insert(4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."}))
+            (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
+            job = lora_job(client, fixture_dir / "data", forget_path=tmp_path / "forget.jsonl")
             job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
             result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
             assert any(e["type"] == "probe" for e in result["events"])
+            warnings = [e["message"] for e in result["events"] if e["type"] == "warning"]
+            assert len(warnings) == 1 and "will not be unlearned (lines 5)" in warnings[0], warnings
+            assert result["metrics"]["data"]["forget"]["skipped"] == {"count": 1, "lines": [5]}
             assert job["attempts"] == 1
         # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
         key_id = next(line.split("\t")[0] for line in cli(env, "keys", "list", "--tenant", "acme").splitlines())
