@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from core.data import Records, build_examples, collate, load_records
+from core.modeling import context_length
 from core.spec_parts import EvalSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,14 @@ def rouge_l(prediction: str, reference: str) -> tuple[float, float]:
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of tokenized prompts.
-    Batched with left padding; generation uses the KV cache."""
+    Batched with left padding; generation uses the KV cache. A prompt longer than the
+    model's context leaves (context - max_new_tokens) keeps its end, where the question is."""
     device = next(model.parameters()).device
+    limit = context_length(model)
+    if limit is not None:
+        room = max(1, limit - max_new_tokens)
+        prompts = [p[-room:] for p in prompts]
+        max_new_tokens = min(max_new_tokens, limit - 1)
     pad = tokenizer.pad_token_id
     outputs: list[str] = []
     was_training = model.training
@@ -92,6 +99,7 @@ def verbmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_
     """ROUGE-L F1 of greedy continuations of the first half of each text against its
     second half (MUSE's VerbMem, with prefix = half the text's tokens)."""
     prompts, references = [], []
+    max_length = min(max_length, context_length(model) or max_length)
     for r in records:
         ids = tokenizer(r["text"], add_special_tokens=True)["input_ids"][:max_length]
         half = max(1, len(ids) // 2)
@@ -106,7 +114,9 @@ def verbmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_size: int = 64,
                max_length: int = 512) -> dict[str, Any]:
-    """exp(mean token NLL) over the text records, all tokens counted."""
+    """exp(mean token NLL) over the text records, all tokens counted, in windows of
+    max_length tokens (at most the model's context)."""
+    max_length = min(max_length, context_length(model) or max_length)
     examples = build_examples(Records("text", records), tokenizer, max_length)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0

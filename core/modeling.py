@@ -54,6 +54,26 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
     return model, tokenizer
 
 
+def context_length(model: Any) -> int | None:
+    """The positions the model was built for (`max_position_embeddings`; GPT-2's
+    `n_positions`), or None where its config sets no limit (ALiBi models such as BLOOM).
+    Past it, models with learned position tables (GPT-2, OPT, GPT-J) fail with an index
+    error, on a GPU a device-side assert that spoils the worker's CUDA context."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_max_length(model: Any, max_length: int) -> tuple[int, str | None]:
+    """(the sequence length to train with, a warning or None): max_length, cut to the
+    model's context where it is longer."""
+    limit = context_length(model)
+    if limit is None or max_length <= limit:
+        return max_length, None
+    return limit, (f"hyperparameters.max_length {max_length} is longer than the model's context of "
+                   f"{limit} positions (max_position_embeddings in its config.json): "
+                   f"sequences are cut at {limit} tokens")
+
+
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The model's stack of decoder layers, found by structure, not by name: the
     ModuleList as long as `config.num_hidden_layers` (Llama's `model.layers`, GPT-2's and

@@ -21,7 +21,7 @@ from core import report
 from core.data import encode_records, load_records
 from core.evaluation import EvalSpec, evaluate, knowmem, tradeoff
 from core.methods import get_method
-from core.modeling import Wrapped, load_base, pick_device, save_output, wrap
+from core.modeling import Wrapped, fit_max_length, load_base, pick_device, save_output, wrap
 from core.spec import JobSpec
 from core.unlearn import Hooks, LoopResult, StepInfo, run_unlearning, total_steps
 
@@ -191,14 +191,14 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     reporter.phase("loading")
     torch_device = pick_device(device)
     model, tokenizer = load_base(spec.base_model, torch_device)
-    encoded = {"forget": encode_records(forget_records, tokenizer, params.max_length,
+    max_length, warning = fit_max_length(model, params.max_length)
+    encoded = {"forget": encode_records(forget_records, tokenizer, max_length,
                                         eos_target=params.forget_eos)}
     if retain_records:
-        encoded["retain"] = encode_records(retain_records, tokenizer, params.max_length)
-    for name, its in encoded.items():
-        warning = its.warning(f"{name} set", params.max_length)
-        if warning:
-            reporter.warning(warning)
+        encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
+    warnings = [warning] + [its.warning(f"{name} set", max_length) for name, its in encoded.items()]
+    for warning in filter(None, warnings):
+        reporter.warning(warning)
     forget = encoded["forget"].examples
     retain = encoded["retain"].examples if retain_records else None
     wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
@@ -208,7 +208,7 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     # --- evaluate before
     metrics: dict[str, Any] = {"method": spec.method, "hyperparameters": params.model_dump(),
                                "adapter": spec.adapter.model_dump(),
-                               "data": {name: its.summary(params.max_length)
+                               "data": {name: its.summary(max_length)
                                         for name, its in encoded.items()}}
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])

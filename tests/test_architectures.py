@@ -132,3 +132,43 @@ def test_layers_of_a_model_without_a_decoder_stack_are_a_spec_error():
 def test_empty_layer_list_is_refused():
     with pytest.raises(ValueError, match="'layers' is empty"):
         AdapterSpec(type="full", layers=[])
+
+
+def test_max_length_beyond_the_context_is_cut_to_it(arch_dirs, tmp_path):
+    """GPT-2 has a table of 128 learned positions here: 256-token windows failed with an
+    IndexError deep in the model (a device-side assert on a GPU). They are cut at 128,
+    with a warning, and metrics.json records the length used."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from core.cli import app
+
+    (tmp_path / "book.jsonl").write_text(json.dumps({"text": "the dragon of the city " * 60}) + "\n")
+    spec = {"method": "catnip", "base_model": str(arch_dirs["gpt2"]), "forget_file": "book.jsonl",
+            "hyperparameters": {"max_steps": 1, "max_length": 256}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("[warning] hyperparameters.max_length 256 is longer than the model's context of 128 "
+            "positions (max_position_embeddings in its config.json): sequences are cut at 128 "
+            "tokens") in result.output
+    data = json.loads((out / "metrics.json").read_text())["data"]["forget"]
+    assert (data["max_length"], data["examples"]) == (128, 3)  # 301 tokens with BOS
+
+
+def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
+    """A KnowMem prompt longer than the context keeps its end (the question); VerbMem and
+    perplexity windows are cut at the context. GPT-2 (128 positions) failed on each."""
+    from core.evaluation import knowmem, perplexity, verbmem
+
+    model, tokenizer = load_base(arch_dirs["gpt2"], CPU)
+    question = {"prompt": "the dragon " * 100 + "Q: Who rides the dragon?\nA:", "response": " nobody."}
+    result = knowmem(model, tokenizer, [question], max_new_tokens=16, keep=1)
+    kept = encode_prompt(tokenizer, question["prompt"])[-(128 - 16):]
+    assert result["samples"][0]["answer"] == greedy_generate(model, tokenizer, [kept], 16, batch_size=1)[0]
+    text = {"text": "the dragon of the city " * 60}  # 300 tokens
+    assert verbmem(model, tokenizer, [text])["n"] == 1
+    assert perplexity(model, tokenizer, [text])["tokens"] == 301 - 3  # windows of 128: 3 last positions
