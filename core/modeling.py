@@ -48,8 +48,12 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
         if "OutOfMemory" in type(exc).__name__:
             raise
         raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}"[:2000]) from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:  # padding is masked out: any existing token will do
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            raise ModelError(f"the tokenizer at {path} has no pad, EOS, UNK or BOS token to pad "
+                             "batches with; set pad_token in its tokenizer_config.json")
+        tokenizer.pad_token = fallback
     model.to(device)
     return model, tokenizer
 

@@ -172,3 +172,24 @@ def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
     text = {"text": "the dragon of the city " * 60}  # 300 tokens
     assert verbmem(model, tokenizer, [text])["n"] == 1
     assert perplexity(model, tokenizer, [text])["tokens"] == 301 - 3  # windows of 128: 3 last positions
+
+
+def test_a_tokenizer_without_pad_or_eos_still_pads(arch_dirs, fixture_dir, tmp_path):
+    """Padding is masked out, so any token will do: EOS, else UNK, else BOS. With neither
+    pad nor EOS the pad id was None and collation failed."""
+    import json
+    import shutil
+
+    from core.data import collate
+
+    shutil.copytree(arch_dirs["gpt2"], tmp_path / "model")
+    config_path = tmp_path / "model" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("pad_token", None)
+    config.pop("eos_token", None)
+    config_path.write_text(json.dumps(config))
+    model, tokenizer = load_base(tmp_path / "model", CPU)
+    assert tokenizer.eos_token_id is None and tokenizer.pad_token == tokenizer.unk_token
+    examples = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)[:4]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert torch.isfinite(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits).all()
