@@ -75,17 +75,18 @@ class Encoded:
     examples: list[Example]
     records: int
     target_tokens: int
+    max_length: int
     truncated_lines: list[int] = field(default_factory=list)
     skipped_lines: list[int] = field(default_factory=list)
 
-    def summary(self, max_length: int) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """The counts for metrics.json, with at most 20 line numbers each."""
         return {"records": self.records, "examples": len(self.examples),
-                "target_tokens": self.target_tokens, "max_length": max_length,
+                "target_tokens": self.target_tokens, "max_length": self.max_length,
                 "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
                 "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]}}
 
-    def warning(self, name: str, max_length: int) -> str | None:
+    def warning(self, name: str) -> str | None:
         """One sentence on what max_length cut, or None when it cut nothing."""
         parts = []
         for lines, what in ((self.skipped_lines, "no target token within max_length and "
@@ -96,7 +97,7 @@ class Encoded:
                 parts.append(f"{len(lines)} of {self.records} records have {what} (lines {shown})")
         if not parts:
             return None
-        return f"{name}: " + "; ".join(parts) + f"; raise hyperparameters.max_length ({max_length}) to keep them"
+        return f"{name}: " + "; ".join(parts) + f"; raise hyperparameters.max_length ({self.max_length}) to keep them"
 
 
 def encode_records(records: Records, tokenizer: Any, max_length: int, *,
@@ -145,7 +146,7 @@ def encode_records(records: Records, tokenizer: Any, max_length: int, *,
                             f"the prompts fill it; raise hyperparameters.max_length")
         raise DataError("no usable examples: every record was empty after tokenization")
     target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
-    return Encoded(examples, len(records.items), target_tokens, truncated, skipped)
+    return Encoded(examples, len(records.items), target_tokens, max_length, truncated, skipped)
 
 
 def build_examples(records: Records, tokenizer: Any, max_length: int, *,

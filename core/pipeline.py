@@ -191,12 +191,12 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     reporter.phase("loading")
     torch_device = pick_device(device)
     model, tokenizer = load_base(spec.base_model, torch_device)
-    max_length, warning = fit_max_length(model, params.max_length)
+    max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {"forget": encode_records(forget_records, tokenizer, max_length,
                                         eos_target=params.forget_eos)}
     if retain_records:
         encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
-    warnings = [warning] + [its.warning(f"{name} set", max_length) for name, its in encoded.items()]
+    warnings = [length_warning] + [its.warning(f"{name} set") for name, its in encoded.items()]
     for warning in filter(None, warnings):
         reporter.warning(warning)
     forget = encoded["forget"].examples
@@ -208,7 +208,7 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     # --- evaluate before
     metrics: dict[str, Any] = {"method": spec.method, "hyperparameters": params.model_dump(),
                                "adapter": spec.adapter.model_dump(),
-                               "data": {name: its.summary(max_length)
+                               "data": {name: its.summary()
                                         for name, its in encoded.items()}}
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
