@@ -110,6 +110,16 @@ def _check_record(obj: Any, kind: Kind | None) -> tuple[Kind | None, list[tuple[
     return kind, problems
 
 
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Whether a parsed record holds a lone UTF-16 surrogate (JSON allows "\\ud800"; it is
+    no character, and tokenizers cannot encode it)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _check_messages(messages: Any) -> list[tuple[str | None, str]]:
     if not isinstance(messages, list) or not messages:
         return [("messages", "must be a non-empty list of {role, content}")]
@@ -168,7 +178,7 @@ def validate_file(
                 add(lineno, None, "contains NUL bytes: this looks like a binary file, not text")
                 break
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is no text
             except UnicodeDecodeError as exc:
                 add(lineno, None, f"is not valid UTF-8 (byte {exc.start + 1}: {raw[exc.start:exc.start + 1]!r})")
                 continue
@@ -185,6 +195,13 @@ def validate_file(
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 add(lineno, None, f"is not valid JSON: {exc.msg} at column {exc.colno}")
+                continue
+            except RecursionError:
+                add(lineno, None, "is not readable JSON: it is nested too deeply")
+                continue
+            if "\\ud" in line.lower() and _has_lone_surrogate(obj):
+                add(lineno, None, "contains a \\uD800-\\uDFFF escape that is not half of a pair: "
+                                  "that is no character, and cannot be tokenized")
                 continue
             record_kind, record_problems = _check_record(obj, kind)
             if kind is None and record_kind is not None:
@@ -230,9 +247,9 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
     if report.kind is None:  # a valid report always has a kind; keep the invariant explicit
         raise DataError(f"{path.name}: cannot tell the file's format")
     if report.kind == "text" and path.suffix.lower() == ".txt":
-        return Records("text", [{"text": path.read_text(encoding="utf-8")}], [1])
+        return Records("text", [{"text": path.read_text(encoding="utf-8-sig")}], [1])
     items, lines = [], []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if line.strip():
                 items.append(json.loads(line))

@@ -72,6 +72,24 @@ def test_bad_utf8_binary_empty_and_limits(tmp_path):
     assert "limit" in big.problems[0].message
 
 
+def test_bom_deep_nesting_and_lone_surrogates(tmp_path):
+    """A UTF-8 BOM (Windows editors write one) is not part of the first record. JSON
+    nested too deeply to parse, and a lone surrogate escape (valid JSON, no character: the
+    tokenizer fails on it), are problems of their line; before, the first raised
+    RecursionError out of the validator and the second failed the job at tokenization."""
+    bom = _write(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n', "wb")
+    assert validate_file(bom).valid and load_records(bom).items == [{"prompt": "a", "response": "b"}]
+    bom_text = _write(tmp_path, "bom.txt", b"\xef\xbb\xbfhello dragon\n", "wb")
+    assert load_records(bom_text).items == [{"text": "hello dragon\n"}]
+    deep = '{"prompt": "a", "response": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    lines = ['{"prompt": "a", "response": "b"}', deep, '{"prompt": "\\ud800", "response": "b"}',
+             '{"prompt": "smile \\ud83d\\ude00", "response": "b"}']  # a pair is one character
+    report = validate_file(_write(tmp_path, "odd.jsonl", "\n".join(lines) + "\n"))
+    assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [
+        (2, "is not readable JSON"), (3, "contains a \\uD800-\\uDFFF escape that is not half of a pair")]
+    assert report.records == 2
+
+
 def test_chat_rules(tmp_path):
     last_user = _write(tmp_path, "c.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     problem = validate_file(last_user).problems[0]
