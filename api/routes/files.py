@@ -15,7 +15,7 @@ from api.schemas import FileObject, ListResponse
 from core import repo
 from core.db import File, new_id
 from core.errors import Conflict, UnlearnError
-from core.formats import validate_file
+from core.formats import Problem, ValidationReport, validate_file
 from core.settings import Settings
 from core.storage import TooLarge, spool
 
@@ -28,9 +28,19 @@ SUFFIXES = (".jsonl", ".json", ".txt")
 
 
 def _report(settings: Settings, path: Path, purpose: str, filename: str) -> dict:
-    report = validate_file(path, max_bytes=settings.max_upload_bytes,
-                           max_record_chars=settings.max_record_chars,
-                           allowed_kinds=ALLOWED_KINDS[purpose])  # type: ignore[arg-type]
+    """The validation report as stored on the file row. A validator that breaks (a bug)
+    makes the file invalid with a file-level problem saying so: never a 500, and never
+    a file left in `validating` by a background validation that died."""
+    try:
+        report = validate_file(path, max_bytes=settings.max_upload_bytes,
+                               max_record_chars=settings.max_record_chars,
+                               allowed_kinds=ALLOWED_KINDS[purpose])  # type: ignore[arg-type]
+    except Exception as exc:
+        log.exception("validating %s failed", filename)
+        problem = Problem(line=None, field=None,
+                          message=f"could not be validated ({type(exc).__name__}); this is a fault of "
+                                  "the service, not known to be one of the file: report it to the operator")
+        report = ValidationReport(valid=False, kind=None, records=0, problems=[problem], problems_total=1)
     return {"valid": report.valid, "kind": report.kind, "records": report.records,
             "problems": [p.model_dump() for p in report.problems],
             "problems_total": report.problems_total, "summary": report.summary(filename)}

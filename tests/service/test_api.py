@@ -129,6 +129,32 @@ def test_large_upload_is_validated_in_the_background(client):
     assert final["status"] == "valid" and final["kind"] == "text"
 
 
+def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, monkeypatch):
+    """A bug in the validator (deep JSON raised RecursionError out of it) answered 500 on
+    a small upload and left a large one in `validating` for good."""
+    import time
+
+    import api.routes.files
+
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(api.routes.files, "validate_file", broken)
+    small = upload(client, QA)
+    assert small.status_code == 201, small.text
+    big = upload(client, b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n')
+    assert big.status_code == 201 and big.json()["status"] == "validating"
+    deadline = time.monotonic() + 30
+    while (final := client.get(f"/v1/files/{big.json()['id']}").json())["status"] == "validating":
+        assert time.monotonic() < deadline, final
+        time.sleep(0.05)
+    for body in (small.json(), final):
+        assert body["status"] == "invalid", body
+        assert body["validation"]["problems"] == [
+            {"line": None, "field": None, "message": "could not be validated (RecursionError); this is a "
+             "fault of the service, not known to be one of the file: report it to the operator"}]
+
+
 def test_delete_file(client):
     file_id = valid_file(client)
     assert client.delete(f"/v1/files/{file_id}").json()["deleted"] is True
