@@ -19,10 +19,12 @@ import torch
 
 from core import report
 from core.data import encode_records, load_records
+from core.errors import DataError
 from core.evaluation import EvalSpec, evaluate, knowmem, tradeoff
 from core.methods import get_method
 from core.modeling import Wrapped, fit_max_length, load_base, pick_device, save_output, wrap
 from core.spec import JobSpec
+from core.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.unlearn import Hooks, LoopResult, StepInfo, run_unlearning, total_steps
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,16 @@ class _LoopHooks(Hooks):
         self.reporter.checkpoint(path)
 
 
+def _check_eval_files(ev: EvalSpec) -> None:
+    """Every eval file exists, is valid and holds its slot's kind, before any model is
+    loaded (a QA file given as forget_mc failed inside lm-eval, after the load)."""
+    for name, path in ev.files().items():
+        try:
+            load_records(path, allowed_kinds=EVAL_FILE_KINDS[name])
+        except DataError as exc:
+            raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
+
+
 def _probe_every(spec: JobSpec, steps: int) -> int | None:
     """The stop rule is on when eval data has forget and retain questions (every ~5% of
     the run unless probe_every says otherwise); off without eval data."""
@@ -182,9 +194,11 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     reporter.phase("validating")
     method = get_method(spec.method)
     params = spec.hyperparameters
-    forget_records = load_records(spec.forget_file, allowed_kinds=("qa", "chat", "text"))
-    retain_records = (load_records(spec.retain_file, allowed_kinds=("qa", "chat", "text"))
+    forget_records = load_records(spec.forget_file, allowed_kinds=TRAIN_FILE_KINDS)
+    retain_records = (load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS)
                       if spec.retain_file else None)
+    if spec.eval is not None:
+        _check_eval_files(spec.eval)
     lap("validate")
 
     # --- load

@@ -16,21 +16,17 @@ from core import repo
 from core.db import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, new_id, utcnow
 from core.errors import Conflict, SpecError, Unavailable, UnlearnError
 from core.spec import JobSpec, parse_spec
+from core.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.storage import iter_stream
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-# Which file kinds each slot accepts (see core.formats for the formats).
+# Which purpose and file kinds each slot accepts (the kinds are the engine's: core.spec_parts).
 FILE_SLOTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "forget_file": ("forget", ("qa", "chat", "text")),
-    "retain_file": ("retain", ("qa", "chat", "text")),
-    "eval.forget_qa": ("eval", ("qa",)),
-    "eval.retain_qa": ("eval", ("qa",)),
-    "eval.forget_text": ("eval", ("text",)),
-    "eval.retain_text": ("eval", ("text",)),
-    "eval.forget_mc": ("eval", ("mc",)),
-    "eval.general_mc": ("eval", ("mc",)),
+    "forget_file": ("forget", TRAIN_FILE_KINDS),
+    "retain_file": ("retain", TRAIN_FILE_KINDS),
+    **{f"eval.{name}": ("eval", kinds) for name, kinds in EVAL_FILE_KINDS.items()},
 }
 
 
