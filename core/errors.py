@@ -47,6 +47,13 @@ class ModelError(UnlearnError):
     status = 422
 
 
+class DeviceError(UnlearnError):
+    """The device a job was told to run on (--device, WORKER_DEVICE) is not here."""
+
+    code = "device_unavailable"
+    status = 503
+
+
 class NotFound(UnlearnError):
     code = "not_found"
     status = 404

@@ -18,16 +18,29 @@ from typing import Any
 
 import torch
 
-from core.errors import ModelError, SpecError
+from core.errors import DeviceError, ModelError, SpecError
 from core.spec_parts import AdapterSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device (DeviceError if it is no device or not on this machine), or
+    CUDA where present, else the CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"device {requested!r} is not a device; use cpu, cuda or cuda:N",
+                          param="device") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise DeviceError(f"device {requested!r} was asked for, but this machine has "
+                              f"{count} CUDA device(s) usable by torch {torch.__version__}",
+                              param="device")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -65,3 +65,29 @@ def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp
     assert (data["records"], data["examples"], data["skipped"]) == (21, 20, {"count": 1, "lines": [5]})
     assert "**1 left out: no target token within max_length, not unlearned** (lines 5)" in \
         (out / "report" / "summary.md").read_text()
+
+
+def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir, tmp_path):
+    """Each eval file must hold its slot's kind (a QA file as forget_mc failed inside
+    lm-eval, after the model was loaded); a device that is not there is an error with a
+    code (it was an AssertionError from torch)."""
+    shutil.copytree(fixture_dir / "data", tmp_path / "data")
+    base = {"method": "catnip", "base_model": str(fixture_dir / "model"),
+            "forget_file": "data/forget_qa.jsonl", "hyperparameters": {"max_steps": 1}}
+
+    def run(spec, *extra):
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        return CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(tmp_path / "out"), *extra])
+
+    wrong_kind = run({**base, "eval": {"forget_mc": "data/forget_qa.jsonl"}})
+    assert wrong_kind.exit_code == 2, wrong_kind.output
+    assert ("error [invalid_file]: eval.forget_mc: forget_qa.jsonl is invalid: file: a qa file cannot "
+            "be used here; expected one of: mc") in wrong_kind.output
+    assert "[loading]" not in wrong_kind.output
+    missing = run({**base, "eval": {"retain_qa": "data/nope.jsonl"}})
+    assert missing.exit_code == 2 and "eval.retain_qa: " in missing.output and "no such file" in missing.output
+    for device, words in (("cuda:99", "device 'cuda:99' was asked for, but this machine has"),
+                          ("bogus", "device 'bogus' is not a device; use cpu, cuda or cuda:N")):
+        result = run(base, "--device", device)
+        assert result.exit_code == 2, result.output
+        assert f"error [device_unavailable]: {words}" in result.output
