@@ -10,12 +10,14 @@ and scheduler state and the RNG state, and is written atomically.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import random
 import shutil
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,11 +142,30 @@ def latest_checkpoint(root: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
+def run_fingerprint(method: Method, params: TrainingParams, wrapped: Wrapped,
+                    forget: list[Example], retain: list[Example] | None) -> str:
+    """What a checkpoint must match to be resumed, as a sha256 hex digest: the method,
+    every hyperparameter but the two that leave the maths alone (checkpoint_every,
+    gradient_checkpointing), the trainable tensors' names and shapes, and the token ids
+    and labels of the forget and retain examples."""
+    digest = hashlib.sha256()
+    settings = params.model_dump(mode="json", exclude={"checkpoint_every", "gradient_checkpointing"})
+    trainable = [(name, list(p.shape)) for name, p in wrapped.trainable().items()]
+    digest.update(json.dumps({"method": method.id, "params": settings, "trainable": trainable},
+                             sort_keys=True).encode())
+    for examples in (forget, retain or []):
+        digest.update(b"|")
+        for e in examples:
+            digest.update(array("q", e.input_ids).tobytes() + b"/" + array("q", e.labels).tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, scheduler,
-                    stop_reason: str | None = None) -> Path:
+                    stop_reason: str | None = None, fingerprint: str | None = None) -> Path:
     """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json.
     `stop_reason` marks the last checkpoint of a run the stop rule ended, so a resume
-    after that point does not train on past it."""
+    after that point does not train on past it; `fingerprint` (run_fingerprint) is what
+    a resume must match."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -156,7 +177,8 @@ def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, schedule
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "stop_reason": stop_reason}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "stop_reason": stop_reason,
+                                                "fingerprint": fingerprint}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in _checkpoint_dirs(root)[:-CHECKPOINTS_KEPT]:
@@ -164,8 +186,18 @@ def save_checkpoint(root: Path, step: int, wrapped: Wrapped, optimizer, schedule
     return final
 
 
-def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> tuple[int, str | None]:
-    """Restore a checkpoint written by save_checkpoint; returns its step and stop reason."""
+def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler,
+                    fingerprint: str | None = None) -> tuple[int, str | None]:
+    """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.
+    SpecError, before anything is restored, when the checkpoint records a fingerprint
+    other than `fingerprint`: it is another run's (checkpoints of before fingerprints
+    record none, and are taken as they are)."""
+    meta = json.loads((path / "state.json").read_text())
+    if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+        raise SpecError(f"the checkpoint {path} is from another run: the method, hyperparameters, "
+                        f"adapter or data differ from this one's. Resume with the spec and files "
+                        f"it was made with, or start afresh in another output directory (or remove "
+                        f"{path.parent})", code="checkpoint_mismatch")
     trainable = wrapped.trainable()
     for name, tensor in load_file(path / "trainable.safetensors").items():
         trainable[name].data.copy_(tensor)
@@ -175,7 +207,6 @@ def load_checkpoint(path: Path, wrapped: Wrapped, optimizer, scheduler) -> tuple
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    meta = json.loads((path / "state.json").read_text())
     return int(meta["step"]), meta.get("stop_reason")
 
 
@@ -214,9 +245,10 @@ def run_unlearning(
     # 10% of its steps, so a killed worker loses at most a tenth of the work.
     checkpoint_every = params.checkpoint_every or max(1, steps // 10)
     start_step, stop_reason = 0, None
+    fingerprint = run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
-        start_step, stop_reason = load_checkpoint(resume_from, wrapped, optimizer, scheduler)
+        start_step, stop_reason = load_checkpoint(resume_from, wrapped, optimizer, scheduler, fingerprint)
         log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
         hooks.on_resume(start_step)
     result = LoopResult(steps_done=start_step, total_steps=steps,
@@ -279,12 +311,14 @@ def run_unlearning(
                 result.stopped_early, result.stop_reason = True, reason
                 break
             if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-                hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler))
+                hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, wrapped, optimizer, scheduler,
+                                                    fingerprint=fingerprint))
 
         # --- save
         if checkpoint_dir is not None and result.steps_done > start_step:
             hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, wrapped, optimizer,
-                                                scheduler, stop_reason=result.stop_reason))
+                                                scheduler, stop_reason=result.stop_reason,
+                                                fingerprint=fingerprint))
     model.eval()
     return result
 

@@ -97,6 +97,34 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
         torch.testing.assert_close(param.detach(), straight[name], rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_resumes_only_its_own_run(fixture_dir, tmp_path):
+    """Rerunning into the same checkpoint directory with another learning rate, method,
+    adapter or forget set is refused before anything is restored (it resumed the other
+    run's weights, or failed with a KeyError on other parameter names). What leaves the
+    maths alone (checkpoint_every, gradient checkpointing) may change."""
+    from core.errors import SpecError
+
+    hp = {"max_steps": 4, "checkpoint_every": 2}
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip", **hp)
+    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+    for adapter, method_id, change, examples in (
+            (AdapterSpec(), "catnip", {"learning_rate": 2e-3}, None),
+            (AdapterSpec(), "npo", {}, None),
+            (AdapterSpec(type="full"), "catnip", {}, None),
+            (AdapterSpec(), "catnip", {}, slice(1, None))):
+        wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id, **hp, **change)
+        before = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
+        with pytest.raises(SpecError, match="is from another run") as error:
+            run_unlearning(wrapped, method, params, forget[examples] if examples else forget,
+                           pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+        assert error.value.code == "checkpoint_mismatch"
+        assert all(torch.equal(p, before[n]) for n, p in wrapped.trainable().items())
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(), "catnip", max_steps=4, checkpoint_every=3, gradient_checkpointing=True)
+    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+    assert resumed.steps_done == 4 and resumed.history == []  # the finished run, resumed at its end
+
+
 def test_lora_adapter_round_trips_through_peft(fixture_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
