@@ -60,6 +60,13 @@ class TrainingParams(BaseModel):
         "them: less memory for long sequences and big models, at the cost of about one more "
         "forward per step. Same result.",
     )
+    master_weights: bool = Field(
+        True,
+        description="Keep fp32 copies of trainable weights held in bf16/fp16 (full weights on "
+        "a GPU) and let the optimizer update those: at the paper's learning rates most bf16 "
+        "updates round away (see the README). Costs 12 bytes per such weight (copy + fp32 "
+        "Adam state) instead of 4. LoRA adapters are fp32 already.",
+    )
     forget_eos: bool = Field(
         False,
         description="Count the end-of-sequence token after each forget response (QA/chat) as "
