@@ -15,10 +15,13 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("method_id", sorted(METHODS))
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
-def test_every_method_trains(fixture_dir, method_id, adapter_type):
-    """Finite loss; trainable parameters change; frozen ones do not."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_method_trains(fixture_dir, method_id, adapter_type, dtype):
+    """Finite loss; trainable parameters change; frozen ones do not. In fp32 and in bf16
+    (the GPU's dtype, here on the CPU: the dtype paths run in CI, the CUDA ones in
+    tests/test_gpu.py)."""
     adapter = AdapterSpec(type=adapter_type, layers=[1] if adapter_type == "full" else None)
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id)
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id, dtype=dtype)
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     assert trainable and len(trainable) < len(before)
@@ -35,9 +38,12 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type):
 
 
 @pytest.mark.parametrize("retain_loss", ["nll", "kl"])
-def test_retain_terms(fixture_dir, retain_loss):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("adapter_type", ["lora", "full"])
+def test_retain_terms(fixture_dir, retain_loss, dtype, adapter_type):
     wrapped, tok, method, params, forget, retain = setup_run(
-        fixture_dir, AdapterSpec(), "npo", retain_loss=retain_loss, retain_weight=0.5)
+        fixture_dir, AdapterSpec(type=adapter_type), "npo", dtype=dtype, retain_loss=retain_loss,
+        retain_weight=0.5)
     result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
     terms = result.history[-1].terms
     assert set(terms) == {"forget", f"retain_{retain_loss}"}
