@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the engine (issue 2) in one command, on a machine with CUDA, from the
-# repository root: the tests marked `gpu` and the engine benchmark with a bf16 model.
+# repository root: the tests marked `gpu`, the engine benchmark with a bf16 model, and the
+# bf16 full-weight precision benchmark (fp32 master weights vs none) on CUDA.
 # Logs go to the folder given (default ./gpu-check). Exits non-zero if either fails.
 #
 # It needs only the engine's packages in the python3 it finds (torch with CUDA,
@@ -26,5 +27,8 @@ EOF
 tests=${PIPESTATUS[0]}
 "$python" benchmarks/bench_engine.py --device cuda --dtype bf16 2>&1 | tee "$out/bench-cuda-bf16.json"
 bench=${PIPESTATUS[0]}
-echo "pytest -m gpu: exit $tests; bench_engine: exit $bench" | tee "$out/summary.txt"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+"$python" benchmarks/bench_precision.py --device cuda 2>&1 | tee "$out/bench-precision-cuda.md"
+precision=${PIPESTATUS[0]}
+echo "pytest -m gpu: exit $tests; bench_engine: exit $bench; bench_precision: exit $precision" \
+    | tee "$out/summary.txt"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$precision" -eq 0 ]
