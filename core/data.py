@@ -86,11 +86,12 @@ class Encoded:
                 "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
                 "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]}}
 
-    def warning(self, name: str) -> str | None:
-        """One sentence on what max_length cut, or None when it cut nothing."""
+    def warning(self, name: str, left_out: str = "will not be unlearned") -> str | None:
+        """One sentence on what max_length cut, or None when it cut nothing. `left_out`
+        says what becomes of a record with no target left (a retain record is not
+        unlearned anyway: it is not trained on)."""
         parts = []
-        for lines, what in ((self.skipped_lines, "no target token within max_length and "
-                                                  "will not be unlearned"),
+        for lines, what in ((self.skipped_lines, f"no target token within max_length and {left_out}"),
                             (self.truncated_lines, "a target cut at max_length")):
             if lines:
                 shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")

@@ -74,7 +74,8 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
     line = (f"- {name.capitalize()} set as trained: {data['records']:,} records, "
             f"{data['examples']:,} sequences, {data['target_tokens']:,} target tokens "
             f"(max_length {data['max_length']})")
-    for key, what in (("skipped", "left out: no target token within max_length, not unlearned"),
+    left_out = "not unlearned" if name == "forget" else "not trained on"
+    for key, what in (("skipped", f"left out: no target token within max_length, {left_out}"),
                       ("truncated", "target cut at max_length")):
         part = data[key]
         if part["count"]:

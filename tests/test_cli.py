@@ -53,18 +53,24 @@ def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp
     lines = (fixture_dir / "data" / "forget_qa.jsonl").read_text().splitlines()[:20]
     lines.insert(4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."}))
     (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "retain.jsonl").write_text("\n".join(lines) + "\n")
     spec = {"method": "catnip", "base_model": str(fixture_dir / "model"), "forget_file": "forget.jsonl",
-            "hyperparameters": {"max_steps": 1, "batch_size": 8, "max_length": 64}}
+            "retain_file": "retain.jsonl",
+            "hyperparameters": {"max_steps": 1, "batch_size": 8, "max_length": 64, "retain_loss": "nll"}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert ("[warning] forget set: 1 of 21 records have no target token within max_length and will "
             "not be unlearned (lines 5); raise hyperparameters.max_length (64)") in result.output
+    assert ("[warning] retain set: 1 of 21 records have no target token within max_length and will "
+            "not be trained on (lines 5)") in result.output
     data = json.loads((out / "metrics.json").read_text())["data"]["forget"]
     assert (data["records"], data["examples"], data["skipped"]) == (21, 20, {"count": 1, "lines": [5]})
-    assert "**1 left out: no target token within max_length, not unlearned** (lines 5)" in \
-        (out / "report" / "summary.md").read_text()
+    summary = (out / "report" / "summary.md").read_text()
+    assert "**1 left out: no target token within max_length, not unlearned** (lines 5)" in summary
+    assert "- Retain set as trained: 21 records, 20 sequences" in summary
+    assert "**1 left out: no target token within max_length, not trained on** (lines 5)" in summary
 
 
 def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir, tmp_path):
