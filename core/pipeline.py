@@ -25,7 +25,15 @@ from core.methods import get_method
 from core.modeling import Wrapped, fit_max_length, load_base, pick_device, save_output, wrap
 from core.spec import JobSpec
 from core.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
-from core.unlearn import Hooks, LoopResult, StepInfo, run_unlearning, total_steps
+from core.unlearn import (
+    Hooks,
+    LoopResult,
+    StepInfo,
+    ensure_resumable,
+    run_fingerprint,
+    run_unlearning,
+    total_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +227,8 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     retain = encoded["retain"].examples if retain_records else None
     wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
                    seed=params.seed)
+    if checkpoint_dir is not None:  # another run's checkpoint: refused before the evaluation
+        ensure_resumable(checkpoint_dir, run_fingerprint(method, params, wrapped, forget, retain))
     lap("load")
 
     # --- evaluate before

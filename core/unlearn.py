@@ -187,18 +187,31 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     return final
 
 
-def load_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                    fingerprint: str | None = None) -> tuple[int, str | None]:
-    """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.
-    SpecError, before anything is restored, when the checkpoint records a fingerprint
-    other than `fingerprint`: it is another run's (checkpoints of before fingerprints
-    record none, and are taken as they are)."""
+def _checked_state(path: Path, fingerprint: str | None) -> dict[str, Any]:
+    """A checkpoint's state.json; SpecError when it records a fingerprint other than
+    `fingerprint` (checkpoints of before fingerprints record none, and are taken)."""
     meta = json.loads((path / "state.json").read_text())
     if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
         raise SpecError(f"the checkpoint {path} is from another run: the method, hyperparameters, "
                         f"adapter or data differ from this one's. Resume with the spec and files "
                         f"it was made with, or start afresh in another output directory (or remove "
                         f"{path.parent})", code="checkpoint_mismatch")
+    return meta
+
+
+def ensure_resumable(root: Path | None, fingerprint: str) -> None:
+    """SpecError now, rather than when the loop starts, if `root`'s latest checkpoint is
+    another run's (the pipeline checks before its evaluation, which can take long)."""
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        _checked_state(latest, fingerprint)
+
+
+def load_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer, scheduler,
+                    fingerprint: str | None = None) -> tuple[int, str | None]:
+    """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.
+    SpecError, before anything is restored, when it is another run's (`fingerprint`)."""
+    meta = _checked_state(path, fingerprint)
     for name, tensor in load_file(path / "trainable.safetensors").items():
         weights[name].data.copy_(tensor)
     state = torch.load(path / "optimizer.pt", weights_only=False)

@@ -97,3 +97,26 @@ def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir
         result = run(base, "--device", device)
         assert result.exit_code == 2, result.output
         assert f"error [device_unavailable]: {words}" in result.output
+
+
+def test_rerun_with_an_edited_spec_is_refused_before_the_evaluation(fixture_dir, tmp_path):
+    """The output's checkpoints belong to the first spec: a rerun with another learning
+    rate stops at loading with checkpoint_mismatch, before the (long) evaluation."""
+    shutil.copytree(fixture_dir / "data", tmp_path / "data")
+    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"),
+            "forget_file": "data/forget_qa.jsonl",
+            "hyperparameters": {"max_steps": 2, "batch_size": 8, "max_length": 64, "learning_rate": 1e-3},
+            "eval": {"forget_qa": "data/forget_qa.jsonl", "max_samples": 10}}
+    out = tmp_path / "out"
+
+    def run(spec):
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        return CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+
+    assert run(spec).exit_code == 0
+    edited = run({**spec, "hyperparameters": {**spec["hyperparameters"], "learning_rate": 2e-3}})
+    assert edited.exit_code == 2, edited.output
+    assert "error [checkpoint_mismatch]: the checkpoint " in edited.output
+    assert "[evaluating_before]" not in edited.output
+    again = run(spec)  # the same spec resumes at its end
+    assert again.exit_code == 0 and "[resumed] from the checkpoint at step 2" in again.output
