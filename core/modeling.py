@@ -3,7 +3,8 @@
 Any local Hugging Face causal-LM directory loads the same way the demo model does.
 CUDA with bf16 where present, CPU fp32 otherwise. A reference model exists only when
 a method needs one: for LoRA it is the same model with its adapter disabled (no copy);
-for full-weight unlearning it is a frozen copy of the initial weights.
+for full-weight unlearning of chosen layers, the same model with frozen copies of those
+layers swapped in; for full-weight unlearning of every layer, a frozen copy of the model.
 """
 
 from __future__ import annotations
@@ -114,22 +115,46 @@ class Wrapped:
 
     model: Any  # PeftModel or PreTrainedModel
     adapter: AdapterSpec
-    reference: Any | None = None  # full weights only: a frozen copy
+    reference: Any | None = None  # full weights, every layer: a frozen copy of the model
+    # full weights, chosen layers: frozen copies of those decoder layers alone (by index)
+    reference_layers: dict[int, torch.nn.Module] | None = None
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[Any]:
-        """Yields a module that computes the reference model's logits (no grad)."""
+        """Yields a module that computes the reference model's logits (no grad): LoRA, the
+        model with its adapter disabled; full weights of chosen layers, the model with the
+        frozen copies of those layers swapped in (everything else never trains); full
+        weights, a frozen copy of the model."""
         with torch.no_grad():
             if self.adapter.type == "lora":
                 with self.model.disable_adapter():
+                    yield self.model
+            elif self.reference_layers is not None:
+                with self._initial_layers_in():
                     yield self.model
             else:
                 if self.reference is None:
                     raise RuntimeError("no reference model was prepared")
                 yield self.reference
+
+    @contextlib.contextmanager
+    def _initial_layers_in(self) -> Iterator[None]:
+        assert self.reference_layers is not None
+        stack = decoder_layers(self.model)
+        live = {index: stack[index] for index in self.reference_layers}
+        was_training = self.model.training
+        try:
+            for index, frozen in self.reference_layers.items():
+                stack[index] = frozen
+            self.model.eval()  # as the frozen copy of a whole model is
+            yield
+        finally:
+            for index, layer in live.items():
+                stack[index] = layer
+            self.model.train(was_training)
 
 
 def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 0) -> Wrapped:
@@ -152,21 +177,24 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
             raise SpecError(f"adapter: {exc}", param="adapter.target_modules") from exc
         return Wrapped(peft_model, adapter)
 
-    reference = None
-    if need_reference:
-        reference = copy.deepcopy(model).eval()
-        reference.requires_grad_(False)
-    model.requires_grad_(adapter.layers is None)
-    if adapter.layers is not None:
-        n_layers = model.config.num_hidden_layers
-        bad = [i for i in adapter.layers if i >= n_layers]
-        if bad:
-            raise SpecError(f"adapter.layers {bad} out of range: the model has {n_layers} layers",
-                            param="adapter.layers")
-        stack = decoder_layers(model)
-        for index in sorted(set(adapter.layers)):
-            stack[index].requires_grad_(True)
-    return Wrapped(model, adapter, reference)
+    if adapter.layers is None:
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if need_reference else None
+        return Wrapped(model.requires_grad_(True), adapter, reference)
+    n_layers = model.config.num_hidden_layers
+    bad = [i for i in adapter.layers if i >= n_layers]
+    if bad:
+        raise SpecError(f"adapter.layers {bad} out of range: the model has {n_layers} layers",
+                        param="adapter.layers")
+    stack = decoder_layers(model)
+    chosen = sorted(set(adapter.layers))
+    # The reference differs from the model only in the layers that train: copies of those
+    # (on WMDP-style jobs a few of many layers), not of the whole model.
+    reference_layers = ({index: copy.deepcopy(stack[index]).eval().requires_grad_(False) for index in chosen}
+                        if need_reference else None)
+    model.requires_grad_(False)
+    for index in chosen:
+        stack[index].requires_grad_(True)
+    return Wrapped(model, adapter, reference_layers=reference_layers)
 
 
 def save_output(wrapped: Wrapped, tokenizer: Any, out_dir: Path) -> dict[str, Path]:

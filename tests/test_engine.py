@@ -62,9 +62,40 @@ def test_lora_reference_is_the_same_model_without_adapter(fixture_dir):
 
 def test_reference_only_when_needed(fixture_dir):
     wrapped, *_ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip")
-    assert wrapped.reference is None
+    assert wrapped.reference is None and wrapped.reference_layers is None
     wrapped, *_ = setup_run(fixture_dir, AdapterSpec(type="full"), "npo")
     assert wrapped.reference is not None
+
+
+def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
+    """Full weights of chosen layers: the reference is the model with frozen copies of
+    those layers swapped in, not a copy of the whole model, and NPO trains exactly as
+    with a whole-model copy (same losses, same weights)."""
+    import copy
+
+    from core.modeling import Wrapped, decoder_layers
+
+    adapter = AdapterSpec(type="full", layers=[1])
+    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "npo", max_steps=4)
+    assert wrapped.reference is None and set(wrapped.reference_layers) == {1}
+    copied = sum(p.numel() for p in wrapped.reference_layers[1].parameters())
+    assert copied == sum(p.numel() for p in decoder_layers(wrapped.model)[1].parameters())
+    assert copied < sum(p.numel() for p in wrapped.model.parameters()) / 2  # 1 of 2 layers, no embeddings
+    initial = copy.deepcopy(wrapped.model).eval().requires_grad_(False)
+    whole, *_ = setup_run(fixture_dir, adapter, "npo", max_steps=4)
+    whole = Wrapped(whole.model, adapter, reference=initial)  # the way it was: a whole copy
+
+    swapped = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    copied_run = run_unlearning(whole, method, params, forget, pad_id=tok.pad_token_id)
+    assert [h.loss for h in swapped.history] == [h.loss for h in copied_run.history]
+    assert all(torch.equal(p, q) for p, q in zip(wrapped.model.parameters(), whole.model.parameters(),
+                                                 strict=True))
+    # the live layer is back in place, training, and the copy still holds the initial weights
+    assert decoder_layers(wrapped.model)[1] is not wrapped.reference_layers[1]
+    assert wrapped.model.training is False  # the loop ends in eval mode
+    ids = torch.tensor([forget[0].input_ids])
+    with wrapped.reference_mode() as reference:
+        torch.testing.assert_close(reference(input_ids=ids).logits, initial(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
