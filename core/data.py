@@ -66,6 +66,10 @@ def encode_prompt(tokenizer: Any, prompt: str, *, add_special_tokens: bool = Tru
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+# What a record that max_length leaves without a target is not, by its set's role.
+LEFT_OUT = {"forget": "unlearned", "retain": "trained on"}
+
+
 @dataclass
 class Encoded:
     """A set tokenized for training, with what max_length did to it: which records (by
@@ -86,19 +90,20 @@ class Encoded:
                 "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
                 "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]}}
 
-    def warning(self, name: str, left_out: str = "will not be unlearned") -> str | None:
-        """One sentence on what max_length cut, or None when it cut nothing. `left_out`
-        says what becomes of a record with no target left (a retain record is not
-        unlearned anyway: it is not trained on)."""
+    def warning(self, role: str) -> str | None:
+        """One sentence on what max_length cut from the `role` set ("forget", "retain"),
+        or None when it cut nothing."""
         parts = []
-        for lines, what in ((self.skipped_lines, f"no target token within max_length and {left_out}"),
+        for lines, what in ((self.skipped_lines, f"no target token within max_length and will "
+                                                  f"not be {LEFT_OUT[role]}"),
                             (self.truncated_lines, "a target cut at max_length")):
             if lines:
                 shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
                 parts.append(f"{len(lines)} of {self.records} records have {what} (lines {shown})")
         if not parts:
             return None
-        return f"{name}: " + "; ".join(parts) + f"; raise hyperparameters.max_length ({self.max_length}) to keep them"
+        return (f"{role} set: " + "; ".join(parts)
+                + f"; raise hyperparameters.max_length ({self.max_length}) to keep them")
 
 
 def encode_records(records: Records, tokenizer: Any, max_length: int, *,

@@ -218,9 +218,7 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
                                         eos_target=params.forget_eos)}
     if retain_records:
         encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
-    warnings = [length_warning] + [its.warning(f"{name} set", "will not be unlearned" if name == "forget"
-                                               else "will not be trained on")
-                                   for name, its in encoded.items()]
+    warnings = [length_warning] + [its.warning(role) for role, its in encoded.items()]
     for warning in filter(None, warnings):
         reporter.warning(warning)
     forget = encoded["forget"].examples

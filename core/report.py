@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from core.data import Example, collate
+from core.data import LEFT_OUT, Example, collate
 from core.losses import token_logprobs
 
 
@@ -74,8 +74,7 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
     line = (f"- {name.capitalize()} set as trained: {data['records']:,} records, "
             f"{data['examples']:,} sequences, {data['target_tokens']:,} target tokens "
             f"(max_length {data['max_length']})")
-    left_out = "not unlearned" if name == "forget" else "not trained on"
-    for key, what in (("skipped", f"left out: no target token within max_length, {left_out}"),
+    for key, what in (("skipped", f"left out: no target token within max_length, not {LEFT_OUT[name]}"),
                       ("truncated", "target cut at max_length")):
         part = data[key]
         if part["count"]:

@@ -179,7 +179,7 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
     assert encoded.skipped_lines == [3] and encoded.truncated_lines == [4]
     assert encoded.target_tokens == sum(
         sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in encoded.examples)
-    warning = encoded.warning("forget set")
+    warning = encoded.warning("forget")
     assert warning.startswith("forget set: 1 of 4 records have no target token within max_length "
                               "and will not be unlearned (lines 3); 1 of 4 records have a target cut")
     assert "(lines 4)" in warning and "max_length (20)" in warning
@@ -187,7 +187,7 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
     assert summary["skipped"] == {"count": 1, "lines": [3]} and summary["truncated"]["lines"] == [4]
     # With room for everything nothing is reported; the EOS that is not a target is no cut.
     roomy = encode_records(records, tok, 64, eos_target=False)
-    assert roomy.warning("forget set") is None and len(roomy.examples) == 4
+    assert roomy.warning("forget") is None and len(roomy.examples) == 4
     # Every prompt fills max_length: an error that says what to change.
     with pytest.raises(DataError, match="no record has a target token within max_length=5"):
         encode_records(records, tok, 5)
