@@ -140,6 +140,30 @@ def worker_command(settings, *, pool: str | None = None) -> list[str]:  # type: 
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
+_DEVICE_PROBE = """
+import sys
+from core.errors import UnlearnError
+from core.modeling import pick_device
+try:
+    pick_device(sys.argv[1])
+except UnlearnError as exc:
+    sys.exit(exc.message)
+"""
+
+
+def _check_worker_device(device: str | None) -> None:
+    """Refuse to start a worker told to use a device that is not here (WORKER_DEVICE,
+    --gpu): it would take every job from the queue and fail it. Probed in a subprocess:
+    the worker's prefork parent, which this process becomes, must not import torch."""
+    if not device:
+        return  # auto: CUDA if present, else the CPU; always there
+    probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, device], capture_output=True, text=True)
+    if probe.returncode != 0:
+        reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
+        typer.echo(f"error [device_unavailable]: {reason}; the worker did not start", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def worker(pool: str | None = typer.Option(None, help="solo or prefork (default: prefork; solo embedded)."),
            gpu: str | None = typer.Option(None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES); "
@@ -149,6 +173,7 @@ def worker(pool: str | None = typer.Option(None, help="solo or prefork (default:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         os.environ["WORKER_DEVICE"] = "cuda"
     settings = _settings()
+    _check_worker_device(settings.worker_device)
     if settings.embedded:
         _prepare_embedded(settings)
     command = worker_command(settings, pool=pool)
@@ -165,6 +190,8 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
     from api.app import create_app
 
     settings = _settings()
+    if with_worker:
+        _check_worker_device(settings.worker_device)
     _prepare_embedded(settings)
     worker_process = None
     if with_worker:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +61,20 @@ def test_compose_has_the_production_stack():
                     if line.strip() and not line.startswith("#")]
     assert "fastapi" in requirements
     assert not {"torch", "transformers", "peft", "lm-eval"} & set(requirements)
+
+
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--port", "1"]])
+def test_a_worker_for_a_device_that_is_not_here_does_not_start(tmp_path, command):
+    """WORKER_DEVICE names a GPU this machine lacks: the worker would take every job and
+    fail it (device_unavailable); it refuses to start instead, before touching the
+    data directory or the broker."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")}
+    env.update(UNLEARN_DATA_DIR=str(tmp_path / "state"), WORKER_DEVICE="cuda:99")
+    result = subprocess.run([sys.executable, "-m", "api", *command], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert ("error [device_unavailable]: device 'cuda:99' was asked for, but this machine has "
+            in result.stderr and "; the worker did not start" in result.stderr), result.stderr
+    assert not (tmp_path / "state").exists()
