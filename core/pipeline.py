@@ -186,8 +186,11 @@ def _probe_every(spec: JobSpec, steps: int) -> int | None:
 
 
 def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None,
-            device: str | None = None, checkpoint_dir: Path | None = None) -> JobResult:
-    """Run one job; file paths in `spec` are local. Writes artifacts under output_dir."""
+            device: str | None = None, checkpoint_dir: Path | None = None,
+            shown: dict[str, str] | None = None) -> JobResult:
+    """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
+    `shown` names the base model and forget file in the report as its readers know them
+    (the service's tenants see neither the operator's nor the worker's paths)."""
     reporter = reporter or Reporter()
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -274,7 +277,7 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     metrics["timings_s"] = timings
     report_dir = report.write_report(
         output_dir / "report", spec=spec, metrics=metrics, history=loop.history,
-        token_view={"before": token_view_before, "after": token_view_after})
+        token_view={"before": token_view_before, "after": token_view_after}, shown=shown)
     artifacts["report"] = report_dir
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lap("save")

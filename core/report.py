@@ -83,10 +83,14 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
     return line
 
 
-def summary_markdown(spec: Any, metrics: dict[str, Any]) -> str:
+def summary_markdown(spec: Any, metrics: dict[str, Any], shown: dict[str, str] | None = None) -> str:
+    """The report's summary. `shown` names the base model and the forget file as the
+    reader knows them (the service: the model's name, the file's id and name), in place
+    of the local paths the job ran on."""
+    shown = shown or {}
     lines = [f"# Unlearning report: {spec.method}", "",
-             f"- Base model: `{spec.base_model}`",
-             f"- Forget set: `{spec.forget_file}`",
+             f"- Base model: `{shown.get('base_model', spec.base_model)}`",
+             f"- Forget set: `{shown.get('forget_file', spec.forget_file)}`",
              f"- Adapter: {spec.adapter.type}",
              f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned"]
     lines += [_data_line(name, data) for name, data in metrics.get("data", {}).items()]
@@ -151,13 +155,13 @@ def _plot_tokens(view: dict[str, list[dict[str, Any]]], path: Path, samples: int
 
 
 def write_report(directory: Path, *, spec: Any, metrics: dict[str, Any], history: list[Any],
-                 token_view: dict[str, list[dict[str, Any]]]) -> Path:
+                 token_view: dict[str, list[dict[str, Any]]], shown: dict[str, str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (directory / "loss_curve.json").write_text(json.dumps(
         [{"step": h.step, "loss": h.loss, **h.terms, "lr": h.learning_rate} for h in history]))
     (directory / "token_probabilities.json").write_text(json.dumps(token_view, indent=1))
-    (directory / "summary.md").write_text(summary_markdown(spec, metrics))
+    (directory / "summary.md").write_text(summary_markdown(spec, metrics, shown))
     if history:
         _plot_loss(history, directory / "loss_curve.png")
     _plot_tokens(token_view, directory / "token_probabilities.png")

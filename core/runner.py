@@ -199,11 +199,11 @@ class JobRunner:
 
         work = self.settings.work_dir / "jobs" / job_id
         try:
-            spec = self._local_spec(job_id, work / "inputs")
+            spec, shown = self._local_spec(job_id, work / "inputs")
             self._restore_checkpoint(job_id, work / "checkpoints")
             reporter = DbReporter(self.sessions, job_id, self.settings, heartbeat, self.store)
             result = run_job(spec, work / "output", reporter=reporter, device=self.settings.worker_device,
-                             checkpoint_dir=work / "checkpoints")
+                             checkpoint_dir=work / "checkpoints", shown=shown)
             reporter.phase("uploading")
             self._store_artifacts(job_id, result.artifacts, work / "archives")
             with self.sessions.begin() as session:
@@ -264,9 +264,10 @@ class JobRunner:
 
     # --- inputs ---------------------------------------------------------------
 
-    def _local_spec(self, job_id: str, inputs: Path) -> Any:
+    def _local_spec(self, job_id: str, inputs: Path) -> tuple[Any, dict[str, str]]:
         """The job's spec with file ids replaced by local copies and the model name by a
-        local directory."""
+        local directory; and how the report names the model and the forget file for the
+        tenant (the model's name; the file's id and name), not by those paths."""
         from core.spec import parse_spec
 
         with self.sessions() as session:
@@ -291,11 +292,14 @@ class JobRunner:
 
         raw["base_model"] = str(self._model_dir(model.uri))
         self._redactions = {raw["base_model"]: f"model '{model.name}'", str(inputs): "<inputs>"}
+        forget = files.get(raw["forget_file"])
+        shown = {"base_model": model.name,
+                 "forget_file": f"{raw['forget_file']} ({forget.filename})" if forget else raw["forget_file"]}
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
         if raw.get("eval"):
             raw["eval"] = {k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()}
-        return parse_spec(raw)
+        return parse_spec(raw), shown
 
     def _model_dir(self, uri: str) -> Path:
         if not uri.startswith("s3://"):

@@ -4,11 +4,13 @@ a worker started by the same command), then the API over real HTTP."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import httpx
@@ -46,6 +48,14 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             warnings = [e["message"] for e in result["events"] if e["type"] == "warning"]
             assert len(warnings) == 1 and "will not be unlearned (lines 5)" in warnings[0], warnings
             assert result["metrics"]["data"]["forget"]["skipped"] == {"count": 1, "lines": [5]}
+            # The report names the model and the forget file as the tenant knows them, not
+            # by the operator's or the worker's paths.
+            archive = client.get(f"/v1/jobs/{job['id']}/artifacts/report", follow_redirects=True)
+            with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+                summary = tar.extractfile("summary.md").read().decode()
+            assert "- Base model: `tiny`" in summary
+            assert f"- Forget set: `{job['forget_file']} (forget.jsonl)`" in summary
+            assert str(tmp_path) not in summary and str(fixture_dir) not in summary
             assert job["attempts"] == 1
         # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
         key_id = next(line.split("\t")[0] for line in cli(env, "keys", "list", "--tenant", "acme").splitlines())
