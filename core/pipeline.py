@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from core import report
 from core.data import encode_records, load_records
@@ -131,6 +132,31 @@ class StopRule:
             return f"forget target reached at step {step}"
         return None
 
+    # The rule's state travels with each checkpoint, so a job resumed after a kill keeps
+    # the best state found before it. Without it, a job killed after the rule stopped it
+    # (while evaluating or uploading) resumed at its end and restored the initial model.
+    STATE, BEST = "stop_rule.json", "stop_rule_best.safetensors"
+
+    def save(self, directory: Path) -> None:
+        """Write the probes so far and the best state into a checkpoint being made (the
+        best weights only when the best is not the initial state, which a resumed job
+        has before its checkpoint is loaded)."""
+        state = {"before": self.before, "history": self.history, "best": self.best,
+                 "last_probed": self.last_probed}
+        (directory / self.STATE).write_text(json.dumps(state))
+        if self.best["step"] != 0:
+            save_file({n: t.contiguous() for n, t in self.best_state.items()}, directory / self.BEST)
+
+    def load(self, directory: Path) -> None:
+        """Take up the state a checkpoint holds (none in checkpoints of before it did)."""
+        if not (directory / self.STATE).is_file():
+            return
+        state = json.loads((directory / self.STATE).read_text())
+        self.before, self.history, self.best = state["before"], state["history"], state["best"]
+        self.last_probed = state["last_probed"]
+        if self.best["step"] != 0:
+            self.best_state = load_file(directory / self.BEST)
+
     def finish(self, final_step: int) -> dict[str, Any]:
         """Probe the final state if needed, then restore the best state within budget."""
         if self.last_probed != final_step:
@@ -159,8 +185,14 @@ class _LoopHooks(Hooks):
     def after_step(self, step: int) -> str | None:
         return self.stop_rule.check(step) if self.stop_rule else None
 
-    def on_resume(self, step: int) -> None:
+    def on_resume(self, step: int, path: Path) -> None:
+        if self.stop_rule is not None:
+            self.stop_rule.load(path)
         self.reporter.resumed(step)
+
+    def add_to_checkpoint(self, directory: Path) -> None:
+        if self.stop_rule is not None:
+            self.stop_rule.save(directory)
 
     def on_checkpoint(self, path: Path) -> None:
         self.reporter.checkpoint(path)

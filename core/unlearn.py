@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,12 @@ class Hooks:
         """After on_step: return a reason to stop early (the stop rule), or None."""
         return None
 
-    def on_resume(self, step: int) -> None:
-        """Once, when the run continues from a checkpoint at `step`."""
+    def on_resume(self, step: int, path: Path) -> None:
+        """Once, when the run continues from the checkpoint at `path` (step `step`)."""
+
+    def add_to_checkpoint(self, directory: Path) -> None:
+        """Write the caller's own state into a checkpoint being made, before it is sealed
+        (the stop rule's probes and best state), for on_resume to read back."""
 
     def on_checkpoint(self, path: Path) -> None:
         """After a checkpoint is complete on disk (e.g. to copy it off the machine)."""
@@ -161,12 +165,14 @@ def run_fingerprint(method: Method, params: TrainingParams, wrapped: Wrapped,
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                    stop_reason: str | None = None, fingerprint: str | None = None) -> Path:
+                    stop_reason: str | None = None, fingerprint: str | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json.
     `stop_reason` marks the last checkpoint of a run the stop rule ended, so a resume
     after that point does not train on past it; `fingerprint` (run_fingerprint) is what
     a resume must match. `weights` are what the optimizer updates (fp32 masters where
-    the model holds bf16)."""
+    the model holds bf16). `extra(directory)` may add files before the checkpoint is
+    sealed."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -178,6 +184,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                tmp / "optimizer.pt")
+    if extra is not None:
+        extra(tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "stop_reason": stop_reason,
                                                 "fingerprint": fingerprint}))
     shutil.rmtree(final, ignore_errors=True)
@@ -290,7 +298,7 @@ def run_unlearning(
         start_step, stop_reason = load_checkpoint(resume_from, optimized, optimizer, scheduler, fingerprint)
         _copy_masters_into(named, masters)
         log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
-        hooks.on_resume(start_step)
+        hooks.on_resume(start_step, resume_from)
     result = LoopResult(steps_done=start_step, total_steps=steps,
                         stopped_early=stop_reason is not None, stop_reason=stop_reason)
     # checkpointing is switched off again however the loop ends (a cancel raises)
@@ -356,13 +364,13 @@ def run_unlearning(
                 break
             if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
                 hooks.on_checkpoint(save_checkpoint(checkpoint_dir, step, optimized, optimizer, scheduler,
-                                                    fingerprint=fingerprint))
+                                                    fingerprint=fingerprint, extra=hooks.add_to_checkpoint))
 
         # --- save
         if checkpoint_dir is not None and result.steps_done > start_step:
             hooks.on_checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, optimized, optimizer,
                                                 scheduler, stop_reason=result.stop_reason,
-                                                fingerprint=fingerprint))
+                                                fingerprint=fingerprint, extra=hooks.add_to_checkpoint))
     model.eval()
     return result
 

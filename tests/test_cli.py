@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -120,3 +121,37 @@ def test_rerun_with_an_edited_spec_is_refused_before_the_evaluation(fixture_dir,
     assert "[evaluating_before]" not in edited.output
     again = run(spec)  # the same spec resumes at its end
     assert again.exit_code == 0 and "[resumed] from the checkpoint at step 2" in again.output
+
+
+def test_a_run_stopped_early_and_resumed_keeps_its_best_state(fixture_dir, tmp_path):
+    """The stop rule ends the run at step 2 (utility below the floor) and keeps step 1.
+    A rerun resumes at the end (as a service job killed while evaluating or uploading
+    does) and must keep step 1 too: it restored the initial model, because the rule's best
+    state was not in the checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(fixture_dir / "data", tmp_path / "data")
+    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"),
+            "forget_file": "data/forget_qa.jsonl", "adapter": {"type": "full"},
+            "hyperparameters": {"max_steps": 12, "batch_size": 32, "max_length": 64,
+                                "learning_rate": 3e-3, "checkpoint_every": 3},
+            "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl",
+                     "probe_every": 1, "probe_samples": 50, "max_samples": 50, "utility_budget": 0.1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+
+    def run():
+        result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        return result.output, metrics, load_file(out / "model" / "model.safetensors")
+
+    _, first, weights = run()
+    assert first["stop_rule"]["restored_step"] == 1 and first["steps"]["done"] == 2
+    output, again, weights_again = run()
+    assert "[resumed] from the checkpoint at step 2" in output
+    assert again["stop_rule"] == first["stop_rule"]
+    assert again["after"]["forget_knowmem"] == first["after"]["forget_knowmem"]
+    assert all(torch.equal(weights[n], weights_again[n]) for n in weights)
