@@ -66,6 +66,12 @@ def encode_prompt(tokenizer: Any, prompt: str, *, add_special_tokens: bool = Tru
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def line_list(lines: list[int], count: int) -> str:
+    """File lines for people: "3, 5, 9", and ", ..." when `count` records are more than
+    the lines shown."""
+    return ", ".join(map(str, lines)) + (", ..." if count > len(lines) else "")
+
+
 # What a record that max_length leaves without a target is not, by its set's role.
 LEFT_OUT = {"forget": "unlearned", "retain": "trained on"}
 
@@ -98,8 +104,8 @@ class Encoded:
                                                   f"not be {LEFT_OUT[role]}"),
                             (self.truncated_lines, "a target cut at max_length")):
             if lines:
-                shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
-                parts.append(f"{len(lines)} of {self.records} records have {what} (lines {shown})")
+                parts.append(f"{len(lines)} of {self.records} records have {what} "
+                             f"(lines {line_list(lines[:10], len(lines))})")
         if not parts:
             return None
         return (f"{role} set: " + "; ".join(parts)

@@ -236,8 +236,9 @@ class Records:
         return self.lines[index] if self.lines else index + 1
 
 
-def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = None) -> Records:
-    """The records of a valid file; DataError naming the file and lines otherwise."""
+def check_file(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = None) -> Kind:
+    """The kind of a valid file (read once, nothing kept); DataError naming the file and
+    lines otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -246,7 +247,14 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
         raise DataError(report.summary(path.name))
     if report.kind is None:  # a valid report always has a kind; keep the invariant explicit
         raise DataError(f"{path.name}: cannot tell the file's format")
-    if report.kind == "text" and path.suffix.lower() == ".txt":
+    return report.kind
+
+
+def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = None) -> Records:
+    """The records of a valid file; DataError naming the file and lines otherwise."""
+    path = Path(path)
+    kind = check_file(path, allowed_kinds=allowed_kinds)
+    if kind == "text" and path.suffix.lower() == ".txt":
         return Records("text", [{"text": path.read_text(encoding="utf-8-sig")}], [1])
     items, lines = [], []
     with path.open(encoding="utf-8-sig") as fh:
@@ -254,4 +262,4 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
             if line.strip():
                 items.append(json.loads(line))
                 lines.append(lineno)
-    return Records(report.kind, items, lines)
+    return Records(kind, items, lines)

@@ -116,8 +116,10 @@ class Wrapped:
     model: Any  # PeftModel or PreTrainedModel
     adapter: AdapterSpec
     reference: Any | None = None  # full weights, every layer: a frozen copy of the model
-    # full weights, chosen layers: frozen copies of those decoder layers alone (by index)
+    # full weights, chosen layers: frozen copies of those decoder layers alone (by index),
+    # and the model's stack they are swapped into (found once, not on every reference pass)
     reference_layers: dict[int, torch.nn.Module] | None = None
+    layer_stack: torch.nn.ModuleList | None = None
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -142,8 +144,8 @@ class Wrapped:
 
     @contextlib.contextmanager
     def _initial_layers_in(self) -> Iterator[None]:
-        assert self.reference_layers is not None
-        stack = decoder_layers(self.model)
+        assert self.reference_layers is not None and self.layer_stack is not None
+        stack = self.layer_stack
         live = {index: stack[index] for index in self.reference_layers}
         was_training = self.model.training
         try:
@@ -194,7 +196,7 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
     model.requires_grad_(False)
     for index in chosen:
         stack[index].requires_grad_(True)
-    return Wrapped(model, adapter, reference_layers=reference_layers)
+    return Wrapped(model, adapter, reference_layers=reference_layers, layer_stack=stack)
 
 
 def save_output(wrapped: Wrapped, tokenizer: Any, out_dir: Path) -> dict[str, Path]:

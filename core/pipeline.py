@@ -22,6 +22,7 @@ from core import report
 from core.data import encode_records, load_records
 from core.errors import DataError
 from core.evaluation import EvalSpec, evaluate, knowmem, tradeoff
+from core.formats import check_file
 from core.methods import get_method
 from core.modeling import Wrapped, fit_max_length, load_base, pick_device, save_output, wrap
 from core.spec import JobSpec
@@ -203,7 +204,7 @@ def _check_eval_files(ev: EvalSpec) -> None:
     loaded (a QA file given as forget_mc failed inside lm-eval, after the load)."""
     for name, path in ev.files().items():
         try:
-            load_records(path, allowed_kinds=EVAL_FILE_KINDS[name])
+            check_file(path, allowed_kinds=EVAL_FILE_KINDS[name])
         except DataError as exc:
             raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
 
@@ -260,8 +261,9 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     retain = encoded["retain"].examples if retain_records else None
     wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
                    seed=params.seed)
-    if checkpoint_dir is not None:  # another run's checkpoint: refused before the evaluation
-        ensure_resumable(checkpoint_dir, run_fingerprint(method, params, wrapped, forget, retain))
+    fingerprint = run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+    if fingerprint is not None:  # another run's checkpoint: refused before the evaluation
+        ensure_resumable(checkpoint_dir, fingerprint)
     lap("load")
 
     # --- evaluate before
@@ -284,7 +286,7 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     stop_rule = StopRule(wrapped, tokenizer, spec.eval, every, reporter) if every and spec.eval else None
     reporter.phase("unlearning", f"{steps} steps")
     loop = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id,
-                          retain=retain, checkpoint_dir=checkpoint_dir,
+                          retain=retain, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
                           hooks=_LoopHooks(reporter, stop_rule))
     if stop_rule is not None:
         metrics["stop_rule"] = {**stop_rule.finish(loop.steps_done),

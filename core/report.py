@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from core.data import LEFT_OUT, Example, collate
+from core.data import LEFT_OUT, Example, collate, line_list
 from core.losses import token_logprobs
 
 
@@ -78,8 +78,7 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
                       ("truncated", "target cut at max_length")):
         part = data[key]
         if part["count"]:
-            shown = ", ".join(map(str, part["lines"])) + (", ..." if part["count"] > len(part["lines"]) else "")
-            line += f"; **{part['count']:,} {what}** (lines {shown})"
+            line += f"; **{part['count']:,} {what}** (lines {line_list(part['lines'], part['count'])})"
     return line
 
 

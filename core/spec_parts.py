@@ -9,12 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.formats import Kind
 
-EVAL_FILE_FIELDS = ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
 # The file kinds (core.formats) each slot of a job accepts.
 TRAIN_FILE_KINDS: tuple[Kind, ...] = ("qa", "chat", "text")
 EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
     "forget_qa": ("qa",), "retain_qa": ("qa",), "forget_text": ("text",), "retain_text": ("text",),
     "forget_mc": ("mc",), "general_mc": ("mc",)}
+EVAL_FILE_FIELDS = tuple(EVAL_FILE_KINDS)
 
 
 class AdapterSpec(BaseModel):

@@ -267,9 +267,11 @@ def run_unlearning(
     retain: list[Example] | None = None,
     checkpoint_dir: Path | None = None,
     hooks: Hooks | None = None,
+    fingerprint: str | None = None,
 ) -> LoopResult:
     """Unlearn `forget` from `wrapped.model`, in place. Resumes from checkpoint_dir if it
-    holds a checkpoint. Raises JobCancelled when hooks.should_cancel() turns True."""
+    holds a checkpoint of this run (`fingerprint`: run_fingerprint's, computed here when
+    not given). Raises JobCancelled when hooks.should_cancel() turns True."""
     hooks = hooks or Hooks()
     model = wrapped.model
     device = next(model.parameters()).device
@@ -292,7 +294,8 @@ def run_unlearning(
     # 10% of its steps, so a killed worker loses at most a tenth of the work.
     checkpoint_every = params.checkpoint_every or max(1, steps // 10)
     start_step, stop_reason = 0, None
-    fingerprint = run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+    if checkpoint_dir is not None and fingerprint is None:
+        fingerprint = run_fingerprint(method, params, wrapped, forget, retain)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         start_step, stop_reason = load_checkpoint(resume_from, optimized, optimizer, scheduler, fingerprint)
