@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_setup import setup_run
 
 from core.data import build_examples, encode_prompt, load_records
 from core.errors import SpecError
 from core.evaluation import greedy_generate
-from core.methods import METHODS, parse_params
-from core.modeling import AdapterSpec, decoder_layers, load_base, save_output, wrap
+from core.modeling import AdapterSpec, decoder_layers, load_base, save_output
 from core.unlearn import run_unlearning
 
 CPU = torch.device("cpu")
@@ -52,12 +52,8 @@ def arch_dirs(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def _train(model_dir: Path, fixture_dir: Path, adapter: AdapterSpec, method_id: str = "npo"):
-    model, tokenizer = load_base(model_dir, CPU)
-    params = parse_params(method_id, {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-2,
-                                      "max_length": 64})
-    method = METHODS[method_id]
-    wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=0)
-    forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)
+    wrapped, tokenizer, method, params, forget, _ = setup_run(
+        fixture_dir, adapter, method_id, model_dir=model_dir, max_steps=2, learning_rate=1e-2)
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     result = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id)

@@ -12,6 +12,7 @@ import pytest
 from tests.service.conftest import ThreadServer
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
+BIG = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_bytes
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +116,29 @@ def test_upload_errors(client):
     assert_error(upload(client, QA, name="notes.pdf"), 400, "unsupported_file_type", param="file")
 
 
-def test_large_upload_is_validated_in_the_background(client):
-    big = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_bytes
-    response = upload(client, big)
-    assert response.status_code == 201
-    assert response.json()["status"] == "validating"
+def validated(client, file_id: str, timeout: float = 30) -> dict:
+    """The file once its background validation has ended (it runs after the upload's
+    answer was sent): polled until its status leaves `validating`, within `timeout`."""
     import time
 
-    deadline = time.monotonic() + 30  # the background task runs after the answer was sent
-    while (final := client.get(f"/v1/files/{response.json()['id']}").json())["status"] == "validating":
-        assert time.monotonic() < deadline, final
+    deadline = time.monotonic() + timeout
+    while (body := client.get(f"/v1/files/{file_id}").json())["status"] == "validating":
+        assert time.monotonic() < deadline, body
         time.sleep(0.05)
+    return body
+
+
+def test_large_upload_is_validated_in_the_background(client):
+    response = upload(client, BIG)
+    assert response.status_code == 201
+    assert response.json()["status"] == "validating"
+    final = validated(client, response.json()["id"])
     assert final["status"] == "valid" and final["kind"] == "text"
 
 
 def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, monkeypatch):
     """A bug in the validator (deep JSON raised RecursionError out of it) answered 500 on
     a small upload and left a large one in `validating` for good."""
-    import time
-
     import api.routes.files
 
     def broken(*args, **kwargs):
@@ -142,12 +147,9 @@ def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, mon
     monkeypatch.setattr(api.routes.files, "validate_file", broken)
     small = upload(client, QA)
     assert small.status_code == 201, small.text
-    big = upload(client, b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n')
+    big = upload(client, BIG)
     assert big.status_code == 201 and big.json()["status"] == "validating"
-    deadline = time.monotonic() + 30
-    while (final := client.get(f"/v1/files/{big.json()['id']}").json())["status"] == "validating":
-        assert time.monotonic() < deadline, final
-        time.sleep(0.05)
+    final = validated(client, big.json()["id"])
     for body in (small.json(), final):
         assert body["status"] == "invalid", body
         assert body["validation"]["problems"] == [
