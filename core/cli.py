@@ -88,8 +88,9 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YA
         output: Path = typer.Option(Path("out"), "--output", "-o", help="Where outputs go."),
         device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)."),
         resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints."),
-        loss_backend: str = typer.Option("eager", help="eager, or compiled (torch.compile: a "
-                                         "one-off compilation, then a faster loss).")) -> None:
+        loss_backend: str = typer.Option("auto", help="auto (triton on CUDA, else eager), eager, "
+                                         "compiled (torch.compile: a one-off compilation) or triton "
+                                         "(fused CUDA kernels).")) -> None:
     """Run one job without the service (same spec as POST /v1/jobs, local paths)."""
     _quiet_libraries()
     try:

@@ -15,32 +15,59 @@ z rounds to 1 (logit margins above ~17). The trick: with
 we get log(1-z) = lse_o - lse_all and lse_all = logaddexp(logit_y, lse_o), so both
 terms are exact at any margin, in fp32 and in bf16 (chunks are upcast to fp32).
 
-Two backends compute the same numbers: "eager" (default: chunked torch ops, no start-up
-cost) and "compiled" (the same maths written as two pure functions for torch.compile,
-which fuses the row gather, the target exclusion and the reduction into one pass and
-the backward into another; it costs a one-off compilation, so it pays on long jobs).
-`set_backend` picks one per process (the worker reads LOSS_BACKEND).
+Three backends compute the same numbers:
+- "eager": chunked torch ops, no start-up cost; the CPU's.
+- "compiled": the same maths written as two pure functions for torch.compile, which
+  fuses the row gather, the target exclusion and the reduction into one pass and the
+  backward into another; it costs a one-off compilation.
+- "triton": two hand-written Triton kernels (core.fused_kernels), one pass over the
+  logits each way, no host sync; CUDA only.
+"auto" (the default) is triton for CUDA logits where Triton is installed, eager
+otherwise. `set_backend` picks one per process (the worker reads LOSS_BACKEND).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import importlib.util
+import os
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-Backend = Literal["eager", "compiled"]
-_backend: Backend = "eager"
+Backend = Literal["auto", "eager", "compiled", "triton"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+_backend: Backend = "auto"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def set_backend(name: Backend) -> None:
-    """Choose how token_logprobs runs in this process: "eager" or "compiled"."""
+    """Choose how token_logprobs runs in this process: auto, eager, compiled or triton.
+    ValueError names the valid ones, or says that Triton is not installed."""
     global _backend
-    if name not in ("eager", "compiled"):
-        raise ValueError(f"unknown loss backend {name!r}; valid: eager, compiled")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown loss backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "triton" and not triton_installed():
+        raise ValueError("the triton loss backend needs the triton package (it comes with "
+                         "CUDA builds of torch); use auto, eager or compiled")
     _backend = name
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    """Whether token_logprobs runs on the Triton kernels for these logits."""
+    if logits.dtype == torch.float64:  # the kernels accumulate in float32
+        return False
+    if _backend == "auto":
+        return logits.device.type == "cuda" and triton_installed()
+    if _backend == "triton" and logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton loss backend runs on CUDA tensors, not {logits.device.type}")
+    return _backend == "triton"
 
 # Elements processed at once inside token_logprobs, per device type; the fp32 scratch
 # memory is one chunk (elements * 4 bytes) whatever the batch size.
@@ -197,7 +224,7 @@ def _compiled() -> tuple:
 
 
 def _kernels() -> tuple:
-    """(forward, backward) of the process's backend."""
+    """(forward, backward) of the process's backend (eager or compiled)."""
     return _compiled() if _backend == "compiled" else (_chunked_forward, _chunked_backward)
 
 
@@ -225,6 +252,28 @@ class _TokenLogProbs(torch.autograd.Function):
         return ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
 
 
+class _FusedTokenLogProbs(torch.autograd.Function):
+    """_TokenLogProbs on the Triton kernels, over every row: forward(logits [R, V],
+    labels [R]) -> (logp [R], log1m [R]), float32, 0 where the label is IGNORE_INDEX.
+    Saves `logits` (the caller's tensor), the labels and lse [R]."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):  # type: ignore[override]
+        from core import fused_kernels
+
+        logp, log1m, lse = fused_kernels.forward(logits, labels, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(log1m)
+        return logp, log1m
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+        from core import fused_kernels
+
+        logits, labels, lse = ctx.saved_tensors
+        return fused_kernels.backward(logits, labels, lse, grad_logp.float(), IGNORE_INDEX), None
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log z and detached log(1 - z).
 
@@ -237,6 +286,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    if _fused(logits):  # every row, no gather of the counted ones (no host sync)
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+        logp, log1m = _FusedTokenLogProbs.apply(flat, labels.reshape(-1).contiguous())
+        return logp.view(labels.shape), log1m.view(labels.shape)
     mask, rows = _counted_rows(labels)
     targets = labels.reshape(-1).index_select(0, rows)
     logp_rows, log1m_rows = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
@@ -264,12 +318,17 @@ def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     values, mask: [B, T]. Samples with no counted position do not count; a batch with
     none at all gives 0 (still attached to the graph, so backward works).
     """
-    counts = mask.sum(dim=1)  # [B]
-    per_sample = (values * mask).sum(dim=1) / counts.clamp(min=1)
-    has_tokens = counts > 0
-    if not bool(has_tokens.any()):
-        return (values * 0).sum()
-    return per_sample[has_tokens].mean()
+    return (values * _token_weights(mask, torch.promote_types(values.dtype, torch.float32))).sum()
+
+
+def _token_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] in `dtype`: 1 / (the sample's count x the number of samples with a count) on
+    counted positions, else 0, so that sum(values * weights) is _per_sample_mean. Built
+    from the mask alone (no gradient), it leaves two recorded ops for autograd where the
+    mean written out leaves seven (on a GPU, at training sizes, the loss is launch-bound)."""
+    counts = mask.sum(dim=1, keepdim=True, dtype=dtype)  # [B, 1]
+    samples = (counts > 0).sum().clamp(min=1)
+    return mask / (counts.clamp(min=1) * samples)
 
 
 def _sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,10 +337,10 @@ def _sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 
 def _mean_over_samples(per_sample: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    has_tokens = counts > 0
-    if not bool(has_tokens.any()):
-        return (per_sample * 0).sum()
-    return per_sample[has_tokens].mean()
+    """Mean of per_sample [B] over the samples whose count is > 0; 0 (attached to the
+    graph) if none. No host sync (a GPU keeps its queue of work)."""
+    has_tokens = (counts > 0).to(per_sample.dtype)
+    return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 def catnip_loss(

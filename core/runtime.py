@@ -29,8 +29,8 @@ def set_torch_threads(threads: int) -> None:
 
 
 def set_loss_backend(name: str) -> None:
-    """eager (default) or compiled token log-probs for this process (core.losses);
-    ValueError names the valid ones."""
+    """The token log-prob backend of this process (core.losses: auto, eager, compiled,
+    triton); ValueError names the valid ones."""
     from core import losses
 
     losses.set_backend(name)  # type: ignore[arg-type]

@@ -45,9 +45,10 @@ class Settings(BaseSettings):
     # Workers
     worker_device: str | None = Field(None, description="cpu, cuda, cuda:0; default cuda if present.")
     worker_threads: int = Field(0, ge=0, description="torch threads per worker process; 0 = all cores.")
-    loss_backend: Literal["eager", "compiled"] = Field(
-        "eager", description="How the worker computes token log-probs (core.losses): compiled "
-        "pays a one-off torch.compile on the first job of a process, then runs faster.")
+    loss_backend: Literal["auto", "eager", "compiled", "triton"] = Field(
+        "auto", description="How the worker computes token log-probs (core.losses): auto is "
+        "the fused Triton kernels on CUDA and eager on the CPU; compiled pays a one-off "
+        "torch.compile on the first job of a process.")
     lease_seconds: float = Field(60.0, gt=0, description="A job's lease; renewed by the heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0)
     reap_every_seconds: float = Field(30.0, gt=0, description="How often a worker looks for orphans.")

@@ -25,30 +25,33 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def compare_loss_backends():
-    """Runs catnip_loss (beta 1.5) forward+backward on the eager and the compiled backend
-    and checks they agree: finite compiled loss and gradient, equal loss, gradients equal
-    to the dtype's precision. Returns the compiled gradient (float32) for further checks.
-    Leaves the process on the eager backend."""
+    """Runs catnip_loss (beta 1.5) forward+backward on the eager backend and another
+    (default: compiled) and checks they agree: finite loss and gradient, equal loss,
+    gradients equal to the dtype's precision. Returns the other backend's gradient
+    (float32) for further checks. Leaves the process on the backend it found."""
     import torch
 
+    from core import losses
     from core.losses import catnip_loss, set_backend
 
-    def compare(logits, labels, dtype):
+    found = losses._backend
+
+    def compare(logits, labels, dtype, backend="compiled"):
         results = {}
-        for backend in ("eager", "compiled"):
-            set_backend(backend)
+        for name in ("eager", backend):
+            set_backend(name)
             # a new leaf per backend: logits.to(its own dtype) would be logits itself, so
             # the two backwards would add up in one .grad and compare it with itself
             x = logits.detach().to(dtype, copy=True).requires_grad_(True)
             loss = catnip_loss(x, labels, beta=1.5)
             loss.backward()
-            results[backend] = (loss.detach().float(), x.grad.float())
-        (loss_e, grad_e), (loss_c, grad_c) = results["eager"], results["compiled"]
-        assert torch.isfinite(loss_c) and torch.isfinite(grad_c).all()
-        assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)
+            results[name] = (loss.detach().float(), x.grad.float())
+        (loss_e, grad_e), (loss_o, grad_o) = results["eager"], results[backend]
+        assert torch.isfinite(loss_o) and torch.isfinite(grad_o).all()
+        assert loss_o.item() == pytest.approx(loss_e.item(), rel=1e-5)
         tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 grads are rounded to 8 bits
-        assert torch.allclose(grad_c, grad_e, atol=tolerance, rtol=tolerance)
-        return grad_c
+        assert torch.allclose(grad_o, grad_e, atol=tolerance, rtol=tolerance)
+        return grad_o
 
     yield compare
-    set_backend("eager")
+    set_backend(found)

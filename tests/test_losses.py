@@ -262,5 +262,23 @@ def test_compiled_backend_matches_eager(dtype, compare_loss_backends):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="valid: eager, compiled"):
+    with pytest.raises(ValueError, match="valid: auto, eager, compiled, triton"):
+        set_backend("fused")
+
+
+def test_triton_backend_needs_triton_and_cuda(monkeypatch):
+    """auto runs CPU logits on the eager backend; triton is refused where Triton is not
+    installed, and on CPU tensors (outside Triton's interpreter) with a clear error."""
+    x, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
+    assert losses._backend == "auto" and not losses._fused(x)
+    monkeypatch.setattr(losses, "triton_installed", lambda: False)
+    with pytest.raises(ValueError, match="needs the triton package"):
         set_backend("triton")
+    monkeypatch.setattr(losses, "triton_installed", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="runs on CUDA tensors, not cpu"):
+            catnip_loss(x, labels)
+    finally:
+        set_backend("auto")

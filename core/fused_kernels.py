@@ -1,0 +1,112 @@
+"""Triton kernels for token_logprobs on a GPU (core.losses' "triton" backend).
+
+The same maths as core.losses' eager backend, one program per row of logits [R, V]:
+    forward:  logit_y, lse_o = logsumexp over every token but the target (online, in
+              blocks of the row), lse = logaddexp(logit_y, lse_o);
+              logp = logit_y - lse, log1m = lse_o - lse (exact at any margin)
+    backward: grad[row] = g * (onehot(y) - exp(x - lse)), written in the logits' dtype
+A row whose label is the ignore index gets logp = log1m = 0 and a zero gradient row
+without its logits being read, so prompt and padding cost a write, not a pass.
+
+Why: on a GPU the eager backend is launch-bound at training sizes (about 40 kernels and
+three host syncs per forward and backward; measured on an H100, [2, 256, 32000] fp32:
+2.4 ms against cross-entropy's 0.46), and torch.compile's regions cost as much again in
+call overhead. With these two kernels and no host sync, token_logprobs' forward and
+backward took 0.36 ms there, against cross-entropy's 0.29 (figures in the README).
+
+Imported only when that backend runs: Triton is a CUDA-side dependency (it ships with
+CUDA builds of torch, not with the CPU wheel). With TRITON_INTERPRET=1 the kernels run
+on CPU tensors through Triton's interpreter, which is how they are checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns per block: a whole 32k-vocabulary row in one block, larger ones in a few
+# (Liger-Kernel's cross-entropy uses the same bound).
+MAX_BLOCK = 32768
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
+    return block, (32 if block >= 16384 else 16 if block >= 4096 else 8 if block >= 1024 else 4)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_ptr, vocab,
+                    ignore_index, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(log1m_ptr + row, 0.0)
+        tl.store(lse_ptr + row, float("inf"))
+        return
+    base = x_ptr + row * x_row_stride
+    # a target outside the vocabulary reads nothing and gives NaN (the loss's finite check names it)
+    logit_y = tl.load(base + label, mask=label < vocab, other=float("nan")).to(tl.float32)
+    m = float("-inf")  # running max and sum of exp(x - m) over the non-target tokens
+    s = 0.0
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols == label, float("-inf"), x)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        m = m_new
+    lse_others = tl.where(s > 0, tl.where(m == float("-inf"), 0.0, m) + tl.log(s), float("-inf"))
+    top = tl.maximum(logit_y, lse_others)
+    lse = top + tl.log(tl.exp(logit_y - top) + tl.exp(lse_others - top))
+    tl.store(logp_ptr + row, logit_y - lse)
+    tl.store(log1m_ptr + row, lse_others - lse)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, dlogp_ptr,
+                     vocab, ignore_index, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    out = grad_ptr + row * grad_row_stride
+    if label == ignore_index:
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
+        return
+    g = tl.load(dlogp_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    base = x_ptr + row * x_row_stride
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        grad = g * (tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse))
+        tl.store(out + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """logits [R, V] (last dimension contiguous), labels [R] -> (logp, log1m, lse) [R],
+    float32; rows with the ignore index give 0, 0, +inf."""
+    rows, vocab = logits.shape
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    log1m, lse = torch.empty_like(logp), torch.empty_like(logp)
+    if rows:
+        block, warps = _launch_config(vocab)
+        _forward_kernel[(rows,)](logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index,
+                                 BLOCK=block, num_warps=warps)
+    return logp, log1m, lse
+
+
+def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
+             ignore_index: int) -> torch.Tensor:
+    """The gradient of sum(grad_logp * logp) with respect to logits [R, V], in their dtype."""
+    rows, vocab = logits.shape
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if rows:
+        block, warps = _launch_config(vocab)
+        _backward_kernel[(rows,)](logits, logits.stride(0), grad, grad.stride(0), labels, lse,
+                                  grad_logp.contiguous(), vocab, ignore_index, BLOCK=block, num_warps=warps)
+    return grad
