@@ -1,8 +1,9 @@
 """Engine benchmarks, side by side in one run (figures go in the README).
 
 1. CATNIP loss forward+backward vs F.cross_entropy on the same fp32 logits
-   [2, 256, 32000] with near-certain targets (memorised text): time ratio and extra
-   peak memory ratio (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
+   [2, 256, 32000] (--loss-shape) with near-certain targets (memorised text), on each
+   loss backend: time ratio and extra peak memory ratio (CUDA: max_memory_allocated;
+   CPU: peak RSS growth of a fresh process).
    The same for the retain KL term of the +kl methods, against a reference's logits, and
    for CATNIP with the first half of each sequence masked (QA prompts) vs cross-entropy
    with the same mask.
@@ -11,6 +12,7 @@
    interleaved rounds (--step-rounds); each ratio is the median of the rounds' ratios.
 
     python benchmarks/bench_engine.py [--device cuda] [--dtype bf16] [--losses-only]
+                                      [--step-model small|1b] [--loss-shape 8,2048,32000]
 """
 
 from __future__ import annotations
@@ -45,14 +47,23 @@ def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE)
     return logits.to(dtype).requires_grad_(True), labels, ref.to(dtype)
 
 
-# loss -> its yardstick (cross-entropy on the same counted positions). kl_retain is the
-# retain term of the +kl methods (full-vocabulary KL to the reference). The
-# *_prompt_masked pair counts only the second half of each sequence, as in a QA forget
-# set whose prompts do not count (the eager backward then gathers the counted rows).
-YARDSTICK = {"catnip": "cross_entropy", "catnip_compiled": "cross_entropy",
-             "kl_retain": "cross_entropy", "catnip_prompt_masked": "cross_entropy_prompt_masked"}
-LOSSES = ("cross_entropy", "catnip", "catnip_compiled", "kl_retain",
+# loss -> its yardstick (cross-entropy on the same counted positions). "catnip" runs on the
+# default backend (auto: the Triton kernels on CUDA, eager on the CPU), catnip_eager and
+# catnip_compiled on those (catnip_eager and catnip_triton are listed on CUDA only, where
+# they differ from catnip). kl_retain is the retain term of the +kl methods
+# (full-vocabulary KL to the reference). The *_prompt_masked pair counts only the second
+# half of each sequence, as in a QA forget set whose prompts do not count.
+YARDSTICK = {"catnip": "cross_entropy", "catnip_eager": "cross_entropy",
+             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy",
+             "catnip_prompt_masked": "cross_entropy_prompt_masked"}
+LOSSES = ("cross_entropy", "catnip", "catnip_eager", "catnip_compiled", "kl_retain",
           "cross_entropy_prompt_masked", "catnip_prompt_masked")
+BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled"}  # the rest: auto
+CUDA_ONLY = ("catnip_eager",)
+
+
+def losses_on(device: str) -> tuple[str, ...]:
+    return LOSSES if device.startswith("cuda") else tuple(n for n in LOSSES if n not in CUDA_ONLY)
 
 
 def run_loss(name: str, logits, labels, ref):
@@ -64,7 +75,7 @@ def run_loss(name: str, logits, labels, ref):
     elif name == "kl_retain":
         loss = kl_retain_loss(logits, ref, labels)
     else:
-        set_backend("compiled" if name == "catnip_compiled" else "eager")
+        set_backend(BACKEND_OF.get(name, "auto"))
         loss = catnip_loss(logits, labels, beta=1.0)
     loss.backward()
     logits.grad = None
@@ -75,17 +86,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_losses(device: str, dtype: torch.dtype, repeats: int) -> dict[str, list[float]]:
+def time_losses(device: str, dtype: torch.dtype, repeats: int,
+                shape: tuple[int, ...]) -> dict[str, list[float]]:
     """Seconds per forward+backward of every loss, measured in interleaved rounds (each
     round runs every loss once), so a slow spell of a shared machine hits all of them
     alike and each round gives a side-by-side ratio."""
-    inputs = make_inputs(device, dtype)
-    for name in LOSSES:
+    inputs = make_inputs(device, dtype, shape)
+    names = losses_on(device)
+    for name in names:
         for _ in range(3):
             run_loss(name, *inputs)
-    times: dict[str, list[float]] = {name: [] for name in LOSSES}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name in LOSSES:
+        for name in names:
             sync(device)
             start = time.perf_counter()
             run_loss(name, *inputs)
@@ -94,7 +107,7 @@ def time_losses(device: str, dtype: torch.dtype, repeats: int) -> dict[str, list
     return times
 
 
-def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
+def peak_extra_bytes(name: str, device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     """Peak memory above the inputs during one forward+backward.
 
     CUDA: the allocator's peak counter. CPU: a fresh process (nothing else ran in it)
@@ -104,7 +117,7 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
     follows the live tensors rather than a heap that keeps freed memory.
     """
     if device.startswith("cuda"):
-        inputs = make_inputs(device, dtype)
+        inputs = make_inputs(device, dtype, shape)
         run_loss(name, *inputs)  # warm up allocator / kernels
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -112,8 +125,8 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype) -> int:
         run_loss(name, *inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", DTYPE_NAMES[dtype]],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", DTYPE_NAMES[dtype],
+                          "--loss-shape", ",".join(map(str, shape))], check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -135,16 +148,25 @@ def _cpu_peak_above(base: int) -> int:
     return _status_kib("VmHWM") * 1024 - base
 
 
-def _cpu_peak_child(name: str, dtype: torch.dtype) -> None:
+def _cpu_peak_child(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """In a fresh process: print the peak-RSS growth (bytes) of one forward+backward.
     A warm-up on small inputs first (compilation, lazy init), then the peak counter is
     reset (Linux: `5 > /proc/self/clear_refs`) once the inputs exist."""
     run_loss(name, *make_inputs("cpu", dtype, (1, 8, 64)))
-    inputs = make_inputs("cpu", dtype)
+    inputs = make_inputs("cpu", dtype, shape)
     base = _reset_cpu_peak()
     run_loss(name, *inputs)
     print(_cpu_peak_above(base))
 
+
+# The step benchmark's random Llamas (vocabulary 32000): "small" (31M parameters, the
+# CPU's), "1b" (TinyLlama-1.1B's shapes, for a GPU: the paper's models are 7B).
+STEP_MODELS = {
+    "small": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+              "num_attention_heads": 8, "num_key_value_heads": 8},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+}
 
 STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
     "catnip": ("catnip", {}),
@@ -153,9 +175,10 @@ STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
 }
 
 
-def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> dict[str, float]:
+def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int,
+                    model_name: str = "small") -> dict[str, float]:
     """Seconds per optimizer step and peak memory above the model (bytes) for one
-    configuration on one random Llama (LoRA), batch 4 x 256. The peak counter (CUDA's
+    configuration on one random Llama of STEP_MODELS (LoRA), batch 4 x 256. The peak counter (CUDA's
     allocator; on CPU the process's peak RSS, reset with /proc/self/clear_refs) is reset
     once the model, its adapter and the examples exist."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -165,14 +188,14 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
     from core.modeling import AdapterSpec, wrap
     from core.unlearn import Hooks, run_unlearning
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
+    config = LlamaConfig(vocab_size=32000, **STEP_MODELS[model_name])
     generator = torch.Generator().manual_seed(0)
     examples = [Example(ids, ids) for ids in
                 torch.randint(0, 32000, (32, 256), generator=generator).tolist()]
     method_id, extra = STEP_CONFIGS[name]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 1B model on the CPU takes minutes
+        model = LlamaForCausalLM(config).to(dtype=dtype)
     params = parse_params(method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256,
                                       **extra})
     wrapped = wrap(model, AdapterSpec(), need_reference=METHODS[method_id].needs_reference(params))
@@ -205,7 +228,8 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int) -> d
     return {"step_s": statistics.median(durations), "peak_bytes": peak}
 
 
-def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int) -> list[dict[str, dict]]:
+def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int,
+                model_name: str) -> list[dict[str, dict]]:
     """one_step_config for every configuration, in `rounds` interleaved rounds (each round
     runs every configuration once), so a slow spell of a shared machine hits all of them
     alike. On CPU each run is a fresh process, so one configuration's freed memory kept
@@ -215,10 +239,11 @@ def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int) -> lis
         results = {}
         for name in STEP_CONFIGS:
             if device.startswith("cuda"):
-                results[name] = one_step_config(name, device, dtype, steps)
+                results[name] = one_step_config(name, device, dtype, steps, model_name)
                 continue
             child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", DTYPE_NAMES[dtype],
-                                    "--steps", str(steps)], check=True, capture_output=True, text=True)
+                                    "--steps", str(steps), "--step-model", model_name],
+                                   check=True, capture_output=True, text=True)
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         out.append(results)
     return out
@@ -237,38 +262,44 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--step-rounds", type=int, default=3)
     parser.add_argument("--losses-only", action="store_true", help="skip the step benchmark")
+    parser.add_argument("--loss-shape", default="2,256,32000", help="B,T,V of the loss benchmark")
+    parser.add_argument("--step-model", default="small", choices=list(STEP_MODELS),
+                        help="the step benchmark's model (1b: for a GPU)")
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
+    shape = tuple(int(n) for n in args.loss_shape.split(","))
     if args.cpu_peak_of:
-        _cpu_peak_child(args.cpu_peak_of, dtype)
+        _cpu_peak_child(args.cpu_peak_of, dtype, shape)
         return
     if args.step_of:
-        print(json.dumps(one_step_config(args.step_of, "cpu", dtype, args.steps)))
+        print(json.dumps(one_step_config(args.step_of, "cpu", dtype, args.steps, args.step_model)))
         return
     loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
-    rounds = time_losses(args.device, loss_dtype, args.repeats)
-    times = {name: statistics.median(rounds[name]) for name in LOSSES}
+    rounds = time_losses(args.device, loss_dtype, args.repeats, shape)
+    names = losses_on(args.device)
+    yardstick = {name: base for name, base in YARDSTICK.items() if name in names}
+    times = {name: statistics.median(rounds[name]) for name in names}
     # the ratio is the median over rounds of that round's ratio (both timed back to back)
     ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds[base], strict=True))
-              for name, base in YARDSTICK.items()}
-    peaks = {name: peak_extra_bytes(name, args.device, loss_dtype) for name in LOSSES}
+              for name, base in yardstick.items()}
+    peaks = {name: peak_extra_bytes(name, args.device, loss_dtype, shape) for name in names}
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "loss_shape": list(SHAPE),
-        **{f"{name}_ms": round(times[name] * 1e3, 2) for name in LOSSES},
-        **{f"{name}_time_ratio": round(ratios[name], 3) for name in YARDSTICK},
-        **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in LOSSES},
-        **{f"{name}_memory_ratio": round(peaks[name] / peaks[base], 3) for name, base in YARDSTICK.items()},
+        "loss_shape": list(shape),
+        **{f"{name}_ms": round(times[name] * 1e3, 2) for name in names},
+        **{f"{name}_time_ratio": round(ratios[name], 3) for name in yardstick},
+        **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in names},
+        **{f"{name}_memory_ratio": round(peaks[name] / peaks[base], 3) for name, base in yardstick.items()},
     }
     if not args.losses_only:
-        rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds)
+        rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds, args.step_model)
         steps = {name: {key: statistics.median(r[name][key] for r in rounds_of_steps)
                         for key in ("step_s", "peak_bytes")} for name in STEP_CONFIGS}
         result.update({
-            "step_dtype": args.dtype,
+            "step_dtype": args.dtype, "step_model": args.step_model,
             **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
             **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1)
                for name in STEP_CONFIGS},
