@@ -59,14 +59,19 @@ def set_backend(name: Backend) -> None:
     _backend = name
 
 
+def check_device(device: torch.device) -> None:
+    """ValueError if this process's backend cannot run on `device` (triton off CUDA)."""
+    if _backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton loss backend runs on CUDA tensors, not {device.type}")
+
+
 def _fused(logits: torch.Tensor) -> bool:
     """Whether token_logprobs runs on the Triton kernels for these logits."""
     if logits.dtype == torch.float64:  # the kernels accumulate in float32
         return False
     if _backend == "auto":
         return logits.device.type == "cuda" and triton_installed()
-    if _backend == "triton" and logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the triton loss backend runs on CUDA tensors, not {logits.device.type}")
+    check_device(logits.device)
     return _backend == "triton"
 
 # Elements processed at once inside token_logprobs, per device type; the fp32 scratch

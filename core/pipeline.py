@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from core import report
+from core import losses, report
 from core.data import encode_records, load_records
-from core.errors import DataError
+from core.errors import DataError, DeviceError
 from core.evaluation import EvalSpec, evaluate, knowmem, tradeoff
 from core.formats import check_file
 from core.methods import get_method
@@ -248,6 +248,10 @@ def run_job(spec: JobSpec, output_dir: Path, *, reporter: Reporter | None = None
     # --- load
     reporter.phase("loading")
     torch_device = pick_device(device)
+    try:
+        losses.check_device(torch_device)
+    except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
+        raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
     model, tokenizer = load_base(spec.base_model, torch_device)
     max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {"forget": encode_records(forget_records, tokenizer, max_length,

@@ -74,10 +74,11 @@ def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp
     assert "**1 left out: no target token within max_length, not trained on** (lines 5)" in summary
 
 
-def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir, tmp_path):
+def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir, tmp_path, monkeypatch):
     """Each eval file must hold its slot's kind (a QA file as forget_mc failed inside
-    lm-eval, after the model was loaded); a device that is not there is an error with a
-    code (it was an AssertionError from torch)."""
+    lm-eval, after the model was loaded); a device that is not there, or a loss backend
+    that cannot run on the job's device, is an error with a code (it was an
+    AssertionError from torch)."""
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
     base = {"method": "catnip", "base_model": str(fixture_dir / "model"),
             "forget_file": "data/forget_qa.jsonl", "hyperparameters": {"max_steps": 1}}
@@ -98,6 +99,18 @@ def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir
         result = run(base, "--device", device)
         assert result.exit_code == 2, result.output
         assert f"error [device_unavailable]: {words}" in result.output
+    # the Triton loss backend (LOSS_BACKEND=triton, --loss-backend triton) on a CPU job
+    from core import losses
+
+    monkeypatch.setattr(losses, "triton_installed", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        result = run(base, "--device", "cpu", "--loss-backend", "triton")
+    finally:
+        losses.set_backend("auto")
+    assert result.exit_code == 2, result.output
+    assert ("error [device_unavailable]: the triton loss backend runs on CUDA tensors, not cpu; "
+            "use the auto loss backend") in result.output
 
 
 def test_rerun_with_an_edited_spec_is_refused_before_the_evaluation(fixture_dir, tmp_path):
