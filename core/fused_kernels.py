@@ -1,4 +1,4 @@
-"""Triton kernels for token_logprobs on a GPU (core.losses' "triton" backend).
+"""Triton kernels for token_logprobs and CATNIP on a GPU (core.losses' "triton" backend).
 
 The same maths as core.losses' eager backend, one program per row of logits [R, V]:
     forward:  logit_y, lse_o = logsumexp over every token but the target (online, in
@@ -7,12 +7,16 @@ The same maths as core.losses' eager backend, one program per row of logits [R, 
     backward: grad[row] = g * (onehot(y) - exp(x - lse)), written in the logits' dtype
 A row whose label is the ignore index gets logp = log1m = 0 and a zero gradient row
 without its logits being read, so prompt and padding cost a write, not a pass.
+CATNIP itself (eq. 8: its per-token terms and their derivative in log z) has a kernel
+of its own, so that the whole loss is two kernels and a handful of [B, T] ops: on a GPU
+at training sizes each small op costs more in launch than in arithmetic.
 
 Why: on a GPU the eager backend is launch-bound at training sizes (about 40 kernels and
 three host syncs per forward and backward; measured on an H100, [2, 256, 32000] fp32:
 2.4 ms against cross-entropy's 0.46), and torch.compile's regions cost as much again in
-call overhead. With these two kernels and no host sync, token_logprobs' forward and
-backward took 0.36 ms there, against cross-entropy's 0.29 (figures in the README).
+call overhead. With these kernels and no host sync, token_logprobs' forward and
+backward took 0.30-0.36 ms there and CATNIP's 0.50, against cross-entropy's 0.29
+(figures in the README).
 
 Imported only when that backend runs: Triton is a CUDA-side dependency (it ships with
 CUDA builds of torch, not with the CPU wheel). With TRITON_INTERPRET=1 the kernels run
@@ -36,16 +40,8 @@ def _launch_config(vocab: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_ptr, vocab,
-                    ignore_index, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row)
-    if label == ignore_index:
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(log1m_ptr + row, 0.0)
-        tl.store(lse_ptr + row, float("inf"))
-        return
-    base = x_ptr + row * x_row_stride
+def _row_stats(base, label, vocab, BLOCK: tl.constexpr):
+    """(logit_y, lse_others, lse) of one row of logits at `base`, in float32."""
     # a target outside the vocabulary reads nothing and gives NaN (the loss's finite check names it)
     logit_y = tl.load(base + label, mask=label < vocab, other=float("nan")).to(tl.float32)
     m = float("-inf")  # running max and sum of exp(x - m) over the non-target tokens
@@ -61,8 +57,48 @@ def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_pt
     lse_others = tl.where(s > 0, tl.where(m == float("-inf"), 0.0, m) + tl.log(s), float("-inf"))
     top = tl.maximum(logit_y, lse_others)
     lse = top + tl.log(tl.exp(logit_y - top) + tl.exp(lse_others - top))
+    return logit_y, lse_others, lse
+
+
+@triton.jit
+def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_ptr, vocab,
+                    ignore_index, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(log1m_ptr + row, 0.0)
+        tl.store(lse_ptr + row, float("inf"))
+        return
+    logit_y, lse_others, lse = _row_stats(x_ptr + row * x_row_stride, label, vocab, BLOCK)
     tl.store(logp_ptr + row, logit_y - lse)
     tl.store(log1m_ptr + row, lse_others - lse)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _catnip_forward_kernel(x_ptr, x_row_stride, labels_ptr, weights_ptr, beta, term_ptr, dlogp_ptr,
+                           lse_ptr, vocab, ignore_index, BLOCK: tl.constexpr):
+    """CATNIP's per-token term w * softplus(u) and its derivative in log z,
+    w * beta * sigmoid(u), with u = beta * (log z - log(1 - z)) (eq. 8 and 9). A row of
+    weight 0 (not counted, or left out by the token stride) is not read."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    weight = tl.load(weights_ptr + row)
+    if (label == ignore_index) | (weight == 0):
+        tl.store(term_ptr + row, 0.0)
+        tl.store(dlogp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, float("inf"))
+        return
+    logit_y, lse_others, lse = _row_stats(x_ptr + row * x_row_stride, label, vocab, BLOCK)
+    u = beta * (logit_y - lse_others)  # log z - log(1 - z) = logit_y - lse_others
+    # softplus(u) = max(u, 0) + log1p(exp(-|u|)); log1p(t) as log(w) * t / (w - 1), w = 1 + t
+    # (Goldberg), since log(1 + t) loses t's digits once t is below ~1e-3 (u < -7)
+    t = tl.exp(-tl.abs(u))
+    w = 1.0 + t
+    softplus = tl.maximum(u, 0.0) + tl.where(w == 1.0, t, tl.log(w) * t / (w - 1.0))
+    tl.store(term_ptr + row, weight * softplus)
+    tl.store(dlogp_ptr + row, weight * beta / (1.0 + tl.exp(-u)))
     tl.store(lse_ptr + row, lse)
 
 
@@ -71,13 +107,13 @@ def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr,
                      vocab, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
+    g = tl.load(dlogp_ptr + row)
     out = grad_ptr + row * grad_row_stride
-    if label == ignore_index:
+    if (label == ignore_index) | (g == 0):  # nothing flows back: zeros, the logits unread
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             tl.store(out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
         return
-    g = tl.load(dlogp_ptr + row)
     lse = tl.load(lse_ptr + row)
     base = x_ptr + row * x_row_stride
     for start in range(0, vocab, BLOCK):
@@ -98,6 +134,21 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
         _forward_kernel[(rows,)](logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index,
                                  BLOCK=block, num_warps=warps)
     return logp, log1m, lse
+
+
+def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, beta: float,
+                   ignore_index: int):
+    """logits [R, V], labels [R], weights [R] float32 -> (terms, dlogp, lse) [R], float32:
+    CATNIP's per-token terms (the loss is their sum), d loss / d log z, and the
+    log-sum-exp for `backward`."""
+    rows, vocab = logits.shape
+    terms = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    dlogp, lse = torch.empty_like(terms), torch.empty_like(terms)
+    if rows:
+        block, warps = _launch_config(vocab)
+        _catnip_forward_kernel[(rows,)](logits, logits.stride(0), labels, weights, float(beta), terms, dlogp,
+                                        lse, vocab, ignore_index, BLOCK=block, num_warps=warps)
+    return terms, dlogp, lse
 
 
 def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,

@@ -279,6 +279,34 @@ class _FusedTokenLogProbs(torch.autograd.Function):
         return fused_kernels.backward(logits, labels, lse, grad_logp.float(), IGNORE_INDEX), None
 
 
+class _FusedCatnip(torch.autograd.Function):
+    """catnip_loss on the Triton kernels: forward(logits [R, V], labels [R], weights [R],
+    beta) -> the scalar loss, sum over rows of weight * softplus(u). The forward kernel
+    also writes d loss / d log z per row, so the backward is one kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights, beta):  # type: ignore[override]
+        from core import fused_kernels
+
+        terms, dlogp, lse = fused_kernels.catnip_forward(logits, labels, weights, beta, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, lse, dlogp)
+        return terms.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        from core import fused_kernels
+
+        logits, labels, lse, dlogp = ctx.saved_tensors
+        grad = fused_kernels.backward(logits, labels, lse, dlogp * grad_loss, IGNORE_INDEX)
+        return grad, None, None, None
+
+
+def _flat_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] as [R, V] with a contiguous last dimension (a view where it can)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log z and detached log(1 - z).
 
@@ -292,9 +320,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     if _fused(logits):  # every row, no gather of the counted ones (no host sync)
-        flat = logits.reshape(-1, logits.shape[-1])
-        flat = flat if flat.stride(-1) == 1 else flat.contiguous()
-        logp, log1m = _FusedTokenLogProbs.apply(flat, labels.reshape(-1).contiguous())
+        logp, log1m = _FusedTokenLogProbs.apply(_flat_rows(logits), labels.reshape(-1).contiguous())
         return logp.view(labels.shape), log1m.view(labels.shape)
     mask, rows = _counted_rows(labels)
     targets = labels.reshape(-1).index_select(0, rows)
@@ -370,9 +396,16 @@ def catnip_loss(
         labels: [B, T] targets aligned with logits, -100 where a position does not count.
     Returns:
         scalar: per-sample mean over counted tokens, then mean over samples that have any.
+    On the triton backend the whole loss is two kernels (core.fused_kernels); elsewhere it
+    is token_logprobs, then catnip_from_logprobs.
     """
-    logp, log1m = token_logprobs(logits, labels)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     mask = strided_mask(labels, token_stride)
+    if _fused(logits):  # the whole loss on two kernels (forward, backward)
+        weights = _token_weights(mask, torch.float32).reshape(-1)
+        return _FusedCatnip.apply(_flat_rows(logits), labels.reshape(-1).contiguous(), weights, beta)
+    logp, log1m = token_logprobs(logits, labels)
     return catnip_from_logprobs(logp, log1m, mask, beta)
 
 

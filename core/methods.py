@@ -123,6 +123,10 @@ class ForgetTerms:
 
 
 ForgetLoss = Callable[[ForgetTerms, TrainingParams], "torch.Tensor"]
+# The same loss from the logits [B, T, V] and labels [B, T] in one call, for a method
+# whose loss needs nothing else: the loss backend may then fuse all of it (CATNIP on the
+# triton backend is two kernels instead of the log-probs' two and ~20 small ops).
+LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", TrainingParams], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class Method:
     params: type[TrainingParams]
     forget_loss: ForgetLoss
     uses_reference: bool = False
+    loss_from_logits: LogitsLoss | None = None
 
     def needs_reference(self, params: TrainingParams) -> bool:
         """A reference model exists only when the loss or the retain term needs one."""
@@ -156,6 +161,8 @@ METHODS: dict[str, Method] = {
             "CATNIP: token-level, calibrated by the model's own reverse probability (eq. 8)",
             CatnipParams,
             lambda t, p: _losses().catnip_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+            loss_from_logits=lambda logits, labels, p: _losses().catnip_loss(
+                logits, labels, p.beta, p.token_stride),
         ),
         Method(
             "catnip_ref",

@@ -321,14 +321,7 @@ def run_unlearning(
                 batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
                 tokens_seen += int(batch["attention_mask"].sum())
                 logits = _forward_logits(model, batch)  # [B, T, V]
-                logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T] each
-                ref_logp = None
-                if method.uses_reference:
-                    with wrapped.reference_mode() as reference:
-                        ref_logits = _forward_logits(reference, batch)
-                        ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
-                        del ref_logits
-                loss = method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
+                loss = _forget_loss(wrapped, method, params, logits, batch)
                 micro_terms = {"forget": float(loss.detach())}
                 if retain_stream is not None and params.retain_loss != "none":
                     retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
@@ -412,6 +405,22 @@ def _set_gradient_checkpointing(model: Any, enable: bool) -> None:
     # enabling may also have hooked the embeddings' output to require grad; unhook it
     with contextlib.suppress(AttributeError):
         model.disable_input_require_grads()
+
+
+def _forget_loss(wrapped: Wrapped, method: Method, params: TrainingParams, logits: torch.Tensor,
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The method's forget loss on one batch: from the logits in one call where the method
+    has that form, else from the token log-probs (and the reference's, where it uses one)."""
+    if method.loss_from_logits is not None:
+        return method.loss_from_logits(logits, batch["labels"], params)
+    logp, log1m = losses.token_logprobs(logits, batch["labels"])  # [B, T] each
+    ref_logp = None
+    if method.uses_reference:
+        with wrapped.reference_mode() as reference:
+            ref_logits = _forward_logits(reference, batch)
+            ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
+            del ref_logits
+    return method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
 
 
 def _retain_term(wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor],

@@ -36,14 +36,14 @@ def compare_loss_backends():
 
     found = losses._backend
 
-    def compare(logits, labels, dtype, backend="compiled"):
+    def compare(logits, labels, dtype, backend="compiled", token_stride=1):
         results = {}
         for name in ("eager", backend):
             set_backend(name)
             # a new leaf per backend: logits.to(its own dtype) would be logits itself, so
             # the two backwards would add up in one .grad and compare it with itself
             x = logits.detach().to(dtype, copy=True).requires_grad_(True)
-            loss = catnip_loss(x, labels, beta=1.5)
+            loss = catnip_loss(x, labels, beta=1.5, token_stride=token_stride)
             loss.backward()
             results[name] = (loss.detach().float(), x.grad.float())
         (loss_e, grad_e), (loss_o, grad_o) = results["eager"], results[backend]

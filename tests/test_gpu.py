@@ -78,6 +78,33 @@ def test_triton_backend_matches_eager_on_cuda(dtype, vocab, compare_loss_backend
     assert (grad[2] == 0).all() and (grad[0, :4] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(dtype, compare_loss_backends):
+    """CATNIP with token_stride 3 (the strided-out rows are not read), and token_logprobs on
+    the Triton kernels (what the other methods use): log z, log(1 - z) and the gradient of a
+    weighted sum of log z equal eager's."""
+    from core.losses import set_backend, token_logprobs
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 40, 32000, device="cuda")
+    labels = torch.randint(0, 32000, (2, 40), device="cuda")
+    logits[0, 3, labels[0, 3]] = 200.0
+    labels[1, :10] = -100
+    compare_loss_backends(logits, labels, dtype, backend="triton", token_stride=3)
+    weights = torch.rand(2, 40, device="cuda")
+    results = {}
+    for backend in ("eager", "triton"):
+        set_backend(backend)
+        x = logits.detach().to(dtype, copy=True).requires_grad_(True)
+        logp, log1m = token_logprobs(x, labels)
+        (logp * weights).sum().backward()
+        results[backend] = (logp.detach(), log1m, x.grad.float())
+    set_backend("auto")
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    for eager, triton in zip(results["eager"], results["triton"], strict=True):
+        torch.testing.assert_close(triton, eager, atol=tolerance, rtol=1e-5)
+
+
 def test_auto_backend_uses_triton_on_cuda():
     from core import losses
 
