@@ -7,16 +7,16 @@ The same maths as core.losses' eager backend, one program per row of logits [R, 
     backward: grad[row] = g * (onehot(y) - exp(x - lse)), written in the logits' dtype
 A row whose label is the ignore index gets logp = log1m = 0 and a zero gradient row
 without its logits being read, so prompt and padding cost a write, not a pass.
-CATNIP itself (eq. 8: its per-token terms and their derivative in log z) has a kernel
-of its own, so that the whole loss is two kernels and a handful of [B, T] ops: on a GPU
-at training sizes each small op costs more in launch than in arithmetic.
+CATNIP itself has kernels of its own: one program for its token weights (the
+per-sample mean with the token stride), and a forward kernel for its per-token terms and
+their derivative in log z (eq. 8, 9). The whole loss is then three kernels and a sum: on
+a GPU at training sizes each small op costs more in launch than in arithmetic.
 
 Why: on a GPU the eager backend is launch-bound at training sizes (about 40 kernels and
 three host syncs per forward and backward; measured on an H100, [2, 256, 32000] fp32:
 2.4 ms against cross-entropy's 0.46), and torch.compile's regions cost as much again in
-call overhead. With these kernels and no host sync, token_logprobs' forward and
-backward took 0.30-0.36 ms there and CATNIP's 0.50, against cross-entropy's 0.29
-(figures in the README).
+call overhead. With these kernels and no host sync, CATNIP's forward and backward is
+1.7x cross-entropy there, and 0.46x at [8, 2048, 32000] (figures in the README).
 
 Imported only when that backend runs: Triton is a CUDA-side dependency (it ships with
 CUDA builds of torch, not with the CPU wheel). With TRITON_INTERPRET=1 the kernels run
@@ -103,11 +103,47 @@ def _catnip_forward_kernel(x_ptr, x_row_stride, labels_ptr, weights_ptr, beta, t
 
 
 @triton.jit
+def _weights_kernel(labels_ptr, weights_ptr, n_samples, length, token_stride, ignore_index,
+                    BLOCK: tl.constexpr):
+    """CATNIP's token weights over labels [B, T] in one program: 1 / (k_b * S) where the
+    position counts, else 0. A position counts if its label is not the ignore index and
+    its rank among the sample's such positions is a multiple of token_stride; k_b is the
+    sample's number of counted positions, S the number of samples with any."""
+    samples = 0
+    for b in range(0, n_samples):
+        n = 0
+        for start in range(0, length, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
+            n += tl.sum((labels != ignore_index).to(tl.int32), axis=0)
+        samples += (n > 0).to(tl.int32)
+    for b in range(0, n_samples):
+        n = 0
+        for start in range(0, length, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
+            n += tl.sum((labels != ignore_index).to(tl.int32), axis=0)
+        counted_total = (n + token_stride - 1) // token_stride
+        weight = 1.0 / (counted_total.to(tl.float32) * samples.to(tl.float32))  # used only if > 0
+        seen = 0
+        for start in range(0, length, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
+            valid = (labels != ignore_index).to(tl.int32)
+            rank = seen + tl.cumsum(valid, axis=0) - 1
+            counted = (valid == 1) & (rank % token_stride == 0)
+            tl.store(weights_ptr + b * length + cols, tl.where(counted, weight, 0.0), mask=cols < length)
+            seen += tl.sum(valid, axis=0)
+
+
+@triton.jit
 def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, dlogp_ptr,
-                     vocab, ignore_index, BLOCK: tl.constexpr):
+                     scale_ptr, vocab, ignore_index, BLOCK: tl.constexpr, SCALED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     g = tl.load(dlogp_ptr + row)
+    if SCALED:  # the incoming gradient of a scalar loss, read here rather than multiplied in
+        g = g * tl.load(scale_ptr).to(tl.float32)
     out = grad_ptr + row * grad_row_stride
     if (label == ignore_index) | (g == 0):  # nothing flows back: zeros, the logits unread
         for start in range(0, vocab, BLOCK):
@@ -136,6 +172,19 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return logp, log1m, lse
 
 
+def catnip_weights(labels: torch.Tensor, token_stride: int, ignore_index: int) -> torch.Tensor:
+    """labels [B, T] -> CATNIP's token weights [B * T], float32 (see _weights_kernel): the
+    loss is sum(weight * term), the per-sample mean, then the mean over samples with any."""
+    labels = labels.contiguous()
+    n_samples, length = labels.shape
+    weights = torch.empty(labels.numel(), dtype=torch.float32, device=labels.device)
+    if labels.numel():
+        block = min(4096, triton.next_power_of_2(length))
+        _weights_kernel[(1,)](labels, weights, n_samples, length, token_stride, ignore_index, BLOCK=block,
+                              num_warps=4)
+    return weights
+
+
 def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, beta: float,
                    ignore_index: int):
     """logits [R, V], labels [R], weights [R] float32 -> (terms, dlogp, lse) [R], float32:
@@ -152,12 +201,14 @@ def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Te
 
 
 def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
-             ignore_index: int) -> torch.Tensor:
-    """The gradient of sum(grad_logp * logp) with respect to logits [R, V], in their dtype."""
+             ignore_index: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of sum(scale * grad_logp * logp) with respect to logits [R, V], in
+    their dtype; `scale` is a one-element tensor (default 1)."""
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows:
         block, warps = _launch_config(vocab)
         _backward_kernel[(rows,)](logits, logits.stride(0), grad, grad.stride(0), labels, lse,
-                                  grad_logp.contiguous(), vocab, ignore_index, BLOCK=block, num_warps=warps)
+                                  grad_logp.contiguous(), grad_logp if scale is None else scale, vocab,
+                                  ignore_index, BLOCK=block, SCALED=scale is not None, num_warps=warps)
     return grad

@@ -280,16 +280,19 @@ class _FusedTokenLogProbs(torch.autograd.Function):
 
 
 class _FusedCatnip(torch.autograd.Function):
-    """catnip_loss on the Triton kernels: forward(logits [R, V], labels [R], weights [R],
-    beta) -> the scalar loss, sum over rows of weight * softplus(u). The forward kernel
-    also writes d loss / d log z per row, so the backward is one kernel."""
+    """catnip_loss on the Triton kernels: forward(logits [R, V], labels [B, T] with
+    B * T = R, token_stride, beta) -> the scalar loss, the sum over rows of
+    weight * softplus(u). One kernel computes the weights (_token_weights of the strided
+    mask), one the terms and d loss / d log z per row, so the backward is one kernel."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, beta):  # type: ignore[override]
+    def forward(ctx, logits, labels, token_stride, beta):  # type: ignore[override]
         from core import fused_kernels
 
-        terms, dlogp, lse = fused_kernels.catnip_forward(logits, labels, weights, beta, IGNORE_INDEX)
-        ctx.save_for_backward(logits, labels, lse, dlogp)
+        weights = fused_kernels.catnip_weights(labels, token_stride, IGNORE_INDEX)
+        flat_labels = labels.reshape(-1)
+        terms, dlogp, lse = fused_kernels.catnip_forward(logits, flat_labels, weights, beta, IGNORE_INDEX)
+        ctx.save_for_backward(logits, flat_labels, lse, dlogp)
         return terms.sum()
 
     @staticmethod
@@ -297,7 +300,7 @@ class _FusedCatnip(torch.autograd.Function):
         from core import fused_kernels
 
         logits, labels, lse, dlogp = ctx.saved_tensors
-        grad = fused_kernels.backward(logits, labels, lse, dlogp * grad_loss, IGNORE_INDEX)
+        grad = fused_kernels.backward(logits, labels, lse, dlogp, IGNORE_INDEX, scale=grad_loss)
         return grad, None, None, None
 
 
@@ -396,17 +399,17 @@ def catnip_loss(
         labels: [B, T] targets aligned with logits, -100 where a position does not count.
     Returns:
         scalar: per-sample mean over counted tokens, then mean over samples that have any.
-    On the triton backend the whole loss is two kernels (core.fused_kernels); elsewhere it
-    is token_logprobs, then catnip_from_logprobs.
+    On the triton backend the whole loss is three kernels (core.fused_kernels); elsewhere
+    it is token_logprobs, then catnip_from_logprobs.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    mask = strided_mask(labels, token_stride)
-    if _fused(logits):  # the whole loss on two kernels (forward, backward)
-        weights = _token_weights(mask, torch.float32).reshape(-1)
-        return _FusedCatnip.apply(_flat_rows(logits), labels.reshape(-1).contiguous(), weights, beta)
+    if token_stride < 1:
+        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+    if _fused(logits):  # the whole loss on three kernels (weights, forward, backward)
+        return _FusedCatnip.apply(_flat_rows(logits), labels.contiguous(), token_stride, beta)
     logp, log1m = token_logprobs(logits, labels)
-    return catnip_from_logprobs(logp, log1m, mask, beta)
+    return catnip_from_logprobs(logp, log1m, strided_mask(labels, token_stride), beta)
 
 
 def catnip_from_logprobs(

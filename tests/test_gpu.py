@@ -105,6 +105,22 @@ def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(dtype
         torch.testing.assert_close(triton, eager, atol=tolerance, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("shape", "token_stride"), [((3, 7), 1), ((4, 50), 3), ((2, 5000), 16)])
+def test_triton_catnip_weights_match_eager(shape, token_stride):
+    """The weights kernel (one program; 5000 positions are two blocks) gives the eager
+    per-sample-mean weights of the strided mask, with a fully masked sample."""
+    from core import fused_kernels
+    from core.losses import _token_weights, strided_mask
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, shape, device="cuda")
+    labels[torch.rand(shape, device="cuda") < 0.3] = -100
+    labels[0] = -100
+    want = _token_weights(strided_mask(labels, token_stride), torch.float32).reshape(-1)
+    got = fused_kernels.catnip_weights(labels, token_stride, -100)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_auto_backend_uses_triton_on_cuda():
     from core import losses
 
