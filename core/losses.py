@@ -20,10 +20,11 @@ Three backends compute the same numbers:
 - "compiled": the same maths written as two pure functions for torch.compile, which
   fuses the row gather, the target exclusion and the reduction into one pass and the
   backward into another; it costs a one-off compilation.
-- "triton": two hand-written Triton kernels (core.fused_kernels), one pass over the
-  logits each way, no host sync; CUDA only.
-"auto" (the default) is triton for CUDA logits where Triton is installed, eager
-otherwise. `set_backend` picks one per process (the worker reads LOSS_BACKEND).
+- "triton": hand-written Triton kernels (core.fused_kernels), one pass over the logits
+  each way, no host sync; CATNIP's whole loss is three kernels; CUDA only.
+"auto" (the default) is triton for CUDA logits where Triton is installed (a version
+the kernels have run on, TRITON_VERIFIED or newer), eager otherwise. `set_backend` picks
+one per process (the worker reads LOSS_BACKEND).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from typing import Literal, get_args
 
 import torch
@@ -42,9 +44,37 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 _backend: Backend = "auto"
 
 
+# The oldest Triton the kernels have run on (pytest -m gpu on an H100, torch 2.11). The
+# auto backend uses them from this version on and stays eager below it (an older image's
+# Triton may not compile them, and every job would fail); LOSS_BACKEND=triton forces them.
+TRITON_VERIFIED = (3, 6)
+
+
 @functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_verified() -> bool:
+    """Triton is installed and at least TRITON_VERIFIED."""
+    if not triton_installed():
+        return False
+    import triton
+
+    return _version_tuple(triton.__version__) >= TRITON_VERIFIED
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'3.6.0+git1234' -> (3, 6, 0), '3.7.0rc1' -> (3, 7, 0): the leading digits of each
+    part, up to the first part that does not start with one."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
 
 
 def set_backend(name: Backend) -> None:
@@ -70,7 +100,7 @@ def _fused(logits: torch.Tensor) -> bool:
     if logits.dtype == torch.float64:  # the kernels accumulate in float32
         return False
     if _backend == "auto":
-        return logits.device.type == "cuda" and triton_installed()
+        return logits.device.type == "cuda" and triton_verified()
     check_device(logits.device)
     return _backend == "triton"
 

@@ -268,9 +268,12 @@ def test_unknown_backend_is_refused():
 
 def test_triton_backend_needs_triton_and_cuda(monkeypatch):
     """auto runs CPU logits on the eager backend; triton is refused where Triton is not
-    installed, and on CPU tensors (outside Triton's interpreter) with a clear error."""
+    installed, and on CPU tensors (outside Triton's interpreter) with a clear error.
+    Triton versions are compared by their numeric parts (auto needs TRITON_VERIFIED)."""
     x, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
     assert losses._backend == "auto" and not losses._fused(x)
+    assert losses._version_tuple("3.6.0+git9a8b7c") == (3, 6, 0) >= losses.TRITON_VERIFIED
+    assert losses._version_tuple("3.0.0") < losses.TRITON_VERIFIED <= losses._version_tuple("3.10rc1")
     monkeypatch.setattr(losses, "triton_installed", lambda: False)
     with pytest.raises(ValueError, match="needs the triton package"):
         set_backend("triton")
