@@ -96,7 +96,7 @@ def check_device(device: torch.device) -> None:
 
 
 def _fused(logits: torch.Tensor) -> bool:
-    """Whether token_logprobs runs on the Triton kernels for these logits."""
+    """Whether token_logprobs and catnip_loss run on the Triton kernels for these logits."""
     if logits.dtype == torch.float64:  # the kernels accumulate in float32
         return False
     if _backend == "auto":
