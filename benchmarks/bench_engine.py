@@ -49,8 +49,8 @@ def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE)
 
 # loss -> its yardstick (cross-entropy on the same counted positions). "catnip" runs on the
 # default backend (auto: the Triton kernels on CUDA, eager on the CPU), catnip_eager and
-# catnip_compiled on those (catnip_eager and catnip_triton are listed on CUDA only, where
-# they differ from catnip). kl_retain is the retain term of the +kl methods
+# catnip_compiled on those (catnip_eager is listed on CUDA only, where it differs from
+# catnip). kl_retain is the retain term of the +kl methods
 # (full-vocabulary KL to the reference). The *_prompt_masked pair counts only the second
 # half of each sequence, as in a QA forget set whose prompts do not count.
 YARDSTICK = {"catnip": "cross_entropy", "catnip_eager": "cross_entropy",

@@ -340,6 +340,11 @@ def _flat_rows(logits: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position log z and detached log(1 - z).
 
@@ -350,8 +355,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         (logp, log1m): [B, T] in float32 (float64 for float64 logits); 0 where a
         position does not count.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    _check_shapes(logits, labels)
     if _fused(logits):  # every row, no gather of the counted ones (no host sync)
         logp, log1m = _FusedTokenLogProbs.apply(_flat_rows(logits), labels.reshape(-1).contiguous())
         return logp.view(labels.shape), log1m.view(labels.shape)
@@ -361,14 +365,18 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return _unflatten_rows(logp_rows, rows, mask), _unflatten_rows(log1m_rows, rows, mask)
 
 
+def _check_stride(token_stride: int) -> None:
+    if token_stride < 1:
+        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+
+
 def strided_mask(labels: torch.Tensor, token_stride: int = 1) -> torch.Tensor:
     """Which positions count: [B, T] bool.
 
     Of each sample's counted positions, in order, those whose index (0, 1, 2, ...)
     is a multiple of `token_stride` (paper A.4: stride 16 on WMDP).
     """
-    if token_stride < 1:
-        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+    _check_stride(token_stride)
     mask = labels != IGNORE_INDEX
     if token_stride == 1:
         return mask
@@ -432,10 +440,8 @@ def catnip_loss(
     On the triton backend the whole loss is three kernels (core.fused_kernels); elsewhere
     it is token_logprobs, then catnip_from_logprobs.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
-    if token_stride < 1:
-        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+    _check_shapes(logits, labels)
+    _check_stride(token_stride)
     if _fused(logits):  # the whole loss on three kernels (weights, forward, backward)
         return _FusedCatnip.apply(_flat_rows(logits), labels.contiguous(), token_stride, beta)
     logp, log1m = token_logprobs(logits, labels)

@@ -123,20 +123,27 @@ class ForgetTerms:
 
 
 ForgetLoss = Callable[[ForgetTerms, TrainingParams], "torch.Tensor"]
-# The same loss from the logits [B, T, V] and labels [B, T] in one call, for a method
-# whose loss needs nothing else: the loss backend may then fuse all of it (CATNIP on the
-# triton backend is three kernels and a sum instead of the log-probs' two and ~20 small ops).
+# A loss from the logits [B, T, V] and labels [B, T] in one call, for a method whose loss
+# needs nothing else: the loss backend may then fuse all of it (CATNIP on the triton
+# backend is three kernels and a sum instead of the log-probs' two and ~20 small ops).
 LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", TrainingParams], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class Method:
+    """A method's forget loss is one of: `forget_loss`, from the token log-probs (and the
+    reference's, if `uses_reference`), or `loss_from_logits`, from the logits directly."""
+
     id: str
     summary: str
     params: type[TrainingParams]
-    forget_loss: ForgetLoss
+    forget_loss: ForgetLoss | None
     uses_reference: bool = False
     loss_from_logits: LogitsLoss | None = None
+
+    def __post_init__(self) -> None:
+        if (self.forget_loss is None) == (self.loss_from_logits is None):
+            raise ValueError(f"method {self.id}: give forget_loss or loss_from_logits, not both or neither")
 
     def needs_reference(self, params: TrainingParams) -> bool:
         """A reference model exists only when the loss or the retain term needs one."""
@@ -160,7 +167,7 @@ METHODS: dict[str, Method] = {
             "catnip",
             "CATNIP: token-level, calibrated by the model's own reverse probability (eq. 8)",
             CatnipParams,
-            lambda t, p: _losses().catnip_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
+            None,
             loss_from_logits=lambda logits, labels, p: _losses().catnip_loss(
                 logits, labels, p.beta, p.token_stride),
         ),

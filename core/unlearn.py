@@ -420,6 +420,7 @@ def _forget_loss(wrapped: Wrapped, method: Method, params: TrainingParams, logit
             ref_logits = _forward_logits(reference, batch)
             ref_logp, _ = losses.token_logprobs(ref_logits, batch["labels"])
             del ref_logits
+    assert method.forget_loss is not None  # Method holds one of the two
     return method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
 
 
