@@ -7,16 +7,19 @@ The same maths as core.losses' eager backend, one program per row of logits [R, 
     backward: grad[row] = g * (onehot(y) - exp(x - lse)), written in the logits' dtype
 A row whose label is the ignore index gets logp = log1m = 0 and a zero gradient row
 without its logits being read, so prompt and padding cost a write, not a pass.
-CATNIP itself has kernels of its own: one program for its token weights (the
-per-sample mean with the token stride), and a forward kernel for its per-token terms and
-their derivative in log z (eq. 8, 9). The whole loss is then three kernels and a sum: on
-a GPU at training sizes each small op costs more in launch than in arithmetic.
+CATNIP itself has two forward kernels of its own: one program per row for softplus(u)
+and its derivative in log z (eq. 8, 9), then one program for the per-sample mean with
+the token stride, which writes the loss and each row's weighted derivative. The whole
+loss is then three kernels (the backward is the one above); on a GPU at training sizes
+each small op costs more in launch than in arithmetic, so every launch after the first
+of its kind bypasses Triton's Python launcher (`_launch`).
 
 Why: on a GPU the eager backend is launch-bound at training sizes (about 40 kernels and
 three host syncs per forward and backward; measured on an H100, [2, 256, 32000] fp32:
 2.4 ms against cross-entropy's 0.46), and torch.compile's regions cost as much again in
-call overhead. With these kernels and no host sync, CATNIP's forward and backward is
-1.7x cross-entropy there, and 0.46x at [8, 2048, 32000] (figures in the README).
+call overhead. With these kernels, no host sync and direct launches, CATNIP's forward
+and backward is 1.3-1.4x cross-entropy there, and 0.38x at [8, 2048, 32000] (figures
+in the README).
 
 Imported only when that backend runs: Triton is a CUDA-side dependency (it ships with
 CUDA builds of torch, not with the CPU wheel). With TRITON_INTERPRET=1 the kernels run
@@ -25,17 +28,33 @@ on CPU tensors through Triton's interpreter, which is how they are checked witho
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+
 import torch
 import triton
 import triton.language as tl
 
-# Columns per block: a whole 32k-vocabulary row in one block, larger ones in a few
-# (Liger-Kernel's cross-entropy uses the same bound).
-MAX_BLOCK = 32768
+# Columns per block and warps per program, measured on an H100 at [512, 32000] and
+# [16384, 32000] fp32 (a sweep of blocks 1024-32768 by 4-32 warps): the forward kernels
+# only read their row, and run fastest in blocks of 8192 with 8 warps (29 us and 0.68 ms,
+# against 38 us and 0.86 ms as one 32k block with 32 warps); the backward, which reads
+# and writes, fastest as one 32k block with 32 warps (49 us and 1.41 ms; Liger-Kernel's
+# cross-entropy uses the same bound). Larger vocabularies take a few blocks.
+FORWARD_BLOCK = 8192
+BACKWARD_BLOCK = 32768
 
 
-def _launch_config(vocab: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
+@functools.cache
+def _forward_config(vocab: int) -> tuple[int, int]:
+    block = min(FORWARD_BLOCK, triton.next_power_of_2(vocab))
+    return block, (8 if block >= 4096 else 4)
+
+
+@functools.cache
+def _backward_config(vocab: int) -> tuple[int, int]:
+    block = min(BACKWARD_BLOCK, triton.next_power_of_2(vocab))
     return block, (32 if block >= 16384 else 16 if block >= 4096 else 8 if block >= 1024 else 4)
 
 
@@ -77,18 +96,31 @@ def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_pt
 
 
 @triton.jit
-def _catnip_forward_kernel(x_ptr, x_row_stride, labels_ptr, weights_ptr, beta, term_ptr, dlogp_ptr,
-                           lse_ptr, vocab, ignore_index, BLOCK: tl.constexpr):
-    """CATNIP's per-token term w * softplus(u) and its derivative in log z,
-    w * beta * sigmoid(u), with u = beta * (log z - log(1 - z)) (eq. 8 and 9). A row of
-    weight 0 (not counted, or left out by the token stride) is not read."""
+def _catnip_rows_kernel(x_ptr, x_row_stride, labels_ptr, length, token_stride, beta, out_ptr, n_rows, vocab,
+                        ignore_index, BLOCK: tl.constexpr, LABEL_BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+    """CATNIP's per-row quantities before the per-sample mean, into out [3, R]: softplus(u)
+    and its derivative in log z, beta * sigmoid(u), with u = beta * (log z - log(1 - z))
+    (eq. 8 and 9), and the row's log-sum-exp. A row that does not count (the ignore
+    index, or left out by the token stride) gets 0, 0, +inf without its logits being read.
+    With STRIDED the row finds its rank among its sample's counted labels (labels [B, T],
+    T = length) by counting the ones before it."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    weight = tl.load(weights_ptr + row)
-    if (label == ignore_index) | (weight == 0):
-        tl.store(term_ptr + row, 0.0)
-        tl.store(dlogp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, float("inf"))
+    counted = label != ignore_index
+    if STRIDED:
+        if counted:
+            sample_start = labels_ptr + (row // length) * length
+            position = row % length
+            rank = 0
+            for start in range(0, position, LABEL_BLOCK):
+                cols = start + tl.arange(0, LABEL_BLOCK)
+                before = tl.load(sample_start + cols, mask=cols < position, other=ignore_index)
+                rank += tl.sum((before != ignore_index).to(tl.int32), axis=0)
+            counted = rank % token_stride == 0
+    if not counted:
+        tl.store(out_ptr + row, 0.0)
+        tl.store(out_ptr + n_rows + row, 0.0)
+        tl.store(out_ptr + 2 * n_rows + row, float("inf"))
         return
     logit_y, lse_others, lse = _row_stats(x_ptr + row * x_row_stride, label, vocab, BLOCK)
     u = beta * (logit_y - lse_others)  # log z - log(1 - z) = logit_y - lse_others
@@ -97,43 +129,54 @@ def _catnip_forward_kernel(x_ptr, x_row_stride, labels_ptr, weights_ptr, beta, t
     t = tl.exp(-tl.abs(u))
     w = 1.0 + t
     softplus = tl.maximum(u, 0.0) + tl.where(w == 1.0, t, tl.log(w) * t / (w - 1.0))
-    tl.store(term_ptr + row, weight * softplus)
-    tl.store(dlogp_ptr + row, weight * beta / (1.0 + tl.exp(-u)))
-    tl.store(lse_ptr + row, lse)
+    tl.store(out_ptr + row, softplus)
+    tl.store(out_ptr + n_rows + row, beta / (1.0 + tl.exp(-u)))
+    tl.store(out_ptr + 2 * n_rows + row, lse)
 
 
 @triton.jit
-def _weights_kernel(labels_ptr, weights_ptr, n_samples, length, token_stride, ignore_index,
-                    BLOCK: tl.constexpr):
-    """CATNIP's token weights over labels [B, T] in one program: 1 / (k_b * S) where the
-    position counts, else 0. A position counts if its label is not the ignore index and
-    its rank among the sample's such positions is a multiple of token_stride; k_b is the
-    sample's number of counted positions, S the number of samples with any."""
+def _counted_labels(sample_ptr, length, ignore_index, BLOCK: tl.constexpr):
+    """How many of a sample's `length` labels are not the ignore index."""
+    n = 0
+    for start in range(0, length, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        labels = tl.load(sample_ptr + cols, mask=cols < length, other=ignore_index)
+        n += tl.sum((labels != ignore_index).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit
+def _catnip_finish_kernel(labels_ptr, out_ptr, loss_ptr, n_samples, length, token_stride, ignore_index,
+                          BLOCK: tl.constexpr):
+    """CATNIP's per-sample mean, then mean over samples, in one program over labels
+    [B, T] and the rows kernel's out [3, B * T]: each counted row's weight is
+    1 / (k_b * S), k_b its sample's number of counted rows and S the number of samples
+    with any. Writes the loss, sum(weight * softplus), in a fixed order, and the weighted
+    derivative over out[1] (which the backward reads); rows that do not count get 0."""
+    n_rows = n_samples * length
     samples = 0
     for b in range(0, n_samples):
-        n = 0
-        for start in range(0, length, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
-            n += tl.sum((labels != ignore_index).to(tl.int32), axis=0)
-        samples += (n > 0).to(tl.int32)
+        samples += (_counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK) > 0).to(tl.int32)
+    total = 0.0
     for b in range(0, n_samples):
-        n = 0
-        for start in range(0, length, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
-            n += tl.sum((labels != ignore_index).to(tl.int32), axis=0)
-        counted_total = (n + token_stride - 1) // token_stride
-        weight = 1.0 / (counted_total.to(tl.float32) * samples.to(tl.float32))  # used only if > 0
+        counted_total = (_counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK)
+                         + token_stride - 1) // token_stride
+        weight = 1.0 / tl.maximum(counted_total * samples, 1).to(tl.float32)  # used only if it counts
         seen = 0
         for start in range(0, length, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            labels = tl.load(labels_ptr + b * length + cols, mask=cols < length, other=ignore_index)
+            inside = cols < length
+            labels = tl.load(labels_ptr + b * length + cols, mask=inside, other=ignore_index)
             valid = (labels != ignore_index).to(tl.int32)
             rank = seen + tl.cumsum(valid, axis=0) - 1
             counted = (valid == 1) & (rank % token_stride == 0)
-            tl.store(weights_ptr + b * length + cols, tl.where(counted, weight, 0.0), mask=cols < length)
+            rows = b * length + cols
+            softplus = tl.load(out_ptr + rows, mask=counted, other=0.0)
+            total += tl.sum(tl.where(counted, weight * softplus, 0.0), axis=0)
+            dlogp = tl.load(out_ptr + n_rows + rows, mask=counted, other=0.0)
+            tl.store(out_ptr + n_rows + rows, tl.where(counted, weight * dlogp, 0.0), mask=inside)
             seen += tl.sum(valid, axis=0)
+    tl.store(loss_ptr, total)
 
 
 @triton.jit
@@ -159,6 +202,63 @@ def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr,
         tl.store(out + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < vocab)
 
 
+@functools.cache
+def _label_block(length: int, most: int) -> int:
+    return min(most, triton.next_power_of_2(length))
+
+
+# Launchers of compiled kernels, by everything Triton specialises a launch on, for
+# launching them directly. Triton's own launcher (kernel[grid](...)) binds and specialises
+# every argument, builds a string key, looks up the stream through torch.cuda and builds
+# launch metadata on every call; at the sizes of a training step that is most of the
+# loss's time. Measured on an H100 host at [2, 256, 32000] fp32 (CATNIP forward+backward
+# against cross-entropy, each call alone between syncs, interleaved with other losses as
+# bench_engine.py runs them; two runs): Triton's launcher 1.37-1.53x, the compiled
+# kernel's own launcher with the raw stream 1.20-1.27x, this 1.10-1.17x.
+_LAUNCHERS: dict[tuple, tuple] = {}
+# The compiled kernel's run(grid, stream, function, metadata, launch metadata, hooks,
+# *args) is how Triton 3.6 to 3.9 launch one (their source was read; 3.6 is the one run);
+# other versions, and the interpreter (TRITON_INTERPRET=1), go through kernel[grid].
+_DIRECT = (3, 6) <= tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9) \
+    and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _specialisation(arg) -> tuple:
+    """What Triton compiles a kernel for, of one argument (at least as fine as its rules):
+    a tensor's dtype, device and 16-byte alignment; an integer's width, whether it is 1
+    and whether it divides by 16; a float is a float."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.get_device(), arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return bool, arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
+    return (type(arg),)
+
+
+def _launch_hooks() -> bool:
+    """Whether a tool (a profiler such as Triton's proton) watches launches: then every
+    launch goes through Triton's launcher, which calls the hooks."""
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
+
+
+def _launch(kernel, rows: int, args: tuple, constants: dict, num_warps: int) -> None:
+    """kernel[(rows,)](*args, **constants, num_warps=num_warps): through Triton's launcher
+    the first time for each specialisation (it compiles or finds the kernel), directly
+    after that. `constants` are the kernel's constexpr parameters, its last ones, in order."""
+    key = (kernel, num_warps, *constants.values(), *map(_specialisation, args))
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None or _launch_hooks():
+        compiled = kernel[(rows,)](*args, **constants, num_warps=num_warps)
+        if _DIRECT:
+            _LAUNCHERS[key] = (compiled.run, compiled.function, compiled.packed_metadata, tuple(constants.values()))
+        return
+    run, function, metadata, values = launcher
+    stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
+    run(rows, 1, 1, stream, function, metadata, None, None, None, *args, *values)
+
+
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """logits [R, V] (last dimension contiguous), labels [R] -> (logp, log1m, lse) [R],
     float32; rows with the ignore index give 0, 0, +inf."""
@@ -166,38 +266,31 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     log1m, lse = torch.empty_like(logp), torch.empty_like(logp)
     if rows:
-        block, warps = _launch_config(vocab)
-        _forward_kernel[(rows,)](logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index,
-                                 BLOCK=block, num_warps=warps)
+        block, warps = _forward_config(vocab)
+        _launch(_forward_kernel, rows, (logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index),
+                {"BLOCK": block}, warps)
     return logp, log1m, lse
 
 
-def catnip_weights(labels: torch.Tensor, token_stride: int, ignore_index: int) -> torch.Tensor:
-    """labels [B, T] -> CATNIP's token weights [B * T], float32 (see _weights_kernel): the
-    loss is sum(weight * term), the per-sample mean, then the mean over samples with any."""
-    labels = labels.contiguous()
-    n_samples, length = labels.shape
-    weights = torch.empty(labels.numel(), dtype=torch.float32, device=labels.device)
-    if labels.numel():
-        block = min(4096, triton.next_power_of_2(length))
-        _weights_kernel[(1,)](labels, weights, n_samples, length, token_stride, ignore_index, BLOCK=block,
-                              num_warps=4)
-    return weights
-
-
-def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, beta: float,
-                   ignore_index: int):
-    """logits [R, V], labels [R], weights [R] float32 -> (terms, dlogp, lse) [R], float32:
-    CATNIP's per-token terms (the loss is their sum), d loss / d log z, and the
-    log-sum-exp for `backward`."""
+def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int,
+                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B * T, V], labels [B, T] (contiguous) -> (loss [], dlogp [B * T], lse [B * T]),
+    float32: CATNIP's loss (per-sample mean over the counted tokens, then the mean over
+    samples with any), d loss / d log z per row, and the log-sum-exp for `backward`."""
     rows, vocab = logits.shape
-    terms = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    dlogp, lse = torch.empty_like(terms), torch.empty_like(terms)
+    n_samples, length = labels.shape
+    out = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
     if rows:
-        block, warps = _launch_config(vocab)
-        _catnip_forward_kernel[(rows,)](logits, logits.stride(0), labels, weights, float(beta), terms, dlogp,
-                                        lse, vocab, ignore_index, BLOCK=block, num_warps=warps)
-    return terms, dlogp, lse
+        block, warps = _forward_config(vocab)
+        _launch(_catnip_rows_kernel, rows, (logits, logits.stride(0), labels, length, token_stride, float(beta),
+                                            out, rows, vocab, ignore_index),
+                {"BLOCK": block, "LABEL_BLOCK": _label_block(length, 1024), "STRIDED": token_stride > 1}, warps)
+        _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, token_stride, ignore_index),
+                {"BLOCK": _label_block(length, 4096)}, 4)
+    else:
+        loss.zero_()
+    return loss, out[1], out[2]
 
 
 def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
@@ -207,8 +300,8 @@ def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows:
-        block, warps = _launch_config(vocab)
-        _backward_kernel[(rows,)](logits, logits.stride(0), grad, grad.stride(0), labels, lse,
-                                  grad_logp.contiguous(), grad_logp if scale is None else scale, vocab,
-                                  ignore_index, BLOCK=block, SCALED=scale is not None, num_warps=warps)
+        block, warps = _backward_config(vocab)
+        _launch(_backward_kernel, rows, (logits, logits.stride(0), grad, grad.stride(0), labels, lse,
+                                         grad_logp.contiguous(), grad_logp if scale is None else scale, vocab,
+                                         ignore_index), {"BLOCK": block, "SCALED": scale is not None}, warps)
     return grad

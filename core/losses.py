@@ -311,26 +311,24 @@ class _FusedTokenLogProbs(torch.autograd.Function):
 
 class _FusedCatnip(torch.autograd.Function):
     """catnip_loss on the Triton kernels: forward(logits [R, V], labels [B, T] with
-    B * T = R, token_stride, beta) -> the scalar loss, the sum over rows of
-    weight * softplus(u). One kernel computes the weights (_token_weights of the strided
-    mask), one the terms and d loss / d log z per row, so the backward is one kernel."""
+    B * T = R, token_stride, beta) -> the scalar loss. Two kernels: one program per row
+    for softplus(u) and d loss / d log z, then one program for the per-sample mean (it
+    writes the loss and each row's weighted derivative), so the backward is one kernel."""
 
     @staticmethod
     def forward(ctx, logits, labels, token_stride, beta):  # type: ignore[override]
         from core import fused_kernels
 
-        weights = fused_kernels.catnip_weights(labels, token_stride, IGNORE_INDEX)
-        flat_labels = labels.reshape(-1)
-        terms, dlogp, lse = fused_kernels.catnip_forward(logits, flat_labels, weights, beta, IGNORE_INDEX)
-        ctx.save_for_backward(logits, flat_labels, lse, dlogp)
-        return terms.sum()
+        loss, dlogp, lse = fused_kernels.catnip_forward(logits, labels, beta, token_stride, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, lse, dlogp)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         from core import fused_kernels
 
         logits, labels, lse, dlogp = ctx.saved_tensors
-        grad = fused_kernels.backward(logits, labels, lse, dlogp, IGNORE_INDEX, scale=grad_loss)
+        grad = fused_kernels.backward(logits, labels.view(-1), lse, dlogp, IGNORE_INDEX, scale=grad_loss)
         return grad, None, None, None
 
 
@@ -442,7 +440,7 @@ def catnip_loss(
     """
     _check_shapes(logits, labels)
     _check_stride(token_stride)
-    if _fused(logits):  # the whole loss on three kernels (weights, forward, backward)
+    if _fused(logits):  # the whole loss on three kernels (rows, per-sample mean, backward)
         return _FusedCatnip.apply(_flat_rows(logits), labels.contiguous(), token_stride, beta)
     logp, log1m = token_logprobs(logits, labels)
     return catnip_from_logprobs(logp, log1m, strided_mask(labels, token_stride), beta)

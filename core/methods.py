@@ -125,7 +125,7 @@ class ForgetTerms:
 ForgetLoss = Callable[[ForgetTerms, TrainingParams], "torch.Tensor"]
 # A loss from the logits [B, T, V] and labels [B, T] in one call, for a method whose loss
 # needs nothing else: the loss backend may then fuse all of it (CATNIP on the triton
-# backend is three kernels and a sum instead of the log-probs' two and ~20 small ops).
+# backend is three kernels instead of the log-probs' two and ~20 small ops).
 LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", TrainingParams], "torch.Tensor"]
 
 

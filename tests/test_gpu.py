@@ -106,19 +106,47 @@ def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(dtype
 
 
 @pytest.mark.parametrize(("shape", "token_stride"), [((3, 7), 1), ((4, 50), 3), ((2, 5000), 16)])
-def test_triton_catnip_weights_match_eager(shape, token_stride):
-    """The weights kernel (one program; 5000 positions are two blocks) gives the eager
-    per-sample-mean weights of the strided mask, with a fully masked sample."""
-    from core import fused_kernels
-    from core.losses import _token_weights, strided_mask
-
+def test_triton_catnip_per_sample_mean_matches_eager(shape, token_stride, compare_loss_backends):
+    """The finish kernel's per-sample mean (one program; 5000 positions are two of its
+    blocks and five of the rows kernel's rank blocks) and the strided ranks give eager's
+    loss and gradient, with masked positions and a fully masked sample."""
     torch.manual_seed(0)
+    logits = torch.randn(*shape, 10, device="cuda")
     labels = torch.randint(0, 10, shape, device="cuda")
     labels[torch.rand(shape, device="cuda") < 0.3] = -100
     labels[0] = -100
-    want = _token_weights(strided_mask(labels, token_stride), torch.float32).reshape(-1)
-    got = fused_kernels.catnip_weights(labels, token_stride, -100)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    compare_loss_backends(logits, labels, torch.float32, backend="triton", token_stride=token_stride)
+
+
+def test_triton_direct_launches_tell_alignments_apart():
+    """After the first launch of each specialisation the compiled kernels are launched
+    directly. Logits whose rows are 16-byte aligned, then a view of the same shape whose
+    rows are not (the vocabulary sliced by one: an odd row stride and base), each twice:
+    the loss and gradient equal eager's every time, and the rows kernel was compiled for
+    both alignments."""
+    from core import fused_kernels
+    from core.losses import catnip_loss, set_backend
+
+    torch.manual_seed(2)
+    wide = torch.randn(2, 30, 1001, device="cuda")
+    labels = torch.randint(0, 1000, (2, 30), device="cuda")
+    labels[1, :5] = -100
+    for view in (lambda x: x[..., :1000], lambda x: x[..., 1:]):
+        results = []
+        for backend in ("eager", "triton", "triton"):
+            set_backend(backend)
+            leaf = wide.clone().requires_grad_(True)
+            logits = view(leaf)
+            loss = catnip_loss(logits, labels, beta=1.5)
+            loss.backward()
+            results.append((loss.item(), leaf.grad))
+        set_backend("auto")
+        for loss, grad in results[1:]:
+            assert loss == pytest.approx(results[0][0], rel=1e-5)
+            torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-5)
+    # a key ends with its ten arguments' specialisations, the logits' first: (dtype, device, aligned)
+    rows_keys = [key for key in fused_kernels._LAUNCHERS if key[0] is fused_kernels._catnip_rows_kernel]
+    assert {key[-10][2] for key in rows_keys} == {True, False}
 
 
 def test_auto_backend_uses_triton_on_cuda():
