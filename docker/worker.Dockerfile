@@ -1,6 +1,11 @@
 # The GPU worker: CUDA torch, the engine, lm-eval. One worker process per GPU
 # (CUDA_VISIBLE_DEVICES), prefork with one child, the model loaded in the child.
-FROM pytorch/pytorch:2.4.1-cuda12.4-cudnn9-runtime
+# torch 2.11 brings Triton 3.6, the version the loss kernels (core/fused_kernels.py) were
+# run on, so the default loss backend (auto) uses them; Triton builds each kernel's
+# launcher with a C compiler at first use, which the runtime image lacks.
+FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 WORKDIR /app
