@@ -50,16 +50,16 @@ def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE)
 # loss -> its yardstick (cross-entropy on the same counted positions). "catnip" runs on the
 # default backend (auto: the Triton kernels on CUDA, eager on the CPU), catnip_eager and
 # catnip_compiled on those (catnip_eager is listed on CUDA only, where it differs from
-# catnip). kl_retain is the retain term of the +kl methods
-# (full-vocabulary KL to the reference). The *_prompt_masked pair counts only the second
+# catnip). kl_retain is the retain term of the +kl methods (full-vocabulary KL to the
+# reference), on the default backend; kl_retain_eager on eager (CUDA only, as catnip_eager). The *_prompt_masked pair counts only the second
 # half of each sequence, as in a QA forget set whose prompts do not count.
 YARDSTICK = {"catnip": "cross_entropy", "catnip_eager": "cross_entropy",
-             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy",
+             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy", "kl_retain_eager": "cross_entropy",
              "catnip_prompt_masked": "cross_entropy_prompt_masked"}
-LOSSES = ("cross_entropy", "catnip", "catnip_eager", "catnip_compiled", "kl_retain",
+LOSSES = ("cross_entropy", "catnip", "catnip_eager", "catnip_compiled", "kl_retain", "kl_retain_eager",
           "cross_entropy_prompt_masked", "catnip_prompt_masked")
-BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled"}  # the rest: auto
-CUDA_ONLY = ("catnip_eager",)
+BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled", "kl_retain_eager": "eager"}  # the rest: auto
+CUDA_ONLY = ("catnip_eager", "kl_retain_eager")
 
 
 def losses_on(device: str) -> tuple[str, ...]:
@@ -70,12 +70,12 @@ def run_loss(name: str, logits, labels, ref):
     if name.endswith("_prompt_masked"):
         labels = labels.clone()
         labels[:, : labels.shape[1] // 2] = -100
+    set_backend(BACKEND_OF.get(name, "auto"))
     if name.startswith("cross_entropy"):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    elif name == "kl_retain":
+    elif name.startswith("kl_retain"):
         loss = kl_retain_loss(logits, ref, labels)
     else:
-        set_backend(BACKEND_OF.get(name, "auto"))
         loss = catnip_loss(logits, labels, beta=1.0)
     loss.backward()
     logits.grad = None

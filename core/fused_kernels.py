@@ -180,6 +180,81 @@ def _catnip_finish_kernel(labels_ptr, out_ptr, loss_ptr, n_samples, length, toke
 
 
 @triton.jit
+def _kl_rows_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, labels_ptr, out_ptr, n_rows, vocab, ignore_index,
+                    BLOCK: tl.constexpr):
+    """The retain KL's per-row quantities, into out [4, R]: KL[q || r] of the row
+    (q = softmax(x), r = softmax(ref)), 1 (its derivative in itself, which the finish
+    kernel weights), and the two rows' log-sum-exps. Two passes: the log-sum-exps
+    (online), then sum q * ((x - lse_x) - (ref - lse_r)), each term as eager forms it.
+    A row with the ignore index gets 0, 0, +inf, +inf, its logits unread."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(out_ptr + row, 0.0)
+        tl.store(out_ptr + n_rows + row, 0.0)
+        tl.store(out_ptr + 2 * n_rows + row, float("inf"))
+        tl.store(out_ptr + 3 * n_rows + row, float("inf"))
+        return
+    x_base = x_ptr + row * x_row_stride
+    r_base = r_ptr + row * r_row_stride
+    m_x = float("-inf")
+    s_x = 0.0
+    m_r = float("-inf")
+    s_r = 0.0
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        ref = tl.load(r_base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        new_x = tl.maximum(m_x, tl.max(x, axis=0))
+        s_x = s_x * tl.exp(m_x - new_x) + tl.sum(tl.exp(x - new_x), axis=0)
+        m_x = new_x
+        new_r = tl.maximum(m_r, tl.max(ref, axis=0))
+        s_r = s_r * tl.exp(m_r - new_r) + tl.sum(tl.exp(ref - new_r), axis=0)
+        m_r = new_r
+    lse_x = m_x + tl.log(s_x)
+    lse_r = m_r + tl.log(s_r)
+    kl = 0.0
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < vocab
+        logq = tl.load(x_base + cols, mask=inside, other=0.0).to(tl.float32) - lse_x
+        logr = tl.load(r_base + cols, mask=inside, other=0.0).to(tl.float32) - lse_r
+        kl += tl.sum(tl.where(inside, tl.exp(logq) * (logq - logr), 0.0), axis=0)
+    tl.store(out_ptr + row, kl)
+    tl.store(out_ptr + n_rows + row, 1.0)
+    tl.store(out_ptr + 2 * n_rows + row, lse_x)
+    tl.store(out_ptr + 3 * n_rows + row, lse_r)
+
+
+@triton.jit
+def _kl_backward_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, grad_ptr, grad_row_stride, labels_ptr, out_ptr,
+                        scale_ptr, n_rows, vocab, ignore_index, BLOCK: tl.constexpr):
+    """grad[row] = g * q * (log q - log r - kl), g = the row's weight (out[1], written by
+    the finish kernel) times the incoming gradient; rows of weight 0 get zeros unread."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    g = tl.load(out_ptr + n_rows + row) * tl.load(scale_ptr).to(tl.float32)
+    out = grad_ptr + row * grad_row_stride
+    if (label == ignore_index) | (g == 0):
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
+        return
+    kl = tl.load(out_ptr + row)
+    lse_x = tl.load(out_ptr + 2 * n_rows + row)
+    lse_r = tl.load(out_ptr + 3 * n_rows + row)
+    x_base = x_ptr + row * x_row_stride
+    r_base = r_ptr + row * r_row_stride
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < vocab
+        logq = tl.load(x_base + cols, mask=inside, other=0.0).to(tl.float32) - lse_x
+        logr = tl.load(r_base + cols, mask=inside, other=0.0).to(tl.float32) - lse_r
+        grad = g * tl.exp(logq) * (logq - logr - kl)
+        tl.store(out + cols, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, dlogp_ptr,
                      scale_ptr, vocab, ignore_index, BLOCK: tl.constexpr, SCALED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -291,6 +366,40 @@ def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, beta: float, toke
     else:
         loss.zero_()
     return loss, out[1], out[2]
+
+
+def retain_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits, ref_logits [B * T, V], labels [B, T] (contiguous) -> (loss [], out [4, B * T]),
+    float32: the retain KL's per-sample mean over the counted rows, then the mean over
+    samples with any, and what `retain_kl_backward` reads."""
+    rows, vocab = logits.shape
+    n_samples, length = labels.shape
+    out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    if rows:
+        block, warps = _forward_config(vocab)
+        _launch(_kl_rows_kernel, rows, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels, out,
+                                        rows, vocab, ignore_index), {"BLOCK": block}, warps)
+        _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, 1, ignore_index),
+                {"BLOCK": _label_block(length, 4096)}, 4)
+    else:
+        loss.zero_()
+    return loss, out
+
+
+def retain_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, out: torch.Tensor,
+                       scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The gradient of scale * (the retain KL loss) with respect to logits [R, V], in their
+    dtype; `scale` is a one-element tensor."""
+    rows, vocab = logits.shape
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if rows:
+        block, warps = _backward_config(vocab)
+        _launch(_kl_backward_kernel, rows, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), grad,
+                                            grad.stride(0), labels, out, scale, rows, vocab, ignore_index),
+                {"BLOCK": block}, warps)
+    return grad
 
 
 def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,

@@ -555,6 +555,29 @@ class _RetainKL(torch.autograd.Function):
         return grad, None, None
 
 
+class _FusedRetainKL(torch.autograd.Function):
+    """kl_retain_loss on the Triton kernels: forward(logits [R, V], ref_logits [R, V],
+    labels [B, T] with B * T = R) -> the scalar loss. One program per row for its KL and
+    log-sum-exps, then CATNIP's per-sample-mean program (with a token stride of 1) for
+    the loss and each row's weight; the backward is one kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels):  # type: ignore[override]
+        from core import fused_kernels
+
+        loss, out = fused_kernels.retain_kl_forward(logits, ref_logits, labels, IGNORE_INDEX)
+        ctx.save_for_backward(logits, ref_logits, labels, out)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        from core import fused_kernels
+
+        logits, ref_logits, labels, out = ctx.saved_tensors
+        grad = fused_kernels.retain_kl_backward(logits, ref_logits, labels.view(-1), out, grad_loss, IGNORE_INDEX)
+        return grad, None, None
+
+
 def kl_retain_loss(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -563,11 +586,13 @@ def kl_retain_loss(
     logits, ref_logits: [B, T, V]; labels: [B, T] (only the mask is used).
     Full-vocabulary KL per counted position (computed in chunks, so the scratch memory
     is one fp32 chunk, not several [B, T, V] tensors), per-sample mean, then mean over
-    samples.
+    samples. On the triton backend: core.fused_kernels' KL kernels.
     """
     if logits.shape != ref_logits.shape or logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
                          f"and labels {tuple(labels.shape)} disagree")
+    if _fused(logits):  # three kernels, as catnip_loss
+        return _FusedRetainKL.apply(_flat_rows(logits), _flat_rows(ref_logits.detach()), labels.contiguous())
     mask, rows = _counted_rows(labels)
     vocab = logits.shape[-1]
     kl_rows = _RetainKL.apply(logits.reshape(-1, vocab), ref_logits.detach().reshape(-1, vocab), rows)
