@@ -59,6 +59,15 @@ def _backward_config(vocab: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _online_lse_step(m, s, x):
+    """One block x of an online log-sum-exp: the running max m and sum s of exp(values - m)
+    taken up to x's values too."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: no NaN
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+
+
+@triton.jit
 def _row_stats(base, label, vocab, BLOCK: tl.constexpr):
     """(logit_y, lse_others, lse) of one row of logits at `base`, in float32."""
     # a target outside the vocabulary reads nothing and gives NaN (the loss's finite check names it)
@@ -68,11 +77,7 @@ def _row_stats(base, label, vocab, BLOCK: tl.constexpr):
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        x = tl.where(cols == label, float("-inf"), x)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = m_new
+        m, s = _online_lse_step(m, s, tl.where(cols == label, float("-inf"), x))
     lse_others = tl.where(s > 0, tl.where(m == float("-inf"), 0.0, m) + tl.log(s), float("-inf"))
     top = tl.maximum(logit_y, lse_others)
     lse = top + tl.log(tl.exp(logit_y - top) + tl.exp(lse_others - top))
@@ -205,12 +210,8 @@ def _kl_rows_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, labels_ptr, out_pt
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         ref = tl.load(r_base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        new_x = tl.maximum(m_x, tl.max(x, axis=0))
-        s_x = s_x * tl.exp(m_x - new_x) + tl.sum(tl.exp(x - new_x), axis=0)
-        m_x = new_x
-        new_r = tl.maximum(m_r, tl.max(ref, axis=0))
-        s_r = s_r * tl.exp(m_r - new_r) + tl.sum(tl.exp(ref - new_r), axis=0)
-        m_r = new_r
+        m_x, s_x = _online_lse_step(m_x, s_x, x)
+        m_r, s_r = _online_lse_step(m_r, s_r, ref)
     lse_x = m_x + tl.log(s_x)
     lse_r = m_r + tl.log(s_r)
     kl = 0.0
