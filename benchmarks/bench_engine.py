@@ -51,14 +51,16 @@ def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE)
 # default backend (auto: the Triton kernels on CUDA, eager on the CPU), catnip_eager and
 # catnip_compiled on those (catnip_eager is listed on CUDA only, where it differs from
 # catnip). kl_retain is the retain term of the +kl methods (full-vocabulary KL to the
-# reference), on the default backend; kl_retain_eager on eager (CUDA only, as catnip_eager). The *_prompt_masked pair counts only the second
-# half of each sequence, as in a QA forget set whose prompts do not count.
+# reference) on the default backend, kl_retain_eager on eager (CUDA only, as catnip_eager).
+# The *_prompt_masked pair counts only the second half of each sequence, as in a QA forget
+# set whose prompts do not count.
 YARDSTICK = {"catnip": "cross_entropy", "catnip_eager": "cross_entropy",
-             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy", "kl_retain_eager": "cross_entropy",
-             "catnip_prompt_masked": "cross_entropy_prompt_masked"}
+             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy",
+             "kl_retain_eager": "cross_entropy", "catnip_prompt_masked": "cross_entropy_prompt_masked"}
 LOSSES = ("cross_entropy", "catnip", "catnip_eager", "catnip_compiled", "kl_retain", "kl_retain_eager",
           "cross_entropy_prompt_masked", "catnip_prompt_masked")
-BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled", "kl_retain_eager": "eager"}  # the rest: auto
+# each loss's backend (set before every call, so none runs on the one the last left); the rest: auto
+BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled", "kl_retain_eager": "eager"}
 CUDA_ONLY = ("catnip_eager", "kl_retain_eager")
 
 
