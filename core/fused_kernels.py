@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
+
+from core.losses import TRITON_VERIFIED, _version_tuple
 
 # Columns per block and warps per program, measured on an H100 at [512, 32000] and
 # [16384, 32000] fp32 (a sweep of blocks 1024-32768 by 4-32 warps): the forward kernels
@@ -295,7 +296,7 @@ _LAUNCHERS: dict[tuple, tuple] = {}
 # The compiled kernel's run(grid, stream, function, metadata, launch metadata, hooks,
 # *args) is how Triton 3.6 to 3.9 launch one (their source was read; 3.6 is the one run);
 # other versions, and the interpreter (TRITON_INTERPRET=1), go through kernel[grid].
-_DIRECT = (3, 6) <= tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) <= (3, 9) \
+_DIRECT = TRITON_VERIFIED <= _version_tuple(triton.__version__)[:2] <= (3, 9) \
     and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -348,24 +349,36 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     return logp, log1m, lse
 
 
+def _rows_then_mean(rows_kernel, args: tuple, constants: dict, out: torch.Tensor, labels: torch.Tensor,
+                    token_stride: int, ignore_index: int) -> torch.Tensor:
+    """A rows kernel (one program per row of logits [R, V], args[0]; it writes each row's
+    term into out[0] and its derivative into out[1]), then the per-sample-mean program
+    over them: the loss [], float32. `constants` are the rows kernel's besides BLOCK."""
+    rows, vocab = args[0].shape
+    n_samples, length = labels.shape
+    loss = torch.empty((), dtype=torch.float32, device=out.device)
+    if not rows:
+        return loss.zero_()
+    block, warps = _forward_config(vocab)
+    _launch(rows_kernel, rows, args, {"BLOCK": block, **constants}, warps)
+    _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, token_stride, ignore_index),
+            {"BLOCK": _label_block(length, 4096)}, 4)
+    return loss
+
+
 def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int,
                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B * T, V], labels [B, T] (contiguous) -> (loss [], dlogp [B * T], lse [B * T]),
     float32: CATNIP's loss (per-sample mean over the counted tokens, then the mean over
     samples with any), d loss / d log z per row, and the log-sum-exp for `backward`."""
     rows, vocab = logits.shape
-    n_samples, length = labels.shape
+    length = labels.shape[1]
     out = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
-    loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    if rows:
-        block, warps = _forward_config(vocab)
-        _launch(_catnip_rows_kernel, rows, (logits, logits.stride(0), labels, length, token_stride, float(beta),
-                                            out, rows, vocab, ignore_index),
-                {"BLOCK": block, "LABEL_BLOCK": _label_block(length, 1024), "STRIDED": token_stride > 1}, warps)
-        _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, token_stride, ignore_index),
-                {"BLOCK": _label_block(length, 4096)}, 4)
-    else:
-        loss.zero_()
+    loss = _rows_then_mean(
+        _catnip_rows_kernel, (logits, logits.stride(0), labels, length, token_stride, float(beta), out, rows,
+                              vocab, ignore_index),
+        {"LABEL_BLOCK": _label_block(length, 1024), "STRIDED": token_stride > 1}, out, labels, token_stride,
+        ignore_index)
     return loss, out[1], out[2]
 
 
@@ -375,17 +388,10 @@ def retain_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: to
     float32: the retain KL's per-sample mean over the counted rows, then the mean over
     samples with any, and what `retain_kl_backward` reads."""
     rows, vocab = logits.shape
-    n_samples, length = labels.shape
     out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
-    loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    if rows:
-        block, warps = _forward_config(vocab)
-        _launch(_kl_rows_kernel, rows, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels, out,
-                                        rows, vocab, ignore_index), {"BLOCK": block}, warps)
-        _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, 1, ignore_index),
-                {"BLOCK": _label_block(length, 4096)}, 4)
-    else:
-        loss.zero_()
+    loss = _rows_then_mean(
+        _kl_rows_kernel, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels, out, rows, vocab,
+                          ignore_index), {}, out, labels, 1, ignore_index)
     return loss, out
 
 
