@@ -16,11 +16,11 @@ from api.middleware import RequestId, UploadLimit
 from api.queue import TaskQueue
 from api.routes import files, jobs, meta
 from api.schemas import ErrorEnvelope
-from core.db import make_engine, make_sessionmaker
-from core.methods import METHODS
-from core.settings import Settings, get_settings
-from core.spec import JobSpec
-from core.storage import make_store
+from core.engine.methods import METHODS
+from core.engine.spec import JobSpec
+from core.service.db import make_engine, make_sessionmaker
+from core.service.settings import Settings, get_settings
+from core.service.storage import make_store
 
 DESCRIPTION = """Remove specific knowledge from a language model with CATNIP (calibrated,
 tokenized negative preference alignment) and its baselines.
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the 413 carries one too).
     app.add_middleware(UploadLimit, path="/v1/files", max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestId)
-    app.include_router(files.build(settings))
+    app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(meta.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -25,20 +25,20 @@ app.add_typer(models_app, name="models")
 
 
 def _settings():  # type: ignore[no-untyped-def]
-    from core.settings import Settings
+    from core.service.settings import Settings
 
     return Settings()
 
 
 def _sessions(settings):  # type: ignore[no-untyped-def]
-    from core.db import make_engine, make_sessionmaker
+    from core.service.db import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(settings.db_url))
 
 
 def _prepare_embedded(settings) -> None:  # type: ignore[no-untyped-def]
     """The embedded default keeps its state in one directory and migrates itself."""
-    from core.migrate import upgrade
+    from core.service.migrate import upgrade
 
     settings.unlearn_data_dir.mkdir(parents=True, exist_ok=True)
     if settings.database_url is None:
@@ -48,7 +48,7 @@ def _prepare_embedded(settings) -> None:  # type: ignore[no-untyped-def]
 @app.command()
 def migrate(revision: str = typer.Argument("head")) -> None:
     """Apply the database migrations (production runs this as its own step)."""
-    from core.migrate import upgrade
+    from core.service.migrate import upgrade
 
     settings = _settings()
     settings.unlearn_data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def migrate(revision: str = typer.Argument("head")) -> None:
 def keys_create(tenant: str = typer.Option(..., help="The tenant the key acts for."),
                 name: str | None = typer.Option(None, help="A label, e.g. the tool that uses it.")) -> None:
     """Create an API key; the key is printed as the last line, once."""
-    from core import repo
+    from core.service import repo
 
     settings = _settings()
     _prepare_embedded(settings)
@@ -73,7 +73,7 @@ def keys_create(tenant: str = typer.Option(..., help="The tenant the key acts fo
 @keys_app.command("list")
 def keys_list(tenant: str | None = typer.Option(None)) -> None:
     """Keys (id, tenant, prefix, created, revoked); never the keys themselves."""
-    from core import repo
+    from core.service import repo
 
     settings = _settings()
     _prepare_embedded(settings)
@@ -86,8 +86,8 @@ def keys_list(tenant: str | None = typer.Option(None)) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by id (API processes stop accepting it within AUTH_CACHE_SECONDS)."""
-    from core import repo
     from core.errors import UnlearnError
+    from core.service import repo
 
     settings = _settings()
     _prepare_embedded(settings)
@@ -104,7 +104,7 @@ def keys_revoke(key_id: str) -> None:
 def models_add(name: str, uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
                description: str | None = typer.Option(None)) -> None:
     """Register a base model directory (local path or s3://bucket/prefix) as NAME."""
-    from core import repo
+    from core.service import repo
 
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser().resolve()
@@ -121,7 +121,7 @@ def models_add(name: str, uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
 
 @models_app.command("list")
 def models_list() -> None:
-    from core import repo
+    from core.service import repo
 
     settings = _settings()
     _prepare_embedded(settings)
@@ -143,7 +143,7 @@ def worker_command(settings, *, pool: str | None = None) -> list[str]:  # type: 
 _DEVICE_PROBE = """
 import sys
 from core.errors import UnlearnError
-from core.modeling import pick_device
+from core.engine.modeling import pick_device
 try:
     pick_device(sys.argv[1])
 except UnlearnError as exc:
@@ -250,8 +250,8 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
     download and check the artifacts. Returns the job, its metrics and what was saved."""
     from tqdm import tqdm
 
-    from core.cli import demo_spec
-    from core.spec_parts import EVAL_FILE_FIELDS
+    from core.demo.build import demo_spec
+    from core.engine.spec_parts import EVAL_FILE_FIELDS
 
     local = demo_spec(demo_dir, max_steps=steps)
     uploaded: dict[tuple[str, str], str] = {}
@@ -334,7 +334,7 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
     uploaded, a CATNIP job is submitted over REST and polled, the result is downloaded."""
     import httpx
 
-    from core import repo
+    from core.service import repo
 
     core_cli._quiet_libraries()
     started = time.monotonic()
@@ -345,7 +345,7 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
         raise typer.Exit(2)
     demo_dir = settings.unlearn_data_dir / "demo"
     typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
-    from core.demo import ensure_model
+    from core.demo.build import ensure_model
 
     info = ensure_model(demo_dir)
     typer.echo(f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "

@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.queue import TaskQueue
-from core import repo
-from core.db import File, Job
 from core.errors import UnlearnError
-from core.settings import Settings
-from core.storage import Store
+from core.service import repo
+from core.service.db import File, Job
+from core.service.settings import Settings
+from core.service.storage import Store
 
 
 class AuthError(UnlearnError):
@@ -29,6 +29,9 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed when the route returns and before the response
+    is sent (the dependency's scope is the route function): a commit that fails is the
+    request's error, not a success that was never stored."""
     session: Session = request.app.state.sessions()
     try:
         yield session
@@ -49,7 +52,7 @@ def get_queue(request: Request) -> TaskQueue:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[Store, Depends(get_store)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 

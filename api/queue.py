@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from core.runner import TASK_NAME
-from core.settings import Settings
+from core.service.enums import RUN_JOB_TASK
+from core.service.settings import Settings
 
 
 class TaskQueue:
@@ -17,7 +17,7 @@ class TaskQueue:
             broker_connection_retry_on_startup=True, task_ignore_result=True)
 
     def send(self, job_id: str) -> None:
-        self.client.send_task(TASK_NAME, args=[job_id], queue=self.settings.task_queue,
+        self.client.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.task_queue,
                               retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
                                                         "interval_step": 0.5})
 

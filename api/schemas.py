@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-from core.db import Artifact, File, Job, JobEvent, RegisteredModel
+from core.service.db import Artifact, File, Job, JobEvent, RegisteredModel
 
 T = TypeVar("T")
 

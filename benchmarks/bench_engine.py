@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.losses import catnip_loss, kl_retain_loss, set_backend  # noqa: E402
+from core.engine.losses import catnip_loss, kl_retain_loss, set_backend  # noqa: E402
 
 SHAPE = (2, 256, 32000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -185,10 +185,10 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int,
     once the model, its adapter and the examples exist."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.data import Example
-    from core.methods import METHODS, parse_params
-    from core.modeling import AdapterSpec, wrap
-    from core.unlearn import Hooks, run_unlearning
+    from core.engine.data import Example
+    from core.engine.methods import METHODS, parse_params
+    from core.engine.modeling import AdapterSpec, wrap
+    from core.engine.train import Hooks, run_unlearning
 
     config = LlamaConfig(vocab_size=32000, **STEP_MODELS[model_name])
     generator = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ rounds away unless an fp32 copy accumulates the steps.
 
     python benchmarks/bench_precision.py [--steps 40] [--lr 1e-5] [--device cpu|cuda]
 
-The model is the test fixture (core.demo, size "fixture": a ~70k-parameter Llama that
+The model is the test fixture (core.demo.build, size "fixture": a ~70k-parameter Llama that
 knows 200 facts), built into a temporary directory (about 20 s on 2 cores), unless
 --model-dir names a build (a directory with model/ and data/).
 """
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.data import build_examples, load_records  # noqa: E402
-from core.demo import build_model  # noqa: E402
-from core.methods import METHODS, parse_params  # noqa: E402
-from core.modeling import AdapterSpec, load_base, wrap  # noqa: E402
-from core.unlearn import run_unlearning  # noqa: E402
+from core.demo.build import build_model  # noqa: E402
+from core.engine.data import build_examples, load_records  # noqa: E402
+from core.engine.methods import METHODS, parse_params  # noqa: E402
+from core.engine.modeling import AdapterSpec, load_base, wrap  # noqa: E402
+from core.engine.train import run_unlearning  # noqa: E402
 
 RUNS = (("fp32", torch.float32, True), ("bf16, fp32 master weights (default)", torch.bfloat16, True),
         ("bf16, no master weights", torch.bfloat16, False))

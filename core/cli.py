@@ -6,16 +6,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from tqdm import tqdm
 
+from core.engine.events import Events, Phase, StepInfo
+from core.engine.runtime import quiet_libraries, set_loss_backend
 from core.errors import UnlearnError
-from core.runtime import quiet_libraries, set_loss_backend
-
-if TYPE_CHECKING:
-    from core.unlearn import StepInfo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Remove specific knowledge from a language model (CATNIP and baselines).")
@@ -30,14 +27,15 @@ def _quiet_libraries() -> None:
     quiet_libraries()
 
 
-class TqdmReporter:
-    """Progress bar for a job run in this process."""
+class ConsoleEvents(Events):
+    """A job's events on the terminal: phases and warnings as lines, steps as a progress
+    bar, probes written above it."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
     def phase(self, name: str, detail: str | None = None) -> None:
-        if self.bar is not None and name != "unlearning":
+        if self.bar is not None and name != Phase.UNLEARNING:
             self.bar.close()
             self.bar = None
         typer.echo(f"[{name}]" + (f" {detail}" if detail else ""), err=True)
@@ -46,12 +44,13 @@ class TqdmReporter:
         if self.bar is None:
             self.bar = tqdm(total=info.total_steps, initial=info.step - 1, unit="step",
                             dynamic_ncols=True)
-        self.bar.update(1)
+        self.bar.update(info.step - self.bar.n)
         self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.learning_rate:.1e}",
                              tok_s=f"{info.tokens_per_second:.0f}")
 
     def probe(self, step: int, result: dict[str, float]) -> None:
-        message = f"probe @ {step}: forget {result['forget']:.3f} utility {result['utility']:.3f}"
+        scores = " ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step")
+        message = f"probe @ {step}: {scores}"
         (self.bar.write if self.bar else typer.echo)(message)
 
     def warning(self, message: str) -> None:
@@ -60,15 +59,14 @@ class TqdmReporter:
     def resumed(self, step: int) -> None:
         typer.echo(f"[resumed] from the checkpoint at step {step}", err=True)
 
-    def checkpoint(self, path: Path) -> None:
-        """Checkpoints stay where they are written (OUTPUT/checkpoints)."""
-
-    def should_cancel(self) -> bool:
-        return False
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _print_table(metrics: dict) -> None:
-    from core.report import before_after_rows
+    from core.engine.report import before_after_rows
 
     rows = before_after_rows(metrics)
     if not rows:
@@ -97,12 +95,12 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YA
         set_loss_backend(loss_backend)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--loss-backend") from None
-    from core.pipeline import run_job
-    from core.spec import load_spec
+    from core.engine.pipeline import run_job
+    from core.engine.spec import load_spec
 
     try:
         spec = load_spec(spec_path)
-        result = run_job(spec, output, reporter=TqdmReporter(), device=device,  # type: ignore[arg-type]
+        result = run_job(spec, output, events=ConsoleEvents(), device=device,
                          checkpoint_dir=output / "checkpoints" if resume else None)
     except UnlearnError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
@@ -118,32 +116,12 @@ def build_demo(directory: Path = typer.Option(None, help="Default: $UNLEARN_DATA
                seed: int = typer.Option(0)) -> None:
     """Build the demo benchmark: corpus, tokenizer and a tiny Llama that knows it."""
     _quiet_libraries()
-    logging.getLogger("core.demo").setLevel(logging.INFO)
-    from core.demo import build_model
+    from core.demo.build import build_model
 
-    info = build_model(directory or _data_dir() / "demo", size, seed)
+    events = ConsoleEvents()
+    info = build_model(directory or _data_dir() / "demo", size, seed, events)
+    events.close()
     typer.echo(json.dumps(info, indent=2))
-
-
-def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
-    """The demo job: CATNIP, full weights, no retain data, the stop rule at a 10% budget."""
-    data = demo_dir / "data"
-    return {
-        "method": "catnip",
-        "base_model": str(demo_dir / "model"),
-        "forget_file": str(data / "forget_qa.jsonl"),
-        "adapter": {"type": "full"},
-        "hyperparameters": {"learning_rate": 3e-4, "beta": 1.0, "max_steps": max_steps,
-                            "batch_size": 128, "max_length": 64},
-        "eval": {"forget_qa": str(data / "forget_qa.jsonl"),
-                 "retain_qa": str(data / "retain_qa.jsonl"),
-                 "forget_text": str(data / "forget_text.jsonl"),
-                 "retain_text": str(data / "retain_text.jsonl"),
-                 "forget_mc": str(data / "forget_mc.jsonl"),
-                 "general_mc": str(data / "general_mc.jsonl"),
-                 "max_samples": 300, "probe_every": 1, "probe_samples": 300,
-                 "utility_budget": 0.1, "forget_target": 0.1},
-    }
 
 
 @app.command()
@@ -159,11 +137,11 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
           device: str | None = typer.Option(None)) -> None:
     """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot."""
     _quiet_libraries()
-    from core.bench import grid, run_bench
-    from core.demo import ensure_model
+    from core.demo.bench import grid, run_bench
+    from core.demo.build import demo_spec, ensure_model
 
     demo_dir = _data_dir() / "demo"
-    ensure_model(demo_dir)
+    ensure_model(demo_dir, events=ConsoleEvents())
     try:
         learning_rates = ([] if lrs.strip() == "none" else
                           [None if x.strip() == "paper" else float(x) for x in lrs.split(",")])

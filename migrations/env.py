@@ -6,8 +6,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from core.db import Base, make_engine
-from core.settings import Settings
+from core.service.db import Base, make_engine
+from core.service.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

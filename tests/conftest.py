@@ -14,7 +14,7 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo benchmark (~70k-parameter Llama that knows 200 facts), built once."""
     import torch
 
-    from core.demo import build_model
+    from core.demo.build import build_model
 
     torch.set_num_threads(2)
     directory = tmp_path_factory.mktemp("fixture")
@@ -31,10 +31,10 @@ def compare_loss_backends():
     (float32) for further checks. Leaves the process on the backend it found."""
     import torch
 
-    from core import losses
-    from core.losses import catnip_loss, set_backend
+    from core.engine import losses
+    from core.engine.losses import catnip_loss, set_backend
 
-    found = losses._backend
+    found = losses.get_backend()
 
     def compare(logits, labels, dtype, backend="compiled", token_stride=1):
         results = {}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from core.data import build_examples, load_records
-from core.methods import METHODS, parse_params
-from core.modeling import AdapterSpec, load_base, wrap
+from core.engine.data import build_examples, load_records
+from core.engine.methods import METHODS, parse_params
+from core.engine.modeling import AdapterSpec, load_base, wrap
 
 
 def setup_run(fixture_dir: Path, adapter: AdapterSpec, method_id: str, *,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from engine_setup import setup_run
 
-from core.data import build_examples, encode_prompt, load_records
+from core.engine.data import build_examples, encode_prompt, load_records
+from core.engine.evaluation import greedy_generate
+from core.engine.modeling import AdapterSpec, decoder_layers, load_base, save_output
+from core.engine.train import run_unlearning
 from core.errors import SpecError
-from core.evaluation import greedy_generate
-from core.modeling import AdapterSpec, decoder_layers, load_base, save_output
-from core.unlearn import run_unlearning
 
 CPU = torch.device("cpu")
 SMALL = {"num_hidden_layers": 3, "num_attention_heads": 2, "max_position_embeddings": 128}
@@ -158,7 +158,7 @@ def test_max_length_beyond_the_context_is_cut_to_it(arch_dirs, tmp_path):
 def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
     """A KnowMem prompt longer than the context keeps its end (the question); VerbMem and
     perplexity windows are cut at the context. GPT-2 (128 positions) failed on each."""
-    from core.evaluation import knowmem, perplexity, verbmem
+    from core.engine.evaluation import knowmem, perplexity, verbmem
 
     model, tokenizer = load_base(arch_dirs["gpt2"], CPU)
     question = {"prompt": "the dragon " * 100 + "Q: Who rides the dragon?\nA:", "response": " nobody."}
@@ -176,7 +176,7 @@ def test_a_tokenizer_without_pad_or_eos_still_pads(arch_dirs, fixture_dir, tmp_p
     import json
     import shutil
 
-    from core.data import collate
+    from core.engine.data import collate
 
     shutil.copytree(arch_dirs["gpt2"], tmp_path / "model")
     config_path = tmp_path / "model" / "tokenizer_config.json"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from core.bench import BenchRun, grid, run_bench
-from core.cli import demo_spec
+from core.demo.bench import BenchRun, grid, run_bench
+from core.demo.build import demo_spec
 
 
 def test_grid_names_and_retain_variants():

@@ -100,9 +100,9 @@ def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir
         assert result.exit_code == 2, result.output
         assert f"error [device_unavailable]: {words}" in result.output
     # the Triton loss backend (LOSS_BACKEND=triton, --loss-backend triton) on a CPU job
-    from core import losses
+    from core.engine import losses
 
-    monkeypatch.setattr(losses, "triton_installed", lambda: True)
+    monkeypatch.setattr(losses.backend, "triton_installed", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     try:
         result = run(base, "--device", "cpu", "--loss-backend", "triton")

@@ -6,9 +6,16 @@ import json
 
 import pytest
 
-from core.data import IGNORE_INDEX, Records, build_examples, collate, load_records, validate_file
+from core.engine.data import (
+    IGNORE_INDEX,
+    Records,
+    build_examples,
+    collate,
+    load_records,
+    validate_file,
+)
+from core.engine.spec import parse_spec
 from core.errors import DataError, SpecError
-from core.spec import parse_spec
 
 
 def _write(tmp_path, name, text, mode="w"):
@@ -164,7 +171,7 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
     reported as truncated; the rest are not mentioned."""
     from transformers import AutoTokenizer
 
-    from core.data import encode_records
+    from core.engine.data import encode_records
 
     tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
     short = {"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}

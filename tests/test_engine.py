@@ -6,9 +6,10 @@ import pytest
 import torch
 from engine_setup import setup_run
 
-from core.methods import METHODS
-from core.modeling import AdapterSpec, load_base, save_output
-from core.unlearn import Hooks, run_unlearning
+from core.engine.events import Events
+from core.engine.methods import METHODS
+from core.engine.modeling import AdapterSpec, load_base, save_output
+from core.engine.train import run_unlearning
 
 CPU = torch.device("cpu")
 
@@ -73,7 +74,7 @@ def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
     with a whole-model copy (same losses, same weights)."""
     import copy
 
-    from core.modeling import Wrapped, decoder_layers
+    from core.engine.modeling import Wrapped, decoder_layers
 
     adapter = AdapterSpec(type="full", layers=[1])
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "npo", max_steps=4)
@@ -110,13 +111,13 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
                    checkpoint_dir=tmp_path / "a")
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
-    class StopAfter3(Hooks):
+    class StopAfter3(Events):
         def should_cancel(self) -> bool:
             return self.steps >= 3
 
         steps = 0
 
-        def on_step(self, info) -> None:
+        def step(self, info) -> None:
             StopAfter3.steps = info.step
 
     from core.errors import JobCancelled
@@ -124,7 +125,7 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     with pytest.raises(JobCancelled):
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", hooks=StopAfter3())
+                       checkpoint_dir=tmp_path / "b", events=StopAfter3())
     assert (tmp_path / "b" / "step-0000003" / "state.json").is_file()
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
@@ -230,7 +231,7 @@ def test_bf16_resume_restores_the_master_weights(fixture_dir, tmp_path):
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a")
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
-    class CancelAt2(Hooks):
+    class CancelAt2(Events):
         def should_cancel(self) -> bool:
             return (tmp_path / "b" / "step-0000002").is_dir()
 
@@ -239,7 +240,7 @@ def test_bf16_resume_restores_the_master_weights(fixture_dir, tmp_path):
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", **hp)
     with pytest.raises(JobCancelled):
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", hooks=CancelAt2())
+                       checkpoint_dir=tmp_path / "b", events=CancelAt2())
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", **hp)
     resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
                              checkpoint_dir=tmp_path / "b")
@@ -290,12 +291,12 @@ def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
     """A cancelled run (JobCancelled raised mid-loop) leaves no checkpointing behind."""
     from core.errors import JobCancelled
 
-    class CancelAtOnce(Hooks):
+    class CancelAtOnce(Events):
         def should_cancel(self) -> bool:
             return True
 
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip",
                                                      gradient_checkpointing=True)
     with pytest.raises(JobCancelled):
-        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, hooks=CancelAtOnce())
+        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, events=CancelAtOnce())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in wrapped.model.modules())

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from core.data import load_records
-from core.evaluation import knowmem, mc_accuracy, rouge_l, tradeoff
-from core.modeling import load_base
-from core.pipeline import run_job
-from core.spec import parse_spec
+from core.engine.data import load_records
+from core.engine.evaluation import knowmem, mc_accuracy, rouge_l, tradeoff
+from core.engine.modeling import load_base
+from core.engine.pipeline import run_job
+from core.engine.spec import parse_spec
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from engine_setup import setup_run
 
-from core.losses import catnip_loss
-from core.methods import METHODS
+from core.engine.losses import catnip_loss
+from core.engine.methods import METHODS
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -83,7 +83,7 @@ def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(dtype
     """CATNIP with token_stride 3 (the strided-out rows are not read), and token_logprobs on
     the Triton kernels (what the other methods use): log z, log(1 - z) and the gradient of a
     weighted sum of log z equal eager's."""
-    from core.losses import set_backend, token_logprobs
+    from core.engine.losses import set_backend, token_logprobs
 
     torch.manual_seed(1)
     logits = torch.randn(2, 40, 32000, device="cuda")
@@ -124,8 +124,8 @@ def test_triton_direct_launches_tell_alignments_apart():
     rows are not (the vocabulary sliced by one: an odd row stride and base), each twice:
     the loss and gradient equal eager's every time, and the rows kernel was compiled for
     both alignments."""
-    from core import fused_kernels
-    from core.losses import catnip_loss, set_backend
+    from core.engine.losses import catnip_loss, set_backend
+    from core.engine.losses import triton_kernels as fused_kernels
 
     torch.manual_seed(2)
     wide = torch.randn(2, 30, 1001, device="cuda")
@@ -155,7 +155,7 @@ def test_triton_retain_kl_matches_eager(dtype, vocab):
     """The retain KL on the Triton kernels gives eager's loss and gradient: a reference
     near the policy (a KL of ~1e-3, the usual case), margin-200 rows in the policy and
     in the reference, masked positions and a fully masked sample (zero gradient rows)."""
-    from core.losses import kl_retain_loss, set_backend
+    from core.engine.losses import kl_retain_loss, set_backend
 
     torch.manual_seed(3)
     logits = torch.randn(3, 24, vocab, device="cuda")
@@ -182,18 +182,18 @@ def test_triton_retain_kl_matches_eager(dtype, vocab):
 
 
 def test_auto_backend_uses_triton_on_cuda():
-    from core import losses
+    from core.engine import losses
 
-    assert losses._backend == "auto"
-    assert losses._fused(torch.zeros(1, 1, 8, device="cuda"))
-    assert not losses._fused(torch.zeros(1, 1, 8))
+    assert losses.get_backend() == "auto"
+    assert losses.use_triton(torch.zeros(1, 1, 8, device="cuda"))
+    assert not losses.use_triton(torch.zeros(1, 1, 8))
 
 
 @pytest.mark.parametrize("method_id", sorted(METHODS))
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_methods_train_bf16_on_cuda(fixture_dir, method_id, adapter_type):
-    from core.modeling import AdapterSpec
-    from core.unlearn import run_unlearning
+    from core.engine.modeling import AdapterSpec
+    from core.engine.train import run_unlearning
 
     wrapped, tok, method, params, forget, _ = setup_run(
         fixture_dir, AdapterSpec(type=adapter_type), method_id, device=CUDA)
@@ -206,7 +206,7 @@ def test_methods_train_bf16_on_cuda(fixture_dir, method_id, adapter_type):
 
 def test_retain_kl_on_cuda_matches_cpu():
     """The chunked retain KL (loss and gradient) on CUDA equals the CPU's, fp32."""
-    from core.losses import kl_retain_loss
+    from core.engine.losses import kl_retain_loss
 
     torch.manual_seed(1)
     x, ref = torch.randn(2, 40, 3000), torch.randn(2, 40, 3000)
@@ -224,8 +224,8 @@ def test_retain_kl_on_cuda_matches_cpu():
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_retain_terms_train_bf16_on_cuda(fixture_dir, retain_loss, adapter_type):
     """CATNIP with a retain term (NLL, or KL to the reference) on a bf16 model."""
-    from core.modeling import AdapterSpec
-    from core.unlearn import run_unlearning
+    from core.engine.modeling import AdapterSpec
+    from core.engine.train import run_unlearning
 
     wrapped, tok, method, params, forget, retain = setup_run(
         fixture_dir, AdapterSpec(type=adapter_type), "catnip", device=CUDA,
@@ -295,9 +295,10 @@ def test_unlearn_run_on_cuda_writes_outputs_that_load(fixture_dir, tmp_path, ada
 def test_bf16_resume_on_cuda_equals_uninterrupted(fixture_dir, tmp_path):
     """Full weights in bf16 with fp32 master weights on CUDA, stopped at step 2 of 4 and
     resumed: the same weights as a run that was not stopped."""
+    from core.engine.events import Events
+    from core.engine.modeling import AdapterSpec
+    from core.engine.train import run_unlearning
     from core.errors import JobCancelled
-    from core.modeling import AdapterSpec
-    from core.unlearn import Hooks, run_unlearning
 
     hp = {"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-5}
 
@@ -308,14 +309,14 @@ def test_bf16_resume_on_cuda_equals_uninterrupted(fixture_dir, tmp_path):
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a")
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
-    class CancelAt2(Hooks):
+    class CancelAt2(Events):
         def should_cancel(self) -> bool:
             return (tmp_path / "b" / "step-0000002").is_dir()
 
     wrapped, tok, method, params, forget, _ = setup()
     with pytest.raises(JobCancelled):
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", hooks=CancelAt2())
+                       checkpoint_dir=tmp_path / "b", events=CancelAt2())
     wrapped, tok, method, params, forget, _ = setup()
     resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
                              checkpoint_dir=tmp_path / "b")

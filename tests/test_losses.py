@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import losses
-from core.losses import IGNORE_INDEX, catnip_loss, set_backend, strided_mask, token_logprobs
+from core.engine import losses
+from core.engine.losses import IGNORE_INDEX, logprobs, set_backend, strided_mask, token_logprobs
+from core.losses import catnip_loss  # the contract's import path
 
 
 def _two_token_logits(margins: list[float], vocab: int = 3) -> torch.Tensor:
@@ -192,7 +193,7 @@ def test_kl_retain_matches_the_formula_and_autograd(monkeypatch, chunk_rows):
     """The chunked KL equals sum_v q (log q - log r) over counted positions, per-sample
     mean then mean over samples; its hand-written backward passes gradcheck (float64);
     the reference gets no gradient; a masked position with NaN logits changes nothing."""
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": chunk_rows * 9, "default": chunk_rows * 9})
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", {"cpu": chunk_rows * 9, "default": chunk_rows * 9})
     torch.manual_seed(5)
     logits = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
     ref = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
@@ -231,7 +232,7 @@ def test_chunking_does_not_change_results(monkeypatch, masked):
         labels[2, 30:] = IGNORE_INDEX
     full = catnip_loss(x, labels, beta=1.5)
     (g_full,) = torch.autograd.grad(full, x)
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", {"cpu": 7 * 11, "default": 7 * 11})  # 7 rows
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", {"cpu": 7 * 11, "default": 7 * 11})  # 7 rows
     chunked = catnip_loss(x, labels, beta=1.5)
     (g_chunked,) = torch.autograd.grad(chunked, x)
     assert full.item() == pytest.approx(chunked.item(), abs=1e-12)
@@ -271,13 +272,13 @@ def test_triton_backend_needs_triton_and_cuda(monkeypatch):
     installed, and on CPU tensors (outside Triton's interpreter) with a clear error.
     Triton versions are compared by their numeric parts (auto needs TRITON_VERIFIED)."""
     x, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
-    assert losses._backend == "auto" and not losses._fused(x)
-    assert losses._version_tuple("3.6.0+git9a8b7c") == (3, 6, 0) >= losses.TRITON_VERIFIED
-    assert losses._version_tuple("3.0.0") < losses.TRITON_VERIFIED <= losses._version_tuple("3.10rc1")
-    monkeypatch.setattr(losses, "triton_installed", lambda: False)
+    assert losses.get_backend() == "auto" and not losses.use_triton(x)
+    assert losses.version_tuple("3.6.0+git9a8b7c") == (3, 6, 0) >= losses.TRITON_VERIFIED
+    assert losses.version_tuple("3.0.0") < losses.TRITON_VERIFIED <= losses.version_tuple("3.10rc1")
+    monkeypatch.setattr(losses.backend, "triton_installed", lambda: False)
     with pytest.raises(ValueError, match="needs the triton package"):
         set_backend("triton")
-    monkeypatch.setattr(losses, "triton_installed", lambda: True)
+    monkeypatch.setattr(losses.backend, "triton_installed", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     set_backend("triton")
     try:

@@ -14,7 +14,7 @@ import threading
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from core.settings import get_settings
+from core.service.settings import get_settings
 
 log = logging.getLogger(__name__)
 

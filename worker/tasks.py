@@ -1,16 +1,21 @@
-"""The task: much like a web view, it parses (a job id), delegates (core.runner), records."""
+"""The task: much like a web view, it parses (a job id), delegates (worker.runner),
+records. And the reaper, which re-sends the ids of jobs a dead worker left behind."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
-from core.db import make_engine, make_sessionmaker, utcnow
-from core.repo import lost_queued_jobs, orphaned_jobs
-from core.runner import TASK_NAME, JobRunner
-from core.runtime import quiet_libraries, set_loss_backend, set_torch_threads
-from core.settings import get_settings
-from core.storage import make_store
+from sqlalchemy.orm import sessionmaker
+
+from core.engine.runtime import quiet_libraries, set_loss_backend, set_torch_threads
+from core.service.db import make_engine, make_sessionmaker, utcnow
+from core.service.enums import RUN_JOB_TASK
+from core.service.repo import lost_queued_jobs, orphaned_jobs
+from core.service.settings import get_settings
+from core.service.storage import make_store
 from worker.celery_app import app
+from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
@@ -20,9 +25,12 @@ def reset_runner() -> None:
     """After a fork: drop connections inherited from the parent."""
     global _runner
     _runner = None
+    _reaper_sessions.cache_clear()
 
 
 def runner() -> JobRunner:
+    """The job runner of this process, set up on its first job: torch threads and the loss
+    backend are set here, in the process that trains (a prefork child, or a solo worker)."""
     global _runner
     if _runner is None:
         settings = get_settings()
@@ -33,11 +41,18 @@ def runner() -> JobRunner:
     return _runner
 
 
-@app.task(name=TASK_NAME)
+@app.task(name=RUN_JOB_TASK)
 def run_job(job_id: str) -> str:
     outcome = runner().run(job_id)
     log.info("job %s: %s", job_id, outcome)
     return outcome
+
+
+@functools.cache
+def _reaper_sessions() -> sessionmaker:
+    """The reaper's own connections: it runs in the prefork parent, which must never set
+    up the runner (that imports torch, whose OpenMP state a fork would break)."""
+    return make_sessionmaker(make_engine(get_settings().db_url))
 
 
 def reap_orphans() -> list[str]:
@@ -45,7 +60,7 @@ def reap_orphans() -> list[str]:
     was sent long ago and never taken (a lost message): send their ids again. The lease
     makes a duplicate harmless: whoever takes the job first runs it, others back off."""
     settings = get_settings()
-    with runner().sessions.begin() as session:
+    with _reaper_sessions().begin() as session:
         job_ids = orphaned_jobs(session)
         for job_id in job_ids:
             log.warning("job %s: lease expired; re-sending it", job_id)
@@ -54,5 +69,5 @@ def reap_orphans() -> list[str]:
             job.enqueued_at = utcnow()
             job_ids.append(job.id)
     for job_id in job_ids:
-        app.send_task(TASK_NAME, args=[job_id], queue=settings.task_queue)
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
     return job_ids

@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
 
 from api.deps import SessionDep, TenantDep
 from api.schemas import ListResponse, ModelObject
-from core import repo
+from core.service import repo
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -49,6 +49,6 @@ def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-def _db(sessions) -> None:  # type: ignore[no-untyped-def]
+def _db(sessions: sessionmaker) -> None:
     with sessions() as session:
-        session.execute(text("SELECT 1"))
+        repo.ping(session)

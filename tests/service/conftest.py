@@ -45,7 +45,7 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def migrated_pg(pg_url: str) -> str:
-    from core.migrate import upgrade
+    from core.service.migrate import upgrade
 
     upgrade(pg_url)
     return pg_url

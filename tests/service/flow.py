@@ -53,8 +53,8 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.evaluation import knowmem
-    from core.formats import load_records
+    from core.engine.evaluation import knowmem
+    from core.engine.formats import load_records
 
     assert job["status"] == "succeeded", job
     assert job["progress"]["step"] == job["progress"]["total_steps"] or job["metrics_summary"]["stop_rule"]

@@ -18,9 +18,9 @@ BIG = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_
 @pytest.fixture(scope="module")
 def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
     from api.app import create_app
-    from core import repo
-    from core.db import make_engine, make_sessionmaker
-    from core.settings import Settings
+    from core.service import repo
+    from core.service.db import make_engine, make_sessionmaker
+    from core.service.settings import Settings
 
     settings = Settings(unlearn_data_dir=tmp_path_factory.mktemp("api"), database_url=migrated_pg,
                         broker_url=redis_url, max_upload_bytes=200_000, validate_inline_bytes=100_000,
@@ -139,12 +139,12 @@ def test_large_upload_is_validated_in_the_background(client):
 def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, monkeypatch):
     """A bug in the validator (deep JSON raised RecursionError out of it) answered 500 on
     a small upload and left a large one in `validating` for good."""
-    import api.routes.files
+    import api.services.files
 
     def broken(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(api.routes.files, "validate_file", broken)
+    monkeypatch.setattr(api.services.files, "validate_file", broken)
     small = upload(client, QA)
     assert small.status_code == 201, small.text
     big = upload(client, BIG)

@@ -22,8 +22,8 @@ for name in ("torch", "transformers", "peft", "accelerate", "lm_eval"):
     sys.modules[name] = None
 from fastapi.testclient import TestClient
 from api.app import create_app
-from core.settings import Settings
-from core.spec import parse_spec
+from core.service.settings import Settings
+from core.engine.spec import parse_spec
 from core.errors import SpecError
 app = create_app(Settings(unlearn_data_dir={str(tmp_path)!r}))
 assert TestClient(app).get("/healthz").json() == {{"status": "ok"}}

@@ -24,7 +24,7 @@ APP_TABLES = {"api_keys", "models", "files", "jobs", "job_events", "artifacts"}
 def test_upgrade_downgrade_upgrade(backend, tmp_path, pg_url):
     from sqlalchemy import text
 
-    from core.migrate import downgrade, upgrade
+    from core.service.migrate import downgrade, upgrade
 
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'm.db'}"
@@ -45,7 +45,7 @@ def test_upgrade_downgrade_upgrade(backend, tmp_path, pg_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from core.db import Base
+    from core.service.db import Base
 
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -61,8 +61,8 @@ def test_upgrade_downgrade_upgrade(backend, tmp_path, pg_url):
 def test_the_lease_lets_one_worker_in(migrated_pg, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from core import repo
-    from core.db import File, Job, make_engine, make_sessionmaker, new_id, utcnow
+    from core.service import repo
+    from core.service.db import File, Job, make_engine, make_sessionmaker, new_id, utcnow
 
     sessions = make_sessionmaker(make_engine(migrated_pg))
     job_id = new_id("job")
@@ -99,8 +99,8 @@ def test_the_lease_lets_one_worker_in(migrated_pg, tmp_path):
 
 
 def test_s3_store_over_http(s3_server, tmp_path):
-    from core.settings import Settings
-    from core.storage import S3Store, make_store
+    from core.service.settings import Settings
+    from core.service.storage import S3Store, make_store
 
     store = make_store(Settings(unlearn_data_dir=tmp_path, s3_bucket=s3_server["S3_BUCKET"],
                                 s3_endpoint_url=s3_server["S3_ENDPOINT_URL"], s3_region="us-east-1",

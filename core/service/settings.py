@@ -1,6 +1,6 @@
 """Service settings (pydantic-settings), read from the environment and validated at start-up.
 
-Per-job ML parameters are not settings: they are the typed job spec (core.spec).
+Per-job ML parameters are not settings: they are the typed job spec (core.engine.spec).
 With nothing set, the service is the embedded default: SQLite and a local artifact
 directory under UNLEARN_DATA_DIR, and a broker that needs no server (a SQLite
 queue through kombu's SQLAlchemy transport). Setting DATABASE_URL, BROKER_URL and
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     worker_device: str | None = Field(None, description="cpu, cuda, cuda:0; default cuda if present.")
     worker_threads: int = Field(0, ge=0, description="torch threads per worker process; 0 = all cores.")
     loss_backend: Literal["auto", "eager", "compiled", "triton"] = Field(
-        "auto", description="How the worker computes token log-probs (core.losses): auto is "
+        "auto", description="How the worker computes token log-probs (core.engine.losses): auto is "
         "the fused Triton kernels on CUDA and eager on the CPU; compiled pays a one-off "
         "torch.compile on the first job of a process.")
     lease_seconds: float = Field(60.0, gt=0, description="A job's lease; renewed by the heartbeat.")

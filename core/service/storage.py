@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 CHUNK = 1024 * 1024
 

@@ -1,6 +1,6 @@
 """Forget / retain / eval sets: tokenization into training examples, and collation.
 
-The formats and their validation live in core.formats (torch-free, used by the API);
+The formats and their validation live in core.engine.formats (torch-free, used by the API);
 they are re-exported here for the engine's callers.
 """
 
@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from core.errors import DataError
-from core.formats import (  # noqa: F401 - re-exported
+from core.engine.formats import (  # noqa: F401 - re-exported
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_RECORD_CHARS,
     Kind,
@@ -22,7 +21,8 @@ from core.formats import (  # noqa: F401 - re-exported
     load_records,
     validate_file,
 )
-from core.losses import IGNORE_INDEX
+from core.engine.losses import IGNORE_INDEX
+from core.errors import DataError
 
 # --- tokenization -------------------------------------------------------------
 

@@ -30,8 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-ACTIVE_STATUSES = ("queued", "running", "evaluating")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from core.service.enums import JobStatus
 
 
 def utcnow() -> datetime:
@@ -101,7 +100,7 @@ class File(Base):
     filename: Mapped[str] = mapped_column(String(500))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), doc="core.service.enums.FileStatus")
     kind: Mapped[str | None] = mapped_column(String(16), doc="qa | chat | text | mc")
     records: Mapped[int | None] = mapped_column(Integer)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -119,7 +118,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     method: Mapped[str] = mapped_column(String(32))
     base_model: Mapped[str] = mapped_column(String(200))
     forget_file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
@@ -161,7 +160,7 @@ class JobEvent(Base):
                                      primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    type: Mapped[str] = mapped_column(String(16), doc="phase | step | probe | status | message")
+    type: Mapped[str] = mapped_column(String(16), doc="core.service.enums.EventType")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

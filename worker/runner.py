@@ -16,25 +16,26 @@ import shutil
 import socket
 import tarfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from core import repo
-from core.db import TERMINAL_STATUSES, Artifact, File, Job
+from core.engine.events import Phase
+from core.engine.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
 from core.errors import JobCancelled, UnlearnError
-from core.settings import Settings
-from core.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
-from core.storage import S3Store, Store, file_sha256, make_archive
+from core.service import repo
+from core.service.db import Artifact
+from core.service.enums import TERMINAL_STATUSES, ArtifactKind, EventType, JobStatus
+from core.service.settings import Settings
+from core.service.storage import S3Store, Store, file_sha256, make_archive
+from worker.progress import DatabaseEvents, checkpoint_key
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "unlearn.run_job"  # the API sends it by name; the worker registers it
-ARTIFACT_KINDS = {"adapter": "peft_adapter", "model": "hf_model", "report": "report"}
+ARTIFACT_KINDS = {"adapter": ArtifactKind.PEFT_ADAPTER, "model": ArtifactKind.HF_MODEL,
+                  "report": ArtifactKind.REPORT}
 
 
 class LeaseLost(Exception):
@@ -69,95 +70,6 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
-def checkpoint_key(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoint.tar"
-
-
-class DbReporter:
-    """The pipeline's reporter for the service: phases and throttled steps become events
-    and progress columns on the job row; cancel requests are read back from the row;
-    checkpoints are copied to the store, so any worker host can resume the job."""
-
-    def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings, heartbeat: Heartbeat,
-                 store: Store | None = None):
-        self.sessions, self.job_id, self.settings, self.heartbeat = sessions, job_id, settings, heartbeat
-        self.store = store
-        self._last_step_write = 0.0
-        self._pending: Any = None
-        self._last_cancel_check = 0.0
-        self._cancel = False
-
-    def phase(self, name: str, detail: str | None = None) -> None:
-        self._flush_step()
-        with self.sessions.begin() as session:
-            job = repo.get_job(session, None, self.job_id)
-            job.phase = name
-            if name == "evaluating_after":
-                job.status = "evaluating"
-            repo.add_event(session, self.job_id, "phase", name + (f": {detail}" if detail else ""),
-                           {"phase": name, "detail": detail})
-        log.info("job %s: phase %s %s", self.job_id, name, detail or "")
-
-    def step(self, info: Any) -> None:
-        self._pending = info
-        now = time.monotonic()
-        if now - self._last_step_write >= self.settings.event_min_interval_seconds \
-                or info.step == info.total_steps:
-            self._flush_step()
-
-    def _flush_step(self) -> None:
-        info, self._pending = self._pending, None
-        if info is None:
-            return
-        self._last_step_write = time.monotonic()
-        with self.sessions.begin() as session:
-            job = repo.get_job(session, None, self.job_id)
-            job.step, job.total_steps, job.loss = info.step, info.total_steps, info.loss
-            repo.add_event(session, self.job_id, "step", f"step {info.step}/{info.total_steps} loss {info.loss:.4f}",
-                           {"step": info.step, "total_steps": info.total_steps, "loss": info.loss,
-                            "terms": info.terms, "learning_rate": info.learning_rate,
-                            "tokens_per_second": round(info.tokens_per_second, 1),
-                            "eta_seconds": round(info.eta_seconds, 1)})
-
-    def probe(self, step: int, result: dict[str, float]) -> None:
-        with self.sessions.begin() as session:
-            repo.add_event(session, self.job_id, "probe",
-                           f"probe at step {step}: forget {result['forget']:.3f}, utility {result['utility']:.3f}",
-                           dict(result))
-
-    def warning(self, message: str) -> None:
-        with self.sessions.begin() as session:
-            repo.add_event(session, self.job_id, "warning", message, {})
-        log.warning("job %s: %s", self.job_id, message)
-
-    def resumed(self, step: int) -> None:
-        with self.sessions.begin() as session:
-            job = repo.get_job(session, None, self.job_id)
-            job.resumed_from_step = step
-            repo.add_event(session, self.job_id, "message", f"resumed from the checkpoint at step {step}",
-                           {"resumed_from_step": step})
-
-    def checkpoint(self, path: Path) -> None:
-        if self.store is None or not self.settings.checkpoints_to_store:
-            return
-        archive = path.parent / f".{path.name}.tar"
-        with tarfile.open(archive, "w") as tar:
-            tar.add(path, arcname=path.name)
-        self.store.put(checkpoint_key(self.job_id), archive)
-        archive.unlink()
-
-    def should_cancel(self) -> bool:
-        if self.heartbeat.lost:
-            return True
-        now = time.monotonic()
-        if now - self._last_cancel_check >= 1.0:
-            self._last_cancel_check = now
-            with self.sessions() as session:
-                self._cancel = bool(session.scalar(
-                    select(Job.cancel_requested).where(Job.id == self.job_id)))
-        return self._cancel
-
-
 class JobRunner:
     def __init__(self, settings: Settings, sessions: sessionmaker, store: Store,
                  owner: str | None = None):
@@ -175,8 +87,8 @@ class JobRunner:
         try:
             with self.sessions.begin() as session:
                 job = repo.get_job(session, None, job_id)
-                repo.add_event(session, job_id, "status", f"job running (attempt {job.attempts}) on {self.owner}",
-                               {"status": "running", "attempt": job.attempts, "worker": self.owner})
+                repo.add_event(session, job_id, EventType.STATUS, f"job running (attempt {job.attempts}) on {self.owner}",
+                               {"status": JobStatus.RUNNING, "attempt": job.attempts, "worker": self.owner})
             outcome = self._execute(job_id, heartbeat)
         finally:
             heartbeat.stop()
@@ -184,34 +96,34 @@ class JobRunner:
 
     def _not_acquired(self, job_id: str) -> str:
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
+            job = repo.find_job(session, job_id)
             if job is None:
                 return "no such job"
             if job.status in TERMINAL_STATUSES:
                 return f"already {job.status}"
-            if job.cancel_requested and (job.lease_owner is None or job.status == "queued"):
-                repo.finish_job(session, job, "cancelled")
+            if job.cancel_requested and (job.lease_owner is None or job.status == JobStatus.QUEUED):
+                repo.finish_job(session, job, JobStatus.CANCELLED)
                 return "cancelled before it started"
             return f"leased by {job.lease_owner} until {job.lease_expires_at}; backing off"
 
     def _execute(self, job_id: str, heartbeat: Heartbeat) -> str:
-        from core.pipeline import run_job  # torch is imported here, in the worker child only
+        from core.engine.pipeline import run_job  # torch is imported here, in the worker child only
 
         work = self.settings.work_dir / "jobs" / job_id
         try:
             spec, shown = self._local_spec(job_id, work / "inputs")
             self._restore_checkpoint(job_id, work / "checkpoints")
-            reporter = DbReporter(self.sessions, job_id, self.settings, heartbeat, self.store)
-            result = run_job(spec, work / "output", reporter=reporter, device=self.settings.worker_device,
+            events = DatabaseEvents(self.sessions, job_id, self.settings, lambda: heartbeat.lost, self.store)
+            result = run_job(spec, work / "output", events=events, device=self.settings.worker_device,
                              checkpoint_dir=work / "checkpoints", shown=shown)
-            reporter.phase("uploading")
+            events.phase(Phase.UPLOADING)
             self._store_artifacts(job_id, result.artifacts, work / "archives")
             with self.sessions.begin() as session:
                 job = repo.get_job(session, None, job_id)
                 if job.lease_owner != self.owner:
                     raise LeaseLost
                 job.metrics = _json_safe(result.metrics)
-                repo.finish_job(session, job, "succeeded")
+                repo.finish_job(session, job, JobStatus.SUCCEEDED)
             shutil.rmtree(work, ignore_errors=True)
             self.store.delete(checkpoint_key(job_id))
             return "succeeded"
@@ -220,16 +132,16 @@ class JobRunner:
         except JobCancelled as exc:
             if heartbeat.lost:
                 return "lease lost; the other worker continues"
-            self._fail(job_id, "cancelled", None, str(exc.message))
+            self._fail(job_id, JobStatus.CANCELLED, None, str(exc.message))
             shutil.rmtree(work, ignore_errors=True)
             return "cancelled"
         except UnlearnError as exc:
-            self._fail(job_id, "failed", exc.code, self._redact(exc.message))
+            self._fail(job_id, JobStatus.FAILED, exc.code, self._redact(exc.message))
             return f"failed: {exc.code}"
         except Exception as exc:  # noqa: BLE001 - the job must end failed, never stuck running
             log.exception("job %s failed", job_id)
             code, message = _unexpected(exc)
-            self._fail(job_id, "failed", code, message)
+            self._fail(job_id, JobStatus.FAILED, code, message)
             return f"failed: {code}"
 
     def _redact(self, message: str) -> str:
@@ -248,7 +160,7 @@ class JobRunner:
     def _restore_checkpoint(self, job_id: str, directory: Path) -> None:
         """A job taken over on another host (its local checkpoints are not here) gets the
         last checkpoint its previous worker copied to the store."""
-        from core.unlearn import latest_checkpoint
+        from core.engine.checkpoint import latest_checkpoint
 
         if latest_checkpoint(directory) is not None or not self.settings.checkpoints_to_store:
             return
@@ -268,14 +180,13 @@ class JobRunner:
         """The job's spec with file ids replaced by local copies and the model name by a
         local directory; and how the report names the model and the forget file for the
         tenant (the model's name; the file's id and name), not by those paths."""
-        from core.spec import parse_spec
+        from core.engine.spec import parse_spec
 
         with self.sessions() as session:
             job = repo.get_job(session, None, job_id)
             raw = dict(job.spec)
             model = repo.get_model(session, job.base_model)
-            files = {f.id: f for f in session.scalars(select(File).where(
-                File.tenant == job.tenant, File.id.in_(spec_file_ids(raw)))).all()}
+            files = repo.files_by_id(session, job.tenant, spec_file_ids(raw))
         inputs.mkdir(parents=True, exist_ok=True)
 
         def fetch(file_id: str | None) -> str | None:
@@ -332,12 +243,7 @@ class JobRunner:
                                  filename=f"{job_id}-{name}.tar.gz", bytes=archive.stat().st_size,
                                  sha256=file_sha256(archive), storage_key=key))
         with self.sessions.begin() as session:
-            for row in rows:
-                existing = session.get(Artifact, (job_id, row.name))
-                if existing is not None:
-                    session.delete(existing)
-                    session.flush()
-                session.add(row)
+            repo.replace_artifacts(session, job_id, rows)
 
 
 def _unexpected(exc: Exception) -> tuple[str, str]:

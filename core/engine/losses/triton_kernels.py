@@ -1,6 +1,6 @@
-"""Triton kernels for token_logprobs and CATNIP on a GPU (core.losses' "triton" backend).
+"""Triton kernels for token_logprobs, CATNIP and the retain KL on a GPU (the "triton" backend).
 
-The same maths as core.losses' eager backend, one program per row of logits [R, V]:
+The same maths as the eager backend (`logprobs`), one program per row of logits [R, V]:
     forward:  logit_y, lse_o = logsumexp over every token but the target (online, in
               blocks of the row), lse = logaddexp(logit_y, lse_o);
               logp = logit_y - lse, log1m = lse_o - lse (exact at any margin)
@@ -15,11 +15,8 @@ each small op costs more in launch than in arithmetic, so every launch after the
 of its kind bypasses Triton's Python launcher (`_launch`).
 
 Why: on a GPU the eager backend is launch-bound at training sizes (about 40 kernels and
-three host syncs per forward and backward; measured on an H100, [2, 256, 32000] fp32:
-2.4 ms against cross-entropy's 0.46), and torch.compile's regions cost as much again in
-call overhead. With these kernels, no host sync and direct launches, CATNIP's forward
-and backward is 1.3-1.4x cross-entropy there, and 0.38x at [8, 2048, 32000] (figures
-in the README).
+three host syncs per forward and backward), and torch.compile's regions cost as much
+again in call overhead. The measured figures are in docs/performance.md.
 
 Imported only when that backend runs: Triton is a CUDA-side dependency (it ships with
 CUDA builds of torch, not with the CPU wheel). With TRITON_INTERPRET=1 the kernels run
@@ -35,14 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from core.losses import TRITON_VERIFIED, _version_tuple
+from core.engine.losses.backend import IGNORE_INDEX, TRITON_VERIFIED, version_tuple
 
-# Columns per block and warps per program, measured on an H100 at [512, 32000] and
-# [16384, 32000] fp32 (a sweep of blocks 1024-32768 by 4-32 warps): the forward kernels
-# only read their row, and run fastest in blocks of 8192 with 8 warps (29 us and 0.68 ms,
-# against 38 us and 0.86 ms as one 32k block with 32 warps); the backward, which reads
-# and writes, fastest as one 32k block with 32 warps (49 us and 1.41 ms; Liger-Kernel's
-# cross-entropy uses the same bound). Larger vocabularies take a few blocks.
+# Columns per block and warps per program, from a sweep of blocks 1024-32768 by 4-32
+# warps on an H100 (docs/performance.md): the forward kernels only read their row and run
+# fastest in blocks of 8192 with 8 warps; the backward, which reads and writes, as one
+# 32k block with 32 warps. Larger vocabularies take a few blocks.
 FORWARD_BLOCK = 8192
 BACKWARD_BLOCK = 32768
 
@@ -288,15 +283,12 @@ def _label_block(length: int, most: int) -> int:
 # launching them directly. Triton's own launcher (kernel[grid](...)) binds and specialises
 # every argument, builds a string key, looks up the stream through torch.cuda and builds
 # launch metadata on every call; at the sizes of a training step that is most of the
-# loss's time. Measured on an H100 host at [2, 256, 32000] fp32 (CATNIP forward+backward
-# against cross-entropy, each call alone between syncs, interleaved with other losses as
-# bench_engine.py runs them; two runs): Triton's launcher 1.37-1.53x, the compiled
-# kernel's own launcher with the raw stream 1.20-1.27x, this 1.10-1.17x.
+# loss's time (docs/performance.md).
 _LAUNCHERS: dict[tuple, tuple] = {}
 # The compiled kernel's run(grid, stream, function, metadata, launch metadata, hooks,
 # *args) is how Triton 3.6 to 3.9 launch one (their source was read; 3.6 is the one run);
 # other versions, and the interpreter (TRITON_INTERPRET=1), go through kernel[grid].
-_DIRECT = TRITON_VERIFIED <= _version_tuple(triton.__version__)[:2] <= (3, 9) \
+_DIRECT = TRITON_VERIFIED <= version_tuple(triton.__version__)[:2] <= (3, 9) \
     and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -421,3 +413,79 @@ def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad
                                          grad_logp.contiguous(), grad_logp if scale is None else scale, vocab,
                                          ignore_index), {"BLOCK": block, "SCALED": scale is not None}, warps)
     return grad
+
+
+# --- autograd functions ---------------------------------------------------------
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """token_logprobs on the kernels, over every row: forward(logits [R, V], labels [R])
+    -> (logp [R], log1m [R]), float32, 0 where the label is IGNORE_INDEX. Saves `logits`
+    (the caller's tensor), the labels and lse [R]."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):  # type: ignore[override]
+        logp, log1m, lse = forward(logits, labels, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(log1m)
+        return logp, log1m
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        return backward(logits, labels, lse, grad_logp.float(), IGNORE_INDEX), None
+
+
+class _Catnip(torch.autograd.Function):
+    """catnip_loss on the kernels: forward(logits [R, V], labels [B, T] with B * T = R,
+    token_stride, beta) -> the scalar loss. Two kernels: one program per row for
+    softplus(u) and d loss / d log z, then one program for the per-sample mean (it writes
+    the loss and each row's weighted derivative), so the backward is one kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, token_stride, beta):  # type: ignore[override]
+        loss, dlogp, lse = catnip_forward(logits, labels, beta, token_stride, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, lse, dlogp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        logits, labels, lse, dlogp = ctx.saved_tensors
+        grad = backward(logits, labels.view(-1), lse, dlogp, IGNORE_INDEX, scale=grad_loss)
+        return grad, None, None, None
+
+
+class _RetainKL(torch.autograd.Function):
+    """kl_retain_loss on the kernels: forward(logits [R, V], ref_logits [R, V], labels
+    [B, T] with B * T = R) -> the scalar loss. One program per row for its KL and
+    log-sum-exps, then CATNIP's per-sample-mean program (with a token stride of 1) for
+    the loss and each row's weight; the backward is one kernel."""
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels):  # type: ignore[override]
+        loss, out = retain_kl_forward(logits, ref_logits, labels, IGNORE_INDEX)
+        ctx.save_for_backward(logits, ref_logits, labels, out)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        logits, ref_logits, labels, out = ctx.saved_tensors
+        grad = retain_kl_backward(logits, ref_logits, labels.view(-1), out, grad_loss, IGNORE_INDEX)
+        return grad, None, None
+
+
+def token_logprobs(rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits as rows [R, V] (last dimension contiguous), labels [B, T] -> (logp, log1m)
+    [B, T], float32, 0 where a position does not count."""
+    logp, log1m = _TokenLogProbs.apply(rows, labels.reshape(-1).contiguous())
+    return logp.view(labels.shape), log1m.view(labels.shape)
+
+
+def catnip_loss(rows: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int) -> torch.Tensor:
+    """The whole CATNIP loss in three kernels: rows, per-sample mean, backward."""
+    return _Catnip.apply(rows, labels.contiguous(), token_stride, beta)
+
+
+def kl_retain_loss(rows: torch.Tensor, ref_rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The whole retain KL in three kernels, as catnip_loss."""
+    return _RetainKL.apply(rows, ref_rows, labels.contiguous())

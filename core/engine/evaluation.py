@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from core.data import Records, build_examples, collate, load_records
-from core.modeling import context_length
-from core.spec_parts import EvalSpec  # noqa: F401 - re-exported
+from core.engine.data import Records, build_examples, collate, load_records
+from core.engine.modeling import context_length
+from core.engine.spec_parts import EvalSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
 def knowmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, max_new_tokens: int = 16,
             batch_size: int = 64, keep: int = 0) -> dict[str, Any]:
     """ROUGE-L of greedy answers against reference answers. `keep` samples are returned."""
-    from core.data import encode_prompt
+    from core.engine.data import encode_prompt
 
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
     answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -29,8 +29,8 @@ def set_torch_threads(threads: int) -> None:
 
 
 def set_loss_backend(name: str) -> None:
-    """The token log-prob backend of this process (core.losses: auto, eager, compiled,
+    """The token log-prob backend of this process (core.engine.losses: auto, eager, compiled,
     triton); ValueError names the valid ones."""
-    from core import losses
+    from core.engine import losses
 
     losses.set_backend(name)  # type: ignore[arg-type]

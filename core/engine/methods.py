@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def _losses():  # type: ignore[no-untyped-def]
-    """core.losses (torch) is imported when a loss runs, not when the API validates a spec."""
-    from core import losses
+    """core.engine.losses (torch) is imported when a loss runs, not when the API validates a spec."""
+    from core.engine import losses
 
     return losses
 

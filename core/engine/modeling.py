@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from core.engine.spec_parts import AdapterSpec  # noqa: F401 - re-exported
 from core.errors import DeviceError, ModelError, SpecError
-from core.spec_parts import AdapterSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 

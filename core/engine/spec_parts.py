@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.formats import Kind
+from core.engine.formats import Kind
 
-# The file kinds (core.formats) each slot of a job accepts.
+# The file kinds (core.engine.formats) each slot of a job accepts.
 TRAIN_FILE_KINDS: tuple[Kind, ...] = ("qa", "chat", "text")
 EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
     "forget_qa": ("qa",), "retain_qa": ("qa",), "forget_text": ("text",), "retain_text": ("text",),
@@ -59,7 +59,7 @@ class EvalSpec(BaseModel):
     max_samples: int = Field(500, ge=1, le=100_000, description="Per set, first N records.")
     max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
     batch_size: int = Field(64, ge=1, le=4096)
-    # Stop rule (probes every K steps); see core.pipeline.
+    # Stop rule (probes every K steps); see core.engine.pipeline.
     probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
     probe_samples: int = Field(100, ge=1, le=10_000)
     forget_target: float = Field(

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from core.engine.events import Events, StepInfo
+
 log = logging.getLogger(__name__)
 
 COLORS = ["crimson", "azure", "golden", "silver", "emerald", "violet", "amber", "ivory"]
@@ -148,7 +150,7 @@ def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
 def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size: int = 256) -> float:
     """Share of QA records whose every response token is the model's greedy choice
     (teacher-forced argmax equals greedy decoding when all tokens match)."""
-    from core.data import Records, build_examples, collate
+    from core.engine.data import Records, build_examples, collate
 
     examples = build_examples(Records("qa", records), tokenizer, max_length=64)
     device = next(model.parameters()).device
@@ -165,15 +167,19 @@ def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size:
     return correct / len(examples)
 
 
-def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str, Any]:
+def build_model(directory: Path, size: str = "demo", seed: int = 0,
+                events: Events | None = None) -> dict[str, Any]:
     """Generate the corpus, train tokenizer and model, write everything under `directory`.
 
     Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
-    Deterministic for a given (size, seed) on CPU.
+    Deterministic for a given (size, seed) on CPU. Reports each epoch to `events` (as a
+    step of at most max_epochs: training ends once both domains are answered) and the
+    accuracy checks as probes.
     """
+    events = events or Events()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.data import Example, collate
+    from core.engine.data import Example, collate
 
     spec = SIZES[size]
     started = time.monotonic()
@@ -200,6 +206,9 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str,
     generator = torch.Generator().manual_seed(seed)
     accuracy = {"dragons": 0.0, "cities": 0.0}
     epoch = 0
+    events.phase("building the demo model", f"{size}: until it answers 99% of {len(corpus['forget_qa'])} "
+                 f"+ {len(corpus['retain_qa'])} questions, at most {spec.max_epochs} epochs")
+    training_started = time.monotonic()
     for epoch in range(1, spec.max_epochs + 1):
         model.train()
         order = torch.randperm(len(examples), generator=generator).tolist()
@@ -213,9 +222,14 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        elapsed = time.monotonic() - training_started
+        events.step(StepInfo(step=epoch, total_steps=spec.max_epochs, loss=float(loss.detach()), terms={},
+                             learning_rate=3e-3, tokens_per_second=0.0,
+                             eta_seconds=elapsed / epoch * (spec.max_epochs - epoch)))
         if epoch % 10 == 0:
             accuracy = {"dragons": answer_accuracy(model, tokenizer, corpus["forget_qa"]),
                         "cities": answer_accuracy(model, tokenizer, corpus["retain_qa"])}
+            events.probe(epoch, accuracy)
             log.info("epoch %d loss %.4f accuracy %s", epoch, loss.item(), accuracy)
             if min(accuracy.values()) >= 0.99:
                 break
@@ -231,9 +245,31 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str,
     return info
 
 
-def ensure_model(directory: Path, size: str = "demo", seed: int = 0) -> dict[str, Any]:
+def ensure_model(directory: Path, size: str = "demo", seed: int = 0,
+                 events: Events | None = None) -> dict[str, Any]:
     """Build the demo benchmark under `directory` unless a finished build is there."""
     marker = directory / "build.json"
     if marker.is_file() and (directory / "model" / "config.json").is_file():
         return json.loads(marker.read_text())
-    return build_model(directory, size, seed)
+    return build_model(directory, size, seed, events)
+
+
+def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
+    """The demo job: CATNIP, full weights, no retain data, the stop rule at a 10% budget."""
+    data = demo_dir / "data"
+    return {
+        "method": "catnip",
+        "base_model": str(demo_dir / "model"),
+        "forget_file": str(data / "forget_qa.jsonl"),
+        "adapter": {"type": "full"},
+        "hyperparameters": {"learning_rate": 3e-4, "beta": 1.0, "max_steps": max_steps,
+                            "batch_size": 128, "max_length": 64},
+        "eval": {"forget_qa": str(data / "forget_qa.jsonl"),
+                 "retain_qa": str(data / "retain_qa.jsonl"),
+                 "forget_text": str(data / "forget_text.jsonl"),
+                 "retain_text": str(data / "retain_text.jsonl"),
+                 "forget_mc": str(data / "forget_mc.jsonl"),
+                 "general_mc": str(data / "general_mc.jsonl"),
+                 "max_samples": 300, "probe_every": 1, "probe_samples": 300,
+                 "utility_budget": 0.1, "forget_target": 0.1},
+    }

@@ -13,11 +13,12 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from core.db import (
-    ACTIVE_STATUSES,
+from core.engine.spec_parts import spec_file_ids
+from core.errors import NotFound, SpecError
+from core.service.db import (
     ApiKey,
     Artifact,
     File,
@@ -27,10 +28,14 @@ from core.db import (
     new_id,
     utcnow,
 )
-from core.errors import NotFound, SpecError
-from core.spec_parts import spec_file_ids
+from core.service.enums import ACTIVE_STATUSES, EventType, FileStatus, JobStatus
 
 KEY_PREFIX = "ul_"
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database (readiness)."""
+    session.execute(text("SELECT 1"))
 
 
 # --- api keys -------------------------------------------------------------------
@@ -122,7 +127,7 @@ def _page(session: Session, model: Any, filters: list[Any], limit: int, after: s
 
 def get_file(session: Session, tenant: str, file_id: str) -> File:
     row = session.scalar(select(File).where(File.id == file_id, File.tenant == tenant,
-                                            File.status != "deleted"))
+                                            File.status != FileStatus.DELETED))
     if row is None:
         raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
     return row
@@ -130,7 +135,7 @@ def get_file(session: Session, tenant: str, file_id: str) -> File:
 
 def list_files(session: Session, tenant: str, *, purpose: str | None, limit: int,
                after: str | None) -> tuple[list[File], bool]:
-    filters = [File.tenant == tenant, File.status != "deleted"]
+    filters = [File.tenant == tenant, File.status != FileStatus.DELETED]
     filters += [File.purpose == purpose] if purpose else []
     return _page(session, File, filters, limit, after, "file_not_found")
 
@@ -210,7 +215,7 @@ def acquire_lease(session: Session, job_id: str, owner: str, lease_seconds: floa
                or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
         .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now),
-                status="running", updated_at=now)
+                status=JobStatus.RUNNING, updated_at=now)
         .execution_options(synchronize_session=False))
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -228,7 +233,7 @@ def orphaned_jobs(session: Session, now: datetime | None = None) -> list[str]:
     """Running jobs whose worker stopped renewing the lease (killed, host lost)."""
     now = now or utcnow()
     return list(session.scalars(select(Job.id).where(
-        Job.status.in_(("running", "evaluating")), Job.lease_expires_at < now)).all())
+        Job.status.in_((JobStatus.RUNNING, JobStatus.EVALUATING)), Job.lease_expires_at < now)).all())
 
 
 def lost_queued_jobs(session: Session, older_than: float, now: datetime | None = None) -> list[Job]:
@@ -236,7 +241,7 @@ def lost_queued_jobs(session: Session, older_than: float, now: datetime | None =
     message may be lost (a broker restart without persistence). Re-sending is safe."""
     now = now or utcnow()
     return list(session.scalars(select(Job).where(
-        Job.status == "queued", Job.lease_owner.is_(None), Job.cancel_requested.is_(False),
+        Job.status == JobStatus.QUEUED, Job.lease_owner.is_(None), Job.cancel_requested.is_(False),
         Job.enqueued_at < now - timedelta(seconds=older_than))).all())
 
 
@@ -246,7 +251,7 @@ def finish_job(session: Session, job: Job, status: str, *, error_code: str | Non
     job.error_code, job.error_message = error_code, error_message
     job.finished_at = utcnow()
     job.lease_owner, job.lease_expires_at = None, None
-    add_event(session, job.id, "status", f"job {status}" + (f": {error_message}" if error_message else ""),
+    add_event(session, job.id, EventType.STATUS, f"job {status}" + (f": {error_message}" if error_message else ""),
               {"status": status, **({"error_code": error_code} if error_code else {})})
 
 
@@ -254,7 +259,40 @@ def delete_file(session: Session, file: File) -> None:
     referenced = session.scalar(select(func.count()).select_from(Job).where(
         or_(Job.forget_file_id == file.id, Job.retain_file_id == file.id))) > 0
     if referenced:
-        file.status, file.report = "deleted", None
+        file.status, file.report = FileStatus.DELETED, None
     else:
         session.execute(delete(File).where(File.id == file.id))
 
+
+
+def set_file_report(session: Session, file_id: str, status: str, kind: str | None, records: int | None,
+                    report: dict[str, Any]) -> None:
+    """Record a background validation's outcome (the file may have been deleted since)."""
+    row = session.get(File, file_id)
+    if row is not None and row.status == FileStatus.VALIDATING:
+        row.status, row.kind, row.records, row.report = status, kind, records, report
+
+
+def files_by_id(session: Session, tenant: str, file_ids: set[str]) -> dict[str, File]:
+    """The tenant's files among `file_ids` (tombstones included: a job keeps its inputs)."""
+    rows = session.scalars(select(File).where(File.tenant == tenant, File.id.in_(file_ids))).all()
+    return {row.id: row for row in rows}
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def find_job(session: Session, job_id: str) -> Job | None:
+    """Any job by id, for the worker (which is not a tenant)."""
+    return session.get(Job, job_id)
+
+
+def replace_artifacts(session: Session, job_id: str, rows: list[Artifact]) -> None:
+    """Store a job's artifact rows, replacing those of an earlier attempt."""
+    for row in rows:
+        existing = session.get(Artifact, (job_id, row.name))
+        if existing is not None:
+            session.delete(existing)
+            session.flush()
+        session.add(row)

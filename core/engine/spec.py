@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
+from core.engine.methods import TrainingParams, format_validation_error, get_method, parse_params
+from core.engine.spec_parts import AdapterSpec, EvalSpec
 from core.errors import SpecError
-from core.methods import TrainingParams, format_validation_error, get_method, parse_params
-from core.spec_parts import AdapterSpec, EvalSpec
 
 
 class JobSpec(BaseModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.methods import METHODS
+from core.engine.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[BenchRun],
               device: str | None = None, echo: Any = print) -> list[dict[str, Any]]:
-    from core.pipeline import run_job
-    from core.spec import parse_spec
+    from core.engine.pipeline import run_job
+    from core.engine.spec import parse_spec
 
     for run in runs:
         if run.method not in METHODS:

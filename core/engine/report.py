@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from core.data import LEFT_OUT, Example, collate, line_list
-from core.losses import token_logprobs
+from core.engine.data import LEFT_OUT, Example, collate, line_list
+from core.engine.losses import token_logprobs
 
 
 @torch.no_grad()

@@ -1,0 +1,155 @@
+"""One job, start to finish: validate -> load -> evaluate before -> unlearn ->
+evaluate after -> save artifacts -> report.
+
+The same function runs under `unlearn run` (progress bars) and under a Celery worker
+(events written to the database): both report through core.engine.events. `python -m core run SPEC`
+reproduces any job from its spec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.engine import losses, report
+from core.engine.checkpoint import ensure_resumable, run_fingerprint
+from core.engine.data import encode_records, load_records
+from core.engine.evaluation import EvalSpec, evaluate, tradeoff
+from core.engine.events import Events, Phase
+from core.engine.formats import check_file
+from core.engine.methods import get_method
+from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
+from core.engine.spec import JobSpec
+from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
+from core.engine.stop_rule import StopRule, probe_every
+from core.engine.train import LoopResult, run_unlearning, total_steps
+from core.errors import DataError, DeviceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    artifacts: dict[str, Path]
+    metrics: dict[str, Any]
+    loop: LoopResult
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_eval_files(ev: EvalSpec) -> None:
+    """Every eval file exists, is valid and holds its slot's kind, before any model is
+    loaded (a QA file given as forget_mc failed inside lm-eval, after the load)."""
+    for name, path in ev.files().items():
+        try:
+            check_file(path, allowed_kinds=EVAL_FILE_KINDS[name])
+        except DataError as exc:
+            raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
+
+
+def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
+            device: str | None = None, checkpoint_dir: Path | None = None,
+            shown: dict[str, str] | None = None) -> JobResult:
+    """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
+    `shown` names the base model and forget file in the report as its readers know them
+    (the service's tenants see neither the operator's nor the worker's paths)."""
+    events = events or Events()
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    # --- validate
+    events.phase(Phase.VALIDATING)
+    method = get_method(spec.method)
+    params = spec.hyperparameters
+    forget_records = load_records(spec.forget_file, allowed_kinds=TRAIN_FILE_KINDS)
+    retain_records = (load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS)
+                      if spec.retain_file else None)
+    if spec.eval is not None:
+        _check_eval_files(spec.eval)
+    lap("validate")
+
+    # --- load
+    events.phase(Phase.LOADING)
+    torch_device = pick_device(device)
+    try:
+        losses.check_device(torch_device)
+    except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
+        raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
+    model, tokenizer = load_base(spec.base_model, torch_device)
+    max_length, length_warning = fit_max_length(model, params.max_length)
+    encoded = {"forget": encode_records(forget_records, tokenizer, max_length,
+                                        eos_target=params.forget_eos)}
+    if retain_records:
+        encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
+    warnings = [length_warning] + [its.warning(role) for role, its in encoded.items()]
+    for warning in filter(None, warnings):
+        events.warning(warning)
+    forget = encoded["forget"].examples
+    retain = encoded["retain"].examples if retain_records else None
+    wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
+                   seed=params.seed)
+    fingerprint = run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+    if fingerprint is not None:  # another run's checkpoint: refused before the evaluation
+        ensure_resumable(checkpoint_dir, fingerprint)
+    lap("load")
+
+    # --- evaluate before
+    metrics: dict[str, Any] = {"method": spec.method, "hyperparameters": params.model_dump(),
+                               "adapter": spec.adapter.model_dump(),
+                               "data": {name: its.summary()
+                                        for name, its in encoded.items()}}
+    samples = min(8, len(forget))
+    token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
+    steps = total_steps(params, len(forget))
+    every = probe_every(spec.eval, steps)
+    unwatched_from = spec.eval.probe_samples if every and spec.eval else None
+    if spec.eval is not None:
+        events.phase(Phase.EVALUATING_BEFORE)
+        metrics["before"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
+                                     unwatched_from=unwatched_from)
+    lap("evaluate_before")
+
+    # --- unlearn
+    stop_rule = StopRule(wrapped, tokenizer, spec.eval, every, events) if every and spec.eval else None
+    events.phase(Phase.UNLEARNING, f"{steps} steps")
+    loop = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id,
+                          retain=retain, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+                          events=events, stop_rule=stop_rule)
+    if stop_rule is not None:
+        metrics["stop_rule"] = {**stop_rule.finish(loop.steps_done),
+                                "stopped_early": loop.stopped_early, "reason": loop.stop_reason,
+                                "every": every}
+    lap("unlearn")
+
+    # --- evaluate after
+    token_view_after = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
+    if spec.eval is not None:
+        events.phase(Phase.EVALUATING_AFTER)
+        metrics["after"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
+                                    unwatched_from=unwatched_from)
+        metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
+    lap("evaluate_after")
+
+    # --- save artifacts and report
+    events.phase(Phase.SAVING)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = save_output(wrapped, tokenizer, output_dir)
+    metrics["steps"] = {"done": loop.steps_done, "planned": loop.total_steps}
+    metrics["timings_s"] = timings
+    report_dir = report.write_report(
+        output_dir / "report", spec=spec, metrics=metrics, history=loop.history,
+        token_view={"before": token_view_before, "after": token_view_after}, shown=shown)
+    artifacts["report"] = report_dir
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    lap("save")
+    return JobResult(output_dir, artifacts, metrics, loop, timings)
