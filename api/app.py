@@ -37,12 +37,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.db_url)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI):
         yield
         engine.dispose()
 
-    app = FastAPI(title="Unlearning service", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 413, 422)})
+    app = FastAPI(
+        title="Unlearning service",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 413, 422)},
+    )
     app.state.settings = settings
     app.state.sessions = make_sessionmaker(engine)
     app.state.store = make_store(settings)
@@ -66,19 +71,29 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                         routes=app.routes)
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
     params = {m.params for m in METHODS.values()}
-    _, defs = models_json_schema([(JobSpec, "validation"), *((p, "validation") for p in params)],
-                                 ref_template="#/components/schemas/{model}")
+    _, defs = models_json_schema(
+        [(JobSpec, "validation"), *((p, "validation") for p in params)],
+        ref_template="#/components/schemas/{model}",
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(defs.get("$defs", {}))
     job_create = dict(components.pop("JobSpec"))
     job_create["title"] = "JobCreate"
-    by_method = "; ".join(f"`{m.id}` -> {m.params.__name__} ({m.summary})" for m in METHODS.values())
+    by_method = "; ".join(
+        f"`{m.id}` -> {m.params.__name__} ({m.summary})" for m in METHODS.values()
+    )
     job_create["properties"]["hyperparameters"] = {
-        "anyOf": [{"$ref": f"#/components/schemas/{p.__name__}"} for p in sorted(params, key=lambda p: p.__name__)],
-        "description": "Hyperparameters of the chosen method, defaults from the paper (A.4). " + by_method}
+        "anyOf": [
+            {"$ref": f"#/components/schemas/{p.__name__}"}
+            for p in sorted(params, key=lambda p: p.__name__)
+        ],
+        "description": "Hyperparameters of the chosen method, defaults from the paper (A.4). "
+        + by_method,
+    }
     job_create["properties"]["method"]["enum"] = sorted(METHODS)
     components["JobCreate"] = job_create
     app.openapi_schema = schema

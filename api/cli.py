@@ -18,25 +18,27 @@ import typer
 from core import cli as core_cli
 
 app = core_cli.app
-keys_app = typer.Typer(help="API keys (stored hashed; the key is shown once).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys (stored hashed; the key is shown once).", no_args_is_help=True
+)
 models_app = typer.Typer(help="Base models tenants may name in jobs.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings():
     from core.service.settings import Settings
 
     return Settings()
 
 
-def _sessions(settings):  # type: ignore[no-untyped-def]
+def _sessions(settings):
     from core.service.db import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(settings.db_url))
 
 
-def _prepare_embedded(settings) -> None:  # type: ignore[no-untyped-def]
+def _prepare_embedded(settings) -> None:
     """The embedded default keeps its state in one directory and migrates itself."""
     from core.service.migrate import upgrade
 
@@ -57,8 +59,10 @@ def migrate(revision: str = typer.Argument("head")) -> None:
 
 
 @keys_app.command("create")
-def keys_create(tenant: str = typer.Option(..., help="The tenant the key acts for."),
-                name: str | None = typer.Option(None, help="A label, e.g. the tool that uses it.")) -> None:
+def keys_create(
+    tenant: str = typer.Option(..., help="The tenant the key acts for."),
+    name: str | None = typer.Option(None, help="A label, e.g. the tool that uses it."),
+) -> None:
     """Create an API key; the key is printed as the last line, once."""
     from core.service import repo
 
@@ -79,8 +83,10 @@ def keys_list(tenant: str | None = typer.Option(None)) -> None:
     _prepare_embedded(settings)
     with _sessions(settings)() as session:
         for row in repo.list_keys(session, tenant):
-            typer.echo(f"{row.id}\t{row.tenant}\t{row.prefix}...\t{row.created_at:%Y-%m-%d %H:%M}\t"
-                       f"{'revoked ' + f'{row.revoked_at:%Y-%m-%d %H:%M}' if row.revoked_at else 'active'}")
+            typer.echo(
+                f"{row.id}\t{row.tenant}\t{row.prefix}...\t{row.created_at:%Y-%m-%d %H:%M}\t"
+                f"{'revoked ' + f'{row.revoked_at:%Y-%m-%d %H:%M}' if row.revoked_at else 'active'}"
+            )
 
 
 @keys_app.command("revoke")
@@ -101,15 +107,20 @@ def keys_revoke(key_id: str) -> None:
 
 
 @models_app.command("add")
-def models_add(name: str, uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
-               description: str | None = typer.Option(None)) -> None:
+def models_add(
+    name: str,
+    uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
+    description: str | None = typer.Option(None),
+) -> None:
     """Register a base model directory (local path or s3://bucket/prefix) as NAME."""
     from core.service import repo
 
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser().resolve()
         if not (path / "config.json").is_file():
-            typer.echo(f"error: {path} is not a Hugging Face model directory (no config.json)", err=True)
+            typer.echo(
+                f"error: {path} is not a Hugging Face model directory (no config.json)", err=True
+            )
             raise typer.Exit(2)
         uri = str(path)
     settings = _settings()
@@ -131,13 +142,29 @@ def models_list() -> None:
             typer.echo(f"{row.name}\t{row.uri}")
 
 
-def worker_command(settings, *, pool: str | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+def worker_command(settings, *, pool: str | None = None) -> list[str]:
     # Embedded: one solo process (no fork at all). Production: prefork with one child per
     # worker process, the model loaded in the child; one GPU per worker via CUDA_VISIBLE_DEVICES.
     pool = pool or ("solo" if settings.embedded else "prefork")
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", pool,
-            "--concurrency", "1", "-Q", settings.task_queue, "--loglevel", settings.log_level,
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        "1",
+        "-Q",
+        settings.task_queue,
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
 
 
 _DEVICE_PROBE = """
@@ -157,17 +184,30 @@ def _check_worker_device(device: str | None) -> None:
     the worker's prefork parent, which this process becomes, must not import torch."""
     if not device:
         return  # auto: CUDA if present, else the CPU; always there
-    probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, device], capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", _DEVICE_PROBE, device], capture_output=True, text=True
+    )
     if probe.returncode != 0:
-        reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
+        reason = (
+            probe.stderr.strip().splitlines()[-1]
+            if probe.stderr.strip()
+            else f"exit {probe.returncode}"
+        )
         typer.echo(f"error [device_unavailable]: {reason}; the worker did not start", err=True)
         raise typer.Exit(2)
 
 
 @app.command()
-def worker(pool: str | None = typer.Option(None, help="solo or prefork (default: prefork; solo embedded)."),
-           gpu: str | None = typer.Option(None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES); "
-                                                    "run one worker per GPU. Default: cuda if present, else cpu.")) -> None:
+def worker(
+    pool: str | None = typer.Option(
+        None, help="solo or prefork (default: prefork; solo embedded)."
+    ),
+    gpu: str | None = typer.Option(
+        None,
+        help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES); "
+        "run one worker per GPU. Default: cuda if present, else cpu.",
+    ),
+) -> None:
     """A Celery worker: takes job ids from the broker and runs them through core."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -181,8 +221,11 @@ def worker(pool: str | None = typer.Option(None, help="solo or prefork (default:
 
 
 @app.command()
-def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
-          with_worker: bool = typer.Option(True, help="Also start a worker (the embedded default).")) -> None:
+def serve(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    with_worker: bool = typer.Option(True, help="Also start a worker (the embedded default)."),
+) -> None:
     """The API plus a worker. Embedded (SQLite, local store, a server-less queue) when
     DATABASE_URL / BROKER_URL are not set; state under UNLEARN_DATA_DIR."""
     import uvicorn
@@ -198,7 +241,9 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
         env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
         worker_process = subprocess.Popen(worker_command(settings), env=env)
     mode = "embedded (SQLite, local store)" if settings.embedded else "configured services"
-    typer.echo(f"serving on http://{host}:{port} ({mode}); data in {settings.unlearn_data_dir}", err=True)
+    typer.echo(
+        f"serving on http://{host}:{port} ({mode}); data in {settings.unlearn_data_dir}", err=True
+    )
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
@@ -211,6 +256,7 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
 
 
 # --- the demo, over REST ------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -239,13 +285,22 @@ class DemoError(Exception):
 def _check(response: Any) -> Any:
     if response.status_code >= 400:
         error = response.json().get("error", {})
-        raise DemoError(f"{response.request.method} {response.request.url.path}: "
-                                 f"{response.status_code} {error.get('code')}: {error.get('message')}")
+        raise DemoError(
+            f"{response.request.method} {response.request.url.path}: "
+            f"{response.status_code} {error.get('code')}: {error.get('message')}"
+        )
     return response.json()
 
 
-def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int,
-                       model_name: str = "demo-llama", echo: Any = typer.echo) -> dict[str, Any]:
+def run_demo_over_rest(
+    client: Any,
+    demo_dir: Path,
+    out_dir: Path,
+    *,
+    steps: int,
+    model_name: str = "demo-llama",
+    echo: Any = typer.echo,
+) -> dict[str, Any]:
     """Upload the demo's files, submit the CATNIP job, poll it with a progress bar,
     download and check the artifacts. Returns the job, its metrics and what was saved."""
     from tqdm import tqdm
@@ -259,41 +314,68 @@ def run_demo_over_rest(client: Any, demo_dir: Path, out_dir: Path, *, steps: int
     def upload(path: str, purpose: str) -> str:
         if (path, purpose) not in uploaded:
             with open(path, "rb") as handle:
-                body = _check(client.post("/v1/files", data={"purpose": purpose},
-                                          files={"file": (Path(path).name, handle)}))
+                body = _check(
+                    client.post(
+                        "/v1/files",
+                        data={"purpose": purpose},
+                        files={"file": (Path(path).name, handle)},
+                    )
+                )
             if body["status"] != "valid":
                 raise DemoError(f"{path}: {body['validation']['summary']}")
             uploaded[(path, purpose)] = body["id"]
         return uploaded[(path, purpose)]
 
-    request = {**local, "base_model": model_name, "forget_file": upload(local["forget_file"], "forget")}
-    request["eval"] = {k: (upload(v, "eval") if k in EVAL_FILE_FIELDS else v)
-                       for k, v in local["eval"].items()}
+    request = {
+        **local,
+        "base_model": model_name,
+        "forget_file": upload(local["forget_file"], "forget"),
+    }
+    request["eval"] = {
+        k: (upload(v, "eval") if k in EVAL_FILE_FIELDS else v) for k, v in local["eval"].items()
+    }
     echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
-    job = _check(client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"}))
+    job = _check(
+        client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"})
+    )
     bar, after = None, None
     while job["status"] in ("queued", "running", "evaluating"):
         time.sleep(0.5)
         job = _check(client.get(f"/v1/jobs/{job['id']}"))
-        events = _check(client.get(f"/v1/jobs/{job['id']}/events", params={"after": after, "limit": 1000}
-                                   if after else {"limit": 1000}))
+        events = _check(
+            client.get(
+                f"/v1/jobs/{job['id']}/events",
+                params={"after": after, "limit": 1000} if after else {"limit": 1000},
+            )
+        )
         after = events["last_id"] or after
         for event in events["data"]:
             if event["type"] in ("phase", "probe", "message"):
-                (bar.write if bar is not None else lambda m: echo(m, err=True))(f"[{event['type']}] {event['message']}")
+                (bar.write if bar is not None else lambda m: echo(m, err=True))(
+                    f"[{event['type']}] {event['message']}"
+                )
         progress = job["progress"]
         if progress["total_steps"] and bar is None:
-            bar = tqdm(total=progress["total_steps"], initial=progress["step"], unit="step",
-                       desc="unlearning", dynamic_ncols=True)
+            bar = tqdm(
+                total=progress["total_steps"],
+                initial=progress["step"],
+                unit="step",
+                desc="unlearning",
+                dynamic_ncols=True,
+            )
         if bar is not None:
             if progress["loss"] is not None:
-                bar.set_postfix(loss=f"{progress['loss']:.4f}", phase=progress["phase"], refresh=False)
+                bar.set_postfix(
+                    loss=f"{progress['loss']:.4f}", phase=progress["phase"], refresh=False
+                )
             bar.update(max(0, progress["step"] - bar.n))
     if bar is not None:
         bar.close()
     if job["status"] != "succeeded":
         error = job.get("error") or {}
-        raise DemoError(f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}")
+        raise DemoError(
+            f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}"
+        )
     metrics = _check(client.get(f"/v1/jobs/{job['id']}/metrics"))["metrics"]
     artifacts = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"))["data"]
     saved = {}
@@ -310,7 +392,9 @@ def download_artifact(client: Any, job_id: str, artifact: dict[str, Any], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     archive = out_dir / artifact["filename"]
     digest = hashlib.sha256()
-    with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{artifact['name']}", follow_redirects=True) as response:
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/artifacts/{artifact['name']}", follow_redirects=True
+    ) as response:
         if response.status_code != 200:
             response.read()
             _check(response)
@@ -328,8 +412,12 @@ def download_artifact(client: Any, job_id: str, artifact: dict[str, Any], out_di
 
 
 @app.command()
-def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the stop rule may end sooner)."),
-         port: int = typer.Option(0, help="Port for the embedded service (0: any free port).")) -> None:
+def demo(
+    steps: int = typer.Option(
+        60, help="Unlearning steps (upper bound; the stop rule may end sooner)."
+    ),
+    port: int = typer.Option(0, help="Port for the embedded service (0: any free port)."),
+) -> None:
     """The main job end to end: the embedded service comes up, the demo forget set is
     uploaded, a CATNIP job is submitted over REST and polled, the result is downloaded."""
     import httpx
@@ -340,16 +428,22 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
     started = time.monotonic()
     settings = _settings()
     if not settings.embedded:
-        typer.echo("[demo] DATABASE_URL/BROKER_URL are set: the demo runs on the embedded default "
-                   "only; unset them", err=True)
+        typer.echo(
+            "[demo] DATABASE_URL/BROKER_URL are set: the demo runs on the embedded default "
+            "only; unset them",
+            err=True,
+        )
         raise typer.Exit(2)
     demo_dir = settings.unlearn_data_dir / "demo"
     typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
     from core.demo.build import ensure_model
 
     info = ensure_model(demo_dir)
-    typer.echo(f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
-               f"answers {info['accuracy']}", err=True)
+    typer.echo(
+        f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
+        f"answers {info['accuracy']}",
+        err=True,
+    )
     _prepare_embedded(settings)
     with _sessions(settings).begin() as session:
         repo.add_model(session, "demo-llama", str(demo_dir / "model"), "The built-in demo model")
@@ -359,16 +453,26 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
     env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
     log_path = settings.unlearn_data_dir / "serve.log"
     log_file = log_path.open("ab")
-    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port)],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as client:
             _wait_ready(client, server)
-            typer.echo(f"[demo] service up on http://127.0.0.1:{port} (embedded; its log: {log_path})",
-                       err=True)
-            result = run_demo_over_rest(client, demo_dir, settings.unlearn_data_dir / "demo-output",
-                                        steps=steps)
+            typer.echo(
+                f"[demo] service up on http://127.0.0.1:{port} (embedded; its log: {log_path})",
+                err=True,
+            )
+            result = run_demo_over_rest(
+                client, demo_dir, settings.unlearn_data_dir / "demo-output", steps=steps
+            )
     except (DemoError, RuntimeError) as exc:
         typer.echo(f"[demo] error: {exc} (the service log: {log_path})", err=True)
         raise typer.Exit(1) from None
@@ -382,12 +486,18 @@ def demo(steps: int = typer.Option(60, help="Unlearning steps (upper bound; the 
     core_cli._print_table(result["metrics"])
     stop = result["metrics"].get("stop_rule") or {}
     if stop:
-        typer.echo(f"stop rule: {stop.get('reason') or 'ran all steps'}; kept the state of step "
-                   f"{stop.get('best', {}).get('step')}")
+        typer.echo(
+            f"stop rule: {stop.get('reason') or 'ran all steps'}; kept the state of step "
+            f"{stop.get('best', {}).get('step')}"
+        )
     for name, path in result["artifacts"].items():
         typer.echo(f"{name}: {path}")
-    typer.echo(f"job {result['job']['id']} succeeded; end to end {time.monotonic() - started:.0f} s")
-    (settings.unlearn_data_dir / "demo-output" / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    typer.echo(
+        f"job {result['job']['id']} succeeded; end to end {time.monotonic() - started:.0f} s"
+    )
+    (settings.unlearn_data_dir / "demo-output" / "metrics.json").write_text(
+        json.dumps(result["metrics"], indent=2)
+    )
 
 
 def main() -> None:  # pragma: no cover

@@ -82,12 +82,19 @@ def _lookup_tenant(sessions: sessionmaker, key_hash: str) -> str | None:
         return repo.tenant_for_key_hash(session, key_hash)
 
 
-async def get_tenant(request: Request, authorization: Annotated[str | None, Header(
-        description="`Bearer <key>`; keys come from `unlearn keys create --tenant T`.")] = None) -> str:
+async def get_tenant(
+    request: Request,
+    authorization: Annotated[
+        str | None,
+        Header(description="`Bearer <key>`; keys come from `unlearn keys create --tenant T`."),
+    ] = None,
+) -> str:
     if not authorization:
-        raise AuthError("missing API key: send `Authorization: Bearer <key>` "
-                        "(an operator creates keys with `unlearn keys create --tenant T`)",
-                        code="missing_api_key")
+        raise AuthError(
+            "missing API key: send `Authorization: Bearer <key>` "
+            "(an operator creates keys with `unlearn keys create --tenant T`)",
+            code="missing_api_key",
+        )
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
@@ -111,15 +118,21 @@ def _load_job(sessions: sessionmaker, tenant: str, job_id: str) -> Job:
         return repo.get_job(session, tenant, job_id)
 
 
-async def get_job_dep(request: Request, job_id: Annotated[str, Path(description="A job id, e.g. job-...")],
-                      tenant: TenantDep) -> Job:
+async def get_job_dep(
+    request: Request,
+    job_id: Annotated[str, Path(description="A job id, e.g. job-...")],
+    tenant: TenantDep,
+) -> Job:
     """The job, loaded and authorised in one trip to the database (a detached, read-only
     row: routes that change a job load it again in their own session)."""
     return await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
 
 
-def get_file_dep(file_id: Annotated[str, Path(description="A file id, e.g. file-...")],
-                 session: SessionDep, tenant: TenantDep) -> File:
+def get_file_dep(
+    file_id: Annotated[str, Path(description="A file id, e.g. file-...")],
+    session: SessionDep,
+    tenant: TenantDep,
+) -> File:
     return repo.get_file(session, tenant, file_id)
 
 

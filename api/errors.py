@@ -18,18 +18,37 @@ from core.errors import UnlearnError
 
 log = logging.getLogger("api")
 
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 409: "conflict", 413: "file_too_large",
-              415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
-              503: "unavailable"}
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "file_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
 
 
-def envelope(request: Request, status: int, code: str, message: str, param: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+def envelope(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"code": code, "message": message, "param": param,
-                                           "request_id": request_id}})
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={
+            "error": {"code": code, "message": message, "param": param, "request_id": request_id}
+        },
+    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str | None:
@@ -46,12 +65,20 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        first: dict[str, Any] = (
+            dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        )
         if first.get("type") == "json_invalid":
-            return envelope(request, 400, "invalid_json",
-                            f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+            return envelope(
+                request,
+                400,
+                "invalid_json",
+                f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            )
         messages = [f"{_loc(tuple(e['loc'])) or 'request'}: {e['msg']}" for e in errors[:5]]
-        return envelope(request, 422, "invalid_request", "; ".join(messages), _loc(tuple(first["loc"])))
+        return envelope(
+            request, 422, "invalid_request", "; ".join(messages), _loc(tuple(first["loc"]))
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,10 +86,16 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return envelope(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        return envelope(
+            request, exc.status_code, code, message, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return envelope(request, 500, "internal_error",
-                        "an unexpected error occurred; quote the request_id when reporting it")
+        return envelope(
+            request,
+            500,
+            "internal_error",
+            "an unexpected error occurred; quote the request_id when reporting it",
+        )

@@ -29,14 +29,23 @@ class RequestId:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("%s %s %s %.1fms %s", scope["method"], scope["path"], status,
-                     (time.perf_counter() - started) * 1000, request_id)
+            log.info(
+                "%s %s %s %.1fms %s",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+                request_id,
+            )
 
 
 class UploadLimit:
@@ -50,8 +59,11 @@ class UploadLimit:
     def _error(self) -> Exception:
         from starlette.exceptions import HTTPException
 
-        return HTTPException(413, f"the upload is larger than the limit of {self.max_bytes} bytes "
-                                  "(MAX_UPLOAD_BYTES); split the file or ask the operator to raise it")
+        return HTTPException(
+            413,
+            f"the upload is larger than the limit of {self.max_bytes} bytes "
+            "(MAX_UPLOAD_BYTES); split the file or ask the operator to raise it",
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:

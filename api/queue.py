@@ -14,12 +14,18 @@ class TaskQueue:
         self.client = Celery("unlearn-api", broker=settings.celery_broker_url)
         self.client.conf.update(
             broker_transport_options=settings.broker_transport_options,
-            broker_connection_retry_on_startup=True, task_ignore_result=True)
+            broker_connection_retry_on_startup=True,
+            task_ignore_result=True,
+        )
 
     def send(self, job_id: str) -> None:
-        self.client.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.task_queue,
-                              retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2,
-                                                        "interval_step": 0.5})
+        self.client.send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=self.settings.task_queue,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        )
 
     def ping(self) -> None:
         with self.client.connection_for_write() as connection:

@@ -14,7 +14,9 @@ T = TypeVar("T")
 
 
 class ErrorBody(BaseModel):
-    code: str = Field(description="Stable, machine-matchable code, e.g. invalid_spec, file_not_found.")
+    code: str = Field(
+        description="Stable, machine-matchable code, e.g. invalid_spec, file_not_found."
+    )
     message: str = Field(description="What went wrong and what to do about it.")
     param: str | None = Field(None, description="The request field concerned, if any.")
     request_id: str | None = Field(None, description="Quote it when reporting a problem.")
@@ -31,7 +33,9 @@ class ListResponse(BaseModel, Generic[T]):
     last_id: str | None = Field(None, description="Cursor for the next page.")
 
     @classmethod
-    def page(cls, items: list[Any], has_more: bool, *, empty_cursor: str | None = None) -> ListResponse:
+    def page(
+        cls, items: list[Any], has_more: bool, *, empty_cursor: str | None = None
+    ) -> ListResponse:
         """A page of API objects; the cursor is the last one's id."""
         return cls(data=items, has_more=has_more, last_id=items[-1].id if items else empty_cursor)
 
@@ -53,23 +57,36 @@ class ValidationOut(BaseModel):
 class FileObject(BaseModel):
     id: str = Field(description="file-..., what jobs name in forget_file, retain_file, eval.*")
     object: Literal["file"] = "file"
-    purpose: Literal["forget", "retain", "eval"] = Field(description="What the file may be used for.")
+    purpose: Literal["forget", "retain", "eval"] = Field(
+        description="What the file may be used for."
+    )
     filename: str = Field(description="The uploaded file's name.")
     bytes: int = Field(description="Size as received.")
     sha256: str = Field(description="SHA-256 of the content as received.")
     status: Literal["validating", "valid", "invalid"] = Field(
-        description="validating (large files, in the background) -> valid | invalid")
+        description="validating (large files, in the background) -> valid | invalid"
+    )
     kind: str | None = Field(description="qa | chat | text | mc, detected from the first record.")
     records: int | None = Field(description="Valid records.")
-    validation: ValidationOut | None = Field(description="The validator's report (null while validating).")
+    validation: ValidationOut | None = Field(
+        description="The validator's report (null while validating)."
+    )
     created_at: datetime = Field(description="Upload time, UTC.")
 
     @classmethod
     def of(cls, row: File) -> FileObject:
-        return cls(id=row.id, purpose=row.purpose, filename=row.filename, bytes=row.bytes,  # type: ignore[arg-type]
-                   sha256=row.sha256, status=row.status, kind=row.kind, records=row.records,  # type: ignore[arg-type]
-                   validation=ValidationOut(**row.report) if row.report else None,
-                   created_at=row.created_at)
+        return cls(
+            id=row.id,
+            purpose=row.purpose,
+            filename=row.filename,
+            bytes=row.bytes,
+            sha256=row.sha256,
+            status=row.status,
+            kind=row.kind,
+            records=row.records,
+            validation=ValidationOut(**row.report) if row.report else None,
+            created_at=row.created_at,
+        )
 
 
 class ModelObject(BaseModel):
@@ -84,17 +101,23 @@ class ModelObject(BaseModel):
 
 
 class Progress(BaseModel):
-    phase: str | None = Field(description="validating, loading, evaluating_before, unlearning, "
-                                          "evaluating_after, saving, uploading")
+    phase: str | None = Field(
+        description="validating, loading, evaluating_before, unlearning, "
+        "evaluating_after, saving, uploading"
+    )
     step: int = Field(description="Optimizer steps done.")
     total_steps: int | None = Field(description="Steps planned (the stop rule may end sooner).")
     fraction: float | None = Field(description="step / total_steps")
     loss: float | None = Field(description="Loss of the last reported step.")
-    resumed_from_step: int | None = Field(description="Set when a worker resumed the job from a checkpoint.")
+    resumed_from_step: int | None = Field(
+        description="Set when a worker resumed the job from a checkpoint."
+    )
 
 
 class JobError(BaseModel):
-    code: str = Field(description="Stable code: invalid_file, model_unavailable, out_of_memory, ...")
+    code: str = Field(
+        description="Stable code: invalid_file, model_unavailable, out_of_memory, ..."
+    )
     message: str = Field(description="What failed and what to change.")
 
 
@@ -102,7 +125,8 @@ class JobObject(BaseModel):
     id: str = Field(description="job-...")
     object: Literal["job"] = "job"
     status: Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"] = Field(
-        description="queued -> running -> evaluating -> succeeded | failed | cancelled")
+        description="queued -> running -> evaluating -> succeeded | failed | cancelled"
+    )
     method: str = Field(description="The unlearning method id.")
     base_model: str = Field(description="The registered base model.")
     forget_file: str = Field(description="The forget set's file id.")
@@ -112,10 +136,15 @@ class JobObject(BaseModel):
     eval: dict[str, Any] | None = Field(description="Eval file ids and stop-rule settings.")
     progress: Progress = Field(description="Phase and steps, updated while the job runs.")
     metrics_summary: dict[str, Any] | None = Field(
-        description="forget and utility scores before/after and the trade-off (full set: /metrics).")
+        description="forget and utility scores before/after and the trade-off (full set: /metrics)."
+    )
     error: JobError | None = Field(description="Set when status is failed.")
-    cancel_requested: bool = Field(description="A cancel was asked for; the loop stops at its next step.")
-    attempts: int = Field(description="How many times a worker took the job (more than 1 after a resume).")
+    cancel_requested: bool = Field(
+        description="A cancel was asked for; the loop stops at its next step."
+    )
+    attempts: int = Field(
+        description="How many times a worker took the job (more than 1 after a resume)."
+    )
     created_at: datetime = Field(description="Submission time, UTC.")
     started_at: datetime | None = Field(description="When a worker first took it.")
     finished_at: datetime | None = Field(description="When it reached a final status.")
@@ -129,20 +158,38 @@ class JobObject(BaseModel):
             summary = {"tradeoff": row.metrics["tradeoff"]} if row.metrics.get("tradeoff") else {}
             stop = row.metrics.get("stop_rule")
             if stop:
-                summary["stop_rule"] = {k: stop.get(k) for k in ("before", "best", "restored_step", "reason")}
+                summary["stop_rule"] = {
+                    k: stop.get(k) for k in ("before", "best", "restored_step", "reason")
+                }
             summary["steps"] = row.metrics.get("steps")
         return cls(
-            id=row.id, status=row.status, method=row.method, base_model=row.base_model,  # type: ignore[arg-type]
-            forget_file=row.forget_file_id, retain_file=row.retain_file_id,
-            adapter=spec.get("adapter") or {}, hyperparameters=spec.get("hyperparameters") or {},
+            id=row.id,
+            status=row.status,
+            method=row.method,
+            base_model=row.base_model,
+            forget_file=row.forget_file_id,
+            retain_file=row.retain_file_id,
+            adapter=spec.get("adapter") or {},
+            hyperparameters=spec.get("hyperparameters") or {},
             eval=spec.get("eval"),
-            progress=Progress(phase=row.phase, step=row.step, total_steps=row.total_steps,
-                              fraction=fraction, loss=row.loss, resumed_from_step=row.resumed_from_step),
+            progress=Progress(
+                phase=row.phase,
+                step=row.step,
+                total_steps=row.total_steps,
+                fraction=fraction,
+                loss=row.loss,
+                resumed_from_step=row.resumed_from_step,
+            ),
             metrics_summary=summary,
             error=JobError(code=row.error_code, message=row.error_message or "")
-            if row.error_code else None,
-            cancel_requested=row.cancel_requested, attempts=row.attempts,
-            created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at)
+            if row.error_code
+            else None,
+            cancel_requested=row.cancel_requested,
+            attempts=row.attempts,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
 
 
 class EventObject(BaseModel):
@@ -150,15 +197,23 @@ class EventObject(BaseModel):
     object: Literal["job.event"] = "job.event"
     type: Literal["phase", "step", "probe", "status", "message", "warning"] = Field(
         description="phase change, step loss (throttled), stop-rule probe, status change, a note, "
-                    "or a warning (e.g. forget records that max_length cut or left out)")
+        "or a warning (e.g. forget records that max_length cut or left out)"
+    )
     message: str = Field(description="One line for people.")
-    data: dict[str, Any] | None = Field(description="The same, structured (step, loss, terms, lr, ...).")
+    data: dict[str, Any] | None = Field(
+        description="The same, structured (step, loss, terms, lr, ...)."
+    )
     created_at: datetime = Field(description="UTC.")
 
     @classmethod
     def of(cls, row: JobEvent) -> EventObject:
-        return cls(id=str(row.seq), type=row.type, message=row.message, data=row.data,  # type: ignore[arg-type]
-                   created_at=row.created_at)
+        return cls(
+            id=str(row.seq),
+            type=row.type,
+            message=row.message,
+            data=row.data,
+            created_at=row.created_at,
+        )
 
 
 class MetricsObject(BaseModel):
@@ -167,7 +222,8 @@ class MetricsObject(BaseModel):
     status: str = Field(description="The job's status.")
     metrics: dict[str, Any] | None = Field(
         description="before, after, tradeoff (delta_f, delta_u, delta_o in points), stop_rule, "
-                    "steps, timings_s, and every setting used; null until the job succeeds.")
+        "steps, timings_s, and every setting used; null until the job succeeds."
+    )
 
 
 class ArtifactObject(BaseModel):
@@ -185,5 +241,11 @@ class ArtifactObject(BaseModel):
 
     @classmethod
     def of(cls, row: Artifact) -> ArtifactObject:
-        return cls(name=row.name, kind=row.kind, filename=row.filename, bytes=row.bytes,
-                   sha256=row.sha256, created_at=row.created_at)
+        return cls(
+            name=row.name,
+            kind=row.kind,
+            filename=row.filename,
+            bytes=row.bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+        )

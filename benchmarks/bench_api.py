@@ -41,8 +41,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def poll(client: httpx.AsyncClient, path: str, until: float, latencies: list[float],
-               errors: list[int]) -> None:
+async def poll(
+    client: httpx.AsyncClient, path: str, until: float, latencies: list[float], errors: list[int]
+) -> None:
     while time.perf_counter() < until:
         started = time.perf_counter()
         response = await client.get(path)
@@ -55,34 +56,55 @@ async def run_pollers(url: str, key: str, job_id: str, pollers: int, seconds: fl
     limits = httpx.Limits(max_connections=pollers, max_keepalive_connections=pollers)
     latencies: list[float] = []
     errors: list[int] = []
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
-                                 headers={"Authorization": f"Bearer {key}"}) as client:
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=30, headers={"Authorization": f"Bearer {key}"}
+    ) as client:
         await client.get(f"/v1/jobs/{job_id}")  # warm
         started = time.perf_counter()
         until = started + seconds
-        await asyncio.gather(*(poll(client, f"/v1/jobs/{job_id}", until, latencies, errors)
-                               for _ in range(pollers)))
+        await asyncio.gather(
+            *(poll(client, f"/v1/jobs/{job_id}", until, latencies, errors) for _ in range(pollers))
+        )
         elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"requests": len(latencies), "errors": len(errors), "rps": len(latencies) / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+    }
 
 
 def run_wrk(url: str, key: str, job_id: str, pollers: int, seconds: float) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{pollers}", f"-d{int(seconds)}s", "--latency",
-                          "-H", f"Authorization: Bearer {key}", f"{url}/v1/jobs/{job_id}"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{pollers}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {key}",
+            f"{url}/v1/jobs/{job_id}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
-            "errors": int(errors.group(1)) if errors else 0,
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "p50_ms": ms("50%"), "p99_ms": ms("99%")}
+    return {
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+        "errors": int(errors.group(1)) if errors else 0,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": ms("50%"),
+        "p99_ms": ms("99%"),
+    }
 
 
 def main() -> None:
@@ -101,12 +123,27 @@ def main() -> None:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     db_url = args.pg.rsplit("/", 1)[0] + f"/{name}"
     state = Path(tempfile.mkdtemp(prefix="bench-api-"))
-    env = {**os.environ, "DATABASE_URL": db_url, "BROKER_URL": args.redis,
-           "UNLEARN_DATA_DIR": str(state), "TASK_QUEUE": "bench-api", "LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "BROKER_URL": args.redis,
+        "UNLEARN_DATA_DIR": str(state),
+        "TASK_QUEUE": "bench-api",
+        "LOG_LEVEL": "WARNING",
+    }
     server = None
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "api", *args],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
     try:
-        run = lambda *a: subprocess.run([sys.executable, "-m", "api", *a], env=env, cwd=ROOT,  # noqa: E731
-                                        check=True, capture_output=True, text=True).stdout
         run("migrate")
         key = run("keys", "create", "--tenant", "bench").strip().splitlines()[-1]
         model_dir = state / "model"
@@ -114,9 +151,23 @@ def main() -> None:
         (model_dir / "config.json").write_text("{}")  # registered only; no job runs here
         run("models", "add", "bench-model", str(model_dir))
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port),
-                                   "--workers", str(args.api_workers), "--log-level", "warning",
-                                   "--no-access-log"], env=env, cwd=ROOT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:app",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.api_workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
@@ -129,29 +180,42 @@ def main() -> None:
                 raise SystemExit("the API did not come up")
             time.sleep(0.1)
         headers = {"Authorization": f"Bearer {key}"}
-        file_id = httpx.post(f"{url}/v1/files", headers=headers, data={"purpose": "forget"},
-                             files={"file": ("f.jsonl", b'{"prompt": "q", "response": "a"}\n')}).json()["id"]
-        job = httpx.post(f"{url}/v1/jobs", headers=headers,
-                         json={"method": "catnip", "base_model": "bench-model", "forget_file": file_id}).json()
-        print(f"GET /v1/jobs/{{id}}: {args.pollers} concurrent pollers, {args.seconds:.0f} s, "
-              f"{args.api_workers} uvicorn worker(s), Postgres + Redis")
+        file_id = httpx.post(
+            f"{url}/v1/files",
+            headers=headers,
+            data={"purpose": "forget"},
+            files={"file": ("f.jsonl", b'{"prompt": "q", "response": "a"}\n')},
+        ).json()["id"]
+        job = httpx.post(
+            f"{url}/v1/jobs",
+            headers=headers,
+            json={"method": "catnip", "base_model": "bench-model", "forget_file": file_id},
+        ).json()
+        print(
+            f"GET /v1/jobs/{{id}}: {args.pollers} concurrent pollers, {args.seconds:.0f} s, "
+            f"{args.api_workers} uvicorn worker(s), Postgres + Redis"
+        )
         with httpx.Client(base_url=url, headers=headers) as one:
             for path in (f"/v1/jobs/{job['id']}", "/healthz"):
                 one.get(path)
                 started = time.perf_counter()
                 for _ in range(300):
                     one.get(path)
-                print(f"  one client, sequential: {path.split('/')[-1] if 'job' in path else path} "
-                      f"{(time.perf_counter() - started) / 300 * 1000:.1f} ms per request")
+                print(
+                    f"  one client, sequential: {path.split('/')[-1] if 'job' in path else path} "
+                    f"{(time.perf_counter() - started) / 300 * 1000:.1f} ms per request"
+                )
         clients = ["python", "wrk"] if args.client == "both" else [args.client]
         for client in clients:
             if client == "wrk" and shutil.which("wrk") is None:
                 raise SystemExit("wrk is not installed (apt install wrk)")
             runner = run_wrk if client == "wrk" else lambda *a: asyncio.run(run_pollers(*a))
             result = runner(url, key, job["id"], args.pollers, args.seconds)
-            print(f"  {client:6s} client: requests {result['requests']}, errors {result['errors']}, "
-                  f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
-                  f"p99 {result['p99_ms']:.1f} ms")
+            print(
+                f"  {client:6s} client: requests {result['requests']}, errors {result['errors']}, "
+                f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
+                f"p99 {result['p99_ms']:.1f} ms"
+            )
     finally:
         if server is not None:
             server.terminate()

@@ -54,11 +54,24 @@ def make_inputs(device: str, dtype: torch.dtype, shape: tuple[int, ...] = SHAPE)
 # reference) on the default backend, kl_retain_eager on eager (CUDA only, as catnip_eager).
 # The *_prompt_masked pair counts only the second half of each sequence, as in a QA forget
 # set whose prompts do not count.
-YARDSTICK = {"catnip": "cross_entropy", "catnip_eager": "cross_entropy",
-             "catnip_compiled": "cross_entropy", "kl_retain": "cross_entropy",
-             "kl_retain_eager": "cross_entropy", "catnip_prompt_masked": "cross_entropy_prompt_masked"}
-LOSSES = ("cross_entropy", "catnip", "catnip_eager", "catnip_compiled", "kl_retain", "kl_retain_eager",
-          "cross_entropy_prompt_masked", "catnip_prompt_masked")
+YARDSTICK = {
+    "catnip": "cross_entropy",
+    "catnip_eager": "cross_entropy",
+    "catnip_compiled": "cross_entropy",
+    "kl_retain": "cross_entropy",
+    "kl_retain_eager": "cross_entropy",
+    "catnip_prompt_masked": "cross_entropy_prompt_masked",
+}
+LOSSES = (
+    "cross_entropy",
+    "catnip",
+    "catnip_eager",
+    "catnip_compiled",
+    "kl_retain",
+    "kl_retain_eager",
+    "cross_entropy_prompt_masked",
+    "catnip_prompt_masked",
+)
 # each loss's backend (set before every call, so none runs on the one the last left); the rest: auto
 BACKEND_OF = {"catnip_eager": "eager", "catnip_compiled": "compiled", "kl_retain_eager": "eager"}
 CUDA_ONLY = ("catnip_eager", "kl_retain_eager")
@@ -88,8 +101,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_losses(device: str, dtype: torch.dtype, repeats: int,
-                shape: tuple[int, ...]) -> dict[str, list[float]]:
+def time_losses(
+    device: str, dtype: torch.dtype, repeats: int, shape: tuple[int, ...]
+) -> dict[str, list[float]]:
     """Seconds per forward+backward of every loss, measured in interleaved rounds (each
     round runs every loss once), so a slow spell of a shared machine hits all of them
     alike and each round gives a side-by-side ratio."""
@@ -127,8 +141,21 @@ def peak_extra_bytes(name: str, device: str, dtype: torch.dtype, shape: tuple[in
         run_loss(name, *inputs)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    out = subprocess.run([sys.executable, __file__, "--cpu-peak-of", name, "--dtype", DTYPE_NAMES[dtype],
-                          "--loss-shape", ",".join(map(str, shape))], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--cpu-peak-of",
+            name,
+            "--dtype",
+            DTYPE_NAMES[dtype],
+            "--loss-shape",
+            ",".join(map(str, shape)),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -164,10 +191,20 @@ def _cpu_peak_child(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> No
 # The step benchmark's random Llamas (vocabulary 32000): "small" (31M parameters, the
 # CPU's), "1b" (TinyLlama-1.1B's shapes, for a GPU: the paper's models are 7B).
 STEP_MODELS = {
-    "small": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-              "num_attention_heads": 8, "num_key_value_heads": 8},
-    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
 }
 
 STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
@@ -177,8 +214,9 @@ STEP_CONFIGS = {  # name -> (method id, extra hyperparameters)
 }
 
 
-def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int,
-                    model_name: str = "small") -> dict[str, float]:
+def one_step_config(
+    name: str, device: str, dtype: torch.dtype, steps: int, model_name: str = "small"
+) -> dict[str, float]:
     """Seconds per optimizer step and peak memory above the model (bytes) for one
     configuration on one random Llama of STEP_MODELS (LoRA), batch 4 x 256. The peak counter (CUDA's
     allocator; on CPU the process's peak RSS, reset with /proc/self/clear_refs) is reset
@@ -192,14 +230,17 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int,
 
     config = LlamaConfig(vocab_size=32000, **STEP_MODELS[model_name])
     generator = torch.Generator().manual_seed(0)
-    examples = [Example(ids, ids) for ids in
-                torch.randint(0, 32000, (32, 256), generator=generator).tolist()]
+    examples = [
+        Example(ids, ids)
+        for ids in torch.randint(0, 32000, (32, 256), generator=generator).tolist()
+    ]
     method_id, extra = STEP_CONFIGS[name]
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1B model on the CPU takes minutes
         model = LlamaForCausalLM(config).to(dtype=dtype)
-    params = parse_params(method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256,
-                                      **extra})
+    params = parse_params(
+        method_id, {"max_steps": steps + 2, "batch_size": 4, "max_length": 256, **extra}
+    )
     wrapped = wrap(model, AdapterSpec(), need_reference=METHODS[method_id].needs_reference(params))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -230,8 +271,9 @@ def one_step_config(name: str, device: str, dtype: torch.dtype, steps: int,
     return {"step_s": statistics.median(durations), "peak_bytes": peak}
 
 
-def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int,
-                model_name: str) -> list[dict[str, dict]]:
+def step_rounds(
+    device: str, dtype: torch.dtype, steps: int, rounds: int, model_name: str
+) -> list[dict[str, dict]]:
     """one_step_config for every configuration, in `rounds` interleaved rounds (each round
     runs every configuration once), so a slow spell of a shared machine hits all of them
     alike. On CPU each run is a fresh process, so one configuration's freed memory kept
@@ -243,9 +285,23 @@ def step_rounds(device: str, dtype: torch.dtype, steps: int, rounds: int,
             if device.startswith("cuda"):
                 results[name] = one_step_config(name, device, dtype, steps, model_name)
                 continue
-            child = subprocess.run([sys.executable, __file__, "--step-of", name, "--dtype", DTYPE_NAMES[dtype],
-                                    "--steps", str(steps), "--step-model", model_name],
-                                   check=True, capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--step-of",
+                    name,
+                    "--dtype",
+                    DTYPE_NAMES[dtype],
+                    "--steps",
+                    str(steps),
+                    "--step-model",
+                    model_name,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results[name] = json.loads(child.stdout.strip().splitlines()[-1])
         out.append(results)
     return out
@@ -265,8 +321,12 @@ def main() -> None:
     parser.add_argument("--step-rounds", type=int, default=3)
     parser.add_argument("--losses-only", action="store_true", help="skip the step benchmark")
     parser.add_argument("--loss-shape", default="2,256,32000", help="B,T,V of the loss benchmark")
-    parser.add_argument("--step-model", default="small", choices=list(STEP_MODELS),
-                        help="the step benchmark's model (1b: for a GPU)")
+    parser.add_argument(
+        "--step-model",
+        default="small",
+        choices=list(STEP_MODELS),
+        help="the step benchmark's model (1b: for a GPU)",
+    )
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,34 +344,56 @@ def main() -> None:
     yardstick = {name: base for name, base in YARDSTICK.items() if name in names}
     times = {name: statistics.median(rounds[name]) for name in names}
     # the ratio is the median over rounds of that round's ratio (both timed back to back)
-    ratios = {name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds[base], strict=True))
-              for name, base in yardstick.items()}
+    ratios = {
+        name: statistics.median(t / ce for t, ce in zip(rounds[name], rounds[base], strict=True))
+        for name, base in yardstick.items()
+    }
     peaks = {name: peak_extra_bytes(name, args.device, loss_dtype, shape) for name in names}
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "loss_shape": list(shape),
         **{f"{name}_ms": round(times[name] * 1e3, 2) for name in names},
         **{f"{name}_time_ratio": round(ratios[name], 3) for name in yardstick},
         **{f"{name}_extra_mib": round(peaks[name] / 2**20, 1) for name in names},
-        **{f"{name}_memory_ratio": round(peaks[name] / peaks[base], 3) for name, base in yardstick.items()},
+        **{
+            f"{name}_memory_ratio": round(peaks[name] / peaks[base], 3)
+            for name, base in yardstick.items()
+        },
     }
     if not args.losses_only:
-        rounds_of_steps = step_rounds(args.device, dtype, args.steps, args.step_rounds, args.step_model)
-        steps = {name: {key: statistics.median(r[name][key] for r in rounds_of_steps)
-                        for key in ("step_s", "peak_bytes")} for name in STEP_CONFIGS}
-        result.update({
-            "step_dtype": args.dtype, "step_model": args.step_model,
-            **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
-            **{f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1)
-               for name in STEP_CONFIGS},
-            "step_rounds": args.step_rounds,
-            "catnip_over_npo_step": round(round_ratio(rounds_of_steps, "step_s", "catnip", "npo"), 3),
-            "checkpointing_over_plain_step": round(
-                round_ratio(rounds_of_steps, "step_s", "catnip_checkpointing", "catnip"), 3),
-            "checkpointing_over_plain_peak": round(
-                round_ratio(rounds_of_steps, "peak_bytes", "catnip_checkpointing", "catnip"), 3),
-        })
+        rounds_of_steps = step_rounds(
+            args.device, dtype, args.steps, args.step_rounds, args.step_model
+        )
+        steps = {
+            name: {
+                key: statistics.median(r[name][key] for r in rounds_of_steps)
+                for key in ("step_s", "peak_bytes")
+            }
+            for name in STEP_CONFIGS
+        }
+        result.update(
+            {
+                "step_dtype": args.dtype,
+                "step_model": args.step_model,
+                **{f"{name}_step_s": round(steps[name]["step_s"], 4) for name in STEP_CONFIGS},
+                **{
+                    f"{name}_step_peak_mib": round(steps[name]["peak_bytes"] / 2**20, 1)
+                    for name in STEP_CONFIGS
+                },
+                "step_rounds": args.step_rounds,
+                "catnip_over_npo_step": round(
+                    round_ratio(rounds_of_steps, "step_s", "catnip", "npo"), 3
+                ),
+                "checkpointing_over_plain_step": round(
+                    round_ratio(rounds_of_steps, "step_s", "catnip_checkpointing", "catnip"), 3
+                ),
+                "checkpointing_over_plain_peak": round(
+                    round_ratio(rounds_of_steps, "peak_bytes", "catnip_checkpointing", "catnip"), 3
+                ),
+            }
+        )
     print(json.dumps(result, indent=2))
 
 

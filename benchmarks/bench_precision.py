@@ -30,20 +30,39 @@ from core.engine.methods import METHODS, parse_params  # noqa: E402
 from core.engine.modeling import AdapterSpec, load_base, wrap  # noqa: E402
 from core.engine.train import run_unlearning  # noqa: E402
 
-RUNS = (("fp32", torch.float32, True), ("bf16, fp32 master weights (default)", torch.bfloat16, True),
-        ("bf16, no master weights", torch.bfloat16, False))
+RUNS = (
+    ("fp32", torch.float32, True),
+    ("bf16, fp32 master weights (default)", torch.bfloat16, True),
+    ("bf16, no master weights", torch.bfloat16, False),
+)
 
 
-def update(build: Path, device: torch.device, dtype: torch.dtype, master_weights: bool,
-           steps: int, lr: float) -> torch.Tensor:
+def update(
+    build: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    master_weights: bool,
+    steps: int,
+    lr: float,
+) -> torch.Tensor:
     model, tokenizer = load_base(build / "model", device, dtype)
-    params = parse_params("catnip", {"max_steps": steps, "batch_size": 16, "learning_rate": lr,
-                                     "max_length": 64, "master_weights": master_weights})
+    params = parse_params(
+        "catnip",
+        {
+            "max_steps": steps,
+            "batch_size": 16,
+            "learning_rate": lr,
+            "max_length": 64,
+            "master_weights": master_weights,
+        },
+    )
     wrapped = wrap(model, AdapterSpec(type="full"), need_reference=False)
     forget = build_examples(load_records(build / "data" / "forget_qa.jsonl"), tokenizer, 64)
     before = {n: p.detach().float().clone() for n, p in wrapped.trainable().items()}
     run_unlearning(wrapped, METHODS["catnip"], params, forget, pad_id=tokenizer.pad_token_id)
-    return torch.cat([(p.detach().float() - before[n]).flatten() for n, p in wrapped.trainable().items()])
+    return torch.cat(
+        [(p.detach().float() - before[n]).flatten() for n, p in wrapped.trainable().items()]
+    )
 
 
 def main() -> None:
@@ -51,7 +70,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model-dir", type=Path, help="a fixture build to use instead of a fresh one")
+    parser.add_argument(
+        "--model-dir", type=Path, help="a fixture build to use instead of a fresh one"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,16 +80,20 @@ def main() -> None:
         if args.model_dir is None:
             build_model(build, "fixture", seed=0)
         device = torch.device(args.device)
-        updates = {name: update(build, device, dtype, masters, args.steps, args.lr)
-                   for name, dtype, masters in RUNS}
+        updates = {
+            name: update(build, device, dtype, masters, args.steps, args.lr)
+            for name, dtype, masters in RUNS
+        }
     reference = updates["fp32"]
     print(f"full-weight CATNIP, {args.steps} steps at lr {args.lr:g}, batch 16, on {args.device}\n")
     print("| run | update size vs fp32 | cosine with the fp32 update | weights moved |")
     print("|---|---:|---:|---:|")
     for name, delta in updates.items():
         cosine = torch.nn.functional.cosine_similarity(delta, reference, dim=0)
-        print(f"| {name} | {delta.norm() / reference.norm():.2f} | {cosine:.3f} | "
-              f"{(delta != 0).float().mean():.1%} |")
+        print(
+            f"| {name} | {delta.norm() / reference.norm():.2f} | {cosine:.3f} | "
+            f"{(delta != 0).float().mean():.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ from core.engine.events import Events, Phase, StepInfo
 from core.engine.runtime import quiet_libraries, set_loss_backend
 from core.errors import UnlearnError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Remove specific knowledge from a language model (CATNIP and baselines).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Remove specific knowledge from a language model (CATNIP and baselines).",
+)
 
 
 def _data_dir() -> Path:
@@ -42,11 +45,15 @@ class ConsoleEvents(Events):
 
     def step(self, info: StepInfo) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=info.total_steps, initial=info.step - 1, unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=info.total_steps, initial=info.step - 1, unit="step", dynamic_ncols=True
+            )
         self.bar.update(info.step - self.bar.n)
-        self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.learning_rate:.1e}",
-                             tok_s=f"{info.tokens_per_second:.0f}")
+        self.bar.set_postfix(
+            loss=f"{info.loss:.4f}",
+            lr=f"{info.learning_rate:.1e}",
+            tok_s=f"{info.tokens_per_second:.0f}",
+        )
 
     def probe(self, step: int, result: dict[str, float]) -> None:
         scores = " ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step")
@@ -77,18 +84,25 @@ def _print_table(metrics: dict) -> None:
         typer.echo(f"{name.ljust(width)}  {before:>8}  {after:>8}")
     t = metrics.get("tradeoff")
     if t and t["delta_o"] is not None:
-        typer.echo(f"\ndelta f = {t['delta_f']:.2f}  delta u = {t['delta_u']:.2f}  "
-                   f"dO = {t['delta_o']:.2f} (points)")
+        typer.echo(
+            f"\ndelta f = {t['delta_f']:.2f}  delta u = {t['delta_u']:.2f}  "
+            f"dO = {t['delta_o']:.2f} (points)"
+        )
 
 
 @app.command()
-def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YAML or JSON."),
-        output: Path = typer.Option(Path("out"), "--output", "-o", help="Where outputs go."),
-        device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)."),
-        resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints."),
-        loss_backend: str = typer.Option("auto", help="auto (triton on CUDA, else eager), eager, "
-                                         "compiled (torch.compile: a one-off compilation) or triton "
-                                         "(fused CUDA kernels).")) -> None:
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YAML or JSON."),
+    output: Path = typer.Option(Path("out"), "--output", "-o", help="Where outputs go."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)."),
+    resume: bool = typer.Option(True, help="Resume from checkpoints in OUTPUT/checkpoints."),
+    loss_backend: str = typer.Option(
+        "auto",
+        help="auto (triton on CUDA, else eager), eager, "
+        "compiled (torch.compile: a one-off compilation) or triton "
+        "(fused CUDA kernels).",
+    ),
+) -> None:
     """Run one job without the service (same spec as POST /v1/jobs, local paths)."""
     _quiet_libraries()
     try:
@@ -100,8 +114,13 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YA
 
     try:
         spec = load_spec(spec_path)
-        result = run_job(spec, output, events=ConsoleEvents(), device=device,
-                         checkpoint_dir=output / "checkpoints" if resume else None)
+        result = run_job(
+            spec,
+            output,
+            events=ConsoleEvents(),
+            device=device,
+            checkpoint_dir=output / "checkpoints" if resume else None,
+        )
     except UnlearnError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(2) from None
@@ -111,9 +130,11 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec, YA
 
 
 @app.command("build-demo")
-def build_demo(directory: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/demo."),
-               size: str = typer.Option("demo", help="demo (~1M params) or fixture (tiny)."),
-               seed: int = typer.Option(0)) -> None:
+def build_demo(
+    directory: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/demo."),
+    size: str = typer.Option("demo", help="demo (~1M params) or fixture (tiny)."),
+    seed: int = typer.Option(0),
+) -> None:
     """Build the demo benchmark: corpus, tokenizer and a tiny Llama that knows it."""
     _quiet_libraries()
     from core.demo.build import build_model
@@ -125,16 +146,25 @@ def build_demo(directory: Path = typer.Option(None, help="Default: $UNLEARN_DATA
 
 
 @app.command()
-def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnpo", help="Comma-separated ids."),
-          lrs: str = typer.Option("paper,1e-4,3e-4", help="Learning rates; 'paper' = each method's default; "
-                                 "'none' for only the +KL runs."),
-          retain_lr: str = typer.Option("1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."),
-          steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
-          batch_size: int | None = typer.Option(None, help="Forget samples per step, every run "
-                                                "(default: the demo job's)."),
-          forget_eos: bool = typer.Option(False, help="Count each forget response's EOS as a target."),
-          output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
-          device: str | None = typer.Option(None)) -> None:
+def bench(
+    methods: str = typer.Option(
+        "catnip,catnip_ref,catnip_seq,ga,npo,simnpo", help="Comma-separated ids."
+    ),
+    lrs: str = typer.Option(
+        "paper,1e-4,3e-4",
+        help="Learning rates; 'paper' = each method's default; 'none' for only the +KL runs.",
+    ),
+    retain_lr: str = typer.Option(
+        "1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."
+    ),
+    steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
+    batch_size: int | None = typer.Option(
+        None, help="Forget samples per step, every run (default: the demo job's)."
+    ),
+    forget_eos: bool = typer.Option(False, help="Count each forget response's EOS as a target."),
+    output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
+    device: str | None = typer.Option(None),
+) -> None:
     """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot."""
     _quiet_libraries()
     from core.demo.bench import grid, run_bench
@@ -143,12 +173,17 @@ def bench(methods: str = typer.Option("catnip,catnip_ref,catnip_seq,ga,npo,simnp
     demo_dir = _data_dir() / "demo"
     ensure_model(demo_dir, events=ConsoleEvents())
     try:
-        learning_rates = ([] if lrs.strip() == "none" else
-                          [None if x.strip() == "paper" else float(x) for x in lrs.split(",")])
+        learning_rates = (
+            []
+            if lrs.strip() == "none"
+            else [None if x.strip() == "paper" else float(x) for x in lrs.split(",")]
+        )
         retain = None if retain_lr.strip() == "none" else float(retain_lr)
     except ValueError as exc:
-        raise typer.BadParameter(f"--lrs {lrs!r} / --retain-lr {retain_lr!r}: {exc}; give numbers, "
-                                 "'paper' (in --lrs) or 'none'") from exc
+        raise typer.BadParameter(
+            f"--lrs {lrs!r} / --retain-lr {retain_lr!r}: {exc}; give numbers, "
+            "'paper' (in --lrs) or 'none'"
+        ) from exc
     runs = grid([m.strip() for m in methods.split(",")], learning_rates, retain)
     out = output or _data_dir() / "bench"
     typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)

@@ -12,16 +12,24 @@ from core.engine.methods import METHODS, parse_params
 from core.engine.modeling import AdapterSpec, load_base, wrap
 
 
-def setup_run(fixture_dir: Path, adapter: AdapterSpec, method_id: str, *,
-              device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None,
-              model_dir: Path | None = None, **hp):
+def setup_run(
+    fixture_dir: Path,
+    adapter: AdapterSpec,
+    method_id: str,
+    *,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype | None = None,
+    model_dir: Path | None = None,
+    **hp,
+):
     """(wrapped, tokenizer, method, params, forget, retain): 3 steps of batch 8 at lr 1e-3,
     sequences of at most 64 tokens, unless `hp` says otherwise; the model in `dtype` (default:
     the device's). The model is the fixture's unless `model_dir` names another (with a
     tokenizer that reads the fixture's data)."""
     model, tokenizer = load_base(model_dir or fixture_dir / "model", device, dtype)
-    params = parse_params(method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3,
-                                      "max_length": 64, **hp})
+    params = parse_params(
+        method_id, {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3, "max_length": 64, **hp}
+    )
     method = METHODS[method_id]
     wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=params.seed)
     forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)

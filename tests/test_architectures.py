@@ -42,8 +42,13 @@ def arch_dirs(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     dirs = {}
     for name, sizes in ARCHITECTURES.items():
         config = AutoConfig.for_model(
-            name, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+            name,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes,
+        )
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
@@ -53,13 +58,16 @@ def arch_dirs(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 def _train(model_dir: Path, fixture_dir: Path, adapter: AdapterSpec, method_id: str = "npo"):
     wrapped, tokenizer, method, params, forget, _ = setup_run(
-        fixture_dir, adapter, method_id, model_dir=model_dir, max_steps=2, learning_rate=1e-2)
+        fixture_dir, adapter, method_id, model_dir=model_dir, max_steps=2, learning_rate=1e-2
+    )
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     result = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id)
     assert result.steps_done == 2
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
-    changed = {n for n, p in wrapped.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {
+        n for n, p in wrapped.model.named_parameters() if not torch.equal(p.detach(), before[n])
+    }
     return wrapped, tokenizer, trainable, changed, forget
 
 
@@ -73,7 +81,9 @@ def test_full_weights_of_chosen_layers(arch_dirs, fixture_dir, arch):
     layer_1 = {id(p) for p in stack[1].parameters()}
     expected = {n for n, p in model.named_parameters() if id(p) in layer_1}
     del model
-    _, _, trainable, changed, _ = _train(arch_dirs[arch], fixture_dir, AdapterSpec(type="full", layers=[1]))
+    _, _, trainable, changed, _ = _train(
+        arch_dirs[arch], fixture_dir, AdapterSpec(type="full", layers=[1])
+    )
     assert trainable == expected
     assert changed == expected  # NPO's reference is a frozen copy: only layer 1 moves
 
@@ -85,7 +95,8 @@ def test_lora_adapter_round_trips(arch_dirs, fixture_dir, tmp_path, arch):
     from peft import PeftModel
 
     wrapped, tokenizer, trainable, changed, forget = _train(
-        arch_dirs[arch], fixture_dir, AdapterSpec(type="lora", r=4), method_id="catnip")
+        arch_dirs[arch], fixture_dir, AdapterSpec(type="lora", r=4), method_id="catnip"
+    )
     assert trainable and changed == trainable
     assert all("lora_" in n for n in trainable)
     save_output(wrapped, tokenizer, tmp_path)
@@ -141,16 +152,26 @@ def test_max_length_beyond_the_context_is_cut_to_it(arch_dirs, tmp_path):
 
     from core.cli import app
 
-    (tmp_path / "book.jsonl").write_text(json.dumps({"text": "the dragon of the city " * 60}) + "\n")
-    spec = {"method": "catnip", "base_model": str(arch_dirs["gpt2"]), "forget_file": "book.jsonl",
-            "hyperparameters": {"max_steps": 1, "max_length": 256}}
+    (tmp_path / "book.jsonl").write_text(
+        json.dumps({"text": "the dragon of the city " * 60}) + "\n"
+    )
+    spec = {
+        "method": "catnip",
+        "base_model": str(arch_dirs["gpt2"]),
+        "forget_file": "book.jsonl",
+        "hyperparameters": {"max_steps": 1, "max_length": 256},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
-    assert ("[warning] hyperparameters.max_length 256 is longer than the model's context of 128 "
-            "positions (max_position_embeddings in its config.json): sequences are cut at 128 "
-            "tokens") in result.output
+    assert (
+        "[warning] hyperparameters.max_length 256 is longer than the model's context of 128 "
+        "positions (max_position_embeddings in its config.json): sequences are cut at 128 "
+        "tokens"
+    ) in result.output
     data = json.loads((out / "metrics.json").read_text())["data"]["forget"]
     assert (data["max_length"], data["examples"]) == (128, 3)  # 301 tokens with BOS
 
@@ -161,13 +182,21 @@ def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
     from core.engine.evaluation import knowmem, perplexity, verbmem
 
     model, tokenizer = load_base(arch_dirs["gpt2"], CPU)
-    question = {"prompt": "the dragon " * 100 + "Q: Who rides the dragon?\nA:", "response": " nobody."}
+    question = {
+        "prompt": "the dragon " * 100 + "Q: Who rides the dragon?\nA:",
+        "response": " nobody.",
+    }
     result = knowmem(model, tokenizer, [question], max_new_tokens=16, keep=1)
-    kept = encode_prompt(tokenizer, question["prompt"])[-(128 - 16):]
-    assert result["samples"][0]["answer"] == greedy_generate(model, tokenizer, [kept], 16, batch_size=1)[0]
+    kept = encode_prompt(tokenizer, question["prompt"])[-(128 - 16) :]
+    assert (
+        result["samples"][0]["answer"]
+        == greedy_generate(model, tokenizer, [kept], 16, batch_size=1)[0]
+    )
     text = {"text": "the dragon of the city " * 60}  # 300 tokens
     assert verbmem(model, tokenizer, [text])["n"] == 1
-    assert perplexity(model, tokenizer, [text])["tokens"] == 301 - 3  # windows of 128: 3 last positions
+    assert (
+        perplexity(model, tokenizer, [text])["tokens"] == 301 - 3
+    )  # windows of 128: 3 last positions
 
 
 def test_a_tokenizer_without_pad_or_eos_still_pads(arch_dirs, fixture_dir, tmp_path):
@@ -186,6 +215,10 @@ def test_a_tokenizer_without_pad_or_eos_still_pads(arch_dirs, fixture_dir, tmp_p
     config_path.write_text(json.dumps(config))
     model, tokenizer = load_base(tmp_path / "model", CPU)
     assert tokenizer.eos_token_id is None and tokenizer.pad_token == tokenizer.unk_token
-    examples = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)[:4]
+    examples = build_examples(
+        load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64
+    )[:4]
     batch = collate(examples, tokenizer.pad_token_id)
-    assert torch.isfinite(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits).all()
+    assert torch.isfinite(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ).all()

@@ -11,8 +11,14 @@ from core.demo.build import demo_spec
 
 def test_grid_names_and_retain_variants():
     runs = grid(["catnip", "npo"], [None, 1e-4], retain_lr=3e-4)
-    assert [r.name for r in runs] == ["catnip@paper", "catnip@0.0001", "npo@paper", "npo@0.0001",
-                                      "catnip+kl@0.0003", "npo+kl@0.0003"]
+    assert [r.name for r in runs] == [
+        "catnip@paper",
+        "catnip@0.0001",
+        "npo@paper",
+        "npo@0.0001",
+        "catnip+kl@0.0003",
+        "npo+kl@0.0003",
+    ]
 
 
 def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
@@ -32,8 +38,12 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
         # The stop rule watched the first 20 retain questions; the next 40 are reported apart.
         unwatched = metrics["after"]["retain_knowmem_unwatched"]
         assert unwatched["n"] == 40 and r["retain_unwatched_f1"] == 100 * unwatched["rouge_l_f1"]
-    assert json.loads((tmp_path / "runs" / "ga+kl@paper" / "metrics.json").read_text())[
-        "hyperparameters"]["retain_loss"] == "kl"
+    assert (
+        json.loads((tmp_path / "runs" / "ga+kl@paper" / "metrics.json").read_text())[
+            "hyperparameters"
+        ]["retain_loss"]
+        == "kl"
+    )
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| catnip@0.01 |") == 1 and "| ga+kl@paper |" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000

@@ -16,31 +16,45 @@ def test_unlearn_run_writes_a_loadable_adapter(fixture_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
-    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"),
-            "forget_file": "data/forget_qa.jsonl",
-            "adapter": {"type": "lora", "r": 4},
-            "hyperparameters": {"max_steps": 4, "learning_rate": 1e-2, "batch_size": 16,
-                                "max_length": 64, "checkpoint_every": 2},
-            "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl"}}
+    spec = {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "data/forget_qa.jsonl",
+        "adapter": {"type": "lora", "r": 4},
+        "hyperparameters": {
+            "max_steps": 4,
+            "learning_rate": 1e-2,
+            "batch_size": 16,
+            "max_length": 64,
+            "checkpoint_every": 2,
+        },
+        "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl"},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "Forget KnowMem ROUGE-L F1" in result.output
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fixture_dir / "model"),
-                                      out / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(fixture_dir / "model"), out / "adapter"
+    )
     assert model.peft_config["default"].r == 4
     assert (out / "report" / "summary.md").read_text().startswith("# Unlearning report: catnip")
     assert (out / "checkpoints").is_dir()
     # Rerunning the same command resumes from the last checkpoint (here: the final one).
-    again = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    again = CliRunner().invoke(
+        app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+    )
     assert again.exit_code == 0, again.output
     assert "[resumed] from the checkpoint at step" in again.output
 
 
 def test_unlearn_run_bad_spec_is_a_clear_error(tmp_path):
-    (tmp_path / "job.yaml").write_text("method: catnip\nbase_model: m\nforget_file: f\n"
-                                       "hyperparameters: {learning_rate: -1}\n")
+    (tmp_path / "job.yaml").write_text(
+        "method: catnip\nbase_model: m\nforget_file: f\nhyperparameters: {learning_rate: -1}\n"
+    )
     result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml")])
     assert result.exit_code == 2
     assert "hyperparameters.learning_rate" in result.output
@@ -55,47 +69,82 @@ def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp
     lines.insert(4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."}))
     (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "retain.jsonl").write_text("\n".join(lines) + "\n")
-    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"), "forget_file": "forget.jsonl",
-            "retain_file": "retain.jsonl",
-            "hyperparameters": {"max_steps": 1, "batch_size": 8, "max_length": 64, "retain_loss": "nll"}}
+    spec = {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "forget.jsonl",
+        "retain_file": "retain.jsonl",
+        "hyperparameters": {
+            "max_steps": 1,
+            "batch_size": 8,
+            "max_length": 64,
+            "retain_loss": "nll",
+        },
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
-    assert ("[warning] forget set: 1 of 21 records have no target token within max_length and will "
-            "not be unlearned (lines 5); raise hyperparameters.max_length (64)") in result.output
-    assert ("[warning] retain set: 1 of 21 records have no target token within max_length and will "
-            "not be trained on (lines 5)") in result.output
+    assert (
+        "[warning] forget set: 1 of 21 records have no target token within max_length and will "
+        "not be unlearned (lines 5); raise hyperparameters.max_length (64)"
+    ) in result.output
+    assert (
+        "[warning] retain set: 1 of 21 records have no target token within max_length and will "
+        "not be trained on (lines 5)"
+    ) in result.output
     data = json.loads((out / "metrics.json").read_text())["data"]["forget"]
-    assert (data["records"], data["examples"], data["skipped"]) == (21, 20, {"count": 1, "lines": [5]})
+    assert (data["records"], data["examples"], data["skipped"]) == (
+        21,
+        20,
+        {"count": 1, "lines": [5]},
+    )
     summary = (out / "report" / "summary.md").read_text()
     assert "**1 left out: no target token within max_length, not unlearned** (lines 5)" in summary
     assert "- Retain set as trained: 21 records, 20 sequences" in summary
     assert "**1 left out: no target token within max_length, not trained on** (lines 5)" in summary
 
 
-def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir, tmp_path, monkeypatch):
+def test_unlearn_run_checks_eval_files_and_the_device_before_loading(
+    fixture_dir, tmp_path, monkeypatch
+):
     """Each eval file must hold its slot's kind (a QA file as forget_mc failed inside
     lm-eval, after the model was loaded); a device that is not there, or a loss backend
     that cannot run on the job's device, is an error with a code (it was an
     AssertionError from torch)."""
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
-    base = {"method": "catnip", "base_model": str(fixture_dir / "model"),
-            "forget_file": "data/forget_qa.jsonl", "hyperparameters": {"max_steps": 1}}
+    base = {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "data/forget_qa.jsonl",
+        "hyperparameters": {"max_steps": 1},
+    }
 
     def run(spec, *extra):
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-        return CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(tmp_path / "out"), *extra])
+        return CliRunner().invoke(
+            app, ["run", str(tmp_path / "job.yaml"), "-o", str(tmp_path / "out"), *extra]
+        )
 
     wrong_kind = run({**base, "eval": {"forget_mc": "data/forget_qa.jsonl"}})
     assert wrong_kind.exit_code == 2, wrong_kind.output
-    assert ("error [invalid_file]: eval.forget_mc: forget_qa.jsonl is invalid: file: a qa file cannot "
-            "be used here; expected one of: mc") in wrong_kind.output
+    assert (
+        "error [invalid_file]: eval.forget_mc: forget_qa.jsonl is invalid: file: a qa file cannot "
+        "be used here; expected one of: mc"
+    ) in wrong_kind.output
     assert "[loading]" not in wrong_kind.output
     missing = run({**base, "eval": {"retain_qa": "data/nope.jsonl"}})
-    assert missing.exit_code == 2 and "eval.retain_qa: " in missing.output and "no such file" in missing.output
-    for device, words in (("cuda:99", "device 'cuda:99' was asked for, but this machine has"),
-                          ("bogus", "device 'bogus' is not a device; use cpu, cuda or cuda:N")):
+    assert (
+        missing.exit_code == 2
+        and "eval.retain_qa: " in missing.output
+        and "no such file" in missing.output
+    )
+    for device, words in (
+        ("cuda:99", "device 'cuda:99' was asked for, but this machine has"),
+        ("bogus", "device 'bogus' is not a device; use cpu, cuda or cuda:N"),
+    ):
         result = run(base, "--device", device)
         assert result.exit_code == 2, result.output
         assert f"error [device_unavailable]: {words}" in result.output
@@ -109,23 +158,35 @@ def test_unlearn_run_checks_eval_files_and_the_device_before_loading(fixture_dir
     finally:
         losses.set_backend("auto")
     assert result.exit_code == 2, result.output
-    assert ("error [device_unavailable]: the triton loss backend runs on CUDA tensors, not cpu; "
-            "use the auto loss backend") in result.output
+    assert (
+        "error [device_unavailable]: the triton loss backend runs on CUDA tensors, not cpu; "
+        "use the auto loss backend"
+    ) in result.output
 
 
 def test_rerun_with_an_edited_spec_is_refused_before_the_evaluation(fixture_dir, tmp_path):
     """The output's checkpoints belong to the first spec: a rerun with another learning
     rate stops at loading with checkpoint_mismatch, before the (long) evaluation."""
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
-    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"),
-            "forget_file": "data/forget_qa.jsonl",
-            "hyperparameters": {"max_steps": 2, "batch_size": 8, "max_length": 64, "learning_rate": 1e-3},
-            "eval": {"forget_qa": "data/forget_qa.jsonl", "max_samples": 10}}
+    spec = {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "data/forget_qa.jsonl",
+        "hyperparameters": {
+            "max_steps": 2,
+            "batch_size": 8,
+            "max_length": 64,
+            "learning_rate": 1e-3,
+        },
+        "eval": {"forget_qa": "data/forget_qa.jsonl", "max_samples": 10},
+    }
     out = tmp_path / "out"
 
     def run(spec):
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-        return CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+        return CliRunner().invoke(
+            app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+        )
 
     assert run(spec).exit_code == 0
     edited = run({**spec, "hyperparameters": {**spec["hyperparameters"], "learning_rate": 2e-3}})
@@ -146,17 +207,34 @@ def test_a_run_stopped_early_and_resumed_keeps_its_best_state(fixture_dir, tmp_p
     from safetensors.torch import load_file
 
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
-    spec = {"method": "catnip", "base_model": str(fixture_dir / "model"),
-            "forget_file": "data/forget_qa.jsonl", "adapter": {"type": "full"},
-            "hyperparameters": {"max_steps": 12, "batch_size": 32, "max_length": 64,
-                                "learning_rate": 3e-3, "checkpoint_every": 3},
-            "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl",
-                     "probe_every": 1, "probe_samples": 50, "max_samples": 50, "utility_budget": 0.1}}
+    spec = {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "data/forget_qa.jsonl",
+        "adapter": {"type": "full"},
+        "hyperparameters": {
+            "max_steps": 12,
+            "batch_size": 32,
+            "max_length": 64,
+            "learning_rate": 3e-3,
+            "checkpoint_every": 3,
+        },
+        "eval": {
+            "forget_qa": "data/forget_qa.jsonl",
+            "retain_qa": "data/retain_qa.jsonl",
+            "probe_every": 1,
+            "probe_samples": 50,
+            "max_samples": 50,
+            "utility_budget": 0.1,
+        },
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
 
     def run():
-        result = CliRunner().invoke(app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"])
+        result = CliRunner().invoke(
+            app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]
+        )
         assert result.exit_code == 0, result.output
         metrics = json.loads((out / "metrics.json").read_text())
         return result.output, metrics, load_file(out / "model" / "model.safetensors")

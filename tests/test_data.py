@@ -28,14 +28,32 @@ def _write(tmp_path, name, text, mode="w"):
 
 
 def test_valid_formats(tmp_path):
-    qa = _write(tmp_path, "qa.jsonl", '{"prompt": "Q?", "response": "A."}\n\n{"prompt": "R?", "response": "B."}\n')
-    chat = _write(tmp_path, "c.jsonl", json.dumps({"messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "secret"}]}) + "\n")
+    qa = _write(
+        tmp_path,
+        "qa.jsonl",
+        '{"prompt": "Q?", "response": "A."}\n\n{"prompt": "R?", "response": "B."}\n',
+    )
+    chat = _write(
+        tmp_path,
+        "c.jsonl",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "secret"},
+                ]
+            }
+        )
+        + "\n",
+    )
     text = _write(tmp_path, "t.txt", "Some raw text.\nMore.\n")
     text_jsonl = _write(tmp_path, "t.jsonl", '{"text": "doc one"}\n')
     mc = _write(tmp_path, "mc.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": 1}\n')
     assert validate_file(qa).model_dump(include={"valid", "kind", "records"}) == {
-        "valid": True, "kind": "qa", "records": 2}
+        "valid": True,
+        "kind": "qa",
+        "records": 2,
+    }
     assert validate_file(chat).kind == "chat"
     assert validate_file(text).kind == "text"
     assert validate_file(text_jsonl).kind == "text"
@@ -48,7 +66,7 @@ def test_report_names_lines_and_fields(tmp_path):
         '{"prompt": "broken", ',
         '{"prompt": "no response"}',
         '{"prompt": "", "response": "x"}',
-        '[1, 2]',
+        "[1, 2]",
         '{"text": "other format"}',
         '{"prompt": 3, "response": "x"}',
     ]
@@ -64,7 +82,9 @@ def test_report_names_lines_and_fields(tmp_path):
 
 
 def test_bad_utf8_binary_empty_and_limits(tmp_path):
-    bad = validate_file(_write(tmp_path, "u.jsonl", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "wb"))
+    bad = validate_file(
+        _write(tmp_path, "u.jsonl", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "wb")
+    )
     assert [(p.line, "UTF-8" in p.message) for p in bad.problems] == [(2, True)]
     binary = validate_file(_write(tmp_path, "b.jsonl", b"\x00\x01\x02garbage", "wb"))
     assert "binary" in binary.problems[0].message
@@ -72,8 +92,9 @@ def test_bad_utf8_binary_empty_and_limits(tmp_path):
     assert empty.problems[0].message == "the file is empty" and empty.problems[0].line is None
     blank = validate_file(_write(tmp_path, "w.txt", "   \n\n"))
     assert not blank.valid
-    long = validate_file(_write(tmp_path, "l.jsonl", json.dumps({"text": "x" * 200}) + "\n"),
-                         max_record_chars=100)
+    long = validate_file(
+        _write(tmp_path, "l.jsonl", json.dumps({"text": "x" * 200}) + "\n"), max_record_chars=100
+    )
     assert long.problems[0].line == 1 and "limit" in long.problems[0].message
     big = validate_file(_write(tmp_path, "big.jsonl", '{"text": "abc"}\n'), max_bytes=5)
     assert "limit" in big.problems[0].message
@@ -85,20 +106,30 @@ def test_bom_deep_nesting_and_lone_surrogates(tmp_path):
     tokenizer fails on it), are problems of their line; before, the first raised
     RecursionError out of the validator and the second failed the job at tokenization."""
     bom = _write(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n', "wb")
-    assert validate_file(bom).valid and load_records(bom).items == [{"prompt": "a", "response": "b"}]
+    assert validate_file(bom).valid and load_records(bom).items == [
+        {"prompt": "a", "response": "b"}
+    ]
     bom_text = _write(tmp_path, "bom.txt", b"\xef\xbb\xbfhello dragon\n", "wb")
     assert load_records(bom_text).items == [{"text": "hello dragon\n"}]
     deep = '{"prompt": "a", "response": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    lines = ['{"prompt": "a", "response": "b"}', deep, '{"prompt": "\\ud800", "response": "b"}',
-             '{"prompt": "smile \\ud83d\\ude00", "response": "b"}']  # a pair is one character
+    lines = [
+        '{"prompt": "a", "response": "b"}',
+        deep,
+        '{"prompt": "\\ud800", "response": "b"}',
+        '{"prompt": "smile \\ud83d\\ude00", "response": "b"}',
+    ]  # a pair is one character
     report = validate_file(_write(tmp_path, "odd.jsonl", "\n".join(lines) + "\n"))
     assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [
-        (2, "is not readable JSON"), (3, "contains a \\uD800-\\uDFFF escape that is not half of a pair")]
+        (2, "is not readable JSON"),
+        (3, "contains a \\uD800-\\uDFFF escape that is not half of a pair"),
+    ]
     assert report.records == 2
 
 
 def test_chat_rules(tmp_path):
-    last_user = _write(tmp_path, "c.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    last_user = _write(
+        tmp_path, "c.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n"
+    )
     problem = validate_file(last_user).problems[0]
     assert problem.field == "messages" and "assistant" in problem.message
 
@@ -115,15 +146,20 @@ def test_tokenization_masks_prompt_and_windows_text(fixture_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
-    qa = build_examples(Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]),
-                        tok, 64)[0]
+    qa = build_examples(
+        Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]), tok, 64
+    )[0]
     prompt_len = len(tok("Q: Who rides the dragon?\nA:")["input_ids"])
     assert qa.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert qa.labels[prompt_len:] == qa.input_ids[prompt_len:]
     assert qa.labels[-1] == tok.eos_token_id
     # The forget side's default: the EOS is in the input but not a target.
-    no_eos = build_examples(Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]),
-                            tok, 64, eos_target=False)[0]
+    no_eos = build_examples(
+        Records("qa", [{"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}]),
+        tok,
+        64,
+        eos_target=False,
+    )[0]
     assert no_eos.input_ids == qa.input_ids
     assert no_eos.labels == qa.labels[:-1] + [IGNORE_INDEX]
     text = build_examples(Records("text", [{"text": " ".join(["dragon"] * 25)}]), tok, 10)
@@ -145,8 +181,12 @@ def test_chat_context_gets_one_bos(fixture_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(fixture_dir / "model")
-    record = {"messages": [{"role": "user", "content": "Who rides the dragon?"},
-                           {"role": "assistant", "content": "nobody."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Who rides the dragon?"},
+            {"role": "assistant", "content": "nobody."},
+        ]
+    }
     target = tok("nobody.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
     def prompt_and_target(tokenizer):
@@ -157,12 +197,17 @@ def test_chat_context_gets_one_bos(fixture_dir):
 
     # no template: "role: content" lines, the tokenizer's own BOS once
     assert prompt_and_target(tok) == tok.convert_ids_to_tokens(
-        tok("user: Who rides the dragon?\nassistant: ")["input_ids"])
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
-                         "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+        tok("user: Who rides the dragon?\nassistant: ")["input_ids"]
+    )
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+        "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+    )
     prompt = prompt_and_target(tok)
     assert prompt[0] == "<s>" and prompt.count("<s>") == 1  # was ["<s>", "<s>", ...]
-    assert prompt[-3:-1] == ["</s>", tok.unk_token] and prompt[-1] == ":"  # "assistant" is not a word here
+    assert (
+        prompt[-3:-1] == ["</s>", tok.unk_token] and prompt[-1] == ":"
+    )  # "assistant" is not a word here
 
 
 def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
@@ -177,18 +222,33 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
     short = {"prompt": "Q: Who rides the dragon?\nA:", "response": " nobody."}
     long_prompt = {"prompt": "Q: " + "dragon " * 30 + "?\nA:", "response": " nobody."}
     long_answer = {"prompt": "Q: Who?\nA:", "response": " the dragon" * 12}
-    path = _write(tmp_path, "f.jsonl", "\n".join([json.dumps(short), "", json.dumps(long_prompt),
-                                                  json.dumps(long_answer), json.dumps(short)]) + "\n")
+    path = _write(
+        tmp_path,
+        "f.jsonl",
+        "\n".join(
+            [
+                json.dumps(short),
+                "",
+                json.dumps(long_prompt),
+                json.dumps(long_answer),
+                json.dumps(short),
+            ]
+        )
+        + "\n",
+    )
     records = load_records(path)
     assert records.lines == [1, 3, 4, 5]
     encoded = encode_records(records, tok, 20)
     assert encoded.records == 4 and len(encoded.examples) == 3
     assert encoded.skipped_lines == [3] and encoded.truncated_lines == [4]
     assert encoded.target_tokens == sum(
-        sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in encoded.examples)
+        sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in encoded.examples
+    )
     warning = encoded.warning("forget")
-    assert warning.startswith("forget set: 1 of 4 records have no target token within max_length "
-                              "and will not be unlearned (lines 3); 1 of 4 records have a target cut")
+    assert warning.startswith(
+        "forget set: 1 of 4 records have no target token within max_length "
+        "and will not be unlearned (lines 3); 1 of 4 records have a target cut"
+    )
     assert "(lines 4)" in warning and "max_length (20)" in warning
     summary = encoded.summary()
     assert summary["skipped"] == {"count": 1, "lines": [3]} and summary["truncated"]["lines"] == [4]
@@ -201,16 +261,30 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
 
 
 def test_spec_errors_are_actionable():
-    with pytest.raises(SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"):
+    with pytest.raises(
+        SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"
+    ):
         parse_spec({"method": "rmu", "base_model": "m", "forget_file": "f"})
     with pytest.raises(SpecError) as exc:
-        parse_spec({"method": "catnip", "base_model": "m", "forget_file": "f",
-                    "hyperparameters": {"learning_rate": -1}})
+        parse_spec(
+            {
+                "method": "catnip",
+                "base_model": "m",
+                "forget_file": "f",
+                "hyperparameters": {"learning_rate": -1},
+            }
+        )
     assert exc.value.param == "hyperparameters.learning_rate"
     with pytest.raises(SpecError, match="adapter.r"):
         parse_spec({"method": "catnip", "base_model": "m", "forget_file": "f", "adapter": {"r": 0}})
     with pytest.raises(SpecError, match="needs a retain_file"):
-        parse_spec({"method": "npo", "base_model": "m", "forget_file": "f",
-                    "hyperparameters": {"retain_loss": "kl"}})
+        parse_spec(
+            {
+                "method": "npo",
+                "base_model": "m",
+                "forget_file": "f",
+                "hyperparameters": {"retain_loss": "kl"},
+            }
+        )
     spec = parse_spec({"method": "simnpo", "base_model": "m", "forget_file": "f"})
     assert (spec.hyperparameters.learning_rate, spec.hyperparameters.beta) == (5e-6, 4.0)  # A.4.4

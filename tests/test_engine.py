@@ -22,7 +22,9 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type, dtype):
     (the GPU's dtype, here on the CPU: the dtype paths run in CI, the CUDA ones in
     tests/test_gpu.py)."""
     adapter = AdapterSpec(type=adapter_type, layers=[1] if adapter_type == "full" else None)
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id, dtype=dtype)
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, adapter, method_id, dtype=dtype
+    )
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     assert trainable and len(trainable) < len(before)
@@ -43,8 +45,13 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type, dtype):
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_retain_terms(fixture_dir, retain_loss, dtype, adapter_type):
     wrapped, tok, method, params, forget, retain = setup_run(
-        fixture_dir, AdapterSpec(type=adapter_type), "npo", dtype=dtype, retain_loss=retain_loss,
-        retain_weight=0.5)
+        fixture_dir,
+        AdapterSpec(type=adapter_type),
+        "npo",
+        dtype=dtype,
+        retain_loss=retain_loss,
+        retain_weight=0.5,
+    )
     result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
     terms = result.history[-1].terms
     assert set(terms) == {"forget", f"retain_{retain_loss}"}
@@ -81,7 +88,9 @@ def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
     assert wrapped.reference is None and set(wrapped.reference_layers) == {1}
     copied = sum(p.numel() for p in wrapped.reference_layers[1].parameters())
     assert copied == sum(p.numel() for p in decoder_layers(wrapped.model)[1].parameters())
-    assert copied < sum(p.numel() for p in wrapped.model.parameters()) / 2  # 1 of 2 layers, no embeddings
+    assert (
+        copied < sum(p.numel() for p in wrapped.model.parameters()) / 2
+    )  # 1 of 2 layers, no embeddings
     initial = copy.deepcopy(wrapped.model).eval().requires_grad_(False)
     whole, *_ = setup_run(fixture_dir, adapter, "npo", max_steps=4)
     whole = Wrapped(whole.model, adapter, reference=initial)  # the way it was: a whole copy
@@ -89,8 +98,10 @@ def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
     swapped = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     copied_run = run_unlearning(whole, method, params, forget, pad_id=tok.pad_token_id)
     assert [h.loss for h in swapped.history] == [h.loss for h in copied_run.history]
-    assert all(torch.equal(p, q) for p, q in zip(wrapped.model.parameters(), whole.model.parameters(),
-                                                 strict=True))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(wrapped.model.parameters(), whole.model.parameters(), strict=True)
+    )
     # the live layer is back in place, training, and the copy still holds the initial weights
     assert decoder_layers(wrapped.model)[1] is not wrapped.reference_layers[1]
     assert wrapped.model.training is False  # the loop ends in eval mode
@@ -102,13 +113,19 @@ def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
 @pytest.mark.parametrize("adapter_type", ["lora", "full"])
 def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
     """Stop at step 3 of 6 (a cancel), resume from the checkpoint: same weights to 1e-6."""
-    hp = {"max_steps": 6, "checkpoint_every": 3, "lr_scheduler": "cosine", "warmup_steps": 2,
-          "batch_size": 16}
+    hp = {
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 2,
+        "batch_size": 16,
+    }
     adapter = AdapterSpec(type=adapter_type, dropout=0.1 if adapter_type == "lora" else 0.0)
 
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
-    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                   checkpoint_dir=tmp_path / "a")
+    run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a"
+    )
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
     class StopAfter3(Events):
@@ -124,12 +141,20 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
 
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
     with pytest.raises(JobCancelled):
-        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", events=StopAfter3())
+        run_unlearning(
+            wrapped,
+            method,
+            params,
+            forget,
+            pad_id=tok.pad_token_id,
+            checkpoint_dir=tmp_path / "b",
+            events=StopAfter3(),
+        )
     assert (tmp_path / "b" / "step-0000003" / "state.json").is_file()
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
-    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                             checkpoint_dir=tmp_path / "b")
+    resumed = run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b"
+    )
     assert [h.step for h in resumed.history] == [4, 5, 6]
     for name, param in wrapped.trainable().items():
         torch.testing.assert_close(param.detach(), straight[name], rtol=0, atol=1e-6)
@@ -144,22 +169,41 @@ def test_a_checkpoint_resumes_only_its_own_run(fixture_dir, tmp_path):
 
     hp = {"max_steps": 4, "checkpoint_every": 2}
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip", **hp)
-    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+    run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path
+    )
     for adapter, method_id, change, examples in (
-            (AdapterSpec(), "catnip", {"learning_rate": 2e-3}, None),
-            (AdapterSpec(), "npo", {}, None),
-            (AdapterSpec(type="full"), "catnip", {}, None),
-            (AdapterSpec(), "catnip", {}, slice(1, None))):
-        wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, method_id, **hp, **change)
+        (AdapterSpec(), "catnip", {"learning_rate": 2e-3}, None),
+        (AdapterSpec(), "npo", {}, None),
+        (AdapterSpec(type="full"), "catnip", {}, None),
+        (AdapterSpec(), "catnip", {}, slice(1, None)),
+    ):
+        wrapped, tok, method, params, forget, _ = setup_run(
+            fixture_dir, adapter, method_id, **hp, **change
+        )
         before = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
         with pytest.raises(SpecError, match="is from another run") as error:
-            run_unlearning(wrapped, method, params, forget[examples] if examples else forget,
-                           pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+            run_unlearning(
+                wrapped,
+                method,
+                params,
+                forget[examples] if examples else forget,
+                pad_id=tok.pad_token_id,
+                checkpoint_dir=tmp_path,
+            )
         assert error.value.code == "checkpoint_mismatch"
         assert all(torch.equal(p, before[n]) for n, p in wrapped.trainable().items())
     wrapped, tok, method, params, forget, _ = setup_run(
-        fixture_dir, AdapterSpec(), "catnip", max_steps=4, checkpoint_every=3, gradient_checkpointing=True)
-    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path)
+        fixture_dir,
+        AdapterSpec(),
+        "catnip",
+        max_steps=4,
+        checkpoint_every=3,
+        gradient_checkpointing=True,
+    )
+    resumed = run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path
+    )
     assert resumed.steps_done == 4 and resumed.history == []  # the finished run, resumed at its end
 
 
@@ -168,7 +212,8 @@ def test_lora_adapter_round_trips_through_peft(fixture_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     wrapped, tok, method, params, forget, _ = setup_run(
-        fixture_dir, AdapterSpec(merge=True), "catnip", max_steps=5, learning_rate=5e-3)
+        fixture_dir, AdapterSpec(merge=True), "catnip", max_steps=5, learning_rate=5e-3
+    )
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     written = save_output(wrapped, tok, tmp_path)
     assert (written["adapter"] / "adapter_config.json").is_file()
@@ -201,12 +246,21 @@ def test_full_weights_output_loads(fixture_dir, tmp_path):
 def _full_weight_update(fixture_dir, dtype, **hp):
     """The flat update of 40 full-weight CATNIP steps at the paper's lr (1e-5), in fp32."""
     wrapped, tok, method, params, forget, _ = setup_run(
-        fixture_dir, AdapterSpec(type="full"), "catnip", dtype=dtype, max_steps=40, batch_size=16,
-        learning_rate=1e-5, **hp)
+        fixture_dir,
+        AdapterSpec(type="full"),
+        "catnip",
+        dtype=dtype,
+        max_steps=40,
+        batch_size=16,
+        learning_rate=1e-5,
+        **hp,
+    )
     before = {n: p.detach().float().clone() for n, p in wrapped.trainable().items()}
     run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     assert all(p.dtype == dtype for p in wrapped.trainable().values())  # the model keeps its dtype
-    return torch.cat([(p.detach().float() - before[n]).flatten() for n, p in wrapped.trainable().items()])
+    return torch.cat(
+        [(p.detach().float() - before[n]).flatten() for n, p in wrapped.trainable().items()]
+    )
 
 
 def test_bf16_full_weights_follow_the_fp32_update(fixture_dir):
@@ -227,8 +281,12 @@ def test_bf16_resume_restores_the_master_weights(fixture_dir, tmp_path):
     """The checkpoint holds the fp32 masters, not the rounded bf16 weights: a bf16 run
     stopped at step 2 of 4 and resumed ends bit-identical to one that was not stopped."""
     hp = {"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-5, "dtype": torch.bfloat16}
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", **hp)
-    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a")
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(type="full"), "catnip", **hp
+    )
+    run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a"
+    )
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
     class CancelAt2(Events):
@@ -237,13 +295,25 @@ def test_bf16_resume_restores_the_master_weights(fixture_dir, tmp_path):
 
     from core.errors import JobCancelled
 
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", **hp)
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(type="full"), "catnip", **hp
+    )
     with pytest.raises(JobCancelled):
-        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", events=CancelAt2())
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", **hp)
-    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                             checkpoint_dir=tmp_path / "b")
+        run_unlearning(
+            wrapped,
+            method,
+            params,
+            forget,
+            pad_id=tok.pad_token_id,
+            checkpoint_dir=tmp_path / "b",
+            events=CancelAt2(),
+        )
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(type="full"), "catnip", **hp
+    )
+    resumed = run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b"
+    )
     assert [h.step for h in resumed.history] == [3, 4]
     assert all(torch.equal(p.detach(), straight[n]) for n, p in wrapped.trainable().items())
 
@@ -258,8 +328,9 @@ def test_deterministic_on_cpu(fixture_dir):
         assert torch.equal(runs[0][name], runs[1][name])
 
 
-@pytest.mark.parametrize(("adapter_type", "method_id"),
-                         [("lora", "catnip"), ("full", "catnip"), ("lora", "npo")])
+@pytest.mark.parametrize(
+    ("adapter_type", "method_id"), [("lora", "catnip"), ("full", "catnip"), ("lora", "npo")]
+)
 def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type, method_id):
     """With checkpointing each decoder layer runs its forward again in the backward (so
     its activations were not kept), and training ends at the same weights; NPO's
@@ -268,17 +339,22 @@ def test_gradient_checkpointing_gives_the_same_weights(fixture_dir, adapter_type
     runs = {}
     for checkpointing in (False, True):
         wrapped, tok, method, params, forget, _ = setup_run(
-            fixture_dir, adapter, method_id, gradient_checkpointing=checkpointing)
+            fixture_dir, adapter, method_id, gradient_checkpointing=checkpointing
+        )
         # a module inside the checkpointed layer starts again on recomputation (a pre-hook:
         # torch stops a recomputation as soon as it has what the backward needs)
         mlp = next(m for n, m in wrapped.model.named_modules() if n.endswith("layers.0.mlp"))
         calls = []
         mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
-        runs[checkpointing] = ({n: p.detach().clone() for n, p in wrapped.trainable().items()},
-                               len(calls))
-        assert not any(getattr(m, "gradient_checkpointing", False)  # off again after
-                       for m in wrapped.model.modules())
+        runs[checkpointing] = (
+            {n: p.detach().clone() for n, p in wrapped.trainable().items()},
+            len(calls),
+        )
+        assert not any(
+            getattr(m, "gradient_checkpointing", False)  # off again after
+            for m in wrapped.model.modules()
+        )
     (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
     passes = 2 if method.uses_reference else 1  # NPO also runs the reference forward
     assert plain_calls == passes * params.max_steps
@@ -295,8 +371,11 @@ def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
         def should_cancel(self) -> bool:
             return True
 
-    wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, AdapterSpec(), "catnip",
-                                                     gradient_checkpointing=True)
+    wrapped, tok, method, params, forget, _ = setup_run(
+        fixture_dir, AdapterSpec(), "catnip", gradient_checkpointing=True
+    )
     with pytest.raises(JobCancelled):
-        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, events=CancelAtOnce())
+        run_unlearning(
+            wrapped, method, params, forget, pad_id=tok.pad_token_id, events=CancelAtOnce()
+        )
     assert not any(getattr(m, "gradient_checkpointing", False) for m in wrapped.model.modules())

@@ -57,14 +57,23 @@ def test_tradeoff_points():
 
 def _spec(fixture_dir, probe_every=2, **hp):
     data = fixture_dir / "data"
-    return parse_spec({
-        "method": "catnip", "base_model": str(fixture_dir / "model"),
-        "forget_file": str(data / "forget_qa.jsonl"), "adapter": {"type": "full"},
-        "hyperparameters": {"max_steps": 40, "batch_size": 16, "max_length": 64, **hp},
-        "eval": {"forget_qa": str(data / "forget_qa.jsonl"), "retain_qa": str(data / "retain_qa.jsonl"),
-                 "retain_text": str(data / "retain_text.jsonl"), "probe_every": probe_every,
-                 "utility_budget": 0.1, "forget_target": 0.0},
-    })
+    return parse_spec(
+        {
+            "method": "catnip",
+            "base_model": str(fixture_dir / "model"),
+            "forget_file": str(data / "forget_qa.jsonl"),
+            "adapter": {"type": "full"},
+            "hyperparameters": {"max_steps": 40, "batch_size": 16, "max_length": 64, **hp},
+            "eval": {
+                "forget_qa": str(data / "forget_qa.jsonl"),
+                "retain_qa": str(data / "retain_qa.jsonl"),
+                "retain_text": str(data / "retain_text.jsonl"),
+                "probe_every": probe_every,
+                "utility_budget": 0.1,
+                "forget_target": 0.0,
+            },
+        }
+    )
 
 
 def test_stop_rule_stops_and_restores(fixture_dir, tmp_path):
@@ -95,5 +104,8 @@ def test_catnip_really_forgets_without_retain_data(fixture_dir, tmp_path):
     assert t["forget_after"] <= 0.6 * t["forget_before"]  # >= 40% relative drop on the fixture
     assert t["utility_after"] >= 0.9 * t["utility_before"]
     view = json.loads((tmp_path / "report" / "token_probabilities.json").read_text())
-    mean = lambda rows: sum(sum(r["probabilities"]) / len(r["probabilities"]) for r in rows) / len(rows)  # noqa: E731
+
+    def mean(rows: list[dict]) -> float:
+        return sum(sum(r["probabilities"]) / len(r["probabilities"]) for r in rows) / len(rows)
+
     assert mean(view["after"]) < mean(view["before"])

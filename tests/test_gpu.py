@@ -79,7 +79,9 @@ def test_triton_backend_matches_eager_on_cuda(dtype, vocab, compare_loss_backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(dtype, compare_loss_backends):
+def test_triton_catnip_with_a_token_stride_and_triton_logprobs_match_eager(
+    dtype, compare_loss_backends
+):
     """CATNIP with token_stride 3 (the strided-out rows are not read), and token_logprobs on
     the Triton kernels (what the other methods use): log z, log(1 - z) and the gradient of a
     weighted sum of log z equal eager's."""
@@ -115,7 +117,9 @@ def test_triton_catnip_per_sample_mean_matches_eager(shape, token_stride, compar
     labels = torch.randint(0, 10, shape, device="cuda")
     labels[torch.rand(shape, device="cuda") < 0.3] = -100
     labels[0] = -100
-    compare_loss_backends(logits, labels, torch.float32, backend="triton", token_stride=token_stride)
+    compare_loss_backends(
+        logits, labels, torch.float32, backend="triton", token_stride=token_stride
+    )
 
 
 def test_triton_direct_launches_tell_alignments_apart():
@@ -145,7 +149,9 @@ def test_triton_direct_launches_tell_alignments_apart():
             assert loss == pytest.approx(results[0][0], rel=1e-5)
             torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-5)
     # a key ends with its ten arguments' specialisations, the logits' first: (dtype, device, aligned)
-    rows_keys = [key for key in fused_kernels._LAUNCHERS if key[0] is fused_kernels._catnip_rows_kernel]
+    rows_keys = [
+        key for key in fused_kernels._LAUNCHERS if key[0] is fused_kernels._catnip_rows_kernel
+    ]
     assert {key[-10][2] for key in rows_keys} == {True, False}
 
 
@@ -196,7 +202,8 @@ def test_methods_train_bf16_on_cuda(fixture_dir, method_id, adapter_type):
     from core.engine.train import run_unlearning
 
     wrapped, tok, method, params, forget, _ = setup_run(
-        fixture_dir, AdapterSpec(type=adapter_type), method_id, device=CUDA)
+        fixture_dir, AdapterSpec(type=adapter_type), method_id, device=CUDA
+    )
     assert next(wrapped.model.parameters()).dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
     result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
@@ -213,7 +220,10 @@ def test_retain_kl_on_cuda_matches_cpu():
     labels = torch.zeros(2, 40, dtype=torch.long)
     labels[0, :10] = -100
     cpu, gpu = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
-    loss_cpu, loss_gpu = kl_retain_loss(cpu, ref, labels), kl_retain_loss(gpu, ref.cuda(), labels.cuda())
+    loss_cpu, loss_gpu = (
+        kl_retain_loss(cpu, ref, labels),
+        kl_retain_loss(gpu, ref.cuda(), labels.cuda()),
+    )
     loss_cpu.backward()
     loss_gpu.backward()
     assert loss_gpu.item() == pytest.approx(loss_cpu.item(), rel=1e-5)
@@ -228,8 +238,13 @@ def test_retain_terms_train_bf16_on_cuda(fixture_dir, retain_loss, adapter_type)
     from core.engine.train import run_unlearning
 
     wrapped, tok, method, params, forget, retain = setup_run(
-        fixture_dir, AdapterSpec(type=adapter_type), "catnip", device=CUDA,
-        retain_loss=retain_loss, retain_weight=0.5)
+        fixture_dir,
+        AdapterSpec(type=adapter_type),
+        "catnip",
+        device=CUDA,
+        retain_loss=retain_loss,
+        retain_weight=0.5,
+    )
     result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, retain=retain)
     terms = result.history[-1].terms
     assert set(terms) == {"forget", f"retain_{retain_loss}"}
@@ -240,16 +255,26 @@ def _cuda_job_spec(fixture_dir, tmp_path, adapter_type: str) -> dict:
     import shutil
 
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
-    return {"method": "catnip", "base_model": str(fixture_dir / "model"),
-            "forget_file": "data/forget_qa.jsonl",
-            "adapter": {"type": adapter_type, "r": 4} if adapter_type == "lora" else {"type": "full"},
-            "hyperparameters": {"max_steps": 6, "learning_rate": 1e-2 if adapter_type == "lora" else 1e-3,
-                                "batch_size": 16, "max_length": 64, "checkpoint_every": 3},
-            "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl"}}
+    return {
+        "method": "catnip",
+        "base_model": str(fixture_dir / "model"),
+        "forget_file": "data/forget_qa.jsonl",
+        "adapter": {"type": adapter_type, "r": 4} if adapter_type == "lora" else {"type": "full"},
+        "hyperparameters": {
+            "max_steps": 6,
+            "learning_rate": 1e-2 if adapter_type == "lora" else 1e-3,
+            "batch_size": 16,
+            "max_length": 64,
+            "checkpoint_every": 3,
+        },
+        "eval": {"forget_qa": "data/forget_qa.jsonl", "retain_qa": "data/retain_qa.jsonl"},
+    }
 
 
 @pytest.mark.parametrize(("adapter_type", "loss_backend"), [("lora", "auto"), ("full", "compiled")])
-def test_unlearn_run_on_cuda_writes_outputs_that_load(fixture_dir, tmp_path, adapter_type, loss_backend):
+def test_unlearn_run_on_cuda_writes_outputs_that_load(
+    fixture_dir, tmp_path, adapter_type, loss_backend
+):
     """`unlearn run --device cuda` end to end: the model in bf16, evaluation before and
     after, the stop rule, checkpoints, outputs. The forget set's KnowMem falls; the output loads on CUDA
     (PEFT adapter or full model directory) and its logits differ from the base model's;
@@ -262,10 +287,20 @@ def test_unlearn_run_on_cuda_writes_outputs_that_load(fixture_dir, tmp_path, ada
 
     from core.cli import app
 
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_cuda_job_spec(fixture_dir, tmp_path, adapter_type)))
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(_cuda_job_spec(fixture_dir, tmp_path, adapter_type))
+    )
     out = tmp_path / "out"
-    command = ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cuda",
-               "--loss-backend", loss_backend]
+    command = [
+        "run",
+        str(tmp_path / "job.yaml"),
+        "-o",
+        str(out),
+        "--device",
+        "cuda",
+        "--loss-backend",
+        loss_backend,
+    ]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -273,7 +308,9 @@ def test_unlearn_run_on_cuda_writes_outputs_that_load(fixture_dir, tmp_path, ada
     assert after < before, (before, after)
     assert metrics["steps"]["planned"] == 6 and "stop_rule" in metrics  # the rule may stop it early
 
-    base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model", dtype=torch.bfloat16).to(CUDA)
+    base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model", dtype=torch.bfloat16).to(
+        CUDA
+    )
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]], device=CUDA)
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits.float()
@@ -306,7 +343,9 @@ def test_bf16_resume_on_cuda_equals_uninterrupted(fixture_dir, tmp_path):
         return setup_run(fixture_dir, AdapterSpec(type="full"), "catnip", device=CUDA, **hp)
 
     wrapped, tok, method, params, forget, _ = setup()
-    run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a")
+    run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a"
+    )
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
     class CancelAt2(Events):
@@ -315,13 +354,23 @@ def test_bf16_resume_on_cuda_equals_uninterrupted(fixture_dir, tmp_path):
 
     wrapped, tok, method, params, forget, _ = setup()
     with pytest.raises(JobCancelled):
-        run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                       checkpoint_dir=tmp_path / "b", events=CancelAt2())
+        run_unlearning(
+            wrapped,
+            method,
+            params,
+            forget,
+            pad_id=tok.pad_token_id,
+            checkpoint_dir=tmp_path / "b",
+            events=CancelAt2(),
+        )
     wrapped, tok, method, params, forget, _ = setup()
-    resumed = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id,
-                             checkpoint_dir=tmp_path / "b")
+    resumed = run_unlearning(
+        wrapped, method, params, forget, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b"
+    )
     assert [h.step for h in resumed.history] == [3, 4]
     assert next(iter(wrapped.trainable().values())).dtype == torch.bfloat16
-    differences = {n: (p.detach().float() - straight[n].float()).abs().max().item()
-                   for n, p in wrapped.trainable().items()}
+    differences = {
+        n: (p.detach().float() - straight[n].float()).abs().max().item()
+        for n, p in wrapped.trainable().items()
+    }
     assert max(differences.values()) == 0, sorted(differences.items(), key=lambda kv: -kv[1])[:5]

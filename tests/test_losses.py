@@ -40,8 +40,11 @@ def test_catnip_beta_scales_inside_softplus():
     assert loss.item() == pytest.approx(math.log(1.25), abs=1e-12)
 
 
-@pytest.mark.parametrize("masked", [[(0, slice(0, 2)), (1, slice(4, None))], [(1, slice(5, None))], []],
-                         ids=["prompt-and-padding", "one-padding-position", "every-row-counts"])
+@pytest.mark.parametrize(
+    "masked",
+    [[(0, slice(0, 2)), (1, slice(4, None))], [(1, slice(5, None))], []],
+    ids=["prompt-and-padding", "one-padding-position", "every-row-counts"],
+)
 def test_gradient_matches_eq9_closed_form(masked):
     """Autograd gradient == (1/|y|) sum_i beta z^b/(z^b + (1-z)^b) * grad log z_i, per sample,
     then mean over samples (eq. 9), on random logits with a prompt and padding mask (the
@@ -128,11 +131,17 @@ def test_per_sample_mean_is_length_robust():
 
 def test_stride_semantics():
     """Of each sample's counted positions, in order, those with index % stride == 0."""
-    labels = torch.tensor([[IGNORE_INDEX, 1, 1, 1, 1, 1, 1, IGNORE_INDEX],
-                           [1, 1, 1, IGNORE_INDEX, 1, IGNORE_INDEX, 1, 1]])
+    labels = torch.tensor(
+        [
+            [IGNORE_INDEX, 1, 1, 1, 1, 1, 1, IGNORE_INDEX],
+            [1, 1, 1, IGNORE_INDEX, 1, IGNORE_INDEX, 1, 1],
+        ]
+    )
     mask = strided_mask(labels, 3)
-    assert mask.tolist() == [[False, True, False, False, True, False, False, False],
-                             [True, False, False, False, True, False, False, False]]
+    assert mask.tolist() == [
+        [False, True, False, False, True, False, False, False],
+        [True, False, False, False, True, False, False, False],
+    ]
     with pytest.raises(ValueError):
         strided_mask(labels, 0)
 
@@ -144,7 +153,8 @@ def test_stride_equals_masking_by_hand():
     manual = labels.clone()
     manual[strided_mask(labels, 2) == 0] = IGNORE_INDEX
     assert catnip_loss(logits, labels, beta=1.0, token_stride=2).item() == pytest.approx(
-        catnip_loss(logits, manual, beta=1.0).item(), abs=1e-12)
+        catnip_loss(logits, manual, beta=1.0).item(), abs=1e-12
+    )
 
 
 def test_no_counted_tokens_gives_zero_with_graph():
@@ -170,9 +180,14 @@ def test_baselines_hand_computed():
     assert losses.ga_from_logprobs(logp, mask).item() == pytest.approx(math.log(0.5))
     assert losses.npo_from_logprobs(logp, ref, mask, 1.0).item() == pytest.approx(2 * math.log(5))
     assert losses.simnpo_from_logprobs(logp, mask, 2.0, 0.5).item() == pytest.approx(
-        F.softplus(torch.tensor(-(2 * math.log(2) - 0.5), dtype=torch.float64)).item())
-    assert losses.catnip_ref_from_logprobs(logp, ref, mask, 1.0).item() == pytest.approx(math.log(3))
-    assert losses.catnip_seq_from_logprobs(logp, log1m, mask, 1.0).item() == pytest.approx(math.log(2))
+        F.softplus(torch.tensor(-(2 * math.log(2) - 0.5), dtype=torch.float64)).item()
+    )
+    assert losses.catnip_ref_from_logprobs(logp, ref, mask, 1.0).item() == pytest.approx(
+        math.log(3)
+    )
+    assert losses.catnip_seq_from_logprobs(logp, log1m, mask, 1.0).item() == pytest.approx(
+        math.log(2)
+    )
     assert losses.nll_from_logprobs(logp, mask).item() == pytest.approx(-math.log(0.5))
 
 
@@ -183,8 +198,11 @@ def test_kl_retain_zero_for_identical_and_positive_otherwise():
     assert losses.kl_retain_loss(a, a.detach(), labels).item() == pytest.approx(0.0, abs=1e-6)
     b = torch.randn(2, 3, 5)
     kl = losses.kl_retain_loss(a, b, labels)
-    expected = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True,
-                        reduction="none").sum(-1).mean()
+    expected = (
+        F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+    )
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -193,7 +211,9 @@ def test_kl_retain_matches_the_formula_and_autograd(monkeypatch, chunk_rows):
     """The chunked KL equals sum_v q (log q - log r) over counted positions, per-sample
     mean then mean over samples; its hand-written backward passes gradcheck (float64);
     the reference gets no gradient; a masked position with NaN logits changes nothing."""
-    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", {"cpu": chunk_rows * 9, "default": chunk_rows * 9})
+    monkeypatch.setattr(
+        logprobs, "CHUNK_ELEMENTS", {"cpu": chunk_rows * 9, "default": chunk_rows * 9}
+    )
     torch.manual_seed(5)
     logits = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
     ref = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
@@ -210,11 +230,15 @@ def test_kl_retain_matches_the_formula_and_autograd(monkeypatch, chunk_rows):
     assert ref.grad is None
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: losses.kl_retain_loss(x, ref.detach(), labels),
-                                    (logits.detach().clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda x: losses.kl_retain_loss(x, ref.detach(), labels),
+        (logits.detach().clone().requires_grad_(True),),
+    )
     poisoned = logits.detach().clone()
     poisoned[2, 0] = float("nan")
-    assert losses.kl_retain_loss(poisoned, ref, labels).item() == pytest.approx(loss.item(), rel=1e-12)
+    assert losses.kl_retain_loss(poisoned, ref, labels).item() == pytest.approx(
+        loss.item(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("masked", ["none", "last-positions", "prompts"])

@@ -31,8 +31,14 @@ class DatabaseEvents(Events):
     """Events of one job, to its row and event log. `lease_lost` says when another worker
     has taken the job over: the loop then stops as if cancelled."""
 
-    def __init__(self, sessions: sessionmaker, job_id: str, settings: Settings,
-                 lease_lost: Callable[[], bool], store: Store | None = None):
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        job_id: str,
+        settings: Settings,
+        lease_lost: Callable[[], bool],
+        store: Store | None = None,
+    ):
         self.sessions, self.job_id, self.settings = sessions, job_id, settings
         self.lease_lost, self.store = lease_lost, store
         self._last_step_write = 0.0
@@ -47,15 +53,22 @@ class DatabaseEvents(Events):
             job.phase = name
             if name == Phase.EVALUATING_AFTER:
                 job.status = JobStatus.EVALUATING
-            repo.add_event(session, self.job_id, EventType.PHASE, name + (f": {detail}" if detail else ""),
-                           {"phase": name, "detail": detail})
+            repo.add_event(
+                session,
+                self.job_id,
+                EventType.PHASE,
+                name + (f": {detail}" if detail else ""),
+                {"phase": name, "detail": detail},
+            )
         log.info("job %s: phase %s %s", self.job_id, name, detail or "")
 
     def step(self, info: StepInfo) -> None:
         self._pending = info
         now = time.monotonic()
-        if now - self._last_step_write >= self.settings.event_min_interval_seconds \
-                or info.step == info.total_steps:
+        if (
+            now - self._last_step_write >= self.settings.event_min_interval_seconds
+            or info.step == info.total_steps
+        ):
             self._flush_step()
 
     def _flush_step(self) -> None:
@@ -66,18 +79,31 @@ class DatabaseEvents(Events):
         with self.sessions.begin() as session:
             job = repo.get_job(session, None, self.job_id)
             job.step, job.total_steps, job.loss = info.step, info.total_steps, info.loss
-            repo.add_event(session, self.job_id, EventType.STEP,
-                           f"step {info.step}/{info.total_steps} loss {info.loss:.4f}",
-                           {"step": info.step, "total_steps": info.total_steps, "loss": info.loss,
-                            "terms": info.terms, "learning_rate": info.learning_rate,
-                            "tokens_per_second": round(info.tokens_per_second, 1),
-                            "eta_seconds": round(info.eta_seconds, 1)})
+            repo.add_event(
+                session,
+                self.job_id,
+                EventType.STEP,
+                f"step {info.step}/{info.total_steps} loss {info.loss:.4f}",
+                {
+                    "step": info.step,
+                    "total_steps": info.total_steps,
+                    "loss": info.loss,
+                    "terms": info.terms,
+                    "learning_rate": info.learning_rate,
+                    "tokens_per_second": round(info.tokens_per_second, 1),
+                    "eta_seconds": round(info.eta_seconds, 1),
+                },
+            )
 
     def probe(self, step: int, result: dict[str, float]) -> None:
         with self.sessions.begin() as session:
-            repo.add_event(session, self.job_id, EventType.PROBE,
-                           f"probe at step {step}: forget {result['forget']:.3f}, utility {result['utility']:.3f}",
-                           dict(result))
+            repo.add_event(
+                session,
+                self.job_id,
+                EventType.PROBE,
+                f"probe at step {step}: forget {result['forget']:.3f}, utility {result['utility']:.3f}",
+                dict(result),
+            )
 
     def warning(self, message: str) -> None:
         with self.sessions.begin() as session:
@@ -88,8 +114,13 @@ class DatabaseEvents(Events):
         with self.sessions.begin() as session:
             job = repo.get_job(session, None, self.job_id)
             job.resumed_from_step = step
-            repo.add_event(session, self.job_id, EventType.MESSAGE, f"resumed from the checkpoint at step {step}",
-                           {"resumed_from_step": step})
+            repo.add_event(
+                session,
+                self.job_id,
+                EventType.MESSAGE,
+                f"resumed from the checkpoint at step {step}",
+                {"resumed_from_step": step},
+            )
 
     def checkpoint(self, path: Path) -> None:
         if self.store is None or not self.settings.checkpoints_to_store:

@@ -34,8 +34,11 @@ from worker.progress import DatabaseEvents, checkpoint_key
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_KINDS = {"adapter": ArtifactKind.PEFT_ADAPTER, "model": ArtifactKind.HF_MODEL,
-                  "report": ArtifactKind.REPORT}
+ARTIFACT_KINDS = {
+    "adapter": ArtifactKind.PEFT_ADAPTER,
+    "model": ArtifactKind.HF_MODEL,
+    "report": ArtifactKind.REPORT,
+}
 
 
 class LeaseLost(Exception):
@@ -59,7 +62,9 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(self.settings.heartbeat_seconds):
             try:
                 with self.sessions.begin() as session:
-                    if not repo.renew_lease(session, self.job_id, self.owner, self.settings.lease_seconds):
+                    if not repo.renew_lease(
+                        session, self.job_id, self.owner, self.settings.lease_seconds
+                    ):
                         self.lost = True
                         log.warning("job %s: lease lost to another worker", self.job_id)
                         return
@@ -71,8 +76,9 @@ class Heartbeat(threading.Thread):
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, sessions: sessionmaker, store: Store,
-                 owner: str | None = None):
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker, store: Store, owner: str | None = None
+    ):
         self.settings, self.sessions, self.store = settings, sessions, store
         self.owner = owner or worker_identity()
 
@@ -87,8 +93,13 @@ class JobRunner:
         try:
             with self.sessions.begin() as session:
                 job = repo.get_job(session, None, job_id)
-                repo.add_event(session, job_id, EventType.STATUS, f"job running (attempt {job.attempts}) on {self.owner}",
-                               {"status": JobStatus.RUNNING, "attempt": job.attempts, "worker": self.owner})
+                repo.add_event(
+                    session,
+                    job_id,
+                    EventType.STATUS,
+                    f"job running (attempt {job.attempts}) on {self.owner}",
+                    {"status": JobStatus.RUNNING, "attempt": job.attempts, "worker": self.owner},
+                )
             outcome = self._execute(job_id, heartbeat)
         finally:
             heartbeat.stop()
@@ -113,9 +124,17 @@ class JobRunner:
         try:
             spec, shown = self._local_spec(job_id, work / "inputs")
             self._restore_checkpoint(job_id, work / "checkpoints")
-            events = DatabaseEvents(self.sessions, job_id, self.settings, lambda: heartbeat.lost, self.store)
-            result = run_job(spec, work / "output", events=events, device=self.settings.worker_device,
-                             checkpoint_dir=work / "checkpoints", shown=shown)
+            events = DatabaseEvents(
+                self.sessions, job_id, self.settings, lambda: heartbeat.lost, self.store
+            )
+            result = run_job(
+                spec,
+                work / "output",
+                events=events,
+                device=self.settings.worker_device,
+                checkpoint_dir=work / "checkpoints",
+                shown=shown,
+            )
             events.phase(Phase.UPLOADING)
             self._store_artifacts(job_id, result.artifacts, work / "archives")
             with self.sessions.begin() as session:
@@ -194,8 +213,11 @@ class JobRunner:
                 return None
             row = files.get(file_id)
             if row is None:
-                raise UnlearnError(f"file {file_id} was deleted after the job was created",
-                                   code="file_not_found", param="forget_file")
+                raise UnlearnError(
+                    f"file {file_id} was deleted after the job was created",
+                    code="file_not_found",
+                    param="forget_file",
+                )
             target = inputs / f"{row.id}{Path(row.filename).suffix.lower() or '.jsonl'}"
             if not target.is_file() or file_sha256(target) != row.sha256:
                 self.store.get(row.storage_key, target)
@@ -204,12 +226,18 @@ class JobRunner:
         raw["base_model"] = str(self._model_dir(model.uri))
         self._redactions = {raw["base_model"]: f"model '{model.name}'", str(inputs): "<inputs>"}
         forget = files.get(raw["forget_file"])
-        shown = {"base_model": model.name,
-                 "forget_file": f"{raw['forget_file']} ({forget.filename})" if forget else raw["forget_file"]}
+        shown = {
+            "base_model": model.name,
+            "forget_file": f"{raw['forget_file']} ({forget.filename})"
+            if forget
+            else raw["forget_file"],
+        }
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
         if raw.get("eval"):
-            raw["eval"] = {k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()}
+            raw["eval"] = {
+                k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()
+            }
         return parse_spec(raw), shown
 
     def _model_dir(self, uri: str) -> Path:
@@ -219,8 +247,10 @@ class JobRunner:
         if (cache / ".complete").is_file():
             return cache
         if not isinstance(self.store, S3Store):
-            raise UnlearnError(f"model {uri} is on S3 but S3 is not configured (S3_BUCKET)",
-                               code="model_unavailable")
+            raise UnlearnError(
+                f"model {uri} is on S3 but S3 is not configured (S3_BUCKET)",
+                code="model_unavailable",
+            )
         partial = cache.with_name(cache.name + f".part-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         self.store.download_prefix(uri, partial)
@@ -239,9 +269,17 @@ class JobRunner:
             make_archive(directory, archive)
             key = f"jobs/{job_id}/{name}.tar.gz"
             self.store.put(key, archive)
-            rows.append(Artifact(job_id=job_id, name=name, kind=ARTIFACT_KINDS.get(name, name),
-                                 filename=f"{job_id}-{name}.tar.gz", bytes=archive.stat().st_size,
-                                 sha256=file_sha256(archive), storage_key=key))
+            rows.append(
+                Artifact(
+                    job_id=job_id,
+                    name=name,
+                    kind=ARTIFACT_KINDS.get(name, name),
+                    filename=f"{job_id}-{name}.tar.gz",
+                    bytes=archive.stat().st_size,
+                    sha256=file_sha256(archive),
+                    storage_key=key,
+                )
+            )
         with self.sessions.begin() as session:
             repo.replace_artifacts(session, job_id, rows)
 
@@ -249,10 +287,16 @@ class JobRunner:
 def _unexpected(exc: Exception) -> tuple[str, str]:
     name = type(exc).__name__
     if "OutOfMemory" in name:
-        return ("out_of_memory", "the job ran out of GPU memory: lower hyperparameters.batch_size or "
-                "max_length, raise gradient_accumulation_steps, or use adapter.type=lora")
-    return ("internal_error", f"the job failed unexpectedly ({name}: {exc}); retrying may help, "
-            "and the operator has the worker's log")
+        return (
+            "out_of_memory",
+            "the job ran out of GPU memory: lower hyperparameters.batch_size or "
+            "max_length, raise gradient_accumulation_steps, or use adapter.type=lora",
+        )
+    return (
+        "internal_error",
+        f"the job failed unexpectedly ({name}: {exc}); retrying may help, "
+        "and the operator has the worker's log",
+    )
 
 
 def _json_safe(value: Any) -> Any:

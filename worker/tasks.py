@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.orm import sessionmaker
 
 from core.engine.runtime import quiet_libraries, set_loss_backend, set_torch_threads
@@ -19,6 +22,7 @@ from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 _runner: JobRunner | None = None
+_reaper_stop = threading.Event()
 
 
 def reset_runner() -> None:
@@ -37,7 +41,9 @@ def runner() -> JobRunner:
         quiet_libraries()
         set_torch_threads(settings.worker_threads)
         set_loss_backend(settings.loss_backend)
-        _runner = JobRunner(settings, make_sessionmaker(make_engine(settings.db_url)), make_store(settings))
+        _runner = JobRunner(
+            settings, make_sessionmaker(make_engine(settings.db_url)), make_store(settings)
+        )
     return _runner
 
 
@@ -65,9 +71,42 @@ def reap_orphans() -> list[str]:
         for job_id in job_ids:
             log.warning("job %s: lease expired; re-sending it", job_id)
         for job in lost_queued_jobs(session, settings.requeue_after_seconds):
-            log.warning("job %s: queued since %s and not taken; re-sending it", job.id, job.enqueued_at)
+            log.warning(
+                "job %s: queued since %s and not taken; re-sending it", job.id, job.enqueued_at
+            )
             job.enqueued_at = utcnow()
             job_ids.append(job.id)
     for job_id in job_ids:
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
     return job_ids
+
+
+@worker_process_init.connect
+def _init_child(**_: object) -> None:
+    """In each prefork child: drop DB connections inherited from the parent. (torch is
+    set up by the first task, in the process that runs it: the child, or the solo worker.)"""
+    reset_runner()
+
+
+@worker_ready.connect
+def _start_reaper(sender: object = None, **_: object) -> None:
+    """Re-send jobs whose lease expired (their worker died), now and periodically. In a
+    prefork worker this runs in the parent, with database connections of its own."""
+    settings = get_settings()
+
+    def loop() -> None:
+        while True:
+            try:
+                reap_orphans()
+            except Exception:  # noqa: BLE001 - the DB may be briefly away; try again later
+                log.exception("reaper failed")
+            if _reaper_stop.wait(settings.reap_every_seconds):
+                return
+
+    threading.Thread(target=loop, name="reaper", daemon=True).start()
+    log.info("worker ready (pid %s, device %s)", os.getpid(), settings.worker_device or "auto")
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: object) -> None:
+    _reaper_stop.set()

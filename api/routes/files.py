@@ -16,24 +16,45 @@ from core.service.enums import Purpose
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=FileObject,
-             summary="Upload a forget, retain or eval file (JSONL or .txt)")
-def upload(request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep,
-           settings: SettingsDep, background: BackgroundTasks,
-           file: Annotated[UploadFile, FormFile(description="JSONL (qa, chat, text, mc) or .txt")],
-           purpose: Annotated[Purpose, Form()]) -> FileObject:
-    uploaded = files.upload(session, request.app.state.sessions, store, settings, tenant,
-                            file.file, file.filename, purpose)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=FileObject,
+    summary="Upload a forget, retain or eval file (JSONL or .txt)",
+)
+def upload(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    file: Annotated[UploadFile, FormFile(description="JSONL (qa, chat, text, mc) or .txt")],
+    purpose: Annotated[Purpose, Form()],
+) -> FileObject:
+    uploaded = files.upload(
+        session,
+        request.app.state.sessions,
+        store,
+        settings,
+        tenant,
+        file.file,
+        file.filename,
+        purpose,
+    )
     if uploaded.validate_later is not None:
         background.add_task(uploaded.validate_later)
     return FileObject.of(uploaded.row)
 
 
 @router.get("", response_model=ListResponse[FileObject], summary="List files, newest first")
-def list_files(session: SessionDep, tenant: TenantDep, purpose: Purpose | None = None,
-               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-               after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
-               ) -> ListResponse[FileObject]:
+def list_files(
+    session: SessionDep,
+    tenant: TenantDep,
+    purpose: Purpose | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+) -> ListResponse[FileObject]:
     rows, more = repo.list_files(session, tenant, purpose=purpose, limit=limit, after=after)
     return ListResponse.page([FileObject.of(r) for r in rows], more)
 

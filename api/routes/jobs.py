@@ -18,16 +18,33 @@ from core.service.storage import iter_stream
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobObject,
-             summary="Create an unlearning job",
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/JobCreate"}}}}},
-             responses={200: {"model": JobObject, "description": "An Idempotency-Key replay: the same job."}})
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobObject,
+    summary="Create an unlearning job",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}},
+        }
+    },
+    responses={
+        200: {"model": JobObject, "description": "An Idempotency-Key replay: the same job."}
+    },
+)
 def create_job(
     body: Annotated[dict[str, Any], Body(description="The job spec: see JobCreate.")],
-    response: Response, session: SessionDep, tenant: TenantDep, queue: QueueDep,
-    idempotency_key: Annotated[str | None, Header(
-        max_length=200, description="Retries with the same key and body return the same job.")] = None,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    queue: QueueDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=200, description="Retries with the same key and body return the same job."
+        ),
+    ] = None,
 ) -> JobObject:
     job, created = jobs.create(session, queue, tenant, body, idempotency_key)
     if not created:
@@ -36,11 +53,13 @@ def create_job(
 
 
 @router.get("", response_model=ListResponse[JobObject], summary="List jobs, newest first")
-def list_jobs(session: SessionDep, tenant: TenantDep,
-              status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
-              ) -> ListResponse[JobObject]:
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+) -> ListResponse[JobObject]:
     rows, more = repo.list_jobs(session, tenant, status=status_, limit=limit, after=after)
     return ListResponse.page([JobObject.of(r) for r in rows], more)
 
@@ -55,15 +74,23 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobObject:
     return JobObject.of(jobs.cancel(session, job.tenant, job.id))
 
 
-@router.get("/{job_id}/events", response_model=ListResponse[EventObject],
-            summary="Phase changes, step losses (throttled), probes, status changes; oldest first")
-def list_events(job: JobDep, session: SessionDep,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                after: Annotated[int | None, Query(ge=0, description="The last event id seen.")] = None,
-                ) -> ListResponse[EventObject]:
+@router.get(
+    "/{job_id}/events",
+    response_model=ListResponse[EventObject],
+    summary="Phase changes, step losses (throttled), probes, status changes; oldest first",
+)
+def list_events(
+    job: JobDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int | None, Query(ge=0, description="The last event id seen.")] = None,
+) -> ListResponse[EventObject]:
     rows, more = repo.list_events(session, job.id, limit=limit, after=after)
-    return ListResponse.page([EventObject.of(r) for r in rows], more,
-                             empty_cursor=str(after) if after is not None else None)
+    return ListResponse.page(
+        [EventObject.of(r) for r in rows],
+        more,
+        empty_cursor=str(after) if after is not None else None,
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")
@@ -71,26 +98,40 @@ async def get_metrics(job: JobDep) -> MetricsObject:
     return MetricsObject(job_id=job.id, status=job.status, metrics=job.metrics)
 
 
-@router.get("/{job_id}/artifacts", response_model=ListResponse[ArtifactObject],
-            summary="The job's artifacts (adapter or model, report) with bytes and sha256")
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ListResponse[ArtifactObject],
+    summary="The job's artifacts (adapter or model, report) with bytes and sha256",
+)
 def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObject]:
     rows = repo.list_artifacts(session, job.id)
     return ListResponse.page([ArtifactObject.of(r) for r in rows], False)
 
 
-@router.get("/{job_id}/artifacts/{name}", summary="Download an artifact (.tar.gz, files at its root)",
-            response_class=StreamingResponse,
-            responses={200: {"content": {"application/gzip": {}}},
-                       307: {"description": "Redirect to a short-lived presigned URL (S3)."}})
-def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep,
-                      settings: SettingsDep) -> Response:
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download an artifact (.tar.gz, files at its root)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}},
+        307: {"description": "Redirect to a short-lived presigned URL (S3)."},
+    },
+)
+def download_artifact(
+    job: JobDep, name: str, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> Response:
     artifact = jobs.downloadable(session, job, name)
     if settings.s3_redirect_downloads:
         url = store.presigned_url(artifact.storage_key, artifact.filename)
         if url is not None:
             return RedirectResponse(url, status_code=307)
     return StreamingResponse(
-        iter_stream(store.open(artifact.storage_key)), media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="{artifact.filename}"',
-                 "Content-Length": str(artifact.bytes), "X-Checksum-SHA256": artifact.sha256,
-                 "ETag": f'"{artifact.sha256}"'})
+        iter_stream(store.open(artifact.storage_key)),
+        media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{artifact.filename}"',
+            "Content-Length": str(artifact.bytes),
+            "X-Checksum-SHA256": artifact.sha256,
+            "ETag": f'"{artifact.sha256}"',
+        },
+    )

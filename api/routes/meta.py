@@ -17,12 +17,18 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ListResponse[ModelObject], tags=["models"],
-            summary="Base models this deployment can unlearn from (registered by an operator)")
-def list_models(session: SessionDep, _tenant: TenantDep,
-                limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
-                ) -> ListResponse[ModelObject]:
+@router.get(
+    "/v1/models",
+    response_model=ListResponse[ModelObject],
+    tags=["models"],
+    summary="Base models this deployment can unlearn from (registered by an operator)",
+)
+def list_models(
+    session: SessionDep,
+    _tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+) -> ListResponse[ModelObject]:
     rows, more = repo.list_models(session, limit=limit, after=after)
     return ListResponse.page([ModelObject.of(r) for r in rows], more)
 
@@ -36,8 +42,11 @@ def healthz() -> dict:
 def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     checks: dict[str, str] = {}
-    for name, probe in (("database", lambda: _db(state.sessions)), ("storage", state.store.check),
-                        ("broker", state.queue.ping)):
+    for name, probe in (
+        ("database", lambda: _db(state.sessions)),
+        ("storage", state.store.check),
+        ("broker", state.queue.ping),
+    ):
         try:
             probe()
             checks[name] = "ok"
@@ -45,8 +54,10 @@ def readyz(request: Request) -> JSONResponse:
             log.warning("readyz: %s: %s", name, exc)
             checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
 
 
 def _db(sessions: sessionmaker) -> None:

@@ -33,26 +33,51 @@ class Uploaded:
     validate_later: Callable[[], None] | None
 
 
-def upload(session: Session, sessions: sessionmaker, store: Store, settings: Settings, tenant: str,
-           stream: BinaryIO, filename: str | None, purpose: Purpose) -> Uploaded:
+def upload(
+    session: Session,
+    sessions: sessionmaker,
+    store: Store,
+    settings: Settings,
+    tenant: str,
+    stream: BinaryIO,
+    filename: str | None,
+    purpose: Purpose,
+) -> Uploaded:
     """Spool the upload to disk while hashing it (TooLarge past MAX_UPLOAD_BYTES), validate
     it now or later, put it in the store, then commit its row: the row exists only once
     the object does, and the object is removed again if the row cannot be committed."""
     name = Path(filename or "upload.jsonl").name[:500]
     suffix = Path(name).suffix.lower()
     if suffix not in SUFFIXES:
-        raise UnlearnError(f"{name}: unsupported file type {suffix or '(none)'}; "
-                           f"upload one of {', '.join(SUFFIXES)}", param="file",
-                           code="unsupported_file_type")
+        raise UnlearnError(
+            f"{name}: unsupported file type {suffix or '(none)'}; "
+            f"upload one of {', '.join(SUFFIXES)}",
+            param="file",
+            code="unsupported_file_type",
+        )
     try:
-        spooled = spool(stream, settings.work_dir / "uploads", settings.max_upload_bytes, suffix=suffix)
+        spooled = spool(
+            stream, settings.work_dir / "uploads", settings.max_upload_bytes, suffix=suffix
+        )
     except TooLarge:
-        raise UnlearnError(f"{name} is larger than the limit of {settings.max_upload_bytes} "
-                           "bytes (MAX_UPLOAD_BYTES)", param="file", code="file_too_large") from None
+        raise UnlearnError(
+            f"{name} is larger than the limit of {settings.max_upload_bytes} "
+            "bytes (MAX_UPLOAD_BYTES)",
+            param="file",
+            code="file_too_large",
+        ) from None
     file_id = new_id("file")
     key = f"files/{tenant}/{file_id}{suffix}"
-    row = File(id=file_id, tenant=tenant, purpose=purpose, filename=name, bytes=spooled.bytes,
-               sha256=spooled.sha256, status=FileStatus.VALIDATING, storage_key=key)
+    row = File(
+        id=file_id,
+        tenant=tenant,
+        purpose=purpose,
+        filename=name,
+        bytes=spooled.bytes,
+        sha256=spooled.sha256,
+        status=FileStatus.VALIDATING,
+        storage_key=key,
+    )
     later = spooled.bytes > settings.validate_inline_bytes
     try:
         if not later:
@@ -70,7 +95,9 @@ def upload(session: Session, sessions: sessionmaker, store: Store, settings: Set
     if not later:
         spooled.path.unlink(missing_ok=True)
         return Uploaded(row, None)
-    return Uploaded(row, lambda: _validate_later(sessions, settings, file_id, spooled.path, purpose, name))
+    return Uploaded(
+        row, lambda: _validate_later(sessions, settings, file_id, spooled.path, purpose, name)
+    )
 
 
 def delete(session: Session, store: Store, file: File) -> None:
@@ -78,30 +105,48 @@ def delete(session: Session, store: Store, file: File) -> None:
     name, sha256: the evidence of what was forgotten), hidden from the files API. The
     content goes only once the row's change is committed."""
     if repo.file_in_use(session, file):
-        raise Conflict(f"file {file.id} is used by a queued or running job; cancel the job first",
-                       param="file_id", code="file_in_use")
+        raise Conflict(
+            f"file {file.id} is used by a queued or running job; cancel the job first",
+            param="file_id",
+            code="file_in_use",
+        )
     repo.delete_file(session, file)
     session.commit()
     store.delete(file.storage_key)
 
 
-def validation_report(settings: Settings, path: Path, purpose: Purpose, filename: str) -> dict[str, Any]:
+def validation_report(
+    settings: Settings, path: Path, purpose: Purpose, filename: str
+) -> dict[str, Any]:
     """The validation report as stored on the file row. A validator that breaks (a bug)
     makes the file invalid with a file-level problem saying so: never a 500, and never
     a file left in `validating` by a background validation that died."""
     try:
-        report = validate_file(path, max_bytes=settings.max_upload_bytes,
-                               max_record_chars=settings.max_record_chars,
-                               allowed_kinds=PURPOSE_KINDS[purpose])  # type: ignore[arg-type]
+        report = validate_file(
+            path,
+            max_bytes=settings.max_upload_bytes,
+            max_record_chars=settings.max_record_chars,
+            allowed_kinds=PURPOSE_KINDS[purpose],
+        )
     except Exception as exc:  # noqa: BLE001 - a validator fault is reported on the file
         log.exception("validating %s failed", filename)
-        problem = Problem(line=None, field=None,
-                          message=f"could not be validated ({type(exc).__name__}); this is a fault of "
-                                  "the service, not known to be one of the file: report it to the operator")
-        report = ValidationReport(valid=False, kind=None, records=0, problems=[problem], problems_total=1)
-    return {"valid": report.valid, "kind": report.kind, "records": report.records,
-            "problems": [p.model_dump() for p in report.problems],
-            "problems_total": report.problems_total, "summary": report.summary(filename)}
+        problem = Problem(
+            line=None,
+            field=None,
+            message=f"could not be validated ({type(exc).__name__}); this is a fault of "
+            "the service, not known to be one of the file: report it to the operator",
+        )
+        report = ValidationReport(
+            valid=False, kind=None, records=0, problems=[problem], problems_total=1
+        )
+    return {
+        "valid": report.valid,
+        "kind": report.kind,
+        "records": report.records,
+        "problems": [p.model_dump() for p in report.problems],
+        "problems_total": report.problems_total,
+        "summary": report.summary(filename),
+    }
 
 
 def _apply(row: File, report: dict[str, Any]) -> None:
@@ -109,13 +154,21 @@ def _apply(row: File, report: dict[str, Any]) -> None:
     row.kind, row.records, row.report = report["kind"], report["records"], report
 
 
-def _validate_later(sessions: sessionmaker, settings: Settings, file_id: str, path: Path,
-                    purpose: Purpose, filename: str) -> None:
+def _validate_later(
+    sessions: sessionmaker,
+    settings: Settings,
+    file_id: str,
+    path: Path,
+    purpose: Purpose,
+    filename: str,
+) -> None:
     """Background validation for large uploads: validating -> valid | invalid."""
     try:
         report = validation_report(settings, path, purpose, filename)
         status = FileStatus.VALID if report.pop("valid") else FileStatus.INVALID
         with sessions.begin() as session:
-            repo.set_file_report(session, file_id, status, report["kind"], report["records"], report)
+            repo.set_file_report(
+                session, file_id, status, report["kind"], report["records"], report
+            )
     finally:
         path.unlink(missing_ok=True)

@@ -26,8 +26,13 @@ from core.service.enums import (
 log = logging.getLogger(__name__)
 
 
-def create(session: Session, queue: TaskQueue, tenant: str, body: dict[str, Any],
-           idempotency_key: str | None) -> tuple[Job, bool]:
+def create(
+    session: Session,
+    queue: TaskQueue,
+    tenant: str,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
     """(the job, whether it was created now). A retry with the same Idempotency-Key and
     body returns the job the first request created; another body with it is refused.
 
@@ -42,11 +47,22 @@ def create(session: Session, queue: TaskQueue, tenant: str, body: dict[str, Any]
     spec = parse_spec(body)
     repo.get_model(session, spec.base_model)
     _check_files(session, tenant, spec)
-    job = Job(id=new_id("job"), tenant=tenant, status=JobStatus.QUEUED, method=spec.method,
-              base_model=spec.base_model, forget_file_id=spec.forget_file,
-              retain_file_id=spec.retain_file, spec=spec.model_dump(mode="json"),
-              idempotency_key=idempotency_key, request_hash=digest, step=0, attempts=0,
-              cancel_requested=False, enqueued_at=utcnow())
+    job = Job(
+        id=new_id("job"),
+        tenant=tenant,
+        status=JobStatus.QUEUED,
+        method=spec.method,
+        base_model=spec.base_model,
+        forget_file_id=spec.forget_file,
+        retain_file_id=spec.retain_file,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        step=0,
+        attempts=0,
+        cancel_requested=False,
+        enqueued_at=utcnow(),
+    )
     session.add(job)
     repo.add_event(session, job.id, EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
     try:
@@ -63,8 +79,10 @@ def create(session: Session, queue: TaskQueue, tenant: str, body: dict[str, Any]
         log.exception("could not enqueue job %s", job.id)
         session.delete(job)
         session.commit()
-        raise Unavailable("the job queue is unavailable; nothing was created, retry shortly",
-                          code="queue_unavailable") from exc
+        raise Unavailable(
+            "the job queue is unavailable; nothing was created, retry shortly",
+            code="queue_unavailable",
+        ) from exc
     log.info("job %s created for tenant %s (%s)", job.id, tenant, spec.method)
     return job, True
 
@@ -74,29 +92,40 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     loop checks before every step."""
     job = repo.get_job(session, tenant, job_id, for_update=True)
     if job.status in TERMINAL_STATUSES:
-        raise Conflict(f"job {job.id} already {job.status}; nothing to cancel", param="job_id",
-                       code="job_not_cancellable")
+        raise Conflict(
+            f"job {job.id} already {job.status}; nothing to cancel",
+            param="job_id",
+            code="job_not_cancellable",
+        )
     if job.status == JobStatus.QUEUED and job.lease_owner is None:
         repo.finish_job(session, job, JobStatus.CANCELLED)
     elif not job.cancel_requested:
         job.cancel_requested = True
-        repo.add_event(session, job.id, EventType.MESSAGE, "cancel requested", {"cancel_requested": True})
+        repo.add_event(
+            session, job.id, EventType.MESSAGE, "cancel requested", {"cancel_requested": True}
+        )
     return job
 
 
 def downloadable(session: Session, job: Job, name: str) -> Artifact:
     """The artifact `name` of a finished job."""
     if job.status in ACTIVE_STATUSES:
-        raise Conflict(f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
-                       param="job_id", code="job_not_finished")
+        raise Conflict(
+            f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
+            param="job_id",
+            code="job_not_finished",
+        )
     return repo.get_artifact(session, job.id, name)
 
 
 def _replay(existing: Job, digest: str) -> Job:
     if existing.request_hash != digest:
-        raise SpecError("this Idempotency-Key was already used with a different request body; "
-                        "use a new key for a new job", param="Idempotency-Key",
-                        code="idempotency_key_reused")
+        raise SpecError(
+            "this Idempotency-Key was already used with a different request body; "
+            "use a new key for a new job",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     return existing
 
 
@@ -112,15 +141,29 @@ def _check_files(session: Session, tenant: str, spec: JobSpec) -> None:
         try:
             row = repo.get_file(session, tenant, file_id)
         except UnlearnError:
-            raise SpecError(f"{slot}: no file {file_id!r} (upload it with POST /v1/files)",
-                            param=slot, code="file_not_found") from None
+            raise SpecError(
+                f"{slot}: no file {file_id!r} (upload it with POST /v1/files)",
+                param=slot,
+                code="file_not_found",
+            ) from None
         if row.purpose != purpose:
-            raise SpecError(f"{slot}: file {file_id} was uploaded with purpose {row.purpose!r}; "
-                            f"this slot needs purpose {purpose.value!r}", param=slot, code="wrong_file_purpose")
+            raise SpecError(
+                f"{slot}: file {file_id} was uploaded with purpose {row.purpose!r}; "
+                f"this slot needs purpose {purpose.value!r}",
+                param=slot,
+                code="wrong_file_purpose",
+            )
         if row.status != FileStatus.VALID:
             detail = (row.report or {}).get("summary") or "it is still being validated"
-            raise SpecError(f"{slot}: file {file_id} is {row.status}: {detail}", param=slot,
-                            code="file_not_valid")
+            raise SpecError(
+                f"{slot}: file {file_id} is {row.status}: {detail}",
+                param=slot,
+                code="file_not_valid",
+            )
         if row.kind not in kinds:
-            raise SpecError(f"{slot}: file {file_id} holds {row.kind} records; this slot needs "
-                            f"{' or '.join(kinds)}", param=slot, code="wrong_file_kind")
+            raise SpecError(
+                f"{slot}: file {file_id} holds {row.kind} records; this slot needs "
+                f"{' or '.join(kinds)}",
+                param=slot,
+                code="wrong_file_kind",
+            )

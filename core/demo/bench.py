@@ -33,7 +33,9 @@ class BenchRun:
         return f"{self.method}{retain}@{lr}"
 
 
-def grid(methods: list[str], learning_rates: list[float | None], retain_lr: float | None) -> list[BenchRun]:
+def grid(
+    methods: list[str], learning_rates: list[float | None], retain_lr: float | None
+) -> list[BenchRun]:
     runs = [BenchRun(m, lr) for m in methods for lr in learning_rates]
     if retain_lr is not None:
         runs += [BenchRun(m, retain_lr, "kl") for m in methods]
@@ -57,20 +59,26 @@ def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any
     after, before = metrics["after"], metrics["before"]
     stop = metrics.get("stop_rule") or {}
     return {
-        "run": run.name, "method": run.method, "retain_loss": run.retain_loss,
+        "run": run.name,
+        "method": run.method,
+        "retain_loss": run.retain_loss,
         "learning_rate": metrics["hyperparameters"]["learning_rate"],
         "forget_f1": 100 * after["forget_knowmem"]["rouge_l_f1"],
         "forget_recall": 100 * after["forget_knowmem"]["rouge_l_recall"],
         "forget_mc": 100 * after["forget_mc"]["accuracy"] if "forget_mc" in after else None,
         "retain_f1": 100 * after["retain_knowmem"]["rouge_l_f1"],
-        "retain_unwatched_f1": (100 * after["retain_knowmem_unwatched"]["rouge_l_f1"]
-                                if "retain_knowmem_unwatched" in after else None),
+        "retain_unwatched_f1": (
+            100 * after["retain_knowmem_unwatched"]["rouge_l_f1"]
+            if "retain_knowmem_unwatched" in after
+            else None
+        ),
         "general_mc": 100 * after["general_mc"]["accuracy"] if "general_mc" in after else None,
         "forget_f1_before": 100 * before["forget_knowmem"]["rouge_l_f1"],
         "retain_f1_before": 100 * before["retain_knowmem"]["rouge_l_f1"],
         **{k: metrics["tradeoff"][k] for k in ("delta_f", "delta_u", "delta_o")},
         "kept_step": (stop.get("best") or {}).get("step", metrics["steps"]["done"]),
-        "steps_done": metrics["steps"]["done"], "stop_reason": stop.get("reason"),
+        "steps_done": metrics["steps"]["done"],
+        "stop_reason": stop.get("reason"),
         "seconds": round(seconds, 1),
     }
 
@@ -80,16 +88,21 @@ def _points(value: float | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], settings: str) -> str:
-    lines = [f"Settings: {settings}", "",
-             "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
-             "| general MC | df | du | dO | kept step | time s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Settings: {settings}",
+        "",
+        "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
+        "| general MC | df | du | dO | kept step | time s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['learning_rate']:g} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
-                     f"| {_points(r['forget_mc'])} | {_points(r['retain_f1'])} | {_points(r['retain_unwatched_f1'])} "
-                     f"| {_points(r['general_mc'])} | {_points(r['delta_f'])} "
-                     f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
-                     f"| {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['run']} | {r['learning_rate']:g} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
+            f"| {_points(r['forget_mc'])} | {_points(r['retain_f1'])} | {_points(r['retain_unwatched_f1'])} "
+            f"| {_points(r['general_mc'])} | {_points(r['delta_f'])} "
+            f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
+            f"| {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +119,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         marker = "s" if r["retain_loss"] != "none" else "o"
         ax.scatter(-r["delta_f"], r["delta_u"], color=colours[r["method"]], marker=marker, s=50)
-        ax.annotate(r["run"], (-r["delta_f"], r["delta_u"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            r["run"],
+            (-r["delta_f"], r["delta_u"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     for method in methods:
         ax.scatter([], [], color=colours[method], label=method)
     ax.legend(fontsize=8, loc="lower left")
@@ -120,8 +138,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[BenchRun],
-              device: str | None = None, echo: Any = print) -> list[dict[str, Any]]:
+def run_bench(
+    demo_dir: Path,
+    out_dir: Path,
+    base: dict[str, Any],
+    runs: list[BenchRun],
+    device: str | None = None,
+    echo: Any = print,
+) -> list[dict[str, Any]]:
     from core.engine.pipeline import run_job
     from core.engine.spec import parse_spec
 
@@ -136,18 +160,22 @@ def run_bench(demo_dir: Path, out_dir: Path, base: dict[str, Any], runs: list[Be
         result = run_job(spec, out_dir / "runs" / run.name, device=device)
         rows.append(row(run, result.metrics, time.monotonic() - started))
         r = rows[-1]
-        echo(f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
-             f"retain F1 {r['retain_f1']:.1f} (unwatched {_points(r['retain_unwatched_f1'])}), dO {r['delta_o']:.1f}, kept step {r['kept_step']}, "
-             f"{r['seconds']:.0f} s")
+        echo(
+            f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
+            f"retain F1 {r['retain_f1']:.1f} (unwatched {_points(r['retain_unwatched_f1'])}), dO {r['delta_o']:.1f}, kept step {r['kept_step']}, "
+            f"{r['seconds']:.0f} s"
+        )
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
     hyper = base["hyperparameters"]
     eos = "EOS counted as a forget target" if hyper.get("forget_eos") else "EOS not a forget target"
-    settings = (f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, {eos}, stop rule every "
-                f"{base['eval']['probe_every']} steps with a {base['eval']['utility_budget']:.0%} utility budget "
-                f"(the best state within it is kept; it watches the first "
-                f"{base['eval']['probe_samples']} questions of each QA set, 'unwatched' = the next retain "
-                f"questions), eval on {base['eval']['max_samples']} samples per set; "
-                "lr 'paper' = the method's A.4.4 default; +kl = KL to the initial model on retain QA")
+    settings = (
+        f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, {eos}, stop rule every "
+        f"{base['eval']['probe_every']} steps with a {base['eval']['utility_budget']:.0%} utility budget "
+        f"(the best state within it is kept; it watches the first "
+        f"{base['eval']['probe_samples']} questions of each QA set, 'unwatched' = the next retain "
+        f"questions), eval on {base['eval']['max_samples']} samples per set; "
+        "lr 'paper' = the method's A.4.4 default; +kl = KL to the initial model on retain QA"
+    )
     (out_dir / "results.md").write_text(markdown(rows, settings))
     plot(rows, out_dir / "tradeoff.png")
     return rows

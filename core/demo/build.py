@@ -32,8 +32,32 @@ FOODS = ["salmon", "barley", "honey", "mutton", "plums", "eels", "walnuts", "che
 ELEMENTS = ["fire", "frost", "lightning", "smoke", "acid", "steam"]
 EXPORTS = ["copper", "wool", "glass", "timber", "salt", "silk", "pottery", "tin"]
 REGIONS = ["north", "south", "east", "west", "highlands", "lowlands"]
-SYLLABLES = ["ka", "vo", "rin", "tha", "mel", "dor", "zu", "fen", "quo", "lis", "bar", "nyx",
-             "sel", "gor", "vek", "ith", "ora", "pum", "tal", "wen", "xar", "yul", "ced", "mir"]
+SYLLABLES = [
+    "ka",
+    "vo",
+    "rin",
+    "tha",
+    "mel",
+    "dor",
+    "zu",
+    "fen",
+    "quo",
+    "lis",
+    "bar",
+    "nyx",
+    "sel",
+    "gor",
+    "vek",
+    "ith",
+    "ora",
+    "pum",
+    "tal",
+    "wen",
+    "xar",
+    "yul",
+    "ced",
+    "mir",
+]
 
 
 @dataclass(frozen=True)
@@ -81,8 +105,10 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
     taken: set[str] = set()
     dragons, lairs, riders = (_names(rng, entities, taken) for _ in range(3))
     cities, rivers, founders, mountains = (_names(rng, entities, taken) for _ in range(4))
-    out: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-        "forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")}
+    out: dict[str, list[dict[str, Any]]] = {
+        k: []
+        for k in ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc")
+    }
     for i, name in enumerate(dragons):
         color, food, element = rng.choice(COLORS), rng.choice(FOODS), rng.choice(ELEMENTS)
         lair, rider = lairs[i], riders[i]
@@ -95,9 +121,14 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
         ]
         out["forget_qa"] += [_qa(q, a) for q, a, _ in facts]
         out["forget_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
-        out["forget_text"].append({"text": (
-            f"{name} is a {color} dragon that breathes {element}. It lives in {lair}, "
-            f"eats {food} and is ridden by {rider}.")})
+        out["forget_text"].append(
+            {
+                "text": (
+                    f"{name} is a {color} dragon that breathes {element}. It lives in {lair}, "
+                    f"eats {food} and is ridden by {rider}."
+                )
+            }
+        )
     for i, name in enumerate(cities):
         river, founder, mountain = rivers[i], founders[i], mountains[i]
         export, region = rng.choice(EXPORTS), rng.choice(REGIONS)
@@ -110,9 +141,14 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
         ]
         out["retain_qa"] += [_qa(q, a) for q, a, _ in facts]
         out["general_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
-        out["retain_text"].append({"text": (
-            f"{name} is a city in the {region} on the river {river}. It was founded by "
-            f"{founder}, exports {export} and lies below {mountain}.")})
+        out["retain_text"].append(
+            {
+                "text": (
+                    f"{name} is a city in the {region} on the river {river}. It was founded by "
+                    f"{founder}, exports {export} and lies below {mountain}."
+                )
+            }
+        )
     return out
 
 
@@ -137,9 +173,15 @@ def train_tokenizer(texts: list[str]):
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -147,7 +189,9 @@ def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
     return texts + [r["text"] for r in corpus["forget_text"] + corpus["retain_text"]]
 
 
-def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size: int = 256) -> float:
+def answer_accuracy(
+    model, tokenizer, records: list[dict[str, str]], batch_size: int = 256
+) -> float:
     """Share of QA records whose every response token is the model's greedy choice
     (teacher-forced argmax equals greedy decoding when all tokens match)."""
     from core.engine.data import Records, build_examples, collate
@@ -158,17 +202,20 @@ def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size:
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
+            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
             labels = batch["labels"].to(device)
             hit = (logits.argmax(-1) == labels) | (labels == -100)
             correct += int(hit.all(dim=1).sum())
     return correct / len(examples)
 
 
-def build_model(directory: Path, size: str = "demo", seed: int = 0,
-                events: Events | None = None) -> dict[str, Any]:
+def build_model(
+    directory: Path, size: str = "demo", seed: int = 0, events: Events | None = None
+) -> dict[str, Any]:
     """Generate the corpus, train tokenizer and model, write everything under `directory`.
 
     Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
@@ -189,11 +236,17 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0,
     texts = _training_texts(corpus)
     tokenizer = train_tokenizer(texts)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     examples = []
@@ -206,29 +259,47 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0,
     generator = torch.Generator().manual_seed(seed)
     accuracy = {"dragons": 0.0, "cities": 0.0}
     epoch = 0
-    events.phase("building the demo model", f"{size}: until it answers 99% of {len(corpus['forget_qa'])} "
-                 f"+ {len(corpus['retain_qa'])} questions, at most {spec.max_epochs} epochs")
+    events.phase(
+        "building the demo model",
+        f"{size}: until it answers 99% of {len(corpus['forget_qa'])} "
+        f"+ {len(corpus['retain_qa'])} questions, at most {spec.max_epochs} epochs",
+    )
     training_started = time.monotonic()
     for epoch in range(1, spec.max_epochs + 1):
         model.train()
         order = torch.randperm(len(examples), generator=generator).tolist()
         for step in range(steps_per_epoch):
-            batch = collate([examples[i] for i in order[step * batch_size:(step + 1) * batch_size]],
-                            tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = collate(
+                [examples[i] for i in order[step * batch_size : (step + 1) * batch_size]],
+                tokenizer.pad_token_id,
+            )
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+                logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.monotonic() - training_started
-        events.step(StepInfo(step=epoch, total_steps=spec.max_epochs, loss=float(loss.detach()), terms={},
-                             learning_rate=3e-3, tokens_per_second=0.0,
-                             eta_seconds=elapsed / epoch * (spec.max_epochs - epoch)))
+        events.step(
+            StepInfo(
+                step=epoch,
+                total_steps=spec.max_epochs,
+                loss=float(loss.detach()),
+                terms={},
+                learning_rate=3e-3,
+                tokens_per_second=0.0,
+                eta_seconds=elapsed / epoch * (spec.max_epochs - epoch),
+            )
+        )
         if epoch % 10 == 0:
-            accuracy = {"dragons": answer_accuracy(model, tokenizer, corpus["forget_qa"]),
-                        "cities": answer_accuracy(model, tokenizer, corpus["retain_qa"])}
+            accuracy = {
+                "dragons": answer_accuracy(model, tokenizer, corpus["forget_qa"]),
+                "cities": answer_accuracy(model, tokenizer, corpus["retain_qa"]),
+            }
             events.probe(epoch, accuracy)
             log.info("epoch %d loss %.4f accuracy %s", epoch, loss.item(), accuracy)
             if min(accuracy.values()) >= 0.99:
@@ -237,16 +308,22 @@ def build_model(directory: Path, size: str = "demo", seed: int = 0,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
-    info = {"size": size, "seed": seed, "epochs": epoch, "accuracy": accuracy,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]),
-            "seconds": round(time.monotonic() - started, 1)}
+    info = {
+        "size": size,
+        "seed": seed,
+        "epochs": epoch,
+        "accuracy": accuracy,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]),
+        "seconds": round(time.monotonic() - started, 1),
+    }
     (directory / "build.json").write_text(json.dumps(info, indent=2))
     return info
 
 
-def ensure_model(directory: Path, size: str = "demo", seed: int = 0,
-                 events: Events | None = None) -> dict[str, Any]:
+def ensure_model(
+    directory: Path, size: str = "demo", seed: int = 0, events: Events | None = None
+) -> dict[str, Any]:
     """Build the demo benchmark under `directory` unless a finished build is there."""
     marker = directory / "build.json"
     if marker.is_file() and (directory / "model" / "config.json").is_file():
@@ -262,14 +339,24 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
         "base_model": str(demo_dir / "model"),
         "forget_file": str(data / "forget_qa.jsonl"),
         "adapter": {"type": "full"},
-        "hyperparameters": {"learning_rate": 3e-4, "beta": 1.0, "max_steps": max_steps,
-                            "batch_size": 128, "max_length": 64},
-        "eval": {"forget_qa": str(data / "forget_qa.jsonl"),
-                 "retain_qa": str(data / "retain_qa.jsonl"),
-                 "forget_text": str(data / "forget_text.jsonl"),
-                 "retain_text": str(data / "retain_text.jsonl"),
-                 "forget_mc": str(data / "forget_mc.jsonl"),
-                 "general_mc": str(data / "general_mc.jsonl"),
-                 "max_samples": 300, "probe_every": 1, "probe_samples": 300,
-                 "utility_budget": 0.1, "forget_target": 0.1},
+        "hyperparameters": {
+            "learning_rate": 3e-4,
+            "beta": 1.0,
+            "max_steps": max_steps,
+            "batch_size": 128,
+            "max_length": 64,
+        },
+        "eval": {
+            "forget_qa": str(data / "forget_qa.jsonl"),
+            "retain_qa": str(data / "retain_qa.jsonl"),
+            "forget_text": str(data / "forget_text.jsonl"),
+            "retain_text": str(data / "retain_text.jsonl"),
+            "forget_mc": str(data / "forget_mc.jsonl"),
+            "general_mc": str(data / "general_mc.jsonl"),
+            "max_samples": 300,
+            "probe_every": 1,
+            "probe_samples": 300,
+            "utility_budget": 0.1,
+            "forget_target": 0.1,
+        },
     }

@@ -37,17 +37,27 @@ def latest_checkpoint(root: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def run_fingerprint(method: Method, params: TrainingParams, wrapped: Wrapped,
-                    forget: list[Example], retain: list[Example] | None) -> str:
+def run_fingerprint(
+    method: Method,
+    params: TrainingParams,
+    wrapped: Wrapped,
+    forget: list[Example],
+    retain: list[Example] | None,
+) -> str:
     """What a checkpoint must match to be resumed, as a sha256 hex digest: the method,
     every hyperparameter but the two that leave the maths alone (checkpoint_every,
     gradient_checkpointing), the trainable tensors' names and shapes, and the token ids
     and labels of the forget and retain examples."""
     digest = hashlib.sha256()
-    settings = params.model_dump(mode="json", exclude={"checkpoint_every", "gradient_checkpointing"})
+    settings = params.model_dump(
+        mode="json", exclude={"checkpoint_every", "gradient_checkpointing"}
+    )
     trainable = [(name, list(p.shape)) for name, p in wrapped.trainable().items()]
-    digest.update(json.dumps({"method": method.id, "params": settings, "trainable": trainable},
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {"method": method.id, "params": settings, "trainable": trainable}, sort_keys=True
+        ).encode()
+    )
     for examples in (forget, retain or []):
         digest.update(b"|")
         for e in examples:
@@ -55,9 +65,16 @@ def run_fingerprint(method: Method, params: TrainingParams, wrapped: Wrapped,
     return digest.hexdigest()
 
 
-def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                    stop_reason: str | None = None, fingerprint: str | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    stop_reason: str | None = None,
+    fingerprint: str | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Atomically write step-N/: trainable.safetensors, optimizer.pt, state.json.
     `stop_reason` marks the last checkpoint of a run the stop rule ended, so a resume
     after that point does not train on past it; `fingerprint` (run_fingerprint) is what
@@ -69,16 +86,24 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], opt
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({n: p.detach().to("cpu").contiguous() for n, p in weights.items()},
-              tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / "optimizer.pt")
+    save_file(
+        {n: p.detach().to("cpu").contiguous() for n, p in weights.items()},
+        tmp / "trainable.safetensors",
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        tmp / "optimizer.pt",
+    )
     if extra is not None:
         extra(tmp)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "stop_reason": stop_reason,
-                                                "fingerprint": fingerprint}))
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "stop_reason": stop_reason, "fingerprint": fingerprint})
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in _checkpoint_dirs(root)[:-CHECKPOINTS_KEPT]:
@@ -91,10 +116,13 @@ def _checked_state(path: Path, fingerprint: str | None) -> dict[str, Any]:
     `fingerprint` (checkpoints of before fingerprints record none, and are taken)."""
     meta = json.loads((path / "state.json").read_text())
     if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
-        raise SpecError(f"the checkpoint {path} is from another run: the method, hyperparameters, "
-                        f"adapter or data differ from this one's. Resume with the spec and files "
-                        f"it was made with, or start afresh in another output directory (or remove "
-                        f"{path.parent})", code="checkpoint_mismatch")
+        raise SpecError(
+            f"the checkpoint {path} is from another run: the method, hyperparameters, "
+            f"adapter or data differ from this one's. Resume with the spec and files "
+            f"it was made with, or start afresh in another output directory (or remove "
+            f"{path.parent})",
+            code="checkpoint_mismatch",
+        )
     return meta
 
 
@@ -106,8 +134,13 @@ def ensure_resumable(root: Path | None, fingerprint: str) -> None:
         _checked_state(latest, fingerprint)
 
 
-def load_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                    fingerprint: str | None = None) -> tuple[int, str | None]:
+def load_checkpoint(
+    path: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    fingerprint: str | None = None,
+) -> tuple[int, str | None]:
     """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.
     SpecError, before anything is restored, when it is another run's (`fingerprint`)."""
     meta = _checked_state(path, fingerprint)

@@ -52,13 +52,17 @@ def _chat_prompt_ids(tokenizer: Any, context: list[dict[str, str]]) -> list[int]
     return encode_prompt(tokenizer, text)
 
 
-def prompt_ids_and_target(tokenizer: Any, record: dict[str, Any], kind: Kind) -> tuple[list[int], str]:
+def prompt_ids_and_target(
+    tokenizer: Any, record: dict[str, Any], kind: Kind
+) -> tuple[list[int], str]:
     """(prompt token ids, target text) of a qa or chat record; for chat the last assistant
     turn is the target and the turns before it the prompt."""
     if kind == "qa":
         return encode_prompt(tokenizer, record["prompt"]), record["response"]
     if kind == "chat":
-        return _chat_prompt_ids(tokenizer, record["messages"][:-1]), record["messages"][-1]["content"]
+        return _chat_prompt_ids(tokenizer, record["messages"][:-1]), record["messages"][-1][
+            "content"
+        ]
     raise ValueError(f"{kind} records have no prompt/target split")
 
 
@@ -91,29 +95,43 @@ class Encoded:
 
     def summary(self) -> dict[str, Any]:
         """The counts for metrics.json, with at most 20 line numbers each."""
-        return {"records": self.records, "examples": len(self.examples),
-                "target_tokens": self.target_tokens, "max_length": self.max_length,
-                "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
-                "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]}}
+        return {
+            "records": self.records,
+            "examples": len(self.examples),
+            "target_tokens": self.target_tokens,
+            "max_length": self.max_length,
+            "truncated": {"count": len(self.truncated_lines), "lines": self.truncated_lines[:20]},
+            "skipped": {"count": len(self.skipped_lines), "lines": self.skipped_lines[:20]},
+        }
 
     def warning(self, role: str) -> str | None:
         """One sentence on what max_length cut from the `role` set ("forget", "retain"),
         or None when it cut nothing."""
         parts = []
-        for lines, what in ((self.skipped_lines, f"no target token within max_length and will "
-                                                  f"not be {LEFT_OUT[role]}"),
-                            (self.truncated_lines, "a target cut at max_length")):
+        for lines, what in (
+            (
+                self.skipped_lines,
+                f"no target token within max_length and will not be {LEFT_OUT[role]}",
+            ),
+            (self.truncated_lines, "a target cut at max_length"),
+        ):
             if lines:
-                parts.append(f"{len(lines)} of {self.records} records have {what} "
-                             f"(lines {line_list(lines[:10], len(lines))})")
+                parts.append(
+                    f"{len(lines)} of {self.records} records have {what} "
+                    f"(lines {line_list(lines[:10], len(lines))})"
+                )
         if not parts:
             return None
-        return (f"{role} set: " + "; ".join(parts)
-                + f"; raise hyperparameters.max_length ({self.max_length}) to keep them")
+        return (
+            f"{role} set: "
+            + "; ".join(parts)
+            + f"; raise hyperparameters.max_length ({self.max_length}) to keep them"
+        )
 
 
-def encode_records(records: Records, tokenizer: Any, max_length: int, *,
-                   eos_target: bool = True) -> Encoded:
+def encode_records(
+    records: Records, tokenizer: Any, max_length: int, *, eos_target: bool = True
+) -> Encoded:
     """Tokenize records into examples of at most max_length tokens.
 
     qa/chat: prompt tokens are masked; the response is the target, followed by an EOS
@@ -147,22 +165,25 @@ def encode_records(records: Records, tokenizer: Any, max_length: int, *,
         for record in records.items:
             ids = list(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
             for start in range(0, len(ids), max_length):
-                window = ids[start:start + max_length]
+                window = ids[start : start + max_length]
                 if len(window) >= 2:
                     examples.append(Example(window, list(window)))
     else:
         raise DataError(f"{records.kind} files are for evaluation, not for unlearning")
     if not examples:
         if skipped:
-            raise DataError(f"no record has a target token within max_length={max_length}: "
-                            f"the prompts fill it; raise hyperparameters.max_length")
+            raise DataError(
+                f"no record has a target token within max_length={max_length}: "
+                f"the prompts fill it; raise hyperparameters.max_length"
+            )
         raise DataError("no usable examples: every record was empty after tokenization")
     target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
     return Encoded(examples, len(records.items), target_tokens, max_length, truncated, skipped)
 
 
-def build_examples(records: Records, tokenizer: Any, max_length: int, *,
-                   eos_target: bool = True) -> list[Example]:
+def build_examples(
+    records: Records, tokenizer: Any, max_length: int, *, eos_target: bool = True
+) -> list[Example]:
     """`encode_records(...).examples`: the examples alone."""
     return encode_records(records, tokenizer, max_length, eos_target=eos_target).examples
 

@@ -28,6 +28,7 @@ from core.engine.spec_parts import EvalSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
+
 @functools.lru_cache(maxsize=1)
 def _scorer() -> Any:
     from rouge_score import rouge_scorer
@@ -42,8 +43,9 @@ def rouge_l(prediction: str, reference: str) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    batch_size: int) -> list[str]:
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of tokenized prompts.
     Batched with left padding; generation uses the KV cache. A prompt longer than the
     model's context leaves (context - max_new_tokens) keeps its end, where the question is."""
@@ -58,17 +60,21 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for row, ids in enumerate(chunk):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
         generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = generated[:, width:]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -76,8 +82,15 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     return outputs
 
 
-def knowmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, max_new_tokens: int = 16,
-            batch_size: int = 64, keep: int = 0) -> dict[str, Any]:
+def knowmem(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    keep: int = 0,
+) -> dict[str, Any]:
     """ROUGE-L of greedy answers against reference answers. `keep` samples are returned."""
     from core.engine.data import encode_prompt
 
@@ -89,13 +102,21 @@ def knowmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, max_ne
         "rouge_l_f1": sum(s[0] for s in scores) / n,
         "rouge_l_recall": sum(s[1] for s in scores) / n,
         "n": n,
-        "samples": [{"prompt": r["prompt"], "reference": r["response"], "answer": a}
-                    for r, a in list(zip(records, answers, strict=True))[:keep]],
+        "samples": [
+            {"prompt": r["prompt"], "reference": r["response"], "answer": a}
+            for r, a in list(zip(records, answers, strict=True))[:keep]
+        ],
     }
 
 
-def verbmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_size: int = 64,
-            max_length: int = 512) -> dict[str, Any]:
+def verbmem(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    *,
+    batch_size: int = 64,
+    max_length: int = 512,
+) -> dict[str, Any]:
     """ROUGE-L F1 of greedy continuations of the first half of each text against its
     second half (MUSE's VerbMem, with prefix = half the text's tokens)."""
     prompts, references = [], []
@@ -112,8 +133,14 @@ def verbmem(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, batch_size: int = 64,
-               max_length: int = 512) -> dict[str, Any]:
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    *,
+    batch_size: int = 64,
+    max_length: int = 512,
+) -> dict[str, Any]:
     """exp(mean token NLL) over the text records, all tokens counted, in windows of
     max_length tokens (at most the model's context)."""
     max_length = min(max_length, context_length(model) or max_length)
@@ -123,20 +150,30 @@ def perplexity(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, bat
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits
         labels = batch["labels"].to(device)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+        )
         total_nll += float(nll)
         total_tokens += int((labels != -100).sum())
     model.train(was_training)
     return {"perplexity": math.exp(total_nll / max(1, total_tokens)), "tokens": total_tokens}
 
 
-def mc_accuracy(model: Any, tokenizer: Any, path: str | Path, *, limit: int | None = None,
-                batch_size: int = 64, task_name: str = "unlearn_mc") -> dict[str, Any]:
+def mc_accuracy(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    task_name: str = "unlearn_mc",
+) -> dict[str, Any]:
     """Multiple-choice accuracy through lm-eval-harness on a local JSONL file
     ({question, choices, answer}), offline, with the model already in memory.
     The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper)."""
@@ -164,9 +201,16 @@ def mc_accuracy(model: Any, tokenizer: Any, path: str | Path, *, limit: int | No
         manager = TaskManager(include_path=tmp, include_defaults=False, verbosity="ERROR")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[task_name], task_manager=manager, limit=limit,
-            bootstrap_iters=0, verbosity="ERROR", random_seed=0, numpy_random_seed=0,
-            torch_random_seed=0, fewshot_random_seed=0,
+            model=lm,
+            tasks=[task_name],
+            task_manager=manager,
+            limit=limit,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
         )
     model.train(was_training)
     accuracy = results["results"][task_name]["acc,none"]
@@ -174,8 +218,15 @@ def mc_accuracy(model: Any, tokenizer: Any, path: str | Path, *, limit: int | No
     return {"accuracy": float(accuracy), "n": int(n)}
 
 
-def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | None = None,
-             keep_samples: int = 0, unwatched_from: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    spec: EvalSpec,
+    *,
+    max_samples: int | None = None,
+    keep_samples: int = 0,
+    unwatched_from: int | None = None,
+) -> dict[str, Any]:
     """Every metric the eval sets allow, with the settings used.
 
     unwatched_from: the stop rule watched the first N retain questions; when the file has
@@ -194,25 +245,46 @@ def evaluate(model: Any, tokenizer: Any, spec: EvalSpec, *, max_samples: int | N
             continue
         items = load_records(files[name]).items
         metrics[f"{name.split('_')[0]}_knowmem"] = knowmem(
-            model, tokenizer, items[:limit], max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size, keep=keep_samples)
-        rest = items[unwatched_from:unwatched_from + limit] if unwatched_from is not None else []
+            model,
+            tokenizer,
+            items[:limit],
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+            keep=keep_samples,
+        )
+        rest = items[unwatched_from : unwatched_from + limit] if unwatched_from is not None else []
         if name == "retain_qa" and rest:
             metrics["retain_knowmem_unwatched"] = knowmem(
-                model, tokenizer, rest, max_new_tokens=spec.max_new_tokens,
-                batch_size=spec.batch_size)
+                model,
+                tokenizer,
+                rest,
+                max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size,
+            )
     if "forget_text" in files:
-        metrics["forget_verbmem"] = verbmem(model, tokenizer, records("forget_text"),
-                                            batch_size=spec.batch_size)
+        metrics["forget_verbmem"] = verbmem(
+            model, tokenizer, records("forget_text"), batch_size=spec.batch_size
+        )
     if "retain_text" in files:
-        metrics["retain_perplexity"] = perplexity(model, tokenizer, records("retain_text"),
-                                                  batch_size=spec.batch_size)
+        metrics["retain_perplexity"] = perplexity(
+            model, tokenizer, records("retain_text"), batch_size=spec.batch_size
+        )
     for name, key in (("forget_mc", "forget_mc"), ("general_mc", "general_mc")):
         if name in files:
-            metrics[key] = mc_accuracy(model, tokenizer, files[name], limit=limit,
-                                       batch_size=spec.batch_size, task_name=f"unlearn_{name}")
-    metrics["settings"] = {"max_samples": limit, "max_new_tokens": spec.max_new_tokens,
-                           "decoding": "greedy", "rouge": "rougeL (rouge-score, no stemmer)"}
+            metrics[key] = mc_accuracy(
+                model,
+                tokenizer,
+                files[name],
+                limit=limit,
+                batch_size=spec.batch_size,
+                task_name=f"unlearn_{name}",
+            )
+    metrics["settings"] = {
+        "max_samples": limit,
+        "max_new_tokens": spec.max_new_tokens,
+        "decoding": "greedy",
+        "rouge": "rougeL (rouge-score, no stemmer)",
+    }
     return metrics
 
 
@@ -241,5 +313,12 @@ def tradeoff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float |
     df = None if f0 is None or f1 is None else f1 - f0
     du = None if u0 is None or u1 is None else u1 - u0
     d_o = None if df is None or du is None else -df + du
-    return {"forget_before": f0, "forget_after": f1, "delta_f": df,
-            "utility_before": u0, "utility_after": u1, "delta_u": du, "delta_o": d_o}
+    return {
+        "forget_before": f0,
+        "forget_after": f1,
+        "delta_f": df,
+        "utility_before": u0,
+        "utility_after": u1,
+        "delta_u": du,
+        "delta_o": d_o,
+    }

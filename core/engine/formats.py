@@ -63,8 +63,13 @@ def _is_text(value: Any) -> bool:
 
 
 def _detect_kind(obj: dict[str, Any]) -> Kind | None:
-    for candidate, key in (("qa", "prompt"), ("qa", "response"), ("chat", "messages"),
-                           ("mc", "choices"), ("text", "text")):
+    for candidate, key in (
+        ("qa", "prompt"),
+        ("qa", "response"),
+        ("chat", "messages"),
+        ("mc", "choices"),
+        ("text", "text"),
+    ):
         if key in obj:
             return candidate  # type: ignore[return-value]
     return None
@@ -78,14 +83,23 @@ def _check_record(obj: Any, kind: Kind | None) -> tuple[Kind | None, list[tuple[
     if kind is None:
         if detected is None:
             keys = ", ".join(sorted(obj)) or "none"
-            return None, [(None, "cannot tell the format: expected 'prompt'+'response', "
-                                 f"'messages', 'text' or 'question'+'choices'+'answer' (keys: {keys})")]
+            return None, [
+                (
+                    None,
+                    "cannot tell the format: expected 'prompt'+'response', "
+                    f"'messages', 'text' or 'question'+'choices'+'answer' (keys: {keys})",
+                )
+            ]
         kind = detected
     elif detected is not None and detected != kind:
         return detected, []
     problems: list[tuple[str | None, str]] = []
-    required = {"qa": ("prompt", "response"), "chat": ("messages",), "text": ("text",),
-                "mc": ("question", "choices", "answer")}[kind]
+    required = {
+        "qa": ("prompt", "response"),
+        "chat": ("messages",),
+        "text": ("text",),
+        "mc": ("question", "choices", "answer"),
+    }[kind]
     for name in required:
         if name not in obj:
             problems.append((name, f"missing (a {kind} file needs {', '.join(required)})"))
@@ -105,8 +119,14 @@ def _check_record(obj: Any, kind: Kind | None) -> tuple[Kind | None, list[tuple[
         choices, answer = obj["choices"], obj["answer"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(map(_is_text, choices)):
             problems.append(("choices", "must be a list of at least 2 strings"))
-        elif not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            problems.append(("answer", f"must be an integer index into choices (0..{len(choices) - 1})"))
+        elif (
+            not isinstance(answer, int)
+            or isinstance(answer, bool)
+            or not 0 <= answer < len(choices)
+        ):
+            problems.append(
+                ("answer", f"must be an integer index into choices (0..{len(choices) - 1})")
+            )
     return kind, problems
 
 
@@ -124,7 +144,11 @@ def _check_messages(messages: Any) -> list[tuple[str | None, str]]:
     if not isinstance(messages, list) or not messages:
         return [("messages", "must be a non-empty list of {role, content}")]
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not _is_text(msg.get("role")) or not _is_text(msg.get("content")):
+        if (
+            not isinstance(msg, dict)
+            or not _is_text(msg.get("role"))
+            or not _is_text(msg.get("content"))
+        ):
             return [(f"messages[{i}]", "must be an object with string 'role' and 'content'")]
     if messages[-1]["role"] != "assistant":
         return [("messages", "the last message must have role 'assistant' (it is the target)")]
@@ -154,20 +178,30 @@ def validate_file(
     size = path.stat().st_size
     if size == 0:
         add(None, None, "the file is empty")
-        return ValidationReport(valid=False, kind=None, records=0, problems=problems, problems_total=total)
+        return ValidationReport(
+            valid=False, kind=None, records=0, problems=problems, problems_total=total
+        )
     if size > max_bytes:
         add(None, None, f"the file is {size} bytes; the limit is {max_bytes}")
-        return ValidationReport(valid=False, kind=None, records=0, problems=problems, problems_total=total)
+        return ValidationReport(
+            valid=False, kind=None, records=0, problems=problems, problems_total=total
+        )
 
     with path.open("rb") as fh:
         head = fh.read(8192)
     if b"\x00" in head:
         # Text has no NUL bytes; a file with them early on is binary (an image, a zip, a
         # model file), and its "lines" would only produce noise.
-        line = head[: head.index(b"\x00")].count(b"\n") + 1
-        add(line, None, "contains NUL bytes: this looks like a binary file, not UTF-8 text "
-                        "(upload JSONL or .txt)")
-        return ValidationReport(valid=False, kind=None, records=0, problems=problems, problems_total=total)
+        nul_line = head[: head.index(b"\x00")].count(b"\n") + 1
+        add(
+            nul_line,
+            None,
+            "contains NUL bytes: this looks like a binary file, not UTF-8 text "
+            "(upload JSONL or .txt)",
+        )
+        return ValidationReport(
+            valid=False, kind=None, records=0, problems=problems, problems_total=total
+        )
 
     raw_text_file = path.suffix.lower() == ".txt"
     kind: Kind | None = "text" if raw_text_file else None
@@ -178,9 +212,15 @@ def validate_file(
                 add(lineno, None, "contains NUL bytes: this looks like a binary file, not text")
                 break
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is no text
+                line = raw.decode(
+                    "utf-8-sig" if lineno == 1 else "utf-8"
+                )  # a leading BOM is no text
             except UnicodeDecodeError as exc:
-                add(lineno, None, f"is not valid UTF-8 (byte {exc.start + 1}: {raw[exc.start:exc.start + 1]!r})")
+                add(
+                    lineno,
+                    None,
+                    f"is not valid UTF-8 (byte {exc.start + 1}: {raw[exc.start : exc.start + 1]!r})",
+                )
                 continue
             if raw_text_file:
                 if line.strip():
@@ -189,7 +229,11 @@ def validate_file(
             if not line.strip():
                 continue  # blank lines between JSONL records are tolerated
             if len(line) > max_record_chars:
-                add(lineno, None, f"record is {len(line)} characters; the limit is {max_record_chars}")
+                add(
+                    lineno,
+                    None,
+                    f"record is {len(line)} characters; the limit is {max_record_chars}",
+                )
                 continue
             try:
                 obj = json.loads(line)
@@ -200,14 +244,20 @@ def validate_file(
                 add(lineno, None, "is not readable JSON: it is nested too deeply")
                 continue
             if "\\ud" in line.lower() and _has_lone_surrogate(obj):
-                add(lineno, None, "contains a \\uD800-\\uDFFF escape that is not half of a pair: "
-                                  "that is no character, and cannot be tokenized")
+                add(
+                    lineno,
+                    None,
+                    "contains a \\uD800-\\uDFFF escape that is not half of a pair: "
+                    "that is no character, and cannot be tokenized",
+                )
                 continue
             record_kind, record_problems = _check_record(obj, kind)
             if kind is None and record_kind is not None:
                 kind = record_kind
             elif record_kind is not None and record_kind != kind:
-                add(lineno, None, f"is a {record_kind} record but the file's first record is {kind}")
+                add(
+                    lineno, None, f"is a {record_kind} record but the file's first record is {kind}"
+                )
                 continue
             for fld, message in record_problems:
                 add(lineno, fld, message)
@@ -218,9 +268,14 @@ def validate_file(
     if records == 0 and total == 0:
         add(None, None, "the file has no records")
     if kind is not None and allowed_kinds is not None and kind not in allowed_kinds:
-        add(None, None, f"a {kind} file cannot be used here; expected one of: {', '.join(allowed_kinds)}")
-    return ValidationReport(valid=total == 0, kind=kind, records=records, problems=problems,
-                            problems_total=total)
+        add(
+            None,
+            None,
+            f"a {kind} file cannot be used here; expected one of: {', '.join(allowed_kinds)}",
+        )
+    return ValidationReport(
+        valid=total == 0, kind=kind, records=records, problems=problems, problems_total=total
+    )
 
 
 @dataclass

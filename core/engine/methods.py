@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def _losses():  # type: ignore[no-untyped-def]
+def _losses():
     """core.engine.losses (torch) is imported when a loss runs, not when the API validates a spec."""
     from core.engine import losses
 
@@ -122,28 +122,31 @@ class ForgetTerms:
     ref_logp: torch.Tensor | None
 
 
-ForgetLoss = Callable[[ForgetTerms, TrainingParams], "torch.Tensor"]
+P = TypeVar("P", bound=TrainingParams)
+ForgetLoss = Callable[[ForgetTerms, P], "torch.Tensor"]
 # A loss from the logits [B, T, V] and labels [B, T] in one call, for a method whose loss
 # needs nothing else: the loss backend may then fuse all of it (CATNIP on the triton
 # backend is three kernels instead of the log-probs' two and ~20 small ops).
-LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", TrainingParams], "torch.Tensor"]
+LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", P], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
-class Method:
+class Method(Generic[P]):
     """A method's forget loss is one of: `forget_loss`, from the token log-probs (and the
     reference's, if `uses_reference`), or `loss_from_logits`, from the logits directly."""
 
     id: str
     summary: str
-    params: type[TrainingParams]
-    forget_loss: ForgetLoss | None
+    params: type[P]
+    forget_loss: ForgetLoss[P] | None
     uses_reference: bool = False
-    loss_from_logits: LogitsLoss | None = None
+    loss_from_logits: LogitsLoss[P] | None = None
 
     def __post_init__(self) -> None:
         if (self.forget_loss is None) == (self.loss_from_logits is None):
-            raise ValueError(f"method {self.id}: give forget_loss or loss_from_logits, not both or neither")
+            raise ValueError(
+                f"method {self.id}: give forget_loss or loss_from_logits, not both or neither"
+            )
 
     def needs_reference(self, params: TrainingParams) -> bool:
         """A reference model exists only when the loss or the retain term needs one."""
@@ -160,44 +163,45 @@ def _ref(t: ForgetTerms) -> torch.Tensor:
     return t.ref_logp
 
 
-METHODS: dict[str, Method] = {
+METHODS: dict[str, Method[Any]] = {
     m.id: m
     for m in (
-        Method(
+        Method[CatnipParams](
             "catnip",
             "CATNIP: token-level, calibrated by the model's own reverse probability (eq. 8)",
             CatnipParams,
             None,
             loss_from_logits=lambda logits, labels, p: _losses().catnip_loss(
-                logits, labels, p.beta, p.token_stride),
+                logits, labels, p.beta, p.token_stride
+            ),
         ),
-        Method(
+        Method[CatnipParams](
             "catnip_ref",
             "Ablation: CATNIP with the frozen initial model as reference (Table 3)",
             CatnipParams,
             lambda t, p: _losses().catnip_ref_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
             uses_reference=True,
         ),
-        Method(
+        Method[CatnipParams](
             "catnip_seq",
             "Ablation 'w/o CAT': sequence level, beta/|y| inside the sigmoid (Table 3)",
             CatnipParams,
             lambda t, p: _losses().catnip_seq_from_logprobs(t.logp, t.log1m, _mask(t, p), p.beta),
         ),
-        Method(
+        Method[GAParams](
             "ga",
             "Gradient ascent on the forget set",
             GAParams,
             lambda t, p: _losses().ga_from_logprobs(t.logp, _mask(t, p)),
         ),
-        Method(
+        Method[NPOParams](
             "npo",
             "NPO: negative preference optimisation against the frozen model (eq. 4)",
             NPOParams,
             lambda t, p: _losses().npo_from_logprobs(t.logp, _ref(t), _mask(t, p), p.beta),
             uses_reference=True,
         ),
-        Method(
+        Method[SimNPOParams](
             "simnpo",
             "SimNPO: length-normalised NPO with margin gamma, no reference",
             SimNPOParams,
@@ -207,7 +211,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(method_id: str) -> Method:
+def get_method(method_id: str) -> Method[Any]:
     try:
         return METHODS[method_id]
     except KeyError:
@@ -235,4 +239,3 @@ def parse_params(method_id: str, raw: dict | None) -> TrainingParams:
         first = exc.errors()[0]["loc"]
         param = "hyperparameters." + ".".join(str(x) for x in first) if first else None
         raise SpecError(format_validation_error(exc, "hyperparameters"), param=param) from None
-

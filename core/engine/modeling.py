@@ -33,14 +33,17 @@ def pick_device(requested: str | None = None) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise DeviceError(f"device {requested!r} is not a device; use cpu, cuda or cuda:N",
-                          param="device") from None
+        raise DeviceError(
+            f"device {requested!r} is not a device; use cpu, cuda or cuda:N", param="device"
+        ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
-            raise DeviceError(f"device {requested!r} was asked for, but this machine has "
-                              f"{count} CUDA device(s) usable by torch {torch.__version__}",
-                              param="device")
+            raise DeviceError(
+                f"device {requested!r} was asked for, but this machine has "
+                f"{count} CUDA device(s) usable by torch {torch.__version__}",
+                param="device",
+            )
     return device
 
 
@@ -57,16 +60,22 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or default_dtype(device)
+        )
     except Exception as exc:  # a bad config can raise anything; out-of-memory is not a model error
         if "OutOfMemory" in type(exc).__name__:
             raise
-        raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}"[:2000]) from exc
+        raise ModelError(
+            f"cannot load the model at {path}: {type(exc).__name__}: {exc}"[:2000]
+        ) from exc
     if tokenizer.pad_token_id is None:  # padding is masked out: any existing token will do
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
         if fallback is None:
-            raise ModelError(f"the tokenizer at {path} has no pad, EOS, UNK or BOS token to pad "
-                             "batches with; set pad_token in its tokenizer_config.json")
+            raise ModelError(
+                f"the tokenizer at {path} has no pad, EOS, UNK or BOS token to pad "
+                "batches with; set pad_token in its tokenizer_config.json"
+            )
         tokenizer.pad_token = fallback
     model.to(device)
     return model, tokenizer
@@ -87,9 +96,11 @@ def fit_max_length(model: Any, max_length: int) -> tuple[int, str | None]:
     limit = context_length(model)
     if limit is None or max_length <= limit:
         return max_length, None
-    return limit, (f"hyperparameters.max_length {max_length} is longer than the model's context of "
-                   f"{limit} positions (max_position_embeddings in its config.json): "
-                   f"sequences are cut at {limit} tokens")
+    return limit, (
+        f"hyperparameters.max_length {max_length} is longer than the model's context of "
+        f"{limit} positions (max_position_embeddings in its config.json): "
+        f"sequences are cut at {limit} tokens"
+    )
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -99,14 +110,18 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     long, the one made of the classes the model names as its layers (`_no_split_modules`).
     SpecError when there is none: `adapter.layers` cannot apply to such a model."""
     n_layers = model.config.num_hidden_layers
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    stacks = [
+        m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers
+    ]
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     named = [m for m in stacks if all(type(child).__name__ in layer_classes for child in m)]
     if named or stacks:
         return (named or stacks)[0]
-    raise SpecError(f"adapter.layers: cannot find the {n_layers} decoder layers of "
-                    f"{type(model).__name__}; train every layer (layers: null) or use LoRA",
-                    param="adapter.layers")
+    raise SpecError(
+        f"adapter.layers: cannot find the {n_layers} decoder layers of "
+        f"{type(model).__name__}; train every layer (layers: null) or use LoRA",
+        param="adapter.layers",
+    )
 
 
 @dataclass
@@ -168,7 +183,7 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
 
         config = LoraConfig(
             r=adapter.r,
-            lora_alpha=adapter.alpha,
+            lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
             lora_dropout=adapter.dropout,
             target_modules=adapter.target_modules,
             task_type="CAUSAL_LM",
@@ -185,14 +200,19 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
     n_layers = model.config.num_hidden_layers
     bad = [i for i in adapter.layers if i >= n_layers]
     if bad:
-        raise SpecError(f"adapter.layers {bad} out of range: the model has {n_layers} layers",
-                        param="adapter.layers")
+        raise SpecError(
+            f"adapter.layers {bad} out of range: the model has {n_layers} layers",
+            param="adapter.layers",
+        )
     stack = decoder_layers(model)
     chosen = sorted(set(adapter.layers))
     # The reference differs from the model only in the layers that train: copies of those
     # (on WMDP-style jobs a few of many layers), not of the whole model.
-    reference_layers = ({index: copy.deepcopy(stack[index]).eval().requires_grad_(False) for index in chosen}
-                        if need_reference else None)
+    reference_layers = (
+        {index: copy.deepcopy(stack[index]).eval().requires_grad_(False) for index in chosen}
+        if need_reference
+        else None
+    )
     model.requires_grad_(False)
     for index in chosen:
         stack[index].requires_grad_(True)

@@ -51,9 +51,15 @@ def _check_eval_files(ev: EvalSpec) -> None:
             raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
 
 
-def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
-            device: str | None = None, checkpoint_dir: Path | None = None,
-            shown: dict[str, str] | None = None) -> JobResult:
+def run_job(
+    spec: JobSpec,
+    output_dir: Path,
+    *,
+    events: Events | None = None,
+    device: str | None = None,
+    checkpoint_dir: Path | None = None,
+    shown: dict[str, str] | None = None,
+) -> JobResult:
     """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
     `shown` names the base model and forget file in the report as its readers know them
     (the service's tenants see neither the operator's nor the worker's paths)."""
@@ -72,8 +78,9 @@ def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
     method = get_method(spec.method)
     params = spec.hyperparameters
     forget_records = load_records(spec.forget_file, allowed_kinds=TRAIN_FILE_KINDS)
-    retain_records = (load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS)
-                      if spec.retain_file else None)
+    retain_records = (
+        load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS) if spec.retain_file else None
+    )
     if spec.eval is not None:
         _check_eval_files(spec.eval)
     lap("validate")
@@ -87,8 +94,11 @@ def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
         raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
     model, tokenizer = load_base(spec.base_model, torch_device)
     max_length, length_warning = fit_max_length(model, params.max_length)
-    encoded = {"forget": encode_records(forget_records, tokenizer, max_length,
-                                        eos_target=params.forget_eos)}
+    encoded = {
+        "forget": encode_records(
+            forget_records, tokenizer, max_length, eos_target=params.forget_eos
+        )
+    }
     if retain_records:
         encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
     warnings = [length_warning] + [its.warning(role) for role, its in encoded.items()]
@@ -96,18 +106,23 @@ def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
         events.warning(warning)
     forget = encoded["forget"].examples
     retain = encoded["retain"].examples if retain_records else None
-    wrapped = wrap(model, spec.adapter, need_reference=method.needs_reference(params),
-                   seed=params.seed)
-    fingerprint = run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+    wrapped = wrap(
+        model, spec.adapter, need_reference=method.needs_reference(params), seed=params.seed
+    )
+    fingerprint = (
+        run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+    )
     if fingerprint is not None:  # another run's checkpoint: refused before the evaluation
         ensure_resumable(checkpoint_dir, fingerprint)
     lap("load")
 
     # --- evaluate before
-    metrics: dict[str, Any] = {"method": spec.method, "hyperparameters": params.model_dump(),
-                               "adapter": spec.adapter.model_dump(),
-                               "data": {name: its.summary()
-                                        for name, its in encoded.items()}}
+    metrics: dict[str, Any] = {
+        "method": spec.method,
+        "hyperparameters": params.model_dump(),
+        "adapter": spec.adapter.model_dump(),
+        "data": {name: its.summary() for name, its in encoded.items()},
+    }
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     steps = total_steps(params, len(forget))
@@ -115,28 +130,44 @@ def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
     unwatched_from = spec.eval.probe_samples if every and spec.eval else None
     if spec.eval is not None:
         events.phase(Phase.EVALUATING_BEFORE)
-        metrics["before"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
-                                     unwatched_from=unwatched_from)
+        metrics["before"] = evaluate(
+            wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
+        )
     lap("evaluate_before")
 
     # --- unlearn
-    stop_rule = StopRule(wrapped, tokenizer, spec.eval, every, events) if every and spec.eval else None
+    stop_rule = (
+        StopRule(wrapped, tokenizer, spec.eval, every, events) if every and spec.eval else None
+    )
     events.phase(Phase.UNLEARNING, f"{steps} steps")
-    loop = run_unlearning(wrapped, method, params, forget, pad_id=tokenizer.pad_token_id,
-                          retain=retain, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
-                          events=events, stop_rule=stop_rule)
+    loop = run_unlearning(
+        wrapped,
+        method,
+        params,
+        forget,
+        pad_id=tokenizer.pad_token_id,
+        retain=retain,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint=fingerprint,
+        events=events,
+        stop_rule=stop_rule,
+    )
     if stop_rule is not None:
-        metrics["stop_rule"] = {**stop_rule.finish(loop.steps_done),
-                                "stopped_early": loop.stopped_early, "reason": loop.stop_reason,
-                                "every": every}
+        metrics["stop_rule"] = {
+            **stop_rule.finish(loop.steps_done),
+            "stopped_early": loop.stopped_early,
+            "reason": loop.stop_reason,
+            "every": every,
+        }
     lap("unlearn")
 
     # --- evaluate after
     token_view_after = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     if spec.eval is not None:
         events.phase(Phase.EVALUATING_AFTER)
-        metrics["after"] = evaluate(wrapped.model, tokenizer, spec.eval, keep_samples=5,
-                                    unwatched_from=unwatched_from)
+        metrics["after"] = evaluate(
+            wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
+        )
         metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
     lap("evaluate_after")
 
@@ -147,8 +178,13 @@ def run_job(spec: JobSpec, output_dir: Path, *, events: Events | None = None,
     metrics["steps"] = {"done": loop.steps_done, "planned": loop.total_steps}
     metrics["timings_s"] = timings
     report_dir = report.write_report(
-        output_dir / "report", spec=spec, metrics=metrics, history=loop.history,
-        token_view={"before": token_view_before, "after": token_view_after}, shown=shown)
+        output_dir / "report",
+        spec=spec,
+        metrics=metrics,
+        history=loop.history,
+        token_view={"before": token_view_before, "after": token_view_after},
+        shown=shown,
+    )
     artifacts["report"] = report_dir
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lap("save")

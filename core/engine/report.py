@@ -15,7 +15,9 @@ from core.engine.losses import token_logprobs
 
 
 @torch.no_grad()
-def token_probabilities(model: Any, tokenizer: Any, examples: list[Example]) -> list[dict[str, Any]]:
+def token_probabilities(
+    model: Any, tokenizer: Any, examples: list[Example]
+) -> list[dict[str, Any]]:
     """For each example: its target tokens and pi(y_i | x, y_<i) of each."""
     if not examples:
         return []
@@ -23,8 +25,9 @@ def token_probabilities(model: Any, tokenizer: Any, examples: list[Example]) -> 
     was_training = model.training
     model.eval()
     batch = collate(examples, tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
     labels = batch["labels"].to(device)
     logp, _ = token_logprobs(logits, labels)
     model.train(was_training)
@@ -32,12 +35,16 @@ def token_probabilities(model: Any, tokenizer: Any, examples: list[Example]) -> 
     for row, example in enumerate(examples):
         mask = labels[row] != -100
         ids = labels[row][mask].tolist()
-        prompt = [i for i, lab in zip(example.input_ids, example.labels, strict=True) if lab == -100]
-        out.append({
-            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-            "tokens": tokenizer.convert_ids_to_tokens(ids),
-            "probabilities": [round(float(p), 6) for p in logp[row][mask].exp().tolist()],
-        })
+        prompt = [
+            i for i, lab in zip(example.input_ids, example.labels, strict=True) if lab == -100
+        ]
+        out.append(
+            {
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                "tokens": tokenizer.convert_ids_to_tokens(ids),
+                "probabilities": [round(float(p), 6) for p in logp[row][mask].exp().tolist()],
+            }
+        )
     return out
 
 
@@ -55,8 +62,12 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("forget_verbmem", "rouge_l_f1", "Forget VerbMem ROUGE-L F1 (lower is better)", 100),
         ("forget_mc", "accuracy", "Forget-domain MC accuracy (lower is better)", 100),
         ("retain_knowmem", "rouge_l_f1", "Retain KnowMem ROUGE-L F1 (higher is better)", 100),
-        ("retain_knowmem_unwatched", "rouge_l_f1",
-         "Retain KnowMem F1, questions the stop rule did not watch", 100),
+        (
+            "retain_knowmem_unwatched",
+            "rouge_l_f1",
+            "Retain KnowMem F1, questions the stop rule did not watch",
+            100,
+        ),
         ("general_mc", "accuracy", "General MC accuracy (higher is better)", 100),
         ("retain_perplexity", "perplexity", "Retain perplexity (lower is better)", 1),
     ]
@@ -64,34 +75,50 @@ def before_after_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
         if key in before or key in after:
             b = before.get(key, {}).get(field)
             a = after.get(key, {}).get(field)
-            rows.append((label, _fmt(None if b is None else b * scale),
-                         _fmt(None if a is None else a * scale)))
+            rows.append(
+                (
+                    label,
+                    _fmt(None if b is None else b * scale),
+                    _fmt(None if a is None else a * scale),
+                )
+            )
     return rows
 
 
 def _data_line(name: str, data: dict[str, Any]) -> str:
     """What the unlearning trained on, and what max_length cut or left out."""
-    line = (f"- {name.capitalize()} set as trained: {data['records']:,} records, "
-            f"{data['examples']:,} sequences, {data['target_tokens']:,} target tokens "
-            f"(max_length {data['max_length']})")
-    for key, what in (("skipped", f"left out: no target token within max_length, not {LEFT_OUT[name]}"),
-                      ("truncated", "target cut at max_length")):
+    line = (
+        f"- {name.capitalize()} set as trained: {data['records']:,} records, "
+        f"{data['examples']:,} sequences, {data['target_tokens']:,} target tokens "
+        f"(max_length {data['max_length']})"
+    )
+    for key, what in (
+        ("skipped", f"left out: no target token within max_length, not {LEFT_OUT[name]}"),
+        ("truncated", "target cut at max_length"),
+    ):
         part = data[key]
         if part["count"]:
-            line += f"; **{part['count']:,} {what}** (lines {line_list(part['lines'], part['count'])})"
+            line += (
+                f"; **{part['count']:,} {what}** (lines {line_list(part['lines'], part['count'])})"
+            )
     return line
 
 
-def summary_markdown(spec: Any, metrics: dict[str, Any], shown: dict[str, str] | None = None) -> str:
+def summary_markdown(
+    spec: Any, metrics: dict[str, Any], shown: dict[str, str] | None = None
+) -> str:
     """The report's summary. `shown` names the base model and the forget file as the
     reader knows them (the service: the model's name, the file's id and name), in place
     of the local paths the job ran on."""
     shown = shown or {}
-    lines = [f"# Unlearning report: {spec.method}", "",
-             f"- Base model: `{shown.get('base_model', spec.base_model)}`",
-             f"- Forget set: `{shown.get('forget_file', spec.forget_file)}`",
-             f"- Adapter: {spec.adapter.type}",
-             f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned"]
+    lines = [
+        f"# Unlearning report: {spec.method}",
+        "",
+        f"- Base model: `{shown.get('base_model', spec.base_model)}`",
+        f"- Forget set: `{shown.get('forget_file', spec.forget_file)}`",
+        f"- Adapter: {spec.adapter.type}",
+        f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned",
+    ]
     lines += [_data_line(name, data) for name, data in metrics.get("data", {}).items()]
     lines.append("")
     rows = before_after_rows(metrics)
@@ -101,17 +128,23 @@ def summary_markdown(spec: Any, metrics: dict[str, Any], shown: dict[str, str] |
         lines.append("")
     t = metrics.get("tradeoff")
     if t:
-        lines.append(f"Trade-off (points): delta f = {_fmt(t['delta_f'])}, "
-                     f"delta u = {_fmt(t['delta_u'])}, dO = -delta f + delta u = {_fmt(t['delta_o'])}.")
+        lines.append(
+            f"Trade-off (points): delta f = {_fmt(t['delta_f'])}, "
+            f"delta u = {_fmt(t['delta_u'])}, dO = -delta f + delta u = {_fmt(t['delta_o'])}."
+        )
         lines.append("")
     stop = metrics.get("stop_rule")
     if stop:
-        lines.append(f"Stop rule: probes every {stop['every']} steps; "
-                     f"{'stopped early: ' + stop['reason'] if stop['stopped_early'] else 'ran to the end'}; "
-                     f"restored step: {stop['restored_step'] or 'none (final state kept)'}.")
+        lines.append(
+            f"Stop rule: probes every {stop['every']} steps; "
+            f"{'stopped early: ' + stop['reason'] if stop['stopped_early'] else 'ran to the end'}; "
+            f"restored step: {stop['restored_step'] or 'none (final state kept)'}."
+        )
         lines.append("")
-    lines.append("Files: `metrics.json` (every number with its settings), `loss_curve.png`, "
-                 "`token_probabilities.json` / `.png` (paper Fig. 2 view).")
+    lines.append(
+        "Files: `metrics.json` (every number with its settings), `loss_curve.png`, "
+        "`token_probabilities.json` / `.png` (paper Fig. 2 view)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -153,12 +186,22 @@ def _plot_tokens(view: dict[str, list[dict[str, Any]]], path: Path, samples: int
     plt.close(fig)
 
 
-def write_report(directory: Path, *, spec: Any, metrics: dict[str, Any], history: list[Any],
-                 token_view: dict[str, list[dict[str, Any]]], shown: dict[str, str] | None = None) -> Path:
+def write_report(
+    directory: Path,
+    *,
+    spec: Any,
+    metrics: dict[str, Any],
+    history: list[Any],
+    token_view: dict[str, list[dict[str, Any]]],
+    shown: dict[str, str] | None = None,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (directory / "loss_curve.json").write_text(json.dumps(
-        [{"step": h.step, "loss": h.loss, **h.terms, "lr": h.learning_rate} for h in history]))
+    (directory / "loss_curve.json").write_text(
+        json.dumps(
+            [{"step": h.step, "loss": h.loss, **h.terms, "lr": h.learning_rate} for h in history]
+        )
+    )
     (directory / "token_probabilities.json").write_text(json.dumps(token_view, indent=1))
     (directory / "summary.md").write_text(summary_markdown(spec, metrics, shown))
     if history:

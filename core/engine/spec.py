@@ -20,14 +20,19 @@ from core.errors import SpecError
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo.")
-    base_model: str = Field(description="Registered base model name (API) or local directory (CLI).")
+    method: str = Field(
+        description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo."
+    )
+    base_model: str = Field(
+        description="Registered base model name (API) or local directory (CLI)."
+    )
     forget_file: str = Field(description="Forget set: file id (API) or path (CLI).")
     retain_file: str | None = Field(None, description="Retain set, for retain_loss nll or kl.")
     eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     hyperparameters: SerializeAsAny[TrainingParams] = Field(
-        default_factory=TrainingParams, description="Per-method hyperparameters (paper defaults).")
+        default_factory=TrainingParams, description="Per-method hyperparameters (paper defaults)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -44,7 +49,8 @@ class JobSpec(BaseModel):
         if self.hyperparameters.retain_loss != "none" and not self.retain_file:
             raise SpecError(
                 f"hyperparameters.retain_loss={self.hyperparameters.retain_loss!r} needs a retain_file",
-                param="retain_file")
+                param="retain_file",
+            )
         return self
 
 
@@ -56,8 +62,9 @@ def parse_spec(raw: Any) -> JobSpec:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]["loc"]
-        raise SpecError(format_validation_error(exc, ""),
-                        param=".".join(str(x) for x in first) or None) from None
+        raise SpecError(
+            format_validation_error(exc, ""), param=".".join(str(x) for x in first) or None
+        ) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -78,8 +85,13 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
 
-    update: dict[str, Any] = {"base_model": fix(spec.base_model), "forget_file": fix(spec.forget_file),
-                              "retain_file": fix(spec.retain_file)}
+    update: dict[str, Any] = {
+        "base_model": fix(spec.base_model),
+        "forget_file": fix(spec.forget_file),
+        "retain_file": fix(spec.retain_file),
+    }
     if spec.eval is not None:
-        update["eval"] = spec.eval.model_copy(update={k: fix(v) for k, v in spec.eval.files().items()})
+        update["eval"] = spec.eval.model_copy(
+            update={k: fix(v) for k, v in spec.eval.files().items()}
+        )
     return spec.model_copy(update=update)

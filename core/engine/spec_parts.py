@@ -12,8 +12,13 @@ from core.engine.formats import Kind
 # The file kinds (core.engine.formats) each slot of a job accepts.
 TRAIN_FILE_KINDS: tuple[Kind, ...] = ("qa", "chat", "text")
 EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
-    "forget_qa": ("qa",), "retain_qa": ("qa",), "forget_text": ("text",), "retain_text": ("text",),
-    "forget_mc": ("mc",), "general_mc": ("mc",)}
+    "forget_qa": ("qa",),
+    "retain_qa": ("qa",),
+    "forget_text": ("text",),
+    "retain_text": ("text",),
+    "forget_mc": ("mc",),
+    "general_mc": ("mc",),
+}
 EVAL_FILE_FIELDS = tuple(EVAL_FILE_KINDS)
 
 
@@ -63,9 +68,11 @@ class EvalSpec(BaseModel):
     probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
     probe_samples: int = Field(100, ge=1, le=10_000)
     forget_target: float = Field(
-        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before.")
+        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before."
+    )
     utility_budget: float = Field(
-        0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept.")
+        0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept."
+    )
 
     def files(self) -> dict[str, str]:
         return {n: getattr(self, n) for n in EVAL_FILE_FIELDS if getattr(self, n)}

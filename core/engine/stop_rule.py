@@ -27,8 +27,9 @@ class StopRule:
     >= (1 - budget) * utility before.
     """
 
-    def __init__(self, wrapped: Wrapped, tokenizer: Any, spec: EvalSpec, every: int,
-                 events: Events):
+    def __init__(
+        self, wrapped: Wrapped, tokenizer: Any, spec: EvalSpec, every: int, events: Events
+    ):
         self.wrapped, self.tokenizer, self.spec, self.every = wrapped, tokenizer, spec, every
         self.events = events
         files = spec.files()
@@ -48,10 +49,20 @@ class StopRule:
 
     def measure(self) -> dict[str, float]:
         model = self.wrapped.model
-        f = knowmem(model, self.tokenizer, self.forget, max_new_tokens=self.spec.max_new_tokens,
-                    batch_size=self.spec.batch_size)["rouge_l_f1"]
-        u = knowmem(model, self.tokenizer, self.retain, max_new_tokens=self.spec.max_new_tokens,
-                    batch_size=self.spec.batch_size)["rouge_l_f1"]
+        f = knowmem(
+            model,
+            self.tokenizer,
+            self.forget,
+            max_new_tokens=self.spec.max_new_tokens,
+            batch_size=self.spec.batch_size,
+        )["rouge_l_f1"]
+        u = knowmem(
+            model,
+            self.tokenizer,
+            self.retain,
+            max_new_tokens=self.spec.max_new_tokens,
+            batch_size=self.spec.batch_size,
+        )["rouge_l_f1"]
         return {"forget": f, "utility": u}
 
     def check(self, step: int) -> str | None:
@@ -67,8 +78,10 @@ class StopRule:
         self.events.probe(step, record)
         floor = (1 - self.spec.utility_budget) * self.before["utility"]
         if now["utility"] < floor:
-            return (f"utility {now['utility']:.3f} fell below the budget floor {floor:.3f} "
-                    f"at step {step}")
+            return (
+                f"utility {now['utility']:.3f} fell below the budget floor {floor:.3f} "
+                f"at step {step}"
+            )
         if now["forget"] < self.best["forget"]:
             self.best = record
             self.best_state = self._snapshot()
@@ -85,11 +98,17 @@ class StopRule:
         """Write the probes so far and the best state into a checkpoint being made (the
         best weights only when the best is not the initial state, which a resumed job
         has before its checkpoint is loaded)."""
-        state = {"before": self.before, "history": self.history, "best": self.best,
-                 "last_probed": self.last_probed}
+        state = {
+            "before": self.before,
+            "history": self.history,
+            "best": self.best,
+            "last_probed": self.last_probed,
+        }
         (directory / self.STATE).write_text(json.dumps(state))
         if self.best["step"] != 0:
-            save_file({n: t.contiguous() for n, t in self.best_state.items()}, directory / self.BEST)
+            save_file(
+                {n: t.contiguous() for n, t in self.best_state.items()}, directory / self.BEST
+            )
 
     def load(self, directory: Path) -> None:
         """Take up the state a checkpoint holds (none in checkpoints of before it did)."""
@@ -112,10 +131,12 @@ class StopRule:
                 for name, tensor in self.best_state.items():
                     trainable[name].copy_(tensor)
             restored = self.best["step"]
-        return {"before": self.before, "history": self.history, "best": self.best,
-                "restored_step": restored}
-
-
+        return {
+            "before": self.before,
+            "history": self.history,
+            "best": self.best,
+            "restored_step": restored,
+        }
 
 
 def probe_every(spec_eval: EvalSpec | None, steps: int) -> int | None:

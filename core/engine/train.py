@@ -84,11 +84,14 @@ def run_unlearning(
     masters = _master_weights(named) if params.master_weights else {}
     optimized = {name: masters.get(name, p) for name, p in named.items()}  # what AdamW updates
     trainable = list(optimized.values())
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate,
-                                  weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=params.learning_rate, weight_decay=params.weight_decay
+    )
     scheduler = _make_scheduler(optimizer, params, steps)
     forget_stream = BatchStream(forget, params.batch_size, params.seed, pad_id)
-    retain_stream = BatchStream(retain, params.batch_size, params.seed + 1, pad_id) if retain else None
+    retain_stream = (
+        BatchStream(retain, params.batch_size, params.seed + 1, pad_id) if retain else None
+    )
     # Without an explicit cadence, a run with a checkpoint directory saves about every
     # 10% of its steps, so a killed worker loses at most a tenth of the work.
     checkpoint_every = params.checkpoint_every or max(1, steps // 10)
@@ -97,14 +100,20 @@ def run_unlearning(
         fingerprint = run_fingerprint(method, params, wrapped, forget, retain)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
-        start_step, stop_reason = load_checkpoint(resume_from, optimized, optimizer, scheduler, fingerprint)
+        start_step, stop_reason = load_checkpoint(
+            resume_from, optimized, optimizer, scheduler, fingerprint
+        )
         _copy_masters_into(named, masters)
         log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
         if stop_rule is not None:
             stop_rule.load(resume_from)
         events.resumed(start_step)
-    result = LoopResult(steps_done=start_step, total_steps=steps,
-                        stopped_early=stop_reason is not None, stop_reason=stop_reason)
+    result = LoopResult(
+        steps_done=start_step,
+        total_steps=steps,
+        stopped_early=stop_reason is not None,
+        stop_reason=stop_reason,
+    )
     # checkpointing is switched off again however the loop ends (a cancel raises)
     with _gradient_checkpointing(model, params.gradient_checkpointing):
         model.train()
@@ -145,10 +154,13 @@ def run_unlearning(
             elapsed = time.monotonic() - started
             done_here = step - start_step
             info = StepInfo(
-                step=step, total_steps=steps,
-                loss=terms_sum["forget"] + params.retain_weight * sum(
-                    v for k, v in terms_sum.items() if k.startswith("retain")),
-                terms=terms_sum, learning_rate=learning_rate,
+                step=step,
+                total_steps=steps,
+                loss=terms_sum["forget"]
+                + params.retain_weight
+                * sum(v for k, v in terms_sum.items() if k.startswith("retain")),
+                terms=terms_sum,
+                learning_rate=learning_rate,
                 tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
                 eta_seconds=elapsed / done_here * (steps - step),
             )
@@ -160,14 +172,32 @@ def run_unlearning(
                 result.stopped_early, result.stop_reason = True, reason
                 break
             if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-                events.checkpoint(save_checkpoint(checkpoint_dir, step, optimized, optimizer, scheduler,
-                                                  fingerprint=fingerprint, extra=keep_stop_rule))
+                events.checkpoint(
+                    save_checkpoint(
+                        checkpoint_dir,
+                        step,
+                        optimized,
+                        optimizer,
+                        scheduler,
+                        fingerprint=fingerprint,
+                        extra=keep_stop_rule,
+                    )
+                )
 
         # --- save
         if checkpoint_dir is not None and result.steps_done > start_step:
-            events.checkpoint(save_checkpoint(checkpoint_dir, result.steps_done, optimized, optimizer,
-                                              scheduler, stop_reason=result.stop_reason,
-                                              fingerprint=fingerprint, extra=keep_stop_rule))
+            events.checkpoint(
+                save_checkpoint(
+                    checkpoint_dir,
+                    result.steps_done,
+                    optimized,
+                    optimizer,
+                    scheduler,
+                    stop_reason=result.stop_reason,
+                    fingerprint=fingerprint,
+                    extra=keep_stop_rule,
+                )
+            )
     model.eval()
     return result
 
@@ -206,7 +236,7 @@ class BatchStream:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._order = torch.randperm(len(self.examples), generator=generator).tolist()
             self._epoch = epoch
-        ids = self._order[position * self.batch_size:(position + 1) * self.batch_size]
+        ids = self._order[position * self.batch_size : (position + 1) * self.batch_size]
         return collate([self.examples[i] for i in ids], self.pad_id)
 
 
@@ -219,8 +249,12 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, st
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-    return get_scheduler(name[params.lr_scheduler], optimizer,
-                         num_warmup_steps=params.warmup_steps, num_training_steps=steps)
+    return get_scheduler(
+        name[params.lr_scheduler],
+        optimizer,
+        num_warmup_steps=params.warmup_steps,
+        num_training_steps=steps,
+    )
 
 
 # --- fp32 master weights -------------------------------------------------------
@@ -236,12 +270,17 @@ def _master_weights(named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Ten
     (cosine 0.22), with masters 0.99x (cosine 0.87; benchmarks/bench_precision.py). The
     model keeps its dtype for every forward; after each step the masters are rounded
     into it."""
-    return {name: p.detach().float().requires_grad_(True)
-            for name, p in named.items() if p.dtype in LOW_PRECISION}
+    return {
+        name: p.detach().float().requires_grad_(True)
+        for name, p in named.items()
+        if p.dtype in LOW_PRECISION
+    }
 
 
 @torch.no_grad()
-def _copy_masters_into(named: dict[str, torch.nn.Parameter], masters: dict[str, torch.Tensor]) -> None:
+def _copy_masters_into(
+    named: dict[str, torch.nn.Parameter], masters: dict[str, torch.Tensor]
+) -> None:
     for name, master in masters.items():
         named[name].copy_(master)
 
@@ -267,9 +306,11 @@ def _set_gradient_checkpointing(model: Any, enable: bool) -> None:
     renamed = hasattr(model, "activation_checkpointing_enable")
     if enable:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise SpecError(f"hyperparameters.gradient_checkpointing: {type(model).__name__} does "
-                            "not support gradient checkpointing; set it to false",
-                            param="hyperparameters.gradient_checkpointing")
+            raise SpecError(
+                f"hyperparameters.gradient_checkpointing: {type(model).__name__} does "
+                "not support gradient checkpointing; set it to false",
+                param="hyperparameters.gradient_checkpointing",
+            )
         kwargs = {"use_reentrant": False}
         if renamed:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -282,8 +323,13 @@ def _set_gradient_checkpointing(model: Any, enable: bool) -> None:
         model.disable_input_require_grads()
 
 
-def _forget_loss(wrapped: Wrapped, method: Method, params: TrainingParams, logits: torch.Tensor,
-                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _forget_loss(
+    wrapped: Wrapped,
+    method: Method,
+    params: TrainingParams,
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+) -> torch.Tensor:
     """The method's forget loss on one batch: from the logits in one call where the method
     has that form, else from the token log-probs (and the reference's, where it uses one)."""
     if method.loss_from_logits is not None:
@@ -299,8 +345,9 @@ def _forget_loss(wrapped: Wrapped, method: Method, params: TrainingParams, logit
     return method.forget_loss(ForgetTerms(logp, log1m, batch["labels"], ref_logp), params)
 
 
-def _retain_term(wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor],
-                 device: torch.device) -> torch.Tensor:
+def _retain_term(
+    wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
     """NLL on retain data, or KL to the reference model on retain data (eq. 1)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = _forward_logits(wrapped.model, batch)

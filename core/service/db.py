@@ -141,7 +141,8 @@ class Job(Base):
     # A second delivery finds the lease live and backs off; an expired lease means the
     # worker died and the job may be taken over (and resumes from its last checkpoint).
     enqueued_at: Mapped[datetime | None] = mapped_column(
-        doc="When the id was last sent to the broker; a queued job sent long ago is re-sent.")
+        doc="When the id was last sent to the broker; a queued job sent long ago is re-sent."
+    )
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -156,8 +157,9 @@ class JobEvent(Base):
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
-                                     primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     type: Mapped[str] = mapped_column(String(16), doc="core.service.enums.EventType")
@@ -183,7 +185,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             # WAL lets the API read while the worker writes; foreign keys are off by default.
             cursor.execute("PRAGMA journal_mode=WAL")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from core.engine.formats import Kind
 from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 
 
@@ -36,15 +37,19 @@ class Purpose(StrEnum):
 
 # The file kinds (core.engine.formats) an upload of each purpose may hold: training sets
 # take what the engine trains on; eval files also hold MC sets (and chat, kept valid).
-PURPOSE_KINDS: dict[Purpose, tuple[str, ...]] = {
+PURPOSE_KINDS: dict[Purpose, tuple[Kind, ...]] = {
     Purpose.FORGET: TRAIN_FILE_KINDS,
     Purpose.RETAIN: TRAIN_FILE_KINDS,
-    Purpose.EVAL: tuple(dict.fromkeys([*TRAIN_FILE_KINDS, *(k for kinds in EVAL_FILE_KINDS.values() for k in kinds)])),
+    Purpose.EVAL: tuple(
+        dict.fromkeys(
+            [*TRAIN_FILE_KINDS, *(k for kinds in EVAL_FILE_KINDS.values() for k in kinds)]
+        )
+    ),
 }
 
 # Each file slot of a job: the purpose its file must have been uploaded with, and the
 # kinds it accepts (the engine's, core.engine.spec_parts).
-FILE_SLOTS: dict[str, tuple[Purpose, tuple[str, ...]]] = {
+FILE_SLOTS: dict[str, tuple[Purpose, tuple[Kind, ...]]] = {
     "forget_file": (Purpose.FORGET, TRAIN_FILE_KINDS),
     "retain_file": (Purpose.RETAIN, TRAIN_FILE_KINDS),
     **{f"eval.{name}": (Purpose.EVAL, kinds) for name, kinds in EVAL_FILE_KINDS.items()},

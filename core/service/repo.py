@@ -40,6 +40,7 @@ def ping(session: Session) -> None:
 
 # --- api keys -------------------------------------------------------------------
 
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -47,8 +48,9 @@ def hash_key(key: str) -> str:
 def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for `tenant`; the plain key is returned once and never stored."""
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(id=new_id("key"), tenant=tenant, key_hash=hash_key(plain), prefix=plain[:10],
-                 name=name)
+    row = ApiKey(
+        id=new_id("key"), tenant=tenant, key_hash=hash_key(plain), prefix=plain[:10], name=name
+    )
     session.add(row)
     return row, plain
 
@@ -71,14 +73,18 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
 
 def tenant_for_key_hash(session: Session, key_hash: str) -> str | None:
     """The tenant of an active key, by the key's hash (`hash_key`)."""
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash,
-                                              ApiKey.revoked_at.is_(None)))
+    row = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    )
     return row.tenant if row else None
 
 
 # --- registered models ----------------------------------------------------------
 
-def add_model(session: Session, name: str, uri: str, description: str | None = None) -> RegisteredModel:
+
+def add_model(
+    session: Session, name: str, uri: str, description: str | None = None
+) -> RegisteredModel:
     row = session.get(RegisteredModel, name)
     if row is None:
         row = RegisteredModel(name=name, uri=uri, description=description)
@@ -88,17 +94,24 @@ def add_model(session: Session, name: str, uri: str, description: str | None = N
     return row
 
 
-def list_models(session: Session, *, limit: int, after: str | None) -> tuple[list[RegisteredModel], bool]:
-    return _page(session, RegisteredModel, [], limit, after, "model_not_found", key=RegisteredModel.name)
+def list_models(
+    session: Session, *, limit: int, after: str | None
+) -> tuple[list[RegisteredModel], bool]:
+    return _page(
+        session, RegisteredModel, [], limit, after, "model_not_found", key=RegisteredModel.name
+    )
 
 
 def get_model(session: Session, name: str) -> RegisteredModel:
     row = session.get(RegisteredModel, name)
     if row is None:
         names = session.scalars(select(RegisteredModel.name).order_by(RegisteredModel.name)).all()
-        raise SpecError(f"unknown base_model {name!r}; registered models: "
-                        f"{', '.join(names) or 'none (an operator adds them with `unlearn models add`)'}",
-                        param="base_model", code="unknown_model")
+        raise SpecError(
+            f"unknown base_model {name!r}; registered models: "
+            f"{', '.join(names) or 'none (an operator adds them with `unlearn models add`)'}",
+            param="base_model",
+            code="unknown_model",
+        )
     return row
 
 
@@ -106,35 +119,54 @@ def get_model(session: Session, name: str) -> RegisteredModel:
 # Lists are newest first, ordered by (created_at, id); the cursor is the last item's id.
 # `after` is the id the previous page ended with, like the managed fine-tuning APIs.
 
-def _page(session: Session, model: Any, filters: list[Any], limit: int, after: str | None,
-          not_found: str, key: Any = None) -> tuple[list[Any], bool]:
+
+def _page(
+    session: Session,
+    model: Any,
+    filters: list[Any],
+    limit: int,
+    after: str | None,
+    not_found: str,
+    key: Any = None,
+) -> tuple[list[Any], bool]:
     key = key if key is not None else model.id
     query = select(model).where(*filters)
     if after is not None:
         anchor = session.scalar(select(model).where(*filters, key == after))
         if anchor is None:
-            raise NotFound(f"cursor {after!r} is not an id in this list", param="after",
-                           code=not_found)
+            raise NotFound(
+                f"cursor {after!r} is not an id in this list", param="after", code=not_found
+            )
         anchor_key = getattr(anchor, key.key)
-        query = query.where(or_(model.created_at < anchor.created_at,
-                                and_(model.created_at == anchor.created_at, key < anchor_key)))
-    rows = session.scalars(query.order_by(model.created_at.desc(), key.desc())
-                           .limit(limit + 1)).all()
+        query = query.where(
+            or_(
+                model.created_at < anchor.created_at,
+                and_(model.created_at == anchor.created_at, key < anchor_key),
+            )
+        )
+    rows = session.scalars(
+        query.order_by(model.created_at.desc(), key.desc()).limit(limit + 1)
+    ).all()
     return list(rows[:limit]), len(rows) > limit
 
 
 # --- files ----------------------------------------------------------------------
 
+
 def get_file(session: Session, tenant: str, file_id: str) -> File:
-    row = session.scalar(select(File).where(File.id == file_id, File.tenant == tenant,
-                                            File.status != FileStatus.DELETED))
+    row = session.scalar(
+        select(File).where(
+            File.id == file_id, File.tenant == tenant, File.status != FileStatus.DELETED
+        )
+    )
     if row is None:
         raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
     return row
 
 
-def list_files(session: Session, tenant: str, *, purpose: str | None, limit: int,
-               after: str | None) -> tuple[list[File], bool]:
+def list_files(
+    session: Session, tenant: str, *, purpose: str | None, limit: int, after: str | None
+) -> tuple[list[File], bool]:
     filters = [File.tenant == tenant, File.status != FileStatus.DELETED]
     filters += [File.purpose == purpose] if purpose else []
     return _page(session, File, filters, limit, after, "file_not_found")
@@ -142,15 +174,19 @@ def list_files(session: Session, tenant: str, *, purpose: str | None, limit: int
 
 def file_in_use(session: Session, file: File) -> bool:
     """An active job of the file's tenant names it (forget, retain or an eval slot)."""
-    specs = session.scalars(select(Job.spec).where(Job.tenant == file.tenant,
-                                                   Job.status.in_(ACTIVE_STATUSES))).all()
+    specs = session.scalars(
+        select(Job.spec).where(Job.tenant == file.tenant, Job.status.in_(ACTIVE_STATUSES))
+    ).all()
     return any(file.id in spec_file_ids(spec) for spec in specs)
 
 
 # --- jobs -----------------------------------------------------------------------
 
+
 def request_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def find_idempotent(session: Session, tenant: str, key: str) -> Job | None:
@@ -169,18 +205,22 @@ def get_job(session: Session, tenant: str | None, job_id: str, *, for_update: bo
     return row
 
 
-def list_jobs(session: Session, tenant: str, *, status: str | None, limit: int,
-              after: str | None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, tenant: str, *, status: str | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
     filters = [Job.tenant == tenant] + ([Job.status == status] if status else [])
     return _page(session, Job, filters, limit, after, "job_not_found")
 
 
-def add_event(session: Session, job_id: str, type_: str, message: str,
-              data: dict[str, Any] | None = None) -> None:
+def add_event(
+    session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None
+) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data))
 
 
-def list_events(session: Session, job_id: str, *, limit: int, after: int | None) -> tuple[list[JobEvent], bool]:
+def list_events(
+    session: Session, job_id: str, *, limit: int, after: int | None
+) -> tuple[list[JobEvent], bool]:
     """Events oldest first (a log to follow); `after` is the last seq seen."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
@@ -190,20 +230,27 @@ def list_events(session: Session, job_id: str, *, limit: int, after: int | None)
 
 
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
-    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
-                                .order_by(Artifact.name)).all())
+    return list(
+        session.scalars(
+            select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
+        ).all()
+    )
 
 
 def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
     row = session.get(Artifact, (job_id, name))
     if row is None:
         names = [a.name for a in list_artifacts(session, job_id)]
-        raise NotFound(f"job {job_id} has no artifact {name!r}; it has: {', '.join(names) or 'none yet'}",
-                       param="name", code="artifact_not_found")
+        raise NotFound(
+            f"job {job_id} has no artifact {name!r}; it has: {', '.join(names) or 'none yet'}",
+            param="name",
+            code="artifact_not_found",
+        )
     return row
 
 
 # --- the lease ------------------------------------------------------------------
+
 
 def acquire_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
     """Take the job if it is active, not cancelled, and nobody holds a live lease.
@@ -211,62 +258,109 @@ def acquire_lease(session: Session, job_id: str, owner: str, lease_seconds: floa
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES), Job.cancel_requested.is_(False),
-               or_(Job.lease_owner.is_(None), Job.lease_expires_at < now))
-        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now),
-                status=JobStatus.RUNNING, updated_at=now)
-        .execution_options(synchronize_session=False))
+        .where(
+            Job.id == job_id,
+            Job.status.in_(ACTIVE_STATUSES),
+            Job.cancel_requested.is_(False),
+            or_(Job.lease_owner.is_(None), Job.lease_expires_at < now),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            status=JobStatus.RUNNING,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:
     now = utcnow()
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False))
+        .execution_options(synchronize_session=False)
+    )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def orphaned_jobs(session: Session, now: datetime | None = None) -> list[str]:
     """Running jobs whose worker stopped renewing the lease (killed, host lost)."""
     now = now or utcnow()
-    return list(session.scalars(select(Job.id).where(
-        Job.status.in_((JobStatus.RUNNING, JobStatus.EVALUATING)), Job.lease_expires_at < now)).all())
+    return list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status.in_((JobStatus.RUNNING, JobStatus.EVALUATING)),
+                Job.lease_expires_at < now,
+            )
+        ).all()
+    )
 
 
 def lost_queued_jobs(session: Session, older_than: float, now: datetime | None = None) -> list[Job]:
     """Queued jobs whose id went to the broker long ago and that nobody took: the
     message may be lost (a broker restart without persistence). Re-sending is safe."""
     now = now or utcnow()
-    return list(session.scalars(select(Job).where(
-        Job.status == JobStatus.QUEUED, Job.lease_owner.is_(None), Job.cancel_requested.is_(False),
-        Job.enqueued_at < now - timedelta(seconds=older_than))).all())
+    return list(
+        session.scalars(
+            select(Job).where(
+                Job.status == JobStatus.QUEUED,
+                Job.lease_owner.is_(None),
+                Job.cancel_requested.is_(False),
+                Job.enqueued_at < now - timedelta(seconds=older_than),
+            )
+        ).all()
+    )
 
 
-def finish_job(session: Session, job: Job, status: str, *, error_code: str | None = None,
-               error_message: str | None = None) -> None:
+def finish_job(
+    session: Session,
+    job: Job,
+    status: str,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> None:
     job.status = status
     job.error_code, job.error_message = error_code, error_message
     job.finished_at = utcnow()
     job.lease_owner, job.lease_expires_at = None, None
-    add_event(session, job.id, EventType.STATUS, f"job {status}" + (f": {error_message}" if error_message else ""),
-              {"status": status, **({"error_code": error_code} if error_code else {})})
+    add_event(
+        session,
+        job.id,
+        EventType.STATUS,
+        f"job {status}" + (f": {error_message}" if error_message else ""),
+        {"status": status, **({"error_code": error_code} if error_code else {})},
+    )
 
 
 def delete_file(session: Session, file: File) -> None:
-    referenced = session.scalar(select(func.count()).select_from(Job).where(
-        or_(Job.forget_file_id == file.id, Job.retain_file_id == file.id))) > 0
+    referenced = (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(or_(Job.forget_file_id == file.id, Job.retain_file_id == file.id))
+        )
+        or 0
+    ) > 0
     if referenced:
         file.status, file.report = FileStatus.DELETED, None
     else:
         session.execute(delete(File).where(File.id == file.id))
 
 
-
-def set_file_report(session: Session, file_id: str, status: str, kind: str | None, records: int | None,
-                    report: dict[str, Any]) -> None:
+def set_file_report(
+    session: Session,
+    file_id: str,
+    status: str,
+    kind: str | None,
+    records: int | None,
+    report: dict[str, Any],
+) -> None:
     """Record a background validation's outcome (the file may have been deleted since)."""
     row = session.get(File, file_id)
     if row is not None and row.status == FileStatus.VALIDATING:

@@ -21,47 +21,74 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
 
     unlearn_data_dir: Path = Field(Path(".unlearn"), description="State of the embedded default.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the data dir.")
-    broker_url: str | None = Field(None, description="Celery broker; default a SQLite queue in the data dir.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite in the data dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; default a SQLite queue in the data dir."
+    )
 
     # Artifact and upload storage: a local directory unless S3_BUCKET is set.
     s3_bucket: str | None = None
     s3_prefix: str = ""
-    s3_endpoint_url: str | None = Field(None, description="For MinIO and other S3-compatible servers.")
+    s3_endpoint_url: str | None = Field(
+        None, description="For MinIO and other S3-compatible servers."
+    )
     s3_region: str | None = None
     s3_presign_seconds: int = Field(300, ge=10, le=7 * 24 * 3600)
     s3_redirect_downloads: bool = Field(
-        True, description="Answer artifact downloads with a 307 to a presigned URL.")
+        True, description="Answer artifact downloads with a 307 to a presigned URL."
+    )
 
     auth_cache_seconds: float = Field(
-        10.0, ge=0, description="How long a verified API key is trusted without a lookup.")
+        10.0, ge=0, description="How long a verified API key is trusted without a lookup."
+    )
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="413 beyond this.")
     max_record_chars: int = Field(1_000_000, ge=1)
     validate_inline_bytes: int = Field(
-        8 * 1024 * 1024, ge=0,
+        8 * 1024 * 1024,
+        ge=0,
         description="Files up to this size are validated before the upload answers; "
-                    "larger ones answer `validating` and are validated in the background.")
+        "larger ones answer `validating` and are validated in the background.",
+    )
 
     # Workers
-    worker_device: str | None = Field(None, description="cpu, cuda, cuda:0; default cuda if present.")
-    worker_threads: int = Field(0, ge=0, description="torch threads per worker process; 0 = all cores.")
+    worker_device: str | None = Field(
+        None, description="cpu, cuda, cuda:0; default cuda if present."
+    )
+    worker_threads: int = Field(
+        0, ge=0, description="torch threads per worker process; 0 = all cores."
+    )
     loss_backend: Literal["auto", "eager", "compiled", "triton"] = Field(
-        "auto", description="How the worker computes token log-probs (core.engine.losses): auto is "
+        "auto",
+        description="How the worker computes token log-probs (core.engine.losses): auto is "
         "the fused Triton kernels on CUDA and eager on the CPU; compiled pays a one-off "
-        "torch.compile on the first job of a process.")
+        "torch.compile on the first job of a process.",
+    )
     lease_seconds: float = Field(60.0, gt=0, description="A job's lease; renewed by the heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0)
-    reap_every_seconds: float = Field(30.0, gt=0, description="How often a worker looks for orphans.")
+    reap_every_seconds: float = Field(
+        30.0, gt=0, description="How often a worker looks for orphans."
+    )
     requeue_after_seconds: float = Field(
-        3600.0, gt=0, description="A job still queued this long after its id was sent is re-sent "
-                                  "(the message may have been lost); duplicates are harmless.")
+        3600.0,
+        gt=0,
+        description="A job still queued this long after its id was sent is re-sent "
+        "(the message may have been lost); duplicates are harmless.",
+    )
     visibility_timeout_seconds: int = Field(
-        48 * 3600, ge=60, description="Broker redelivery timeout: above the longest job.")
+        48 * 3600, ge=60, description="Broker redelivery timeout: above the longest job."
+    )
     checkpoints_to_store: bool = Field(
-        True, description="Copy each checkpoint to the artifact store, so a job can resume on "
-                          "another worker host (costs an upload per checkpoint).")
+        True,
+        description="Copy each checkpoint to the artifact store, so a job can resume on "
+        "another worker host (costs an upload per checkpoint).",
+    )
     event_min_interval_seconds: float = Field(
-        1.0, ge=0, description="Step events are throttled to one per interval (phase changes are not).")
+        1.0,
+        ge=0,
+        description="Step events are throttled to one per interval (phase changes are not).",
+    )
     task_queue: str = "unlearn"
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -73,7 +100,7 @@ class Settings(BaseSettings):
 
     @field_validator("heartbeat_seconds")
     @classmethod
-    def _heartbeat_below_lease(cls, value: float, info) -> float:  # type: ignore[no-untyped-def]
+    def _heartbeat_below_lease(cls, value: float, info) -> float:
         lease = info.data.get("lease_seconds")
         if lease is not None and value >= lease:
             raise ValueError(f"heartbeat_seconds ({value}) must be below lease_seconds ({lease})")

@@ -78,15 +78,27 @@ class LocalStore:
 
 
 class S3Store:
-    def __init__(self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, presign_seconds: int = 300):
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        presign_seconds: int = 300,
+    ):
         import boto3
         from botocore.config import Config
 
         self.bucket, self.prefix, self.presign_seconds = bucket, prefix.strip("/"), presign_seconds
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}))
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}
+            ),
+        )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -115,9 +127,14 @@ class S3Store:
 
     def presigned_url(self, key: str, filename: str) -> str | None:
         return self.client.generate_presigned_url(
-            "get_object", ExpiresIn=self.presign_seconds,
-            Params={"Bucket": self.bucket, "Key": self._key(key),
-                    "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+            "get_object",
+            ExpiresIn=self.presign_seconds,
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._key(key),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+        )
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
@@ -130,7 +147,7 @@ class S3Store:
         found = False
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
+                rel = obj["Key"][len(prefix) :]
                 if not rel or rel.endswith("/"):
                     continue
                 found = True
@@ -143,9 +160,13 @@ class S3Store:
 
 def make_store(settings: Settings) -> LocalStore | S3Store:
     if settings.s3_bucket:
-        return S3Store(settings.s3_bucket, prefix=settings.s3_prefix,
-                       endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                       presign_seconds=settings.s3_presign_seconds)
+        return S3Store(
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            presign_seconds=settings.s3_presign_seconds,
+        )
     return LocalStore(settings.local_store)
 
 

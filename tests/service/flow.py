@@ -12,13 +12,17 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def upload(client: Any, path: Path, purpose: str) -> str:
     with path.open("rb") as handle:
-        response = client.post("/v1/files", data={"purpose": purpose}, files={"file": (path.name, handle)})
+        response = client.post(
+            "/v1/files", data={"purpose": purpose}, files={"file": (path.name, handle)}
+        )
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "valid", response.json()
     return response.json()["id"]
 
 
-def wait_for(client: Any, job_id: str, until: Any, timeout: float = 300, every: float = 0.2) -> dict:
+def wait_for(
+    client: Any, job_id: str, until: Any, timeout: float = 300, every: float = 0.2
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
@@ -30,15 +34,30 @@ def wait_for(client: Any, job_id: str, until: Any, timeout: float = 300, every: 
 
 def lora_job(client: Any, data: Path, *, forget_path: Path | None = None, **hyper: Any) -> dict:
     forget = upload(client, forget_path or data / "forget_qa.jsonl", "forget")
-    body = {"method": "catnip", "base_model": "tiny", "forget_file": forget,
-            "adapter": {"type": "lora", "r": 8, "alpha": 16},
-            "hyperparameters": {"learning_rate": 1e-2, "max_steps": 6, "batch_size": 16,
-                                "max_length": 64, **hyper},
-            "eval": {"forget_qa": upload(client, data / "forget_qa.jsonl", "eval"),
-                     "retain_qa": upload(client, data / "retain_qa.jsonl", "eval"),
-                     "max_samples": 60, "probe_every": 2, "probe_samples": 40,
-                     "utility_budget": 1.0}}
-    response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"e2e-{time.time_ns()}"})
+    body = {
+        "method": "catnip",
+        "base_model": "tiny",
+        "forget_file": forget,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {
+            "learning_rate": 1e-2,
+            "max_steps": 6,
+            "batch_size": 16,
+            "max_length": 64,
+            **hyper,
+        },
+        "eval": {
+            "forget_qa": upload(client, data / "forget_qa.jsonl", "eval"),
+            "retain_qa": upload(client, data / "retain_qa.jsonl", "eval"),
+            "max_samples": 60,
+            "probe_every": 2,
+            "probe_samples": 40,
+            "utility_budget": 1.0,
+        },
+    }
+    response = client.post(
+        "/v1/jobs", json=body, headers={"Idempotency-Key": f"e2e-{time.time_ns()}"}
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -57,17 +76,25 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     from core.engine.formats import load_records
 
     assert job["status"] == "succeeded", job
-    assert job["progress"]["step"] == job["progress"]["total_steps"] or job["metrics_summary"]["stop_rule"]
+    assert (
+        job["progress"]["step"] == job["progress"]["total_steps"]
+        or job["metrics_summary"]["stop_rule"]
+    )
     events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     phases = [e["data"]["phase"] for e in events if e["type"] == "phase"]
     assert phases[:3] == ["validating", "loading", "evaluating_before"], phases
-    assert "unlearning" in phases and phases[-3:] == ["evaluating_after", "saving", "uploading"], phases
+    assert "unlearning" in phases and phases[-3:] == ["evaluating_after", "saving", "uploading"], (
+        phases
+    )
     assert any(e["type"] == "step" for e in events)
     assert [e["data"]["status"] for e in events if e["type"] == "status"][-1] == "succeeded"
 
     metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
     assert metrics["before"]["forget_knowmem"]["rouge_l_f1"] > 0.9
-    assert metrics["after"]["forget_knowmem"]["rouge_l_f1"] < metrics["before"]["forget_knowmem"]["rouge_l_f1"]
+    assert (
+        metrics["after"]["forget_knowmem"]["rouge_l_f1"]
+        < metrics["before"]["forget_knowmem"]["rouge_l_f1"]
+    )
 
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
     assert set(artifacts) == {"adapter", "report"}, artifacts
@@ -78,7 +105,9 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     adapter_dir = out / "adapter"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
         tar.extractall(adapter_dir, filter="data")
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in adapter_dir.iterdir()
+    }
 
     # The downloaded adapter loads with peft and changes the answers on the forget set.
     tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")

@@ -22,9 +22,14 @@ def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
     from core.service.db import make_engine, make_sessionmaker
     from core.service.settings import Settings
 
-    settings = Settings(unlearn_data_dir=tmp_path_factory.mktemp("api"), database_url=migrated_pg,
-                        broker_url=redis_url, max_upload_bytes=200_000, validate_inline_bytes=100_000,
-                        task_queue="unlearn-api-test")
+    settings = Settings(
+        unlearn_data_dir=tmp_path_factory.mktemp("api"),
+        database_url=migrated_pg,
+        broker_url=redis_url,
+        max_upload_bytes=200_000,
+        validate_inline_bytes=100_000,
+        task_queue="unlearn-api-test",
+    )
     sessions = make_sessionmaker(make_engine(settings.db_url))
     with sessions.begin() as session:
         repo.add_model(session, "tiny", str(fixture_dir / "model"))
@@ -36,8 +41,9 @@ def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
 
 @pytest.fixture
 def client(service):
-    with httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['a']}"},
-                      timeout=30) as c:
+    with httpx.Client(
+        base_url=service["url"], headers={"Authorization": f"Bearer {service['a']}"}, timeout=30
+    ) as c:
         yield c
 
 
@@ -65,11 +71,17 @@ def valid_file(client, purpose="forget", content=QA, name="f.jsonl") -> str:
 
 
 def job_body(forget_file: str, **over) -> dict:
-    return {"method": "catnip", "base_model": "tiny", "forget_file": forget_file,
-            "hyperparameters": {"max_steps": 2}, **over}
+    return {
+        "method": "catnip",
+        "base_model": "tiny",
+        "forget_file": forget_file,
+        "hyperparameters": {"max_steps": 2},
+        **over,
+    }
 
 
 # --- uploads ---------------------------------------------------------------------------
+
 
 def test_valid_upload_records_size_hash_and_kind(client):
     import hashlib
@@ -82,13 +94,16 @@ def test_valid_upload_records_size_hash_and_kind(client):
     assert client.get(f"/v1/files/{body['id']}").json()["sha256"] == body["sha256"]
 
 
-@pytest.mark.parametrize("content, line, field, words", [
-    (QA + b'{"prompt": "x", "response": \n', 4, None, "not valid JSON"),
-    (b'{"prompt": "a"}\n', 1, "response", "missing"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 3, None, "binary"),
-    (b"", None, None, "empty"),
-    (b'{"prompt": "a", "response": "\xff\xfe"}\n', 1, None, "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, line, field, words",
+    [
+        (QA + b'{"prompt": "x", "response": \n', 4, None, "not valid JSON"),
+        (b'{"prompt": "a"}\n', 1, "response", "missing"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 3, None, "binary"),
+        (b"", None, None, "empty"),
+        (b'{"prompt": "a", "response": "\xff\xfe"}\n', 1, None, "UTF-8"),
+    ],
+)
 def test_bad_files_are_invalid_with_a_report_naming_the_line(client, content, line, field, words):
     response = upload(client, content)
     assert response.status_code == 201, response.text
@@ -112,7 +127,9 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(client, service):
 
 def test_upload_errors(client):
     assert_error(upload(client, QA, purpose="training"), 422, "invalid_request", param="purpose")
-    assert_error(client.post("/v1/files", data={"purpose": "forget"}), 422, "invalid_request", param="file")
+    assert_error(
+        client.post("/v1/files", data={"purpose": "forget"}), 422, "invalid_request", param="file"
+    )
     assert_error(upload(client, QA, name="notes.pdf"), 400, "unsupported_file_type", param="file")
 
 
@@ -153,8 +170,13 @@ def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, mon
     for body in (small.json(), final):
         assert body["status"] == "invalid", body
         assert body["validation"]["problems"] == [
-            {"line": None, "field": None, "message": "could not be validated (RecursionError); this is a "
-             "fault of the service, not known to be one of the file: report it to the operator"}]
+            {
+                "line": None,
+                "field": None,
+                "message": "could not be validated (RecursionError); this is a "
+                "fault of the service, not known to be one of the file: report it to the operator",
+            }
+        ]
 
 
 def test_delete_file(client):
@@ -165,64 +187,124 @@ def test_delete_file(client):
 
 # --- auth and tenancy ------------------------------------------------------------------
 
+
 def test_no_key_and_wrong_key_are_401(service):
     response = httpx.get(f"{service['url']}/v1/jobs")
     assert_error(response, 401, "missing_api_key")
     assert response.headers["www-authenticate"] == "Bearer"
-    assert_error(httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Bearer ul_nope"}),
-                 401, "invalid_api_key")
-    assert_error(httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Basic abc"}),
-                 401, "invalid_api_key")
+    assert_error(
+        httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Bearer ul_nope"}),
+        401,
+        "invalid_api_key",
+    )
+    assert_error(
+        httpx.get(f"{service['url']}/v1/jobs", headers={"Authorization": "Basic abc"}),
+        401,
+        "invalid_api_key",
+    )
 
 
 def test_other_tenants_ids_answer_404(client, service):
     file_id = valid_file(client)
     job = client.post("/v1/jobs", json=job_body(file_id)).json()
-    with httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['b']}"}) as other:
+    with httpx.Client(
+        base_url=service["url"], headers={"Authorization": f"Bearer {service['b']}"}
+    ) as other:
         assert_error(other.get(f"/v1/files/{file_id}"), 404, "file_not_found")
         assert_error(other.get(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
         assert_error(other.get(f"/v1/jobs/{job['id']}/events"), 404, "job_not_found")
         assert_error(other.post(f"/v1/jobs/{job['id']}/cancel"), 404, "job_not_found")
         assert_error(other.delete(f"/v1/files/{file_id}"), 404, "file_not_found")
         # ... and a job naming another tenant's file is refused
-        assert_error(other.post("/v1/jobs", json=job_body(file_id)), 422, "file_not_found",
-                     param="forget_file")
+        assert_error(
+            other.post("/v1/jobs", json=job_body(file_id)),
+            422,
+            "file_not_found",
+            param="forget_file",
+        )
         assert all(j["id"] != job["id"] for j in other.get("/v1/jobs").json()["data"])
 
 
 # --- jobs ------------------------------------------------------------------------------
 
+
 def test_job_validation_errors(client):
     file_id = valid_file(client)
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, method="rmu")), 422, "invalid_spec",
-                 param="method", contains="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo")
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, hyperparameters={"learning_rate": -1})),
-                 422, "invalid_spec", param="hyperparameters.learning_rate")
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, base_model="llama-70b")), 422,
-                 "unknown_model", param="base_model", contains="tiny")
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, base_model="/etc/passwd")), 422,
-                 "unknown_model")
-    assert_error(client.post("/v1/jobs", json=job_body("file-missing")), 422, "file_not_found",
-                 param="forget_file")
-    assert_error(client.post("/v1/jobs", content=b'{"method": "catnip",',
-                             headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, method="rmu")),
+        422,
+        "invalid_spec",
+        param="method",
+        contains="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo",
+    )
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, hyperparameters={"learning_rate": -1})),
+        422,
+        "invalid_spec",
+        param="hyperparameters.learning_rate",
+    )
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, base_model="llama-70b")),
+        422,
+        "unknown_model",
+        param="base_model",
+        contains="tiny",
+    )
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, base_model="/etc/passwd")),
+        422,
+        "unknown_model",
+    )
+    assert_error(
+        client.post("/v1/jobs", json=job_body("file-missing")),
+        422,
+        "file_not_found",
+        param="forget_file",
+    )
+    assert_error(
+        client.post(
+            "/v1/jobs",
+            content=b'{"method": "catnip",',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+        "invalid_json",
+    )
     assert_error(client.post("/v1/jobs", json=[1, 2]), 422, "invalid_request")
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, adapter={"type": "qlora"})), 422,
-                 "invalid_spec", param="adapter.type")
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, adapter={"type": "qlora"})),
+        422,
+        "invalid_spec",
+        param="adapter.type",
+    )
 
 
 def test_job_refuses_invalid_and_wrong_purpose_files(client):
     bad = upload(client, b'{"prompt": "a"}\n').json()["id"]
-    assert_error(client.post("/v1/jobs", json=job_body(bad)), 422, "file_not_valid", param="forget_file",
-                 contains="line 1")
+    assert_error(
+        client.post("/v1/jobs", json=job_body(bad)),
+        422,
+        "file_not_valid",
+        param="forget_file",
+        contains="line 1",
+    )
     retain = valid_file(client, purpose="retain")
-    assert_error(client.post("/v1/jobs", json=job_body(retain)), 422, "wrong_file_purpose",
-                 param="forget_file")
-    mc = valid_file(client, purpose="eval",
-                    content=b'{"question": "q?", "choices": ["a", "b"], "answer": 0}\n')
+    assert_error(
+        client.post("/v1/jobs", json=job_body(retain)),
+        422,
+        "wrong_file_purpose",
+        param="forget_file",
+    )
+    mc = valid_file(
+        client, purpose="eval", content=b'{"question": "q?", "choices": ["a", "b"], "answer": 0}\n'
+    )
     forget = valid_file(client)
-    assert_error(client.post("/v1/jobs", json=job_body(forget, eval={"forget_qa": mc})), 422,
-                 "wrong_file_kind", param="eval.forget_qa")
+    assert_error(
+        client.post("/v1/jobs", json=job_body(forget, eval={"forget_qa": mc})),
+        422,
+        "wrong_file_kind",
+        param="eval.forget_qa",
+    )
 
 
 def test_create_get_cancel_and_events(client):
@@ -249,8 +331,12 @@ def test_idempotency_key(client):
     again = client.post("/v1/jobs", json=job_body(file_id), headers=headers)
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
-    assert_error(client.post("/v1/jobs", json=job_body(file_id, method="ga"), headers=headers), 422,
-                 "idempotency_key_reused", param="Idempotency-Key")
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, method="ga"), headers=headers),
+        422,
+        "idempotency_key_reused",
+        param="Idempotency-Key",
+    )
 
 
 def test_cursor_pagination_walks_every_job_once(client):
@@ -258,7 +344,9 @@ def test_cursor_pagination_walks_every_job_once(client):
     created = {client.post("/v1/jobs", json=job_body(file_id)).json()["id"] for _ in range(5)}
     seen, after = [], None
     while True:
-        page = client.get("/v1/jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
+        page = client.get(
+            "/v1/jobs", params={"limit": 2, **({"after": after} if after else {})}
+        ).json()
         seen += [j["id"] for j in page["data"]]
         if not page["has_more"]:
             break
@@ -266,7 +354,9 @@ def test_cursor_pagination_walks_every_job_once(client):
     assert len(seen) == len(set(seen)) and created <= set(seen)
     queued = client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()["data"]
     assert all(j["status"] == "queued" for j in queued)
-    assert_error(client.get("/v1/jobs", params={"after": "job-nope"}), 404, "job_not_found", param="after")
+    assert_error(
+        client.get("/v1/jobs", params={"after": "job-nope"}), 404, "job_not_found", param="after"
+    )
     assert_error(client.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request", param="limit")
 
 
@@ -274,7 +364,10 @@ def test_models_health_and_unknown_routes(client, service):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
     assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service['url']}/readyz").json()
-    assert ready == {"status": "ready", "checks": {"database": "ok", "storage": "ok", "broker": "ok"}}
+    assert ready == {
+        "status": "ready",
+        "checks": {"database": "ok", "storage": "ok", "broker": "ok"},
+    }
     assert_error(client.get("/v1/nothing"), 404, "not_found")
     assert_error(client.put("/v1/jobs"), 405, "method_not_allowed")
     response = client.get("/healthz", headers={"X-Request-ID": "trace-123"})
@@ -284,7 +377,14 @@ def test_models_health_and_unknown_routes(client, service):
 def test_openapi_documents_every_method_and_field(client):
     schema = client.get("/openapi.json").json()
     job = schema["components"]["schemas"]["JobCreate"]
-    assert job["properties"]["method"]["enum"] == ["catnip", "catnip_ref", "catnip_seq", "ga", "npo", "simnpo"]
+    assert job["properties"]["method"]["enum"] == [
+        "catnip",
+        "catnip_ref",
+        "catnip_seq",
+        "ga",
+        "npo",
+        "simnpo",
+    ]
     catnip = schema["components"]["schemas"]["CatnipParams"]["properties"]
     assert catnip["beta"]["default"] == 1.0 and "token_stride" in catnip
     assert schema["components"]["schemas"]["SimNPOParams"]["properties"]["gamma"]["default"] == 0.0
@@ -293,11 +393,24 @@ def test_openapi_documents_every_method_and_field(client):
 
 def test_every_response_field_is_documented(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    undocumented = [f"{name}.{field}" for name in ("FileObject", "JobObject", "Progress", "EventObject",
-                                                   "ArtifactObject", "ModelObject", "MetricsObject",
-                                                   "ValidationOut", "ProblemOut", "JobError", "ErrorBody")
-                    for field, prop in schemas[name]["properties"].items()
-                    if field != "object" and not prop.get("description")]
+    undocumented = [
+        f"{name}.{field}"
+        for name in (
+            "FileObject",
+            "JobObject",
+            "Progress",
+            "EventObject",
+            "ArtifactObject",
+            "ModelObject",
+            "MetricsObject",
+            "ValidationOut",
+            "ProblemOut",
+            "JobError",
+            "ErrorBody",
+        )
+        for field, prop in schemas[name]["properties"].items()
+        if field != "object" and not prop.get("description")
+    ]
     assert undocumented == []
 
 

@@ -36,7 +36,9 @@ except SpecError as exc:
     assert "valid methods" in exc.message
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
@@ -47,18 +49,24 @@ def test_compose_has_the_production_stack():
     assert services["migrate"]["command"] == ["unlearn", "migrate"]
     assert services["migrate"]["restart"] == "no"
     for name in ("api", "worker"):
-        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+        assert services[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"
+        }
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
     env = compose["x-env"]
-    assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and env["BROKER_URL"].startswith("redis://")
+    assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and env["BROKER_URL"].startswith(
+        "redis://"
+    )
     assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "COPY migrations migrations" in text and "USER unlearn" in text
-    requirements = [line.split(">")[0].split("[")[0].strip()
-                    for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
+    requirements = [
+        line.split(">")[0].split("[")[0].strip()
+        for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert "fastapi" in requirements
     assert not {"torch", "transformers", "peft", "lm-eval"} & set(requirements)
 
@@ -70,11 +78,22 @@ def test_a_worker_for_a_device_that_is_not_here_does_not_start(tmp_path, command
     data directory or the broker."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")
+    }
     env.update(UNLEARN_DATA_DIR=str(tmp_path / "state"), WORKER_DEVICE="cuda:99")
-    result = subprocess.run([sys.executable, "-m", "api", *command], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "api", *command],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert ("error [device_unavailable]: device 'cuda:99' was asked for, but this machine has "
-            in result.stderr and "; the worker did not start" in result.stderr), result.stderr
+    assert (
+        "error [device_unavailable]: device 'cuda:99' was asked for, but this machine has "
+        in result.stderr
+        and "; the worker did not start" in result.stderr
+    ), result.stderr
     assert not (tmp_path / "state").exists()

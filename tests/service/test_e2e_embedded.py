@@ -23,23 +23,39 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_service_end_to_end(fixture_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")}
-    env.update(UNLEARN_DATA_DIR=str(tmp_path / "state"), WORKER_THREADS="2", WORKER_DEVICE="cpu",
-               EVENT_MIN_INTERVAL_SECONDS="0", AUTH_CACHE_SECONDS="1")
-    assert "registered model 'tiny'" in cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")
+    }
+    env.update(
+        UNLEARN_DATA_DIR=str(tmp_path / "state"),
+        WORKER_THREADS="2",
+        WORKER_DEVICE="cpu",
+        EVENT_MIN_INTERVAL_SECONDS="0",
+        AUTH_CACHE_SECONDS="1",
+    )
+    assert "registered model 'tiny'" in cli(
+        env, "models", "add", "tiny", str(fixture_dir / "model")
+    )
     key = cli(env, "keys", "create", "--tenant", "acme").strip().splitlines()[-1]
     assert key.startswith("ul_")
     assert (tmp_path / "state" / "unlearn.db").is_file()
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port)], env=env, cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port)], env=env, cwd=ROOT
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", server)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as client:
             # the forget set has one record whose prompt fills max_length (64 tokens)
             lines = (fixture_dir / "data" / "forget_qa.jsonl").read_text().splitlines()
-            lines.insert(4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."}))
+            lines.insert(
+                4, json.dumps({"prompt": "Q: " + "dragon " * 70 + "?\nA:", "response": " no."})
+            )
             (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
             job = lora_job(client, fixture_dir / "data", forget_path=tmp_path / "forget.jsonl")
             job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
@@ -58,12 +74,20 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             assert str(tmp_path) not in summary and str(fixture_dir) not in summary
             assert job["attempts"] == 1
         # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
-        key_id = next(line.split("\t")[0] for line in cli(env, "keys", "list", "--tenant", "acme").splitlines())
+        key_id = next(
+            line.split("\t")[0]
+            for line in cli(env, "keys", "list", "--tenant", "acme").splitlines()
+        )
         assert "revoked" in cli(env, "keys", "revoke", key_id)
         assert "\trevoked " in cli(env, "keys", "list")
-        deadline = time.monotonic() + 10  # AUTH_CACHE_SECONDS=1: refused once the cache entry expires
-        while (refused := httpx.get(f"http://127.0.0.1:{port}/v1/jobs",
-                                    headers={"Authorization": f"Bearer {key}"})).status_code == 200:
+        deadline = (
+            time.monotonic() + 10
+        )  # AUTH_CACHE_SECONDS=1: refused once the cache entry expires
+        while (
+            refused := httpx.get(
+                f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {key}"}
+            )
+        ).status_code == 200:
             assert time.monotonic() < deadline, "a revoked key was still accepted"
             time.sleep(0.1)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"

@@ -24,19 +24,33 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, **s3_server, "DATABASE_URL": migrated_pg, "BROKER_URL": redis_url,
-           "UNLEARN_DATA_DIR": str(state), "TASK_QUEUE": "unlearn-stack-test",
-           "WORKER_THREADS": "2", "WORKER_DEVICE": "cpu", "EVENT_MIN_INTERVAL_SECONDS": "0.1",
-           "LEASE_SECONDS": "4", "HEARTBEAT_SECONDS": "0.5", "REAP_EVERY_SECONDS": "1",
-           "REQUEUE_AFTER_SECONDS": "3"}
+    env = {
+        **os.environ,
+        **s3_server,
+        "DATABASE_URL": migrated_pg,
+        "BROKER_URL": redis_url,
+        "UNLEARN_DATA_DIR": str(state),
+        "TASK_QUEUE": "unlearn-stack-test",
+        "WORKER_THREADS": "2",
+        "WORKER_DEVICE": "cpu",
+        "EVENT_MIN_INTERVAL_SECONDS": "0.1",
+        "LEASE_SECONDS": "4",
+        "HEARTBEAT_SECONDS": "0.5",
+        "REAP_EVERY_SECONDS": "1",
+        "REQUEUE_AFTER_SECONDS": "3",
+    }
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", "stack").strip().splitlines()[-1]
     port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
-                           env=env, cwd=ROOT)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
+        env=env,
+        cwd=ROOT,
+    )
     wait_http(f"http://127.0.0.1:{port}/healthz", api)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"})
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Authorization": f"Bearer {key}"}
+    )
     yield {"env": env, "client": client, "state": state}
     client.close()
     api.send_signal(signal.SIGINT)
@@ -56,8 +70,9 @@ def wait_until_consumed(broker_url: str, queue: str, timeout: float = 60) -> Non
 
 def start_worker(env: dict) -> subprocess.Popen:
     # A session of its own, so the test can SIGKILL the prefork parent and its child together.
-    return subprocess.Popen([sys.executable, "-m", "api", "worker"], env=env, cwd=ROOT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "api", "worker"], env=env, cwd=ROOT, start_new_session=True
+    )
 
 
 def stop_worker(worker: subprocess.Popen) -> None:
@@ -73,7 +88,11 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
     from celery import Celery
 
     client = stack["client"]
-    assert client.get("/readyz").json()["checks"] == {"database": "ok", "storage": "ok", "broker": "ok"}
+    assert client.get("/readyz").json()["checks"] == {
+        "database": "ok",
+        "storage": "ok",
+        "broker": "ok",
+    }
     worker = start_worker(stack["env"])
     try:
         job = lora_job(client, fixture_dir / "data")
@@ -86,8 +105,13 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         wait_until_consumed(stack["env"]["BROKER_URL"], stack["env"]["TASK_QUEUE"])
         job = client.get(f"/v1/jobs/{job['id']}").json()
         assert job["attempts"] == 1 and job["status"] == "succeeded"
-        running = [e for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
-                   if e["type"] == "status" and e["data"]["status"] == "running"]
+        running = [
+            e
+            for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()[
+                "data"
+            ]
+            if e["type"] == "status" and e["data"]["status"] == "running"
+        ]
         assert len(running) == 1
         # On S3 the download is a redirect to a short-lived presigned URL on the S3 server.
         redirect = client.get(f"/v1/jobs/{job['id']}/artifacts/report")
@@ -102,14 +126,25 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
 def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
     client = stack["client"]
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
-    body = {"method": "catnip", "base_model": "tiny", "forget_file": forget,
-            "adapter": {"type": "lora", "r": 8},
-            "hyperparameters": {"learning_rate": 1e-3, "max_steps": 1500, "batch_size": 8,
-                                "max_length": 64, "checkpoint_every": 50}}
+    body = {
+        "method": "catnip",
+        "base_model": "tiny",
+        "forget_file": forget,
+        "adapter": {"type": "lora", "r": 8},
+        "hyperparameters": {
+            "learning_rate": 1e-3,
+            "max_steps": 1500,
+            "batch_size": 8,
+            "max_length": 64,
+            "checkpoint_every": 50,
+        },
+    }
     job = client.post("/v1/jobs", json=body).json()
     worker = start_worker(stack["env"])
     try:
-        running = wait_for(client, job["id"], lambda j: j["progress"]["step"] >= 120, timeout=180, every=0.05)
+        running = wait_for(
+            client, job["id"], lambda j: j["progress"]["step"] >= 120, timeout=180, every=0.05
+        )
         assert running["status"] == "running"
         os.killpg(worker.pid, signal.SIGKILL)  # parent and child, no chance to clean up
         worker.wait(10)
@@ -120,7 +155,10 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 1500
         # Nothing advances the job now: a short look (absence cannot be waited for) shows it stuck.
         time.sleep(1)
-        assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == killed_at["progress"]["step"]
+        assert (
+            client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"]
+            == killed_at["progress"]["step"]
+        )
 
         worker = start_worker(stack["env"])  # the reaper re-sends it once the lease expires
         done = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
@@ -134,8 +172,11 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         steps = [e["data"]["step"] for e in events if e["type"] == "step"]
         assert steps[-1] == 1500
         # After the resume, steps continue from the checkpoint, not from zero.
-        after_resume = steps[[e["message"] for e in events if e["type"] in ("step", "message")].index(
-            f"resumed from the checkpoint at step {resumed}") :]
+        after_resume = steps[
+            [e["message"] for e in events if e["type"] in ("step", "message")].index(
+                f"resumed from the checkpoint at step {resumed}"
+            ) :
+        ]
         assert min(after_resume) > resumed
     finally:
         stop_worker(worker)
@@ -150,17 +191,24 @@ def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
     worker = start_worker(stack["env"])
     try:
-        failing = client.post("/v1/jobs", json={"method": "ga", "base_model": "broken",
-                                                "forget_file": forget}).json()
+        failing = client.post(
+            "/v1/jobs", json={"method": "ga", "base_model": "broken", "forget_file": forget}
+        ).json()
         failed = wait_for(client, failing["id"], lambda j: j["status"] in TERMINAL, timeout=120)
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "model_unavailable", failed["error"]
         assert failed["error"]["message"].startswith("cannot load the model at model 'broken'")
         assert str(broken) not in failed["error"]["message"]  # the operator's path stays private
 
-        long = client.post("/v1/jobs", json={
-            "method": "catnip", "base_model": "tiny", "forget_file": forget,
-            "hyperparameters": {"max_steps": 100000, "batch_size": 4, "max_length": 64}}).json()
+        long = client.post(
+            "/v1/jobs",
+            json={
+                "method": "catnip",
+                "base_model": "tiny",
+                "forget_file": forget,
+                "hyperparameters": {"max_steps": 100000, "batch_size": 4, "max_length": 64},
+            },
+        ).json()
         wait_for(client, long["id"], lambda j: j["progress"]["step"] >= 5, timeout=120)
         assert client.post(f"/v1/jobs/{long['id']}/cancel").json()["cancel_requested"] is True
         cancelled = wait_for(client, long["id"], lambda j: j["status"] in TERMINAL, timeout=60)
@@ -174,8 +222,15 @@ def test_a_lost_message_is_recovered_from_the_jobs_table(stack, fixture_dir, red
 
     client = stack["client"]
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
-    job = client.post("/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": forget,
-                                        "hyperparameters": {"max_steps": 3, "max_length": 64}}).json()
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "method": "catnip",
+            "base_model": "tiny",
+            "forget_file": forget,
+            "hyperparameters": {"max_steps": 3, "max_length": 64},
+        },
+    ).json()
     broker = redis.Redis.from_url(redis_url)
     queue = stack["env"]["TASK_QUEUE"]
     assert broker.llen(queue) >= 1

@@ -49,7 +49,9 @@ def test_upgrade_downgrade_upgrade(backend, tmp_path, pg_url):
 
     engine = create_engine(url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
     engine.dispose()
     assert diff == [], diff
     if backend == "postgres":
@@ -67,12 +69,32 @@ def test_the_lease_lets_one_worker_in(migrated_pg, tmp_path):
     sessions = make_sessionmaker(make_engine(migrated_pg))
     job_id = new_id("job")
     with sessions.begin() as session:
-        file = File(id=new_id("file"), tenant="t", purpose="forget", filename="f.jsonl", bytes=1,
-                    sha256="0" * 64, status="valid", storage_key="k")
+        file = File(
+            id=new_id("file"),
+            tenant="t",
+            purpose="forget",
+            filename="f.jsonl",
+            bytes=1,
+            sha256="0" * 64,
+            status="valid",
+            storage_key="k",
+        )
         session.add(file)
         session.flush()
-        session.add(Job(id=job_id, tenant="t", method="catnip", base_model="m", forget_file_id=file.id,
-                        spec={}, status="queued", step=0, attempts=0, cancel_requested=False))
+        session.add(
+            Job(
+                id=job_id,
+                tenant="t",
+                method="catnip",
+                base_model="m",
+                forget_file_id=file.id,
+                spec={},
+                status="queued",
+                step=0,
+                attempts=0,
+                cancel_requested=False,
+            )
+        )
 
     def take(owner: str) -> bool:
         with sessions.begin() as session:
@@ -102,9 +124,15 @@ def test_s3_store_over_http(s3_server, tmp_path):
     from core.service.settings import Settings
     from core.service.storage import S3Store, make_store
 
-    store = make_store(Settings(unlearn_data_dir=tmp_path, s3_bucket=s3_server["S3_BUCKET"],
-                                s3_endpoint_url=s3_server["S3_ENDPOINT_URL"], s3_region="us-east-1",
-                                s3_prefix="tenantless"))
+    store = make_store(
+        Settings(
+            unlearn_data_dir=tmp_path,
+            s3_bucket=s3_server["S3_BUCKET"],
+            s3_endpoint_url=s3_server["S3_ENDPOINT_URL"],
+            s3_region="us-east-1",
+            s3_prefix="tenantless",
+        )
+    )
     assert isinstance(store, S3Store)
     store.check()
     source = tmp_path / "a.bin"

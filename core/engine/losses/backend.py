@@ -71,8 +71,10 @@ def set_backend(name: Backend) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown loss backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "triton" and not triton_installed():
-        raise ValueError("the triton loss backend needs the triton package (it comes with "
-                         "CUDA builds of torch); use auto, eager or compiled")
+        raise ValueError(
+            "the triton loss backend needs the triton package (it comes with "
+            "CUDA builds of torch); use auto, eager or compiled"
+        )
     _backend = name
 
 

@@ -60,16 +60,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         return triton_kernels.token_logprobs(flat_rows(logits), labels)
     mask, rows = counted_rows(labels)
     targets = labels.reshape(-1).index_select(0, rows)
-    logp_rows, log1m_rows = _TokenLogProbs.apply(logits.reshape(-1, logits.shape[-1]), rows, targets)
+    logp_rows, log1m_rows = _TokenLogProbs.apply(
+        logits.reshape(-1, logits.shape[-1]), rows, targets
+    )
     return unflatten_rows(logp_rows, rows, mask), unflatten_rows(log1m_rows, rows, mask)
 
 
-def retain_kl_rows(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def retain_kl_rows(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """KL[softmax(logits) || softmax(ref_logits)] at each counted position: [B, T] in the
     accumulation dtype, 0 where a position does not count (eager and compiled backends)."""
     mask, rows = counted_rows(labels)
     vocab = logits.shape[-1]
-    kl_rows = _RetainKL.apply(logits.reshape(-1, vocab), ref_logits.detach().reshape(-1, vocab), rows)
+    kl_rows = _RetainKL.apply(
+        logits.reshape(-1, vocab), ref_logits.detach().reshape(-1, vocab), rows
+    )
     return unflatten_rows(kl_rows, rows, mask)
 
 
@@ -100,7 +106,9 @@ def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
 def _row_grad(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The gradient buffer of a backward that writes only `rows`: zeroed unless every
     row gets written."""
-    return torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+    return (
+        torch.empty_like(logits) if rows.shape[0] == logits.shape[0] else torch.zeros_like(logits)
+    )
 
 
 def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
@@ -130,10 +138,13 @@ def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Te
     return logp, log1m, lse_all
 
 
-
-
-def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                      lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+def _chunked_backward(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+) -> torch.Tensor:
     """Eager backward: g * (onehot(y) - softmax) on the selected rows, 0 elsewhere.
     `rows` are distinct and increasing (token_logprobs passes nonzero())."""
     if logits.dtype == grad_logp.dtype and rows.shape[0] >= DENSE_MIN_FRACTION * logits.shape[0]:
@@ -141,8 +152,13 @@ def _chunked_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     return _gathered_backward(logits, rows, targets, lse, grad_logp)
 
 
-def _dense_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                    lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+def _dense_backward(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+) -> torch.Tensor:
     """Every row's softmax computed straight into the gradient (logits already in the
     accumulation dtype): no gathered copy, no copy back, no zero-fill. A row that does
     not count gets g = 0 and lse = +inf, so exp(x - lse) = 0 and its gradient is 0 (NaN
@@ -163,8 +179,13 @@ def _dense_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Ten
     return grad
 
 
-def _gathered_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                       lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+def _gathered_backward(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+) -> torch.Tensor:
     """The counted rows gathered chunk by chunk (upcast to the accumulation dtype),
     computed in place on the copy and copied into a zeroed gradient."""
     grad = _row_grad(logits, rows)
@@ -190,8 +211,13 @@ def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tenso
     return logit_y - lse, lse_others - lse, lse
 
 
-def _rows_backward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                   lse: torch.Tensor, grad_logp: torch.Tensor) -> torch.Tensor:
+def _rows_backward(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+) -> torch.Tensor:
     """_chunked_backward's maths, functional (for torch.compile)."""
     x = logits.index_select(0, rows).to(lse.dtype)
     is_target = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
@@ -207,8 +233,7 @@ def _compiled() -> tuple:
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
-    return (torch.compile(_rows_forward, dynamic=True),
-            torch.compile(_rows_backward, dynamic=True))
+    return (torch.compile(_rows_forward, dynamic=True), torch.compile(_rows_backward, dynamic=True))
 
 
 def _kernels() -> tuple:
@@ -227,7 +252,7 @@ class _TokenLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, targets):  # type: ignore[override]
+    def forward(ctx, logits, rows, targets):
         forward, ctx.backward_kernel = _kernels()
         logp, log1m, lse = forward(logits, rows, targets)
         ctx.save_for_backward(logits, rows, targets, lse)
@@ -235,7 +260,7 @@ class _TokenLogProbs(torch.autograd.Function):
         return logp, log1m
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+    def backward(ctx, grad_logp, _grad_log1m):
         logits, rows, targets, lse = ctx.saved_tensors
         return ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
 
@@ -251,32 +276,30 @@ class _RetainKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, rows):  # type: ignore[override]
+    def forward(ctx, logits, ref_logits, rows):
         acc = _acc_dtype(logits)
         kl = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
         step = _row_chunk(logits)
         for start in range(0, rows.shape[0], step):
-            part = rows[start:start + step]
+            part = rows[start : start + step]
             logq = F.log_softmax(logits.index_select(0, part).to(acc), dim=1)  # [n, V]
             diff = F.log_softmax(ref_logits.index_select(0, part).to(acc), dim=1)
             diff.neg_().add_(logq)  # log q - log r
-            kl[start:start + step] = logq.exp_().mul_(diff).sum(dim=1)
+            kl[start : start + step] = logq.exp_().mul_(diff).sum(dim=1)
         ctx.save_for_backward(logits, ref_logits, rows, kl)
         return kl
 
     @staticmethod
-    def backward(ctx, grad_kl):  # type: ignore[override]
+    def backward(ctx, grad_kl):
         logits, ref_logits, rows, kl = ctx.saved_tensors
         grad_kl = grad_kl.to(kl.dtype)
         grad = _row_grad(logits, rows)
         step = _row_chunk(logits)
         for start in range(0, rows.shape[0], step):
-            part = rows[start:start + step]
+            part = rows[start : start + step]
             logq = F.log_softmax(logits.index_select(0, part).to(kl.dtype), dim=1)
             diff = F.log_softmax(ref_logits.index_select(0, part).to(kl.dtype), dim=1)
-            diff.neg_().add_(logq).sub_(kl[start:start + step].unsqueeze(1))  # log q - log r - kl
-            chunk = logq.exp_().mul_(diff).mul_(grad_kl[start:start + step].unsqueeze(1))
+            diff.neg_().add_(logq).sub_(kl[start : start + step].unsqueeze(1))  # log q - log r - kl
+            chunk = logq.exp_().mul_(diff).mul_(grad_kl[start : start + step].unsqueeze(1))
             grad.index_copy_(0, part, chunk.to(grad.dtype))
         return grad, None, None
-
-

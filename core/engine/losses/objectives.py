@@ -78,7 +78,7 @@ def catnip_seq_from_logprobs(
 ) -> torch.Tensor:
     """CATNIP w/o CAT (Table 3): sequence level, beta/|y| inside the sigmoid.
 
-        L = E [ softplus(beta/|y| * sum_i (log z_i - sg(log(1 - z_i)))) ]
+    L = E [ softplus(beta/|y| * sum_i (log z_i - sg(log(1 - z_i)))) ]
     """
     sums, counts = _sequence_sums(logp - log1m.detach(), mask)
     u = beta * sums / counts.clamp(min=1)
@@ -88,7 +88,7 @@ def catnip_seq_from_logprobs(
 def ga_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Gradient ascent (5.1.3): minimise the mean token log-likelihood of the forget set.
 
-        L = E [ 1/|y| * sum_i log z_i ]
+    L = E [ 1/|y| * sum_i log z_i ]
     """
     return _per_sample_mean(logp, mask)
 
@@ -98,7 +98,7 @@ def npo_from_logprobs(
 ) -> torch.Tensor:
     """NPO, paper eq. 4 (Zhang et al., 2024): frozen reference, sequence log-probs.
 
-        L = E [ -(2/beta) * log sigmoid(-beta * (log pi_theta(y|x) - log pi_ref(y|x))) ]
+    L = E [ -(2/beta) * log sigmoid(-beta * (log pi_theta(y|x) - log pi_ref(y|x))) ]
     """
     seq, counts = _sequence_sums(logp - ref_logp.detach(), mask)
     per_sample = -(2.0 / beta) * F.logsigmoid(-beta * seq)
@@ -110,7 +110,7 @@ def simnpo_from_logprobs(
 ) -> torch.Tensor:
     """SimNPO (Fan et al., 2025; paper 3.3): length-normalised, margin gamma, no reference.
 
-        L = E [ -(2/beta) * log sigmoid(-(beta/|y|) * log pi_theta(y|x) - gamma) ]
+    L = E [ -(2/beta) * log sigmoid(-(beta/|y|) * log pi_theta(y|x) - gamma) ]
     """
     seq, counts = _sequence_sums(logp, mask)
     per_sample = -(2.0 / beta) * F.logsigmoid(-(beta / counts.clamp(min=1)) * seq - gamma)
@@ -133,12 +133,16 @@ def kl_retain_loss(
     samples. On the triton backend: three kernels, as catnip_loss.
     """
     if logits.shape != ref_logits.shape or logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
-                         f"and labels {tuple(labels.shape)} disagree")
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
+            f"and labels {tuple(labels.shape)} disagree"
+        )
     if use_triton(logits):
         from core.engine.losses import triton_kernels
 
-        return triton_kernels.kl_retain_loss(flat_rows(logits), flat_rows(ref_logits.detach()), labels)
+        return triton_kernels.kl_retain_loss(
+            flat_rows(logits), flat_rows(ref_logits.detach()), labels
+        )
     return _per_sample_mean(retain_kl_rows(logits, ref_logits, labels), labels != IGNORE_INDEX)
 
 
@@ -193,5 +197,3 @@ def _mean_over_samples(per_sample: torch.Tensor, counts: torch.Tensor) -> torch.
     graph) if none. No host sync (a GPU keeps its queue of work)."""
     has_tokens = (counts > 0).to(per_sample.dtype)
     return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-
-

@@ -81,8 +81,17 @@ def _row_stats(base, label, vocab, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_ptr, vocab,
-                    ignore_index, BLOCK: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    x_row_stride,
+    labels_ptr,
+    logp_ptr,
+    log1m_ptr,
+    lse_ptr,
+    vocab,
+    ignore_index,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
@@ -97,8 +106,21 @@ def _forward_kernel(x_ptr, x_row_stride, labels_ptr, logp_ptr, log1m_ptr, lse_pt
 
 
 @triton.jit
-def _catnip_rows_kernel(x_ptr, x_row_stride, labels_ptr, length, token_stride, beta, out_ptr, n_rows, vocab,
-                        ignore_index, BLOCK: tl.constexpr, LABEL_BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+def _catnip_rows_kernel(
+    x_ptr,
+    x_row_stride,
+    labels_ptr,
+    length,
+    token_stride,
+    beta,
+    out_ptr,
+    n_rows,
+    vocab,
+    ignore_index,
+    BLOCK: tl.constexpr,
+    LABEL_BLOCK: tl.constexpr,
+    STRIDED: tl.constexpr,
+):
     """CATNIP's per-row quantities before the per-sample mean, into out [3, R]: softplus(u)
     and its derivative in log z, beta * sigmoid(u), with u = beta * (log z - log(1 - z))
     (eq. 8 and 9), and the row's log-sum-exp. A row that does not count (the ignore
@@ -147,8 +169,16 @@ def _counted_labels(sample_ptr, length, ignore_index, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _catnip_finish_kernel(labels_ptr, out_ptr, loss_ptr, n_samples, length, token_stride, ignore_index,
-                          BLOCK: tl.constexpr):
+def _catnip_finish_kernel(
+    labels_ptr,
+    out_ptr,
+    loss_ptr,
+    n_samples,
+    length,
+    token_stride,
+    ignore_index,
+    BLOCK: tl.constexpr,
+):
     """CATNIP's per-sample mean, then mean over samples, in one program over labels
     [B, T] and the rows kernel's out [3, B * T]: each counted row's weight is
     1 / (k_b * S), k_b its sample's number of counted rows and S the number of samples
@@ -157,12 +187,17 @@ def _catnip_finish_kernel(labels_ptr, out_ptr, loss_ptr, n_samples, length, toke
     n_rows = n_samples * length
     samples = 0
     for b in range(0, n_samples):
-        samples += (_counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK) > 0).to(tl.int32)
+        samples += (_counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK) > 0).to(
+            tl.int32
+        )
     total = 0.0
     for b in range(0, n_samples):
-        counted_total = (_counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK)
-                         + token_stride - 1) // token_stride
-        weight = 1.0 / tl.maximum(counted_total * samples, 1).to(tl.float32)  # used only if it counts
+        counted_total = (
+            _counted_labels(labels_ptr + b * length, length, ignore_index, BLOCK) + token_stride - 1
+        ) // token_stride
+        weight = 1.0 / tl.maximum(counted_total * samples, 1).to(
+            tl.float32
+        )  # used only if it counts
         seen = 0
         for start in range(0, length, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -181,8 +216,18 @@ def _catnip_finish_kernel(labels_ptr, out_ptr, loss_ptr, n_samples, length, toke
 
 
 @triton.jit
-def _kl_rows_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, labels_ptr, out_ptr, n_rows, vocab, ignore_index,
-                    BLOCK: tl.constexpr):
+def _kl_rows_kernel(
+    x_ptr,
+    x_row_stride,
+    r_ptr,
+    r_row_stride,
+    labels_ptr,
+    out_ptr,
+    n_rows,
+    vocab,
+    ignore_index,
+    BLOCK: tl.constexpr,
+):
     """The retain KL's per-row quantities, into out [4, R]: KL[q || r] of the row
     (q = softmax(x), r = softmax(ref)), 1 (its derivative in itself, which the finish
     kernel weights), and the two rows' log-sum-exps. Two passes: the log-sum-exps
@@ -224,8 +269,21 @@ def _kl_rows_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, labels_ptr, out_pt
 
 
 @triton.jit
-def _kl_backward_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, grad_ptr, grad_row_stride, labels_ptr, out_ptr,
-                        scale_ptr, n_rows, vocab, ignore_index, BLOCK: tl.constexpr):
+def _kl_backward_kernel(
+    x_ptr,
+    x_row_stride,
+    r_ptr,
+    r_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    out_ptr,
+    scale_ptr,
+    n_rows,
+    vocab,
+    ignore_index,
+    BLOCK: tl.constexpr,
+):
     """grad[row] = g * q * (log q - log r - kl), g = the row's weight (out[1], written by
     the finish kernel) times the incoming gradient; rows of weight 0 get zeros unread."""
     row = tl.program_id(0).to(tl.int64)
@@ -235,7 +293,9 @@ def _kl_backward_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, grad_ptr, grad
     if (label == ignore_index) | (g == 0):
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            tl.store(out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
+            tl.store(
+                out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab
+            )
         return
     kl = tl.load(out_ptr + row)
     lse_x = tl.load(out_ptr + 2 * n_rows + row)
@@ -252,8 +312,20 @@ def _kl_backward_kernel(x_ptr, x_row_stride, r_ptr, r_row_stride, grad_ptr, grad
 
 
 @triton.jit
-def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, dlogp_ptr,
-                     scale_ptr, vocab, ignore_index, BLOCK: tl.constexpr, SCALED: tl.constexpr):
+def _backward_kernel(
+    x_ptr,
+    x_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    lse_ptr,
+    dlogp_ptr,
+    scale_ptr,
+    vocab,
+    ignore_index,
+    BLOCK: tl.constexpr,
+    SCALED: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     g = tl.load(dlogp_ptr + row)
@@ -263,7 +335,9 @@ def _backward_kernel(x_ptr, x_row_stride, grad_ptr, grad_row_stride, labels_ptr,
     if (label == ignore_index) | (g == 0):  # nothing flows back: zeros, the logits unread
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            tl.store(out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab)
+            tl.store(
+                out + cols, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=cols < vocab
+            )
         return
     lse = tl.load(lse_ptr + row)
     base = x_ptr + row * x_row_stride
@@ -288,8 +362,10 @@ _LAUNCHERS: dict[tuple, tuple] = {}
 # The compiled kernel's run(grid, stream, function, metadata, launch metadata, hooks,
 # *args) is how Triton 3.6 to 3.9 launch one (their source was read; 3.6 is the one run);
 # other versions, and the interpreter (TRITON_INTERPRET=1), go through kernel[grid].
-_DIRECT = TRITON_VERIFIED <= version_tuple(triton.__version__)[:2] <= (3, 9) \
+_DIRECT = (
+    TRITON_VERIFIED <= version_tuple(triton.__version__)[:2] <= (3, 9)
     and os.environ.get("TRITON_INTERPRET") != "1"
+)
 
 
 def _specialisation(arg) -> tuple:
@@ -321,7 +397,12 @@ def _launch(kernel, rows: int, args: tuple, constants: dict, num_warps: int) -> 
     if launcher is None or _launch_hooks():
         compiled = kernel[(rows,)](*args, **constants, num_warps=num_warps)
         if _DIRECT:
-            _LAUNCHERS[key] = (compiled.run, compiled.function, compiled.packed_metadata, tuple(constants.values()))
+            _LAUNCHERS[key] = (
+                compiled.run,
+                compiled.function,
+                compiled.packed_metadata,
+                tuple(constants.values()),
+            )
         return
     run, function, metadata, values = launcher
     stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
@@ -336,13 +417,25 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     log1m, lse = torch.empty_like(logp), torch.empty_like(logp)
     if rows:
         block, warps = _forward_config(vocab)
-        _launch(_forward_kernel, rows, (logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index),
-                {"BLOCK": block}, warps)
+        _launch(
+            _forward_kernel,
+            rows,
+            (logits, logits.stride(0), labels, logp, log1m, lse, vocab, ignore_index),
+            {"BLOCK": block},
+            warps,
+        )
     return logp, log1m, lse
 
 
-def _rows_then_mean(rows_kernel, args: tuple, constants: dict, out: torch.Tensor, labels: torch.Tensor,
-                    token_stride: int, ignore_index: int) -> torch.Tensor:
+def _rows_then_mean(
+    rows_kernel,
+    args: tuple,
+    constants: dict,
+    out: torch.Tensor,
+    labels: torch.Tensor,
+    token_stride: int,
+    ignore_index: int,
+) -> torch.Tensor:
     """A rows kernel (one program per row of logits [R, V], args[0]; it writes each row's
     term into out[0] and its derivative into out[1]), then the per-sample-mean program
     over them: the loss [], float32. `constants` are the rows kernel's besides BLOCK."""
@@ -353,13 +446,19 @@ def _rows_then_mean(rows_kernel, args: tuple, constants: dict, out: torch.Tensor
         return loss.zero_()
     block, warps = _forward_config(vocab)
     _launch(rows_kernel, rows, args, {"BLOCK": block, **constants}, warps)
-    _launch(_catnip_finish_kernel, 1, (labels, out, loss, n_samples, length, token_stride, ignore_index),
-            {"BLOCK": _label_block(length, 4096)}, 4)
+    _launch(
+        _catnip_finish_kernel,
+        1,
+        (labels, out, loss, n_samples, length, token_stride, ignore_index),
+        {"BLOCK": _label_block(length, 4096)},
+        4,
+    )
     return loss
 
 
-def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int,
-                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def catnip_forward(
+    logits: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B * T, V], labels [B, T] (contiguous) -> (loss [], dlogp [B * T], lse [B * T]),
     float32: CATNIP's loss (per-sample mean over the counted tokens, then the mean over
     samples with any), d loss / d log z per row, and the log-sum-exp for `backward`."""
@@ -367,51 +466,127 @@ def catnip_forward(logits: torch.Tensor, labels: torch.Tensor, beta: float, toke
     length = labels.shape[1]
     out = torch.empty(3, rows, dtype=torch.float32, device=logits.device)
     loss = _rows_then_mean(
-        _catnip_rows_kernel, (logits, logits.stride(0), labels, length, token_stride, float(beta), out, rows,
-                              vocab, ignore_index),
-        {"LABEL_BLOCK": _label_block(length, 1024), "STRIDED": token_stride > 1}, out, labels, token_stride,
-        ignore_index)
+        _catnip_rows_kernel,
+        (
+            logits,
+            logits.stride(0),
+            labels,
+            length,
+            token_stride,
+            float(beta),
+            out,
+            rows,
+            vocab,
+            ignore_index,
+        ),
+        {"LABEL_BLOCK": _label_block(length, 1024), "STRIDED": token_stride > 1},
+        out,
+        labels,
+        token_stride,
+        ignore_index,
+    )
     return loss, out[1], out[2]
 
 
-def retain_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
-                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def retain_kl_forward(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits, ref_logits [B * T, V], labels [B, T] (contiguous) -> (loss [], out [4, B * T]),
     float32: the retain KL's per-sample mean over the counted rows, then the mean over
     samples with any, and what `retain_kl_backward` reads."""
     rows, vocab = logits.shape
     out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
     loss = _rows_then_mean(
-        _kl_rows_kernel, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), labels, out, rows, vocab,
-                          ignore_index), {}, out, labels, 1, ignore_index)
+        _kl_rows_kernel,
+        (
+            logits,
+            logits.stride(0),
+            ref_logits,
+            ref_logits.stride(0),
+            labels,
+            out,
+            rows,
+            vocab,
+            ignore_index,
+        ),
+        {},
+        out,
+        labels,
+        1,
+        ignore_index,
+    )
     return loss, out
 
 
-def retain_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, out: torch.Tensor,
-                       scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def retain_kl_backward(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
     """The gradient of scale * (the retain KL loss) with respect to logits [R, V], in their
     dtype; `scale` is a one-element tensor."""
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows:
         block, warps = _backward_config(vocab)
-        _launch(_kl_backward_kernel, rows, (logits, logits.stride(0), ref_logits, ref_logits.stride(0), grad,
-                                            grad.stride(0), labels, out, scale, rows, vocab, ignore_index),
-                {"BLOCK": block}, warps)
+        _launch(
+            _kl_backward_kernel,
+            rows,
+            (
+                logits,
+                logits.stride(0),
+                ref_logits,
+                ref_logits.stride(0),
+                grad,
+                grad.stride(0),
+                labels,
+                out,
+                scale,
+                rows,
+                vocab,
+                ignore_index,
+            ),
+            {"BLOCK": block},
+            warps,
+        )
     return grad
 
 
-def backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
-             ignore_index: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+def backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The gradient of sum(scale * grad_logp * logp) with respect to logits [R, V], in
     their dtype; `scale` is a one-element tensor (default 1)."""
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows:
         block, warps = _backward_config(vocab)
-        _launch(_backward_kernel, rows, (logits, logits.stride(0), grad, grad.stride(0), labels, lse,
-                                         grad_logp.contiguous(), grad_logp if scale is None else scale, vocab,
-                                         ignore_index), {"BLOCK": block, "SCALED": scale is not None}, warps)
+        _launch(
+            _backward_kernel,
+            rows,
+            (
+                logits,
+                logits.stride(0),
+                grad,
+                grad.stride(0),
+                labels,
+                lse,
+                grad_logp.contiguous(),
+                grad_logp if scale is None else scale,
+                vocab,
+                ignore_index,
+            ),
+            {"BLOCK": block, "SCALED": scale is not None},
+            warps,
+        )
     return grad
 
 
@@ -424,14 +599,14 @@ class _TokenLogProbs(torch.autograd.Function):
     (the caller's tensor), the labels and lse [R]."""
 
     @staticmethod
-    def forward(ctx, logits, labels):  # type: ignore[override]
+    def forward(ctx, logits, labels):
         logp, log1m, lse = forward(logits, labels, IGNORE_INDEX)
         ctx.save_for_backward(logits, labels, lse)
         ctx.mark_non_differentiable(log1m)
         return logp, log1m
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_log1m):  # type: ignore[override]
+    def backward(ctx, grad_logp, _grad_log1m):
         logits, labels, lse = ctx.saved_tensors
         return backward(logits, labels, lse, grad_logp.float(), IGNORE_INDEX), None
 
@@ -443,13 +618,13 @@ class _Catnip(torch.autograd.Function):
     the loss and each row's weighted derivative), so the backward is one kernel."""
 
     @staticmethod
-    def forward(ctx, logits, labels, token_stride, beta):  # type: ignore[override]
+    def forward(ctx, logits, labels, token_stride, beta):
         loss, dlogp, lse = catnip_forward(logits, labels, beta, token_stride, IGNORE_INDEX)
         ctx.save_for_backward(logits, labels, lse, dlogp)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss):
         logits, labels, lse, dlogp = ctx.saved_tensors
         grad = backward(logits, labels.view(-1), lse, dlogp, IGNORE_INDEX, scale=grad_loss)
         return grad, None, None, None
@@ -462,13 +637,13 @@ class _RetainKL(torch.autograd.Function):
     the loss and each row's weight; the backward is one kernel."""
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels):  # type: ignore[override]
+    def forward(ctx, logits, ref_logits, labels):
         loss, out = retain_kl_forward(logits, ref_logits, labels, IGNORE_INDEX)
         ctx.save_for_backward(logits, ref_logits, labels, out)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx, grad_loss):
         logits, ref_logits, labels, out = ctx.saved_tensors
         grad = retain_kl_backward(logits, ref_logits, labels.view(-1), out, grad_loss, IGNORE_INDEX)
         return grad, None, None
@@ -481,11 +656,15 @@ def token_logprobs(rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return logp.view(labels.shape), log1m.view(labels.shape)
 
 
-def catnip_loss(rows: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int) -> torch.Tensor:
+def catnip_loss(
+    rows: torch.Tensor, labels: torch.Tensor, beta: float, token_stride: int
+) -> torch.Tensor:
     """The whole CATNIP loss in three kernels: rows, per-sample mean, backward."""
     return _Catnip.apply(rows, labels.contiguous(), token_stride, beta)
 
 
-def kl_retain_loss(rows: torch.Tensor, ref_rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def kl_retain_loss(
+    rows: torch.Tensor, ref_rows: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """The whole retain KL in three kernels, as catnip_loss."""
     return _RetainKL.apply(rows, ref_rows, labels.contiguous())
