@@ -239,7 +239,12 @@ def serve(
     worker_process = None
     if with_worker:
         env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
-        worker_process = subprocess.Popen(worker_command(settings), env=env)
+        worker_process = subprocess.Popen(
+            worker_command(settings), env=env, preexec_fn=_die_with_parent
+        )
+    # uvicorn shuts down on SIGTERM, then raises the signal again; with the default
+    # handler that ends this process before `finally` could stop the worker.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     mode = "embedded (SQLite, local store)" if settings.embedded else "configured services"
     typer.echo(
         f"serving on http://{host}:{port} ({mode}); data in {settings.unlearn_data_dir}", err=True
@@ -253,6 +258,16 @@ def serve(
                 worker_process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 worker_process.kill()
+
+
+def _die_with_parent() -> None:
+    """In a child of `unlearn serve` (Linux): SIGTERM when serve dies, even by SIGKILL, so
+    no worker is left polling the broker on its own."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 # --- the demo, over REST ------------------------------------------------------------
@@ -438,7 +453,9 @@ def demo(
     typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
     from core.demo.build import ensure_model
 
-    info = ensure_model(demo_dir)
+    events = core_cli.ConsoleEvents()
+    info = ensure_model(demo_dir, events=events)
+    events.close()
     typer.echo(
         f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
         f"answers {info['accuracy']}",

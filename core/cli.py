@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -58,7 +59,10 @@ class ConsoleEvents(Events):
     def probe(self, step: int, result: dict[str, float]) -> None:
         scores = " ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step")
         message = f"probe @ {step}: {scores}"
-        (self.bar.write if self.bar else typer.echo)(message)
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            typer.echo(message, err=True)
 
     def warning(self, message: str) -> None:
         typer.echo(f"[warning] {message}", err=True)

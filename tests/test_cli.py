@@ -246,3 +246,37 @@ def test_a_run_stopped_early_and_resumed_keeps_its_best_state(fixture_dir, tmp_p
     assert again["stop_rule"] == first["stop_rule"]
     assert again["after"]["forget_knowmem"] == first["after"]["forget_knowmem"]
     assert all(torch.equal(weights[n], weights_again[n]) for n in weights)
+
+
+def test_build_demo_shows_its_progress(tmp_path):
+    """`unlearn build-demo` (and the demo, which builds the model first) trained for
+    minutes with nothing on the terminal: it now shows a bar over the epochs and each
+    accuracy check, then the build's summary."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "build-demo",
+            "--size",
+            "fixture",
+            "--directory",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "[building the demo model] fixture: until it answers 99% of 100 + 100 questions"
+        in result.stderr
+    )
+    assert "probe @ 10: dragons" in result.stderr  # the accuracy check every 10 epochs
+    assert "step/s" in result.stderr or "s/step" in result.stderr  # tqdm's bar over the epochs
+    info = json.loads(result.stdout)
+    assert info["epochs"] >= 10 and (tmp_path / "model" / "config.json").is_file()

@@ -1,0 +1,147 @@
+"""The processes the service starts, seen from outside: `unlearn serve` stopped the way a
+supervisor or a container runtime stops it, and the prefork worker's parent process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service.conftest import ROOT, free_port, wait_http
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the command in ()
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_serve_stopped_stops_its_worker(tmp_path, stop):
+    """`kill PID` (SIGTERM) on `unlearn serve` left its Celery worker running as an
+    orphan, polling the embedded broker: uvicorn re-raised the signal after its own
+    shutdown and the process died before it could stop the worker. Killed outright, serve
+    cannot stop it; the worker is told by the kernel that its parent died."""
+    port = free_port()
+    env = {**os.environ, "UNLEARN_DATA_DIR": str(tmp_path / "state")}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", serve, timeout=90)
+        _wait(lambda: _children(serve.pid), 30, "serve started no worker")
+        [worker] = _children(serve.pid)
+        serve.send_signal(stop)
+        serve.wait(60)
+        _wait(
+            lambda: not _alive(worker),
+            30,
+            f"the worker {worker} is still running after serve exited",
+        )
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        for pid in _children(serve.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_prefork_parent_never_imports_torch(tmp_path):
+    """The reaper runs in the prefork parent; it set up the job runner there, which
+    imported torch (through the loss backend), though a fork after torch's OpenMP
+    started can hang the children. Checked in the parent's memory map once the reaper
+    has re-sent an orphaned job."""
+    from core.service.db import File, Job, make_engine, make_sessionmaker, utcnow
+    from core.service.migrate import upgrade
+
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {**os.environ, "UNLEARN_DATA_DIR": str(state), "REAP_EVERY_SECONDS": "0.5"}
+    url = f"sqlite:///{state / 'unlearn.db'}"
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    with sessions.begin() as session:
+        session.add(
+            File(
+                id="file-orphan",
+                tenant="t",
+                purpose="forget",
+                filename="f.jsonl",
+                bytes=1,
+                sha256="0" * 64,
+                status="valid",
+                storage_key="files/t/f.jsonl",
+            )
+        )
+        session.flush()
+        session.add(
+            Job(
+                id="job-orphan",
+                tenant="t",
+                status="running",
+                method="catnip",
+                base_model="m",
+                forget_file_id="file-orphan",
+                spec={},
+                lease_owner="dead-host:1",
+                lease_expires_at=utcnow(),
+            )
+        )
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "api", "worker", "--pool", "prefork"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait(
+            lambda: b"job-orphan: lease expired; re-sending it" in log.read_bytes(),
+            90,
+            "the reaper did not re-send the orphaned job",
+        )
+        maps = (Path("/proc") / str(worker.pid) / "maps").read_text()
+        assert "libtorch" not in maps, "the prefork parent loaded torch"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
