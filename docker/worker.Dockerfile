@@ -1,6 +1,6 @@
 # The GPU worker: CUDA torch, the engine, lm-eval. One worker process per GPU
 # (CUDA_VISIBLE_DEVICES), prefork with one child, the model loaded in the child.
-# torch 2.11 brings Triton 3.6, the version the loss kernels (core/fused_kernels.py) were
+# torch 2.11 brings Triton 3.6, the version the loss kernels (core/engine/losses/triton_kernels.py) were
 # run on, so the default loss backend (auto) uses them; Triton builds each kernel's
 # launcher with a C compiler at first use, which the runtime image lacks.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the engine (issue 2) in one command, on a machine with CUDA, from the
+# The GPU checks of the engine in one command, on a machine with CUDA, from the
 # repository root: the tests marked `gpu`, the engine benchmark with bf16 models (the small
 # one and a 1.1B Llama for the step times; the loss alone on [8, 2048, 32000] logits too),
 # and the bf16 full-weight precision benchmark (fp32 master weights vs none) on CUDA.

@@ -1,5 +1,5 @@
 """The engine on causal LMs other than the demo's Llama: "any local Hugging Face
-causal-LM directory" (issue 2). Each architecture is a tiny random model built from its
+causal-LM directory" (DESIGN). Each architecture is a tiny random model built from its
 config with the fixture's tokenizer and saved as a model directory, so it loads the way a
 downloaded one would. The families differ where the engine could assume Llama: the name
 of the decoder stack (GPT-2, Falcon and BLOOM: `transformer.h`; OPT:

@@ -64,7 +64,7 @@ class TrainingParams(BaseModel):
         True,
         description="Keep fp32 copies of trainable weights held in bf16/fp16 (full weights on "
         "a GPU) and let the optimizer update those: at the paper's learning rates most bf16 "
-        "updates round away (see the README). Costs 12 bytes per such weight (copy + fp32 "
+        "updates round away (docs/performance.md). Costs 12 bytes per such weight (copy + fp32 "
         "Adam state) instead of 4. LoRA adapters are fp32 already.",
     )
     forget_eos: bool = Field(
@@ -72,7 +72,7 @@ class TrainingParams(BaseModel):
         description="Count the end-of-sequence token after each forget response (QA/chat) as "
         "a forget target. Off by default: it carries none of the knowledge, every answer in "
         "every domain ends with it, and pushing it down teaches the model not to stop, "
-        "which damages all answers (measured on the demo benchmark, see the README).",
+        "which damages all answers (measured on the demo benchmark: docs/evaluation.md).",
     )
 
 

@@ -21,7 +21,7 @@ def quiet_libraries() -> None:
 
 def set_torch_threads(threads: int) -> None:
     """0 keeps torch's default (all cores). A worker process should own its cores: two
-    processes x two threads on two cores ran 4-9x slower than one x two here."""
+    processes that each use every core slow each other down several times over."""
     if threads:
         import torch
 

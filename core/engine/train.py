@@ -265,11 +265,9 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def _master_weights(named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """fp32 copies of the trainable parameters held in bf16/fp16, for the optimizer to
     update in their place. Adam's steps are about the learning rate in size; at 1e-5 on
-    weights of ~0.02 they are below bf16's resolution (2^-8 relative) and round away:
-    40 full-weight steps on the fixture in pure bf16 made an update 0.20x the fp32 run's
-    (cosine 0.22), with masters 0.99x (cosine 0.87; benchmarks/bench_precision.py). The
-    model keeps its dtype for every forward; after each step the masters are rounded
-    into it."""
+    weights of ~0.02 they are below bf16's resolution (2^-8 relative) and round away
+    (benchmarks/bench_precision.py measures it; docs/performance.md). The model keeps its
+    dtype for every forward; after each step the masters are rounded into it."""
     return {
         name: p.detach().float().requires_grad_(True)
         for name, p in named.items()
