@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 from core.service.db import Artifact, File, Job, JobEvent, RegisteredModel
+from core.service.enums import EventType, FileStatus, JobStatus, Purpose
 
 T = TypeVar("T")
 
@@ -57,13 +58,11 @@ class ValidationOut(BaseModel):
 class FileObject(BaseModel):
     id: str = Field(description="file-..., what jobs name in forget_file, retain_file, eval.*")
     object: Literal["file"] = "file"
-    purpose: Literal["forget", "retain", "eval"] = Field(
-        description="What the file may be used for."
-    )
+    purpose: Purpose = Field(description="What the file may be used for.")
     filename: str = Field(description="The uploaded file's name.")
     bytes: int = Field(description="Size as received.")
     sha256: str = Field(description="SHA-256 of the content as received.")
-    status: Literal["validating", "valid", "invalid"] = Field(
+    status: Literal[FileStatus.VALIDATING, FileStatus.VALID, FileStatus.INVALID] = Field(
         description="validating (large files, in the background) -> valid | invalid"
     )
     kind: str | None = Field(description="qa | chat | text | mc, detected from the first record.")
@@ -124,7 +123,7 @@ class JobError(BaseModel):
 class JobObject(BaseModel):
     id: str = Field(description="job-...")
     object: Literal["job"] = "job"
-    status: Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"] = Field(
+    status: JobStatus = Field(
         description="queued -> running -> evaluating -> succeeded | failed | cancelled"
     )
     method: str = Field(description="The unlearning method id.")
@@ -195,7 +194,7 @@ class JobObject(BaseModel):
 class EventObject(BaseModel):
     id: str = Field(description="Sequence number, increasing; pass the last one as `after`.")
     object: Literal["job.event"] = "job.event"
-    type: Literal["phase", "step", "probe", "status", "message", "warning"] = Field(
+    type: EventType = Field(
         description="phase change, step loss (throttled), stop-rule probe, status change, a note, "
         "or a warning (e.g. forget records that max_length cut or left out)"
     )
