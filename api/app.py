@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from api import errors
-from api.deps import KeyCache
-from api.middleware import RequestId, UploadLimit
+from api.auth import Authenticate, KeyCache, RateLimiter
+from api.middleware import RequestGuard, RequestId
 from api.queue import TaskQueue
 from api.routes import files, jobs, meta
 from api.schemas import ErrorEnvelope
@@ -46,17 +46,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses={code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 413, 422)},
+        responses={
+            code: {"model": ErrorEnvelope}
+            for code in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)
+        },
     )
     app.state.settings = settings
     app.state.sessions = make_sessionmaker(engine)
     app.state.store = make_store(settings)
     app.state.queue = TaskQueue(settings)
-    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     errors.install(app)
-    # The upload cap is enforced while the body streams in (inside the request id, so
-    # the 413 carries one too).
-    app.add_middleware(UploadLimit, path="/v1/files", max_bytes=settings.max_upload_bytes)
+    # Outermost first: a request id on everything; the guard bounds the body and checks
+    # the path before anything reads them; authentication and rate limits before any
+    # route (and so before any body is read).
+    app.add_middleware(
+        Authenticate,
+        settings=settings,
+        sessions=app.state.sessions,
+        cache=KeyCache(settings.auth_cache_seconds),
+        limiter=RateLimiter(settings.rate_limit_storage),
+    )
+    app.add_middleware(
+        RequestGuard,
+        upload_paths=("/v1/files",),
+        max_upload_bytes=settings.max_upload_bytes,
+        max_json_bytes=settings.max_json_bytes,
+        body_timeout=settings.body_timeout_seconds,
+        upload_timeout=settings.upload_timeout_seconds,
+    )
     app.add_middleware(RequestId)
     app.include_router(files.router)
     app.include_router(jobs.router)

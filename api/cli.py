@@ -24,6 +24,12 @@ keys_app = typer.Typer(
 models_app = typer.Typer(help="Base models tenants may name in jobs.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+tenants_app = typer.Typer(
+    help="Per-tenant limits (defaults: MAX_ACTIVE_JOBS, MAX_STORED_BYTES, MAX_JOB_TOKENS, "
+    "RATE_LIMIT).",
+    no_args_is_help=True,
+)
+app.add_typer(tenants_app, name="tenants")
 
 
 def _settings():
@@ -142,6 +148,64 @@ def models_list() -> None:
             typer.echo(f"{row.name}\t{row.uri}")
 
 
+@tenants_app.command("set")
+def tenants_set(
+    tenant: str,
+    max_active_jobs: int | None = typer.Option(None, min=1, help="Queued or running jobs."),
+    max_stored_bytes: int | None = typer.Option(None, min=0, help="Bytes of uploaded files."),
+    max_job_tokens: int | None = typer.Option(None, min=1, help="Tokens one job may train on."),
+    rate_limit: str | None = typer.Option(None, help="Requests, e.g. '50/second;2000/minute'."),
+    reset: bool = typer.Option(False, help="Back to the defaults first."),
+) -> None:
+    """Override a tenant's limits (the options given; --reset clears the others)."""
+    from limits import parse_many
+
+    from core.service import repo
+
+    if rate_limit is not None:
+        try:
+            parse_many(rate_limit)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{rate_limit!r} is not a rate limit: {exc}") from None
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings).begin() as session:
+        row = repo.lock_tenant(session, tenant)
+        if reset:
+            row.max_active_jobs = row.max_stored_bytes = row.max_job_tokens = None
+            row.rate_limit = None
+        for name, value in (
+            ("max_active_jobs", max_active_jobs),
+            ("max_stored_bytes", max_stored_bytes),
+            ("max_job_tokens", max_job_tokens),
+            ("rate_limit", rate_limit),
+        ):
+            if value is not None:
+                setattr(row, name, value)
+    typer.echo(
+        f"tenant {tenant!r} updated (API processes apply a new rate limit within "
+        "AUTH_CACHE_SECONDS)"
+    )
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """Tenants and their limits (the default where none is set)."""
+    from core.service import repo
+    from core.service.quotas import limits_for
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings)() as session:
+        for row in repo.list_tenants(session):
+            limits = limits_for(settings, row)
+            typer.echo(
+                f"{row.id}	active jobs {limits.max_active_jobs}	stored bytes "
+                f"{limits.max_stored_bytes}	job tokens {limits.max_job_tokens}	"
+                f"rate {limits.rate_limit}"
+            )
+
+
 def worker_command(settings, *, pool: str | None = None) -> list[str]:
     # Embedded: one solo process (no fork at all). Production: prefork with one child per
     # worker process, the model loaded in the child; one GPU per worker via CUDA_VISIBLE_DEVICES.
@@ -225,12 +289,11 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     with_worker: bool = typer.Option(True, help="Also start a worker (the embedded default)."),
+    workers: int = typer.Option(1, min=1, help="API processes (the production stack)."),
 ) -> None:
     """The API plus a worker. Embedded (SQLite, local store, a server-less queue) when
     DATABASE_URL / BROKER_URL are not set; state under UNLEARN_DATA_DIR."""
-    import uvicorn
-
-    from api.app import create_app
+    from api import server
 
     settings = _settings()
     if with_worker:
@@ -250,7 +313,7 @@ def serve(
         f"serving on http://{host}:{port} ({mode}); data in {settings.unlearn_data_dir}", err=True
     )
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        server.run(settings, host=host, port=port, workers=workers)
     finally:
         if worker_process is not None:
             worker_process.send_signal(signal.SIGTERM)

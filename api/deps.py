@@ -4,24 +4,21 @@ authorise as they load (another tenant's ids answer 404)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import Caller
 from api.queue import TaskQueue
-from core.errors import UnlearnError
+from core.errors import NotFound
 from core.service import repo
-from core.service.db import File, Job
+from core.service.db import File, Job, looks_like_id
 from core.service.settings import Settings
 from core.service.storage import Store
-
-
-class AuthError(UnlearnError):
-    status = 401
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -57,57 +54,30 @@ StoreDep = Annotated[Store, Depends(get_store)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 
 
-class KeyCache:
-    """Recently verified keys (by hash) -> tenant, for a few seconds, so a dashboard
-    polling a job does not cost a key lookup per request. Only hits are cached."""
-
-    def __init__(self, ttl_seconds: float, max_entries: int = 10_000):
-        self.ttl, self.max_entries = ttl_seconds, max_entries
-        self.entries: dict[str, tuple[str, float]] = {}
-
-    def get(self, key_hash: str) -> str | None:
-        hit = self.entries.get(key_hash)
-        if hit is None or hit[1] < time.monotonic():
-            return None
-        return hit[0]
-
-    def put(self, key_hash: str, tenant: str) -> None:
-        if len(self.entries) >= self.max_entries:
-            self.entries.clear()
-        self.entries[key_hash] = (tenant, time.monotonic() + self.ttl)
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key: `Authorization: Bearer <key>`; an operator creates keys with "
+    "`unlearn keys create --tenant T`.",
+)
 
 
-def _lookup_tenant(sessions: sessionmaker, key_hash: str) -> str | None:
-    with sessions() as session:
-        return repo.tenant_for_key_hash(session, key_hash)
-
-
-async def get_tenant(
+def get_caller(
     request: Request,
-    authorization: Annotated[
-        str | None,
-        Header(description="`Bearer <key>`; keys come from `unlearn keys create --tenant T`."),
-    ] = None,
-) -> str:
-    if not authorization:
-        raise AuthError(
-            "missing API key: send `Authorization: Bearer <key>` "
-            "(an operator creates keys with `unlearn keys create --tenant T`)",
-            code="missing_api_key",
-        )
-    scheme, _, key = authorization.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
-        raise AuthError("the Authorization header must be `Bearer <key>`", code="invalid_api_key")
-    cache: KeyCache = request.app.state.key_cache
-    key_hash = repo.hash_key(key)
-    tenant = cache.get(key_hash)
-    if tenant is None:
-        tenant = await run_in_threadpool(_lookup_tenant, request.app.state.sessions, key_hash)
-        if tenant is None:
-            raise AuthError("invalid API key (unknown or revoked)", code="invalid_api_key")
-        cache.put(key_hash, tenant)
-    return tenant
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> Caller:
+    """The caller the authentication middleware resolved (api.auth): it has already
+    answered 401 or 429 for requests without a valid key or over their limit."""
+    caller: Caller | None = request.state.caller if hasattr(request.state, "caller") else None
+    if caller is None:  # a /v1 route the middleware did not guard: a wiring fault
+        raise RuntimeError("no authenticated caller on a protected route")
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_tenant(caller: CallerDep) -> str:
+    return caller.tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
@@ -125,6 +95,8 @@ async def get_job_dep(
 ) -> Job:
     """The job, loaded and authorised in one trip to the database (a detached, read-only
     row: routes that change a job load it again in their own session)."""
+    if not looks_like_id("job", job_id):
+        raise NotFound(f"no job {job_id!r}", param="job_id", code="job_not_found")
     return await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
 
 
@@ -133,6 +105,8 @@ def get_file_dep(
     session: SessionDep,
     tenant: TenantDep,
 ) -> File:
+    if not looks_like_id("file", file_id):
+        raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
     return repo.get_file(session, tenant, file_id)
 
 

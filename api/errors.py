@@ -1,17 +1,21 @@
 """One JSON error envelope for every failure: {"error": {code, message, param, request_id}}.
 
 Domain errors carry their own code and status; FastAPI's request validation (422),
-Starlette's 404/405 and anything unexpected (500) are mapped to the same shape.
+Starlette's 404/405, a database or broker that is down (503 with Retry-After) and
+anything unexpected (500) are mapped to the same shape. The envelope is written in
+ASCII JSON, so no value a request carried can make the error itself fail to encode.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import UnlearnError
@@ -24,13 +28,23 @@ HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
-    413: "file_too_large",
+    413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "rate_limited",
     503: "unavailable",
 }
+
+
+class ErrorResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _body(status: int, code: str, message: str, param: str | None, request_id: str | None) -> dict:
+    return {"error": {"code": code, "message": message, "param": param, "request_id": request_id}}
 
 
 def envelope(
@@ -42,13 +56,34 @@ def envelope(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    return JSONResponse(
-        status_code=status,
-        headers=headers,
-        content={
-            "error": {"code": code, "message": message, "param": param, "request_id": request_id}
-        },
+    return ErrorResponse(
+        status_code=status, headers=headers, content=_body(status, code, message, param, request_id)
     )
+
+
+async def send_error(
+    scope: dict,
+    send: Any,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    retry_after: int | None = None,
+) -> None:
+    """The envelope from pure ASGI middleware, before any route ran."""
+    request_id = scope.get("state", {}).get("request_id")
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    response = ErrorResponse(
+        status_code=status, headers=headers, content=_body(status, code, message, None, request_id)
+    )
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> dict:
+    return {"type": "http.disconnect"}
 
 
 def _loc(loc: tuple[Any, ...]) -> str | None:
@@ -56,11 +91,24 @@ def _loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def database_down(exc: SQLAlchemyError) -> bool:
+    """Whether a database error means the database could not be reached (a 503 to retry),
+    not that a statement was wrong."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        name = type(exc.orig).__name__ if exc.orig is not None else ""
+        return name in ("OperationalError", "InterfaceError")
+    return False
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(UnlearnError)
     async def _domain(request: Request, exc: UnlearnError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return envelope(request, exc.status, exc.code, exc.message, exc.param, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return envelope(request, exc.status, exc.code, exc.message, exc.param, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,11 +117,9 @@ def install(app: FastAPI) -> None:
             dict(errors[0]) if errors else {"loc": (), "msg": "invalid request", "type": ""}
         )
         if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", first["msg"])
             return envelope(
-                request,
-                400,
-                "invalid_json",
-                f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                request, 400, "invalid_json", f"the request body is not valid JSON: {detail}"
             )
         messages = [f"{_loc(tuple(e['loc'])) or 'request'}: {e['msg']}" for e in errors[:5]]
         return envelope(
@@ -88,6 +134,25 @@ def install(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         return envelope(
             request, exc.status_code, code, message, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if database_down(exc):
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+            return envelope(
+                request,
+                503,
+                "database_unavailable",
+                "the database is unavailable; nothing was changed, retry shortly",
+                headers={"Retry-After": "5"},
+            )
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return envelope(
+            request,
+            500,
+            "internal_error",
+            "an unexpected error occurred; quote the request_id when reporting it",
         )
 
     @app.exception_handler(Exception)

@@ -1,14 +1,24 @@
-"""Pure ASGI middleware: a request id on every response (the caller's X-Request-ID if it
-sent one), and one access-log line per request carrying it."""
+"""Pure ASGI middleware: a request id on every response (the caller's X-Request-ID if it is
+a sane one) with one access-log line per request; and the guard that bounds what one
+request may cost before any route reads it: the body's size (413) and time (408), and a
+path or query string that is no text (400)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from api.errors import send_error
+from core.errors import UnlearnError
 
 log = logging.getLogger("api.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
 class RequestId:
@@ -20,7 +30,7 @@ class RequestId:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if 0 < len(incoming) <= 200 else f"req-{uuid.uuid4().hex}"
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else f"req-{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -48,41 +58,92 @@ class RequestId:
             )
 
 
-class UploadLimit:
-    """Cap the body of the upload route while it streams in: a declared Content-Length
-    over the cap is refused before anything is read; a body that grows past it (chunked
-    uploads) stops there. Either way the answer is the JSON 413 envelope."""
+class RequestGuard:
+    """Bounds one request before the app reads it:
 
-    def __init__(self, app: Any, *, path: str, max_bytes: int, slack: int = 64 * 1024):
-        self.app, self.path, self.max_bytes, self.cap = app, path, max_bytes, max_bytes + slack
+    - the body: at most `max_upload_bytes` (plus multipart framing) on an upload route,
+      `max_json_bytes` elsewhere; a declared Content-Length over it is refused before
+      anything is read, a body that grows past it (chunked) stops there: 413;
+    - its time: the whole body within `upload_timeout` on an upload route, `body_timeout`
+      elsewhere, or 408 (slow clients do not hold a worker thread and memory forever);
+    - the path and query string: a NUL or bytes that are not UTF-8 are no id or value any
+      route takes: 400, before any query.
+    """
 
-    def _error(self) -> Exception:
-        from starlette.exceptions import HTTPException
-
-        return HTTPException(
-            413,
-            f"the upload is larger than the limit of {self.max_bytes} bytes "
-            "(MAX_UPLOAD_BYTES); split the file or ask the operator to raise it",
-        )
+    def __init__(
+        self,
+        app: Any,
+        *,
+        upload_paths: tuple[str, ...],
+        max_upload_bytes: int,
+        max_json_bytes: int,
+        body_timeout: float,
+        upload_timeout: float,
+        upload_slack: int = 64 * 1024,
+    ):
+        self.app, self.upload_paths = app, upload_paths
+        self.max_upload_bytes, self.max_json_bytes = max_upload_bytes, max_json_bytes
+        self.body_timeout, self.upload_timeout = body_timeout, upload_timeout
+        self.upload_slack = upload_slack
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        problem = _not_text(scope)
+        if problem:
+            await send_error(scope, send, 400, "invalid_request", problem)
+            return
+        upload = scope["method"] == "POST" and scope["path"] in self.upload_paths
+        limit = self.max_upload_bytes + self.upload_slack if upload else self.max_json_bytes
+        shown = self.max_upload_bytes if upload else self.max_json_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.cap:
-            scope.setdefault("state", {})["upload_too_large"] = True
+        too_large = "file_too_large" if upload else "request_too_large"
+        if declared.isdigit() and int(declared) > limit:
+            await send_error(scope, send, 413, too_large, _too_large(upload, shown))
+            return
+        deadline = time.monotonic() + (self.upload_timeout if upload else self.body_timeout)
         received = 0
 
-        async def counted() -> dict:
+        async def guarded() -> dict:
             nonlocal received
-            if scope.get("state", {}).get("upload_too_large"):
-                raise self._error()
-            message = await receive()
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
+            except TimeoutError:
+                raise UnlearnError(
+                    "the request body did not arrive in time; send it faster or in smaller parts",
+                    code="request_timeout",
+                    status=408,
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.cap:
-                    raise self._error()
+                if received > limit:
+                    raise UnlearnError(_too_large(upload, shown), code=too_large, status=413)
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, guarded, send)
+
+
+def _too_large(upload: bool, limit: int) -> str:
+    if upload:
+        return (
+            f"the upload is larger than the limit of {limit} bytes (MAX_UPLOAD_BYTES); split "
+            "the file or ask the operator to raise it"
+        )
+    return f"the request body is larger than the limit of {limit} bytes (MAX_JSON_BYTES)"
+
+
+def _not_text(scope: dict) -> str | None:
+    for part, raw in (
+        ("path", scope.get("raw_path") or scope["path"].encode("utf-8", "surrogatepass")),
+        ("query string", scope.get("query_string", b"")),
+    ):
+        data = unquote_to_bytes(raw.replace(b"+", b" ")) if isinstance(raw, bytes) else raw
+        if b"\x00" in data:
+            return f"the {part} contains a NUL character"
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"the {part} is not UTF-8 text"
+    return None

@@ -207,7 +207,7 @@ class EventObject(BaseModel):
     @classmethod
     def of(cls, row: JobEvent) -> EventObject:
         return cls(
-            id=str(row.seq),
+            id=str(row.number),
             type=row.type,
             message=row.message,
             data=row.data,

@@ -14,13 +14,26 @@ class UnlearnError(Exception):
 
     code = "unlearn_error"
     status = 400
+    retry_after: int | None = None  # seconds, where retrying later can succeed
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status = status
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, str | None]:
         return {"code": self.code, "message": self.message, "param": self.param}
@@ -71,6 +84,14 @@ class Unavailable(UnlearnError):
 
     code = "unavailable"
     status = 503
+    retry_after = 5
+
+
+class LimitExceeded(UnlearnError):
+    """A tenant's limit (active jobs, stored bytes, work per job) forbids this now."""
+
+    code = "limit_exceeded"
+    status = 429
 
 
 class JobCancelled(UnlearnError):

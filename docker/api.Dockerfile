@@ -16,4 +16,5 @@ RUN useradd --uid 10001 --no-create-home unlearn
 USER unlearn
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
-CMD ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+# unlearn serve runs uvicorn with the header deadline and connection cap (api/server.py).
+CMD ["unlearn", "serve", "--no-with-worker", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -20,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from core.engine.events import Phase
@@ -28,6 +30,7 @@ from core.errors import JobCancelled, UnlearnError
 from core.service import repo
 from core.service.db import Artifact
 from core.service.enums import TERMINAL_STATUSES, ArtifactKind, EventType, JobStatus
+from core.service.quotas import limits_for
 from core.service.settings import Settings
 from core.service.storage import S3Store, Store, file_sha256, make_archive
 from worker.progress import DatabaseEvents, checkpoint_key
@@ -97,9 +100,10 @@ class JobRunner:
                     session,
                     job_id,
                     EventType.STATUS,
-                    f"job running (attempt {job.attempts}) on {self.owner}",
-                    {"status": JobStatus.RUNNING, "attempt": job.attempts, "worker": self.owner},
+                    f"job running (attempt {job.attempts})",
+                    {"status": JobStatus.RUNNING, "attempt": job.attempts},
                 )
+            log.info("job %s: running (attempt %s) on %s", job_id, job.attempts, self.owner)
             outcome = self._execute(job_id, heartbeat)
         finally:
             heartbeat.stop()
@@ -127,6 +131,9 @@ class JobRunner:
             events = DatabaseEvents(
                 self.sessions, job_id, self.settings, lambda: heartbeat.lost, self.store
             )
+            with self.sessions() as session:
+                tenant = repo.get_job(session, None, job_id).tenant
+                limits = limits_for(self.settings, repo.get_tenant(session, tenant))
             result = run_job(
                 spec,
                 work / "output",
@@ -134,6 +141,7 @@ class JobRunner:
                 device=self.settings.worker_device,
                 checkpoint_dir=work / "checkpoints",
                 shown=shown,
+                max_tokens=limits.max_job_tokens,
             )
             events.phase(Phase.UPLOADING)
             self._store_artifacts(job_id, result.artifacts, work / "archives")
@@ -155,7 +163,7 @@ class JobRunner:
             shutil.rmtree(work, ignore_errors=True)
             return "cancelled"
         except UnlearnError as exc:
-            self._fail(job_id, JobStatus.FAILED, exc.code, self._redact(exc.message))
+            self._fail(job_id, JobStatus.FAILED, exc.code, exc.message)
             return f"failed: {exc.code}"
         except Exception as exc:  # noqa: BLE001 - the job must end failed, never stuck running
             log.exception("job %s failed", job_id)
@@ -165,12 +173,16 @@ class JobRunner:
 
     def _redact(self, message: str) -> str:
         """Tenants name models, they do not see the operator's paths: messages about local
-        copies name the job's inputs by what the tenant knows."""
+        copies name the job's inputs by what the tenant knows, and any other absolute
+        path left in a message (the store, a cache, a library's) becomes <path>."""
         for secret, shown in getattr(self, "_redactions", {}).items():
             message = message.replace(secret, shown)
-        return message.replace(str(self.settings.work_dir), "<work>")
+        message = message.replace(str(self.settings.work_dir), "<work>")
+        return _ABSOLUTE_PATH.sub("<path>", message)
 
     def _fail(self, job_id: str, status: str, code: str | None, message: str | None) -> None:
+        """End the job (if this worker still holds it) with a message fit for its tenant."""
+        message = self._redact(message)[:2000] if message else message
         with self.sessions.begin() as session:
             job = repo.get_job(session, None, job_id)
             if job.lease_owner == self.owner:
@@ -284,8 +296,21 @@ class JobRunner:
             repo.replace_artifacts(session, job_id, rows)
 
 
+# An absolute POSIX path, not part of a URL or a relative path: what a message may carry
+# of the worker's filesystem.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:~/>-])/[^\s'\"(),;:\[\]{}<>]+")
+
+
 def _unexpected(exc: Exception) -> tuple[str, str]:
+    """The code and message of a failure the engine did not name. A database error's text
+    carries its SQL and parameters: only its class is shown."""
     name = type(exc).__name__
+    if isinstance(exc, SQLAlchemyError):
+        return (
+            "database_error",
+            f"a database error interrupted the job ({name}); retrying may help, and the "
+            "operator has the worker's log",
+        )
     if "OutOfMemory" in name:
         return (
             "out_of_memory",
@@ -294,7 +319,7 @@ def _unexpected(exc: Exception) -> tuple[str, str]:
         )
     return (
         "internal_error",
-        f"the job failed unexpectedly ({name}: {exc}); retrying may help, "
+        f"the job failed unexpectedly ({name}: {str(exc)[:500]}); retrying may help, "
         "and the operator has the worker's log",
     )
 

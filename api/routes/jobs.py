@@ -39,6 +39,7 @@ def create_job(
     session: SessionDep,
     tenant: TenantDep,
     queue: QueueDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -46,7 +47,7 @@ def create_job(
         ),
     ] = None,
 ) -> JobObject:
-    job, created = jobs.create(session, queue, tenant, body, idempotency_key)
+    job, created = jobs.create(session, queue, settings, tenant, body, idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
     return JobObject.of(job)
@@ -83,7 +84,9 @@ def list_events(
     job: JobDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[int | None, Query(ge=0, description="The last event id seen.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**31 - 1, description="The last event id seen.")
+    ] = None,
 ) -> ListResponse[EventObject]:
     rows, more = repo.list_events(session, job.id, limit=limit, after=after)
     return ListResponse.page(

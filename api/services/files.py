@@ -12,10 +12,11 @@ from typing import Any, BinaryIO
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.engine.formats import Problem, ValidationReport, validate_file
-from core.errors import Conflict, UnlearnError
+from core.errors import Conflict, LimitExceeded, UnlearnError
 from core.service import repo
 from core.service.db import File, new_id
 from core.service.enums import PURPOSE_KINDS, FileStatus, Purpose
+from core.service.quotas import limits_for
 from core.service.settings import Settings
 from core.service.storage import Store, TooLarge, spool
 
@@ -46,7 +47,7 @@ def upload(
     """Spool the upload to disk while hashing it (TooLarge past MAX_UPLOAD_BYTES), validate
     it now or later, put it in the store, then commit its row: the row exists only once
     the object does, and the object is removed again if the row cannot be committed."""
-    name = Path(filename or "upload.jsonl").name[:500]
+    name = _safe_name(filename)
     suffix = Path(name).suffix.lower()
     if suffix not in SUFFIXES:
         raise UnlearnError(
@@ -66,6 +67,14 @@ def upload(
             param="file",
             code="file_too_large",
         ) from None
+    try:
+        # A first check before the object is stored; the one that counts runs under the
+        # tenant's lock, with the row's insert.
+        _check_quota(session, settings, tenant, spooled.bytes)
+        session.rollback()  # ends the read; the lock is taken right before the insert
+    except BaseException:
+        spooled.path.unlink(missing_ok=True)
+        raise
     file_id = new_id("file")
     key = f"files/{tenant}/{file_id}{suffix}"
     row = File(
@@ -84,6 +93,7 @@ def upload(
             _apply(row, validation_report(settings, spooled.path, purpose, name))
         store.put(key, spooled.path)
         try:
+            _check_quota(session, settings, tenant, spooled.bytes)
             session.add(row)
             session.commit()
         except BaseException:
@@ -101,10 +111,12 @@ def upload(
 
 
 def delete(session: Session, store: Store, file: File) -> None:
-    """Delete a file's content. A row that past jobs reference stays as a tombstone (id,
-    name, sha256: the evidence of what was forgotten), hidden from the files API. The
-    content goes only once the row's change is committed."""
-    if repo.file_in_use(session, file):
+    """Delete a file's content. A row that jobs name (in any slot) stays as a tombstone
+    (id, name, sha256: the evidence of what a job was given), hidden from the files API.
+    The row is locked first, so a job naming it is either committed before (then the
+    file is in use, 409) or sees it gone. The content goes only once that is committed."""
+    repo.lock_files(session, {file.id})
+    if repo.file_in_use(session, file.id):
         raise Conflict(
             f"file {file.id} is used by a queued or running job; cancel the job first",
             param="file_id",
@@ -113,6 +125,29 @@ def delete(session: Session, store: Store, file: File) -> None:
     repo.delete_file(session, file)
     session.commit()
     store.delete(file.storage_key)
+
+
+def _safe_name(filename: str | None) -> str:
+    """The upload's base name, as text: no control characters, NUL or lone surrogates
+    (which no database stores), at most 200 characters."""
+    name = "".join(ch for ch in Path(filename or "").name if ch.isprintable())[-200:].strip()
+    return name or "upload.jsonl"
+
+
+def _check_quota(session: Session, settings: Settings, tenant: str, size: int) -> None:
+    """413 when the tenant's stored files and this upload together pass its limit. Takes
+    the tenant's row lock, so concurrent uploads are counted one after the other."""
+    limits = limits_for(settings, repo.lock_tenant(session, tenant))
+    stored = repo.stored_bytes(session, tenant)
+    if stored + size > limits.max_stored_bytes:
+        raise LimitExceeded(
+            f"tenant {tenant!r} stores {stored:,} bytes of files; this upload of {size:,} would pass "
+            f"its limit of {limits.max_stored_bytes:,}: delete files it no longer needs, or ask the "
+            "operator to raise the limit (MAX_STORED_BYTES, or `unlearn tenants set`)",
+            param="file",
+            code="storage_quota_exceeded",
+            status=413,
+        )
 
 
 def validation_report(

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
 from core.engine.spec import JobSpec, parse_spec
-from core.errors import Conflict, SpecError, Unavailable, UnlearnError
+from core.errors import Conflict, LimitExceeded, SpecError, Unavailable, UnlearnError
 from core.service import repo
-from core.service.db import Artifact, Job, new_id, utcnow
+from core.service.db import Artifact, File, Job, looks_like_id, new_id, utcnow
 from core.service.enums import (
     ACTIVE_STATUSES,
     FILE_SLOTS,
@@ -22,6 +22,8 @@ from core.service.enums import (
     FileStatus,
     JobStatus,
 )
+from core.service.quotas import check_work, estimated_examples, limits_for
+from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +31,47 @@ log = logging.getLogger(__name__)
 def create(
     session: Session,
     queue: TaskQueue,
+    settings: Settings,
     tenant: str,
     body: dict[str, Any],
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """(the job, whether it was created now). A retry with the same Idempotency-Key and
-    body returns the job the first request created; another body with it is refused.
+    body returns the job the first request created; another body with it is refused; a
+    retry while the first request is still handing the job to the broker is told so.
 
-    The row is committed before its id goes to the broker (a worker must find it), so
-    this is the one request that commits before it ends; if the broker does not take the
-    id, the row is removed again and nothing was created."""
+    Everything that can fail runs before the row exists: the spec, its values, the
+    tenant's limits (checked under the tenant's row lock), the files (under their row
+    locks, so a file cannot be deleted between its check and the job naming it), the
+    work the job asks for. The row is committed before its id goes to the broker (a
+    worker must find it), so this is the one request that commits before it ends; if
+    the broker does not take the id, the row is removed again and nothing was created."""
     digest = repo.request_hash(body)
     if idempotency_key:
         existing = repo.find_idempotent(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
     spec = parse_spec(body)
+    spec_json = spec.model_dump(mode="json")
+    limits = limits_for(settings, repo.lock_tenant(session, tenant))
+    if repo.active_jobs(session, tenant) >= limits.max_active_jobs:
+        raise LimitExceeded(
+            f"tenant {tenant!r} has {limits.max_active_jobs} queued or running jobs, its limit; "
+            "wait for one to finish (or cancel one), or ask the operator to raise the limit "
+            "(MAX_ACTIVE_JOBS, or `unlearn tenants set`)",
+            code="too_many_active_jobs",
+            retry_after=30,
+        )
     repo.get_model(session, spec.base_model)
-    _check_files(session, tenant, spec)
+    slots = _file_slots(spec)
+    repo.lock_files(session, set(slots.values()))
+    files = _check_files(session, tenant, slots)
+    check_work(
+        spec,
+        estimated_examples(files["forget_file"], spec.hyperparameters.max_length),
+        limits.max_job_tokens,
+        tenant,
+    )
     job = Job(
         id=new_id("job"),
         tenant=tenant,
@@ -55,24 +80,31 @@ def create(
         base_model=spec.base_model,
         forget_file_id=spec.forget_file,
         retain_file_id=spec.retain_file,
-        spec=spec.model_dump(mode="json"),
+        spec=spec_json,
         idempotency_key=idempotency_key,
         request_hash=digest,
         step=0,
         attempts=0,
         cancel_requested=False,
-        enqueued_at=utcnow(),
+        enqueued_at=None,  # set once the broker has the id
     )
     session.add(job)
+    repo.add_job_files(session, job.id, slots)
     repo.add_event(session, job.id, EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
     try:
         session.commit()
     except IntegrityError:
-        session.rollback()  # a concurrent retry with the same Idempotency-Key won the race
-        existing = repo.find_idempotent(session, tenant, idempotency_key or "")
-        if existing is None:
-            raise
-        return _replay(existing, digest), False
+        session.rollback()
+        existing = (
+            repo.find_idempotent(session, tenant, idempotency_key) if idempotency_key else None
+        )
+        if existing is not None:  # a concurrent retry with the same key won the race
+            return _replay(existing, digest), False
+        raise SpecError(
+            "a file this job names was deleted while the job was being created; upload it again",
+            param="forget_file",
+            code="file_not_found",
+        ) from None
     try:
         queue.send(job.id)
     except Exception as exc:
@@ -83,26 +115,20 @@ def create(
             "the job queue is unavailable; nothing was created, retry shortly",
             code="queue_unavailable",
         ) from exc
+    job.enqueued_at = utcnow()
     log.info("job %s created for tenant %s (%s)", job.id, tenant, spec.method)
     return job, True
 
 
 def cancel(session: Session, tenant: str, job_id: str) -> Job:
     """A queued job nobody took ends cancelled at once; a running one gets the flag its
-    loop checks before every step."""
-    job = repo.get_job(session, tenant, job_id, for_update=True)
-    if job.status in TERMINAL_STATUSES:
+    loop checks before every step. Concurrent cancels record it once."""
+    job, changed = repo.request_cancel(session, tenant, job_id)
+    if not changed and job.status in TERMINAL_STATUSES:
         raise Conflict(
             f"job {job.id} already {job.status}; nothing to cancel",
             param="job_id",
             code="job_not_cancellable",
-        )
-    if job.status == JobStatus.QUEUED and job.lease_owner is None:
-        repo.finish_job(session, job, JobStatus.CANCELLED)
-    elif not job.cancel_requested:
-        job.cancel_requested = True
-        repo.add_event(
-            session, job.id, EventType.MESSAGE, "cancel requested", {"cancel_requested": True}
         )
     return job
 
@@ -126,17 +152,39 @@ def _replay(existing: Job, digest: str) -> Job:
             param="Idempotency-Key",
             code="idempotency_key_reused",
         )
+    if existing.enqueued_at is None and existing.status == JobStatus.QUEUED:
+        raise Conflict(
+            "the first request with this Idempotency-Key is still handing its job to the "
+            "queue; retry shortly for its outcome",
+            param="Idempotency-Key",
+            code="request_in_progress",
+            retry_after=1,
+        )
     return existing
 
 
-def _check_files(session: Session, tenant: str, spec: JobSpec) -> None:
-    """Every file the job names must be the tenant's, valid, of the right purpose and kind."""
+def _file_slots(spec: JobSpec) -> dict[str, str]:
+    """slot -> file id of every file the job names; an id of another shape is no file of
+    this service, refused before any query."""
     values = {"forget_file": spec.forget_file, "retain_file": spec.retain_file}
     if spec.eval is not None:
         values.update({f"eval.{k}": v for k, v in spec.eval.files().items()})
-    for slot, file_id in values.items():
-        if not file_id:
-            continue
+    slots = {slot: file_id for slot, file_id in values.items() if file_id}
+    for slot, file_id in slots.items():
+        if not looks_like_id("file", file_id):
+            raise SpecError(
+                f"{slot}: no file {file_id!r} (file ids look like file-0123...; "
+                "upload with POST /v1/files)",
+                param=slot,
+                code="file_not_found",
+            )
+    return slots
+
+
+def _check_files(session: Session, tenant: str, slots: dict[str, str]) -> dict[str, File]:
+    """Every file the job names must be the tenant's, valid, of the right purpose and kind."""
+    rows = {}
+    for slot, file_id in slots.items():
         purpose, kinds = FILE_SLOTS[slot]
         try:
             row = repo.get_file(session, tenant, file_id)
@@ -167,3 +215,5 @@ def _check_files(session: Session, tenant: str, spec: JobSpec) -> None:
                 param=slot,
                 code="wrong_file_kind",
             )
+        rows[slot] = row
+    return rows

@@ -27,14 +27,19 @@ def _losses():
     return losses
 
 
-class TrainingParams(BaseModel):
-    """Hyperparameters every method shares. Exactly one of max_steps / epochs drives length."""
+# The most optimizer steps a job may run, whether it asks by max_steps or by epochs.
+MAX_STEPS = 1_000_000
 
-    model_config = ConfigDict(extra="forbid")
+
+class TrainingParams(BaseModel):
+    """Hyperparameters every method shares. Exactly one of max_steps / epochs drives length.
+    Every number is finite and bounded (a job is a promise of work)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak AdamW learning rate.")
     max_steps: int | None = Field(
-        None, ge=1, le=1_000_000, description="Optimizer steps; overrides epochs when set."
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs when set."
     )
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the forget set.")
     batch_size: int = Field(4, ge=1, le=1024, description="Forget samples per micro-batch.")
@@ -42,13 +47,18 @@ class TrainingParams(BaseModel):
     max_length: int = Field(
         512, ge=8, le=32768, description="Tokens per sample; raw text is cut into windows of it."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the peak rate.")
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Linear warmup from 0 to the peak rate."
+    )
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip; null disables.")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip; null disables.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     checkpoint_every: int | None = Field(
-        None, ge=1, description="Save a resumable checkpoint every N steps (and at the end)."
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Save a resumable checkpoint every N steps (and at the end).",
     )
     retain_loss: Literal["none", "nll", "kl"] = Field(
         "none", description="Optional retain term on retain data: NLL, or KL to the reference."

@@ -21,13 +21,13 @@ from core.engine.data import encode_records, load_records
 from core.engine.evaluation import EvalSpec, evaluate, tradeoff
 from core.engine.events import Events, Phase
 from core.engine.formats import check_file
-from core.engine.methods import get_method
+from core.engine.methods import MAX_STEPS, TrainingParams, get_method
 from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
 from core.engine.spec import JobSpec
 from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.engine.stop_rule import StopRule, probe_every
 from core.engine.train import LoopResult, run_unlearning, total_steps
-from core.errors import DataError, DeviceError
+from core.errors import DataError, DeviceError, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,31 @@ def _check_eval_files(ev: EvalSpec) -> None:
             raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
 
 
+def _check_length(
+    params: TrainingParams, examples: int, max_length: int, max_tokens: int | None
+) -> int:
+    """The run's steps; SpecError past MAX_STEPS, or past `max_tokens` tokens trained on."""
+    steps = total_steps(params, examples)
+    if steps > MAX_STEPS:
+        raise SpecError(
+            f"hyperparameters.epochs: {params.epochs} epochs over {examples} sequences in batches "
+            f"of {params.batch_size} make {steps} steps; the limit is {MAX_STEPS}: lower epochs or "
+            "set max_steps",
+            param="hyperparameters.epochs",
+            code="job_too_large",
+        )
+    tokens = steps * params.batch_size * params.gradient_accumulation_steps * max_length
+    if max_tokens is not None and tokens > max_tokens:
+        raise SpecError(
+            f"the job would train on up to {tokens:,} tokens ({steps} steps over {examples} "
+            f"sequences); the limit per job is {max_tokens:,}: lower max_steps, epochs, "
+            "batch_size or max_length",
+            param="hyperparameters",
+            code="job_too_large",
+        )
+    return steps
+
+
 def run_job(
     spec: JobSpec,
     output_dir: Path,
@@ -59,10 +84,13 @@ def run_job(
     device: str | None = None,
     checkpoint_dir: Path | None = None,
     shown: dict[str, str] | None = None,
+    max_tokens: int | None = None,
 ) -> JobResult:
     """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
     `shown` names the base model and forget file in the report as its readers know them
-    (the service's tenants see neither the operator's nor the worker's paths)."""
+    (the service's tenants see neither the operator's nor the worker's paths).
+    `max_tokens` bounds steps x batch x accumulation x max_length, checked once the
+    forget set is tokenized, before any evaluation (the service's per-job budget)."""
     events = events or Events()
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -106,6 +134,7 @@ def run_job(
         events.warning(warning)
     forget = encoded["forget"].examples
     retain = encoded["retain"].examples if retain_records else None
+    steps = _check_length(params, len(forget), max_length, max_tokens)
     wrapped = wrap(
         model, spec.adapter, need_reference=method.needs_reference(params), seed=params.seed
     )
@@ -125,7 +154,6 @@ def run_job(
     }
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
-    steps = total_steps(params, len(forget))
     every = probe_every(spec.eval, steps)
     unwatched_from = spec.eval.probe_samples if every and spec.eval else None
     if spec.eval is not None:

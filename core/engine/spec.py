@@ -6,8 +6,9 @@ model (with file ids and registered model names) before a job row exists.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -16,18 +17,24 @@ from core.engine.methods import TrainingParams, format_validation_error, get_met
 from core.engine.spec_parts import AdapterSpec, EvalSpec
 from core.errors import SpecError
 
+# A name, an id or a path in a spec: non-empty, of a sane length.
+Reference = Annotated[str, Field(min_length=1, max_length=4096)]
+
 
 class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str = Field(
-        description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo."
+        max_length=64,
+        description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo.",
     )
-    base_model: str = Field(
+    base_model: Reference = Field(
         description="Registered base model name (API) or local directory (CLI)."
     )
-    forget_file: str = Field(description="Forget set: file id (API) or path (CLI).")
-    retain_file: str | None = Field(None, description="Retain set, for retain_loss nll or kl.")
+    forget_file: Reference = Field(description="Forget set: file id (API) or path (CLI).")
+    retain_file: Reference | None = Field(
+        None, description="Retain set, for retain_loss nll or kl."
+    )
     eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     hyperparameters: SerializeAsAny[TrainingParams] = Field(
@@ -58,6 +65,7 @@ def parse_spec(raw: Any) -> JobSpec:
     """Validate a raw mapping; SpecError with one readable line per problem otherwise."""
     if not isinstance(raw, dict):
         raise SpecError("the job spec must be a JSON/YAML object")
+    check_values(raw)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
@@ -65,6 +73,34 @@ def parse_spec(raw: Any) -> JobSpec:
         raise SpecError(
             format_validation_error(exc, ""), param=".".join(str(x) for x in first) or None
         ) from None
+
+
+def check_values(value: Any, where: str = "") -> None:
+    """SpecError naming the field where any string in `value` is not valid text (a NUL
+    character, or half of a UTF-16 surrogate pair: no character at all, which no database
+    stores and no JSON encoder writes as UTF-8) or any number is not finite."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise SpecError(f"{where or 'the spec'}: {problem}", param=where or None)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{where or 'the spec'}: must be a finite number", param=where or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_values(str(key), f"{where}.(a key)" if where else "(a key)")
+            check_values(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_values(item, f"{where}.{index}")
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` is not text a person could have meant, or None."""
+    if "\x00" in value:
+        return "contains a NUL character"
+    if any("\ud800" <= char <= "\udfff" for char in value):
+        return "contains half of a UTF-16 surrogate pair (\\uD800-\\uDFFF), which is no character"
+    return None
 
 
 def load_spec(path: str | Path) -> JobSpec:

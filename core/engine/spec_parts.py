@@ -3,7 +3,7 @@ eval sets. Pure pydantic (no torch), so the API validates a job without loading 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,19 +22,25 @@ EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
 EVAL_FILE_FIELDS = tuple(EVAL_FILE_KINDS)
 
 
+ModuleNames = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=256)
+]
+LayerIndices = Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(max_length=1024)]
+
+
 class AdapterSpec(BaseModel):
     """What is trained: a LoRA adapter (default) or the full weights."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["lora", "full"] = "lora"
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(16, gt=0, le=4096, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: ModuleNames | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get LoRA; default: every linear projection."
     )
-    layers: list[int] | None = Field(
+    layers: LayerIndices | None = Field(
         None, description="full only: train just these decoder layers (paper, WMDP); null = all."
     )
     merge: bool = Field(False, description="lora only: also write merged full weights.")
@@ -53,7 +59,7 @@ class AdapterSpec(BaseModel):
 class EvalSpec(BaseModel):
     """Eval sets of a job (paths locally, file ids over the API) and their settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     forget_qa: str | None = Field(None, description="QA about what must be forgotten (KnowMem).")
     retain_qa: str | None = Field(None, description="QA about what must survive (utility KnowMem).")
@@ -65,7 +71,9 @@ class EvalSpec(BaseModel):
     max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
     batch_size: int = Field(64, ge=1, le=4096)
     # Stop rule (probes every K steps); see core.engine.pipeline.
-    probe_every: int | None = Field(None, ge=1, description="Probe every K steps; null = off.")
+    probe_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="Probe every K steps; null = off."
+    )
     probe_samples: int = Field(100, ge=1, le=10_000)
     forget_target: float = Field(
         0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before."

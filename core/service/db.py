@@ -7,6 +7,7 @@ and changed by Alembic (migrations/), never by `create_all` in production code.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -38,8 +39,17 @@ def utcnow() -> datetime:
 
 
 def new_id(prefix: str) -> str:
-    """Sortable-enough, unguessable ids with a type prefix (file-..., job-...)."""
+    """Unguessable ids with a type prefix (file-..., job-...)."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def looks_like_id(prefix: str, value: str) -> bool:
+    """Whether `value` has the shape of an id `new_id(prefix)` makes: anything else is no id
+    of this service, and needs no query to say so."""
+    return (
+        len(value) == len(prefix) + 25
+        and re.fullmatch(rf"{prefix}-[0-9a-f]{{24}}", value) is not None
+    )
 
 
 class UTCDateTime(TypeDecorator):
@@ -76,6 +86,22 @@ class ApiKey(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class Tenant(Base):
+    """A tenant and the operator's overrides of the per-tenant limits (NULL: the
+    setting's default). Its row is also what job creation and uploads lock, so that the
+    checks of a tenant's limits and the inserts they guard are one step."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_job_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    rate_limit: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class RegisteredModel(Base):
@@ -153,14 +179,32 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class JobFile(Base):
+    """Every file a job names, by slot (forget_file, retain_file, eval.forget_qa, ...):
+    the database refuses to delete a file a job still names, whatever its slot."""
+
+    __tablename__ = "job_files"
+    __table_args__ = (Index("ix_job_files_file", "file_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    slot: Mapped[str] = mapped_column(String(32), primary_key=True)
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
+    __table_args__ = (
+        Index("ix_job_events_job_seq", "job_id", "seq"),
+        UniqueConstraint("job_id", "number", name="uq_job_events_job_number"),
+    )
 
     seq: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(
+        Integer, doc="1, 2, 3... within the job: the id tenants see (seq is global)."
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     type: Mapped[str] = mapped_column(String(16), doc="core.service.enums.EventType")
     message: Mapped[str] = mapped_column(Text)

@@ -13,10 +13,10 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.engine.spec_parts import spec_file_ids
 from core.errors import NotFound, SpecError
 from core.service.db import (
     ApiKey,
@@ -24,7 +24,10 @@ from core.service.db import (
     File,
     Job,
     JobEvent,
+    JobFile,
     RegisteredModel,
+    Tenant,
+    looks_like_id,
     new_id,
     utcnow,
 )
@@ -47,6 +50,7 @@ def hash_key(key: str) -> str:
 
 def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for `tenant`; the plain key is returned once and never stored."""
+    lock_tenant(session, tenant)
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         id=new_id("key"), tenant=tenant, key_hash=hash_key(plain), prefix=plain[:10], name=name
@@ -71,12 +75,16 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return row
 
 
-def tenant_for_key_hash(session: Session, key_hash: str) -> str | None:
-    """The tenant of an active key, by the key's hash (`hash_key`)."""
-    row = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+def caller_for_key_hash(session: Session, key_hash: str) -> tuple[str, str, str | None] | None:
+    """(tenant, key id, the tenant's rate limit or None for the default) of an active key,
+    by the key's hash (`hash_key`)."""
+    query = (
+        select(ApiKey.tenant, ApiKey.id, Tenant.rate_limit)
+        .outerjoin(Tenant, Tenant.id == ApiKey.tenant)
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     )
-    return row.tenant if row else None
+    row = session.execute(query).first()
+    return (row[0], row[1], row[2]) if row else None
 
 
 # --- registered models ----------------------------------------------------------
@@ -132,6 +140,11 @@ def _page(
     key = key if key is not None else model.id
     query = select(model).where(*filters)
     if after is not None:
+        prefix = model.__tablename__.rstrip("s")  # files -> file, jobs -> job
+        if key is model.id and not looks_like_id(prefix, after):
+            raise NotFound(
+                f"cursor {after!r} is not an id in this list", param="after", code=not_found
+            )
         anchor = session.scalar(select(model).where(*filters, key == after))
         if anchor is None:
             raise NotFound(
@@ -172,12 +185,42 @@ def list_files(
     return _page(session, File, filters, limit, after, "file_not_found")
 
 
-def file_in_use(session: Session, file: File) -> bool:
-    """An active job of the file's tenant names it (forget, retain or an eval slot)."""
-    specs = session.scalars(
-        select(Job.spec).where(Job.tenant == file.tenant, Job.status.in_(ACTIVE_STATUSES))
-    ).all()
-    return any(file.id in spec_file_ids(spec) for spec in specs)
+def lock_files(session: Session, file_ids: set[str]) -> None:
+    """Take the write lock on these files' rows for the rest of the transaction, before
+    reading them (a no-op UPDATE: row locks on Postgres, the database's write lock on
+    SQLite), so a job naming them and their deletion cannot interleave."""
+    if file_ids:
+        session.execute(
+            update(File)
+            .where(File.id.in_(file_ids))
+            .values(status=File.status)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def file_in_use(session: Session, file_id: str) -> bool:
+    """An active job names the file (forget, retain or an eval slot)."""
+    query = (
+        select(JobFile.job_id)
+        .join(Job, Job.id == JobFile.job_id)
+        .where(JobFile.file_id == file_id, Job.status.in_(ACTIVE_STATUSES))
+        .limit(1)
+    )
+    return session.scalar(query) is not None
+
+
+def add_job_files(session: Session, job_id: str, slots: dict[str, str]) -> None:
+    session.add_all(
+        JobFile(job_id=job_id, slot=slot, file_id=file_id) for slot, file_id in slots.items()
+    )
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    """Bytes of the tenant's uploaded files that are kept (tombstones hold no content)."""
+    query = select(func.coalesce(func.sum(File.bytes), 0)).where(
+        File.tenant == tenant, File.status != FileStatus.DELETED
+    )
+    return int(session.scalar(query) or 0)
 
 
 # --- jobs -----------------------------------------------------------------------
@@ -215,17 +258,41 @@ def list_jobs(
 def add_event(
     session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None
 ) -> None:
-    session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data))
+    """Append an event numbered 1, 2, 3... within its job. The job's row is locked first
+    (a no-op UPDATE), so two writers of one job's events take turns and the next number
+    is read after the last one was committed."""
+    session.flush()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(updated_at=Job.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+    next_number = (
+        select(func.coalesce(func.max(JobEvent.number), 0) + 1)
+        .where(JobEvent.job_id == job_id)
+        .scalar_subquery()
+    )
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id,
+            number=next_number,
+            type=type_,
+            message=message,
+            data=data,
+            created_at=utcnow(),
+        )
+    )
 
 
 def list_events(
     session: Session, job_id: str, *, limit: int, after: int | None
 ) -> tuple[list[JobEvent], bool]:
-    """Events oldest first (a log to follow); `after` is the last seq seen."""
+    """Events oldest first (a log to follow); `after` is the last event number seen."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
-        query = query.where(JobEvent.seq > after)
-    rows = session.scalars(query.order_by(JobEvent.seq).limit(limit + 1)).all()
+        query = query.where(JobEvent.number > after)
+    rows = session.scalars(query.order_by(JobEvent.number).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
 
 
@@ -303,15 +370,18 @@ def orphaned_jobs(session: Session, now: datetime | None = None) -> list[str]:
 
 def lost_queued_jobs(session: Session, older_than: float, now: datetime | None = None) -> list[Job]:
     """Queued jobs whose id went to the broker long ago and that nobody took: the
-    message may be lost (a broker restart without persistence). Re-sending is safe."""
+    message may be lost (a broker restart without persistence). Also jobs whose id never
+    reached the broker (enqueued_at is NULL: the API process died between committing
+    the row and sending it) a minute after they were created. Re-sending is safe."""
     now = now or utcnow()
+    never_sent = and_(Job.enqueued_at.is_(None), Job.created_at < now - timedelta(seconds=60))
     return list(
         session.scalars(
             select(Job).where(
                 Job.status == JobStatus.QUEUED,
                 Job.lease_owner.is_(None),
                 Job.cancel_requested.is_(False),
-                Job.enqueued_at < now - timedelta(seconds=older_than),
+                or_(Job.enqueued_at < now - timedelta(seconds=older_than), never_sent),
             )
         ).all()
     )
@@ -339,15 +409,10 @@ def finish_job(
 
 
 def delete_file(session: Session, file: File) -> None:
-    referenced = (
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(or_(Job.forget_file_id == file.id, Job.retain_file_id == file.id))
-        )
-        or 0
-    ) > 0
-    if referenced:
+    """A file some job names (in any slot) becomes a tombstone: its row stays, as the
+    evidence of what a job was given; one no job names goes entirely."""
+    referenced = session.scalar(select(JobFile.job_id).where(JobFile.file_id == file.id).limit(1))
+    if referenced is not None:
         file.status, file.report = FileStatus.DELETED, None
     else:
         session.execute(delete(File).where(File.id == file.id))
@@ -390,3 +455,84 @@ def replace_artifacts(session: Session, job_id: str, rows: list[Artifact]) -> No
             session.delete(existing)
             session.flush()
         session.add(row)
+
+
+def request_cancel(session: Session, tenant: str, job_id: str) -> tuple[Job, bool]:
+    """(the job, whether this call changed it). One conditional UPDATE each way, so of
+    concurrent cancels exactly one ends a queued job or raises the flag of a running one."""
+    now = utcnow()
+    ended = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.tenant == tenant,
+            Job.status == JobStatus.QUEUED,
+            Job.lease_owner.is_(None),
+        )
+        .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if ended.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(
+            session, job_id, EventType.STATUS, "job cancelled", {"status": JobStatus.CANCELLED}
+        )
+        return get_job(session, tenant, job_id), True
+    flagged = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.tenant == tenant,
+            Job.status.in_(ACTIVE_STATUSES),
+            Job.cancel_requested.is_(False),
+        )
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if flagged.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(
+            session, job_id, EventType.MESSAGE, "cancel requested", {"cancel_requested": True}
+        )
+        return get_job(session, tenant, job_id), True
+    return get_job(session, tenant, job_id), False
+
+
+# --- tenants --------------------------------------------------------------------
+
+
+def lock_tenant(session: Session, tenant: str) -> Tenant:
+    """The tenant's row, created if missing, with its write lock held for the rest of the
+    transaction (a no-op UPDATE first: row lock on Postgres, the database's write lock on
+    SQLite), so checks of its limits and the inserts they guard cannot interleave."""
+    session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant)
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    row = session.get(Tenant, tenant, populate_existing=True)
+    if row is None:
+        row = Tenant(id=tenant)
+        session.add(row)
+        try:
+            with session.begin_nested():
+                session.flush()
+        except IntegrityError:  # created by a concurrent request: lock the one it made
+            return lock_tenant(session, tenant)
+    return row
+
+
+def get_tenant(session: Session, tenant: str) -> Tenant | None:
+    return session.get(Tenant, tenant)
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.id)).all())
+
+
+def active_jobs(session: Session, tenant: str) -> int:
+    query = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    return int(session.scalar(query) or 0)

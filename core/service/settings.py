@@ -52,6 +52,49 @@ class Settings(BaseSettings):
         "larger ones answer `validating` and are validated in the background.",
     )
 
+    # What one request may cost: bodies are capped and must arrive in time, headers too;
+    # connections beyond max_connections are answered 503.
+    max_json_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="413 for a request body (other than an upload) beyond this.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose request headers are not all in by then is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        60.0, gt=0, description="408 when a request body (other than an upload) takes longer."
+    )
+    upload_timeout_seconds: float = Field(
+        900.0, gt=0, description="408 when an upload's body takes longer."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Concurrent connections per API process; 503 beyond."
+    )
+
+    # Fair sharing, per tenant: defaults an operator overrides per tenant
+    # (`unlearn tenants set TENANT ...`). Rate limits are `limits` strings such as
+    # "20/second;600/minute", shared through Redis when BROKER_URL is Redis.
+    rate_limit: str = Field("20/second;600/minute", description="Requests per tenant.")
+    anonymous_rate_limit: str = Field(
+        "10/second;120/minute", description="Requests without a valid key, per client address."
+    )
+    rate_limit_storage_url: str | None = Field(
+        None, description="limits storage URI; default: the Redis broker, else in-process memory."
+    )
+    max_active_jobs: int = Field(4, ge=1, description="Queued or running jobs per tenant.")
+    max_stored_bytes: int = Field(
+        10 * 1024**3, ge=0, description="Bytes of uploaded files a tenant may keep."
+    )
+    max_job_tokens: int = Field(
+        500_000_000,
+        ge=1,
+        le=10**15,
+        description="Tokens one job may train on: steps x batch x accumulation x max_length.",
+    )
+
     # Workers
     worker_device: str | None = Field(
         None, description="cpu, cuda, cuda:0; default cuda if present."
@@ -105,6 +148,26 @@ class Settings(BaseSettings):
         if lease is not None and value >= lease:
             raise ValueError(f"heartbeat_seconds ({value}) must be below lease_seconds ({lease})")
         return value
+
+    @field_validator("rate_limit", "anonymous_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit ({exc}); e.g. '20/second;600/minute'") from None
+        return value
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Where rate-limit counters live: shared by every API process on the stack."""
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        if self.celery_broker_url.startswith(("redis://", "rediss://")):
+            return self.celery_broker_url
+        return "memory://"
 
     @property
     def embedded(self) -> bool:

@@ -29,6 +29,11 @@ def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
         max_upload_bytes=200_000,
         validate_inline_bytes=100_000,
         task_queue="unlearn-api-test",
+        # This module is about the API's behaviour, not its limits (test_limits.py is):
+        # its many quick requests and queued jobs stay far below these.
+        rate_limit="1000/second",
+        anonymous_rate_limit="1000/second",
+        max_active_jobs=1000,
     )
     sessions = make_sessionmaker(make_engine(settings.db_url))
     with sessions.begin() as session:

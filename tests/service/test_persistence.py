@@ -17,7 +17,16 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-APP_TABLES = {"api_keys", "models", "files", "jobs", "job_events", "artifacts"}
+APP_TABLES = {
+    "api_keys",
+    "models",
+    "files",
+    "jobs",
+    "job_events",
+    "artifacts",
+    "tenants",
+    "job_files",
+}
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

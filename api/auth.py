@@ -1,0 +1,197 @@
+"""Who is calling, and whether they may now: the API key is checked and the tenant's rate
+limit applied before any route runs, so nothing of a request's body is read for a caller
+without a valid key, or over its limit.
+
+Keys are looked up by their sha256 and cached for AUTH_CACHE_SECONDS (only hits are
+cached). Rate limits are moving windows (the `limits` library), keyed by tenant, or by
+client address for requests without a valid key; their counters live in Redis on the
+stack, so every API process shares them, and in memory in the embedded default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import send_error
+from core.service import repo
+from core.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Paths under these prefixes need a key; the rest (health, docs, the schema) do not.
+PROTECTED_PREFIXES = ("/v1/",)
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    key_id: str
+    rate_limit: str
+
+
+class KeyCache:
+    """Recently verified keys (by hash) -> caller, for a few seconds, so a dashboard
+    polling a job does not cost a key lookup per request. Only hits are cached."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 10_000):
+        self.ttl, self.max_entries = ttl_seconds, max_entries
+        self.entries: dict[str, tuple[Caller, float]] = {}
+
+    def get(self, key_hash: str) -> Caller | None:
+        hit = self.entries.get(key_hash)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, key_hash: str, caller: Caller) -> None:
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        self.entries[key_hash] = (caller, time.monotonic() + self.ttl)
+
+
+class RateLimiter:
+    """Moving-window limits such as "20/second;600/minute"; `retry_after` is None when a
+    request may go ahead (and counts it), else the seconds until it could."""
+
+    def __init__(self, storage_uri: str):
+        async_uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
+        options = {"implementation": "redispy"} if "redis" in async_uri.split("://")[0] else {}
+        self.limiter = MovingWindowRateLimiter(storage_from_string(async_uri, **options))
+        self._parsed: dict[str, list[RateLimitItem]] = {}
+
+    def _items(self, limit: str) -> list[RateLimitItem]:
+        if limit not in self._parsed:
+            self._parsed[limit] = parse_many(limit)
+        return self._parsed[limit]
+
+    async def retry_after(self, limit: str, key: str) -> int | None:
+        items = self._items(limit)
+        for item in items:
+            if not await self.limiter.test(item, key):
+                stats = await self.limiter.get_window_stats(item, key)
+                return max(1, math.ceil(stats.reset_time - time.time()))
+        for item in items:
+            await self.limiter.hit(item, key)
+        return None
+
+
+def _lookup(sessions: sessionmaker, key_hash: str, default_limit: str) -> Caller | None:
+    with sessions() as session:
+        found = repo.caller_for_key_hash(session, key_hash)
+    if found is None:
+        return None
+    tenant, key_id, rate_limit = found
+    return Caller(tenant, key_id, rate_limit or default_limit)
+
+
+class Authenticate:
+    """Pure ASGI middleware: `Authorization: Bearer <key>` on /v1/ routes, resolved to a
+    tenant (scope state `caller`), and the rate limits; 401, 429 or 503 before the route,
+    and before the body is read."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        settings: Settings,
+        sessions: sessionmaker,
+        cache: KeyCache,
+        limiter: RateLimiter,
+    ):
+        self.app, self.settings, self.sessions = app, settings, sessions
+        self.cache, self.limiter = cache, limiter
+
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any
+    ) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        caller, problem = None, None
+        if not header:
+            problem = (
+                "missing_api_key",
+                "missing API key: send `Authorization: Bearer <key>` (an "
+                "operator creates keys with `unlearn keys create --tenant T`)",
+            )
+        else:
+            scheme, _, key = header.partition(" ")
+            key = key.strip()
+            if scheme.lower() != "bearer" or not key:
+                problem = ("invalid_api_key", "the Authorization header must be `Bearer <key>`")
+            else:
+                try:
+                    caller = await self._caller(key)
+                except SQLAlchemyError:
+                    log.exception("key lookup failed")
+                    await send_error(
+                        scope,
+                        send,
+                        503,
+                        "database_unavailable",
+                        "the database is unavailable; retry shortly",
+                        retry_after=5,
+                    )
+                    return
+                if caller is None:
+                    problem = ("invalid_api_key", "invalid API key (unknown or revoked)")
+        if caller is None:
+            # Failed authentications count against the client's address, so guessing keys
+            # or flooding without one is limited too.
+            client = (scope.get("client") or ("unknown", 0))[0]
+            wait = await self.limiter.retry_after(
+                self.settings.anonymous_rate_limit, f"ip:{client}"
+            )
+            if wait is not None:
+                await send_error(
+                    scope,
+                    send,
+                    429,
+                    "rate_limited",
+                    f"too many requests without a valid key; retry in {wait} s",
+                    retry_after=wait,
+                )
+                return
+            assert problem is not None
+            await send_error(
+                scope, send, 401, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"}
+            )
+            return
+        wait = await self.limiter.retry_after(caller.rate_limit, f"tenant:{caller.tenant}")
+        if wait is not None:
+            await send_error(
+                scope,
+                send,
+                429,
+                "rate_limited",
+                f"tenant {caller.tenant!r} is over its rate limit ({caller.rate_limit}); "
+                f"retry in {wait} s",
+                retry_after=wait,
+            )
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+    async def _caller(self, key: str) -> Caller | None:
+        key_hash = repo.hash_key(key)
+        caller = self.cache.get(key_hash)
+        if caller is None:
+            caller = await run_in_threadpool(
+                _lookup, self.sessions, key_hash, self.settings.rate_limit
+            )
+            if caller is not None:
+                self.cache.put(key_hash, caller)
+        return caller
