@@ -34,7 +34,7 @@ download the unlearned adapter with before/after evidence. Every error is
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.getLogger("api").setLevel(settings.log_level)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, busy_timeout=settings.sqlite_busy_timeout_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -131,8 +131,14 @@ def models_add(
         uri = str(path)
     settings = _settings()
     _prepare_embedded(settings)
-    with _sessions(settings).begin() as session:
-        repo.add_model(session, name, uri, description)
+    from core.errors import UnlearnError
+
+    try:
+        with _sessions(settings).begin() as session:
+            repo.add_model(session, name, uri, description)
+    except UnlearnError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"registered model {name!r} -> {uri}")
 
 

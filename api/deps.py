@@ -48,6 +48,9 @@ def get_queue(request: Request) -> TaskQueue:
     return request.app.state.queue
 
 
+# What a list's `after` cursor may be: an id, or a registered model's name.
+CURSOR_PATTERN = r"^[A-Za-z0-9._:/-]{1,200}$"
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StoreDep = Annotated[Store, Depends(get_store)]
@@ -90,7 +93,7 @@ def _load_job(sessions: sessionmaker, tenant: str, job_id: str) -> Job:
 
 async def get_job_dep(
     request: Request,
-    job_id: Annotated[str, Path(description="A job id, e.g. job-...")],
+    job_id: Annotated[str, Path(pattern=r"^job-[0-9a-f]{24}$", description="A job id: job-...")],
     tenant: TenantDep,
 ) -> Job:
     """The job, loaded and authorised in one trip to the database (a detached, read-only
@@ -101,7 +104,9 @@ async def get_job_dep(
 
 
 def get_file_dep(
-    file_id: Annotated[str, Path(description="A file id, e.g. file-...")],
+    file_id: Annotated[
+        str, Path(pattern=r"^file-[0-9a-f]{24}$", description="A file id: file-...")
+    ],
     session: SessionDep,
     tenant: TenantDep,
 ) -> File:

@@ -38,6 +38,16 @@ HTTP_CODES = {
 }
 
 
+class CodedHTTPException(StarletteHTTPException):
+    """An HTTPException with one of our stable codes. Raised where FastAPI only lets
+    HTTPExceptions through unchanged (inside the reading of a body, which turns any other
+    exception into a 400 'error parsing the body')."""
+
+    def __init__(self, status_code: int, code: str, message: str):
+        super().__init__(status_code, message)
+        self.code = code
+
+
 class ErrorResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
@@ -91,6 +101,19 @@ def _loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first
+    matching route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        path_regex = getattr(route, "path_regex", None)
+        if path_regex is not None and path_regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def database_down(exc: SQLAlchemyError) -> bool:
     """Whether a database error means the database could not be reached (a 503 to retry),
     not that a statement was wrong."""
@@ -128,13 +151,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "error")
+        code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return envelope(
-            request, exc.status_code, code, message, headers=getattr(exc, "headers", None)
-        )
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+            message = (
+                f"{request.method} is not allowed on {request.url.path}; "
+                f"allowed: {headers['Allow']}"
+            )
+        return envelope(request, exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(SQLAlchemyError)
     async def _database(request: Request, exc: SQLAlchemyError) -> JSONResponse:

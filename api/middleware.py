@@ -13,8 +13,7 @@ import uuid
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from api.errors import send_error
-from core.errors import UnlearnError
+from api.errors import CodedHTTPException, send_error
 
 log = logging.getLogger("api.access")
 
@@ -48,10 +47,11 @@ class RequestId:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
             log.info(
                 "%s %s %s %.1fms %s",
                 scope["method"],
-                scope["path"],
+                raw_path.decode("ascii", "backslashreplace"),  # as sent: no control characters
                 status,
                 (time.perf_counter() - started) * 1000,
                 request_id,
@@ -111,15 +111,15 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
             except TimeoutError:
-                raise UnlearnError(
+                raise CodedHTTPException(
+                    408,
+                    "request_timeout",
                     "the request body did not arrive in time; send it faster or in smaller parts",
-                    code="request_timeout",
-                    status=408,
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise UnlearnError(_too_large(upload, shown), code=too_large, status=413)
+                    raise CodedHTTPException(413, too_large, _too_large(upload, shown))
             return message
 
         await self.app(scope, guarded, send)

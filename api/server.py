@@ -8,7 +8,6 @@ time by api.middleware.RequestGuard.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 from typing import Any
 
@@ -18,22 +17,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from core.service.settings import Settings, get_settings
 
 
-@functools.cache
-def _header_timeout() -> float:
-    return get_settings().header_timeout_seconds
-
-
 class _HeaderDeadline:
     """Closes the connection unless a request's headers are complete within the timeout of
     the connection opening, or of the previous response ending (keep-alive)."""
 
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    header_timeout: float | None = None  # None: HEADER_TIMEOUT_SECONDS of the environment
     _header_timer: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:
         self._disarm()
-        self._header_timer = self.loop.call_later(_header_timeout(), self._headers_too_slow)
+        timeout = self.header_timeout or get_settings().header_timeout_seconds
+        self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -67,16 +63,24 @@ class HeaderTimeoutH11(_HeaderDeadline, H11Protocol):
         super().connection_lost(exc)
 
 
-def _httptools_protocol() -> str:
+def _protocol(settings: Settings | None) -> Any:
+    """The HTTP protocol: httptools' parser where it is installed, else h11's, with the
+    header deadline of `settings` (None: of the environment, for worker processes)."""
     if importlib.util.find_spec("httptools") is None:
-        return "api.server:HeaderTimeoutH11"
-    return "api.server_httptools:HeaderTimeoutHttpTools"
+        base: Any = HeaderTimeoutH11
+    else:
+        from api.server_httptools import HeaderTimeoutHttpTools
+
+        base = HeaderTimeoutHttpTools
+    if settings is None:
+        return f"{base.__module__}:{base.__name__}"
+    return type(base.__name__, (base,), {"header_timeout": settings.header_timeout_seconds})
 
 
-def options(settings: Settings) -> dict[str, Any]:
+def options(settings: Settings, *, in_process: bool = True) -> dict[str, Any]:
     """The uvicorn settings the CLI and the images run the API with."""
     return {
-        "http": _httptools_protocol(),
+        "http": _protocol(settings if in_process else None),
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": 5,
         "h11_max_incomplete_event_size": 16 * 1024,
@@ -88,7 +92,13 @@ def run(settings: Settings, *, host: str, port: int, workers: int = 1) -> None:
     """Serve the API: in this process, or in `workers` processes (each builds the app from
     the environment, as `uvicorn api.app:app` would)."""
     if workers > 1:
-        uvicorn.run("api.app:app", host=host, port=port, workers=workers, **options(settings))
+        uvicorn.run(
+            "api.app:app",
+            host=host,
+            port=port,
+            workers=workers,
+            **options(settings, in_process=False),
+        )
         return
     from api.app import create_app
 

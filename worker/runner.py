@@ -172,13 +172,21 @@ class JobRunner:
             return f"failed: {code}"
 
     def _redact(self, message: str) -> str:
-        """Tenants name models, they do not see the operator's paths: messages about local
-        copies name the job's inputs by what the tenant knows, and any other absolute
-        path left in a message (the store, a cache, a library's) becomes <path>."""
-        for secret, shown in getattr(self, "_redactions", {}).items():
-            message = message.replace(secret, shown)
-        message = message.replace(str(self.settings.work_dir), "<work>")
-        return _ABSOLUTE_PATH.sub("<path>", message)
+        """Tenants name models, they do not see the operator's paths: a path under the
+        job's model or inputs is named by what the tenant knows (model 'name', <inputs>),
+        one under the work directory is <work>, any other absolute path (the store, a
+        cache, a library's) is <path>."""
+        known = {**getattr(self, "_redactions", {}), str(self.settings.work_dir): "<work>"}
+        prefixes = sorted(known.items(), key=lambda item: -len(item[0]))
+
+        def one(match: re.Match[str]) -> str:
+            path = match.group(0)
+            for secret, shown in prefixes:
+                if path == secret or path.startswith(secret.rstrip("/") + "/"):
+                    return shown + path[len(secret) :]
+            return "<path>"
+
+        return _ABSOLUTE_PATH.sub(one, message)
 
     def _fail(self, job_id: str, status: str, code: str | None, message: str | None) -> None:
         """End the job (if this worker still holds it) with a message fit for its tenant."""

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile, status
 from fastapi import File as FormFile
 
-from api.deps import FileDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.deps import CURSOR_PATTERN, FileDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import FileObject, ListResponse
 from api.services import files
 from core.service import repo
@@ -53,7 +53,9 @@ def list_files(
     tenant: TenantDep,
     purpose: Purpose | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The last id of the previous page.")
+    ] = None,
 ) -> ListResponse[FileObject]:
     rows, more = repo.list_files(session, tenant, purpose=purpose, limit=limit, after=after)
     return ListResponse.page([FileObject.of(r) for r in rows], more)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from api.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.deps import CURSOR_PATTERN, JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from api.services import jobs
 from core.service import repo
@@ -59,7 +59,9 @@ def list_jobs(
     tenant: TenantDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The last id of the previous page.")
+    ] = None,
 ) -> ListResponse[JobObject]:
     rows, more = repo.list_jobs(session, tenant, status=status_, limit=limit, after=after)
     return ListResponse.page([JobObject.of(r) for r in rows], more)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import sessionmaker
 
-from api.deps import SessionDep, TenantDep
+from api.deps import CURSOR_PATTERN, SessionDep, TenantDep
 from api.schemas import ListResponse, ModelObject
 from core.service import repo
 
@@ -27,7 +27,9 @@ def list_models(
     session: SessionDep,
     _tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=CURSOR_PATTERN, description="The last id of the previous page.")
+    ] = None,
 ) -> ListResponse[ModelObject]:
     rows, more = repo.list_models(session, limit=limit, after=after)
     return ListResponse.page([ModelObject.of(r) for r in rows], more)
@@ -51,12 +53,15 @@ def readyz(request: Request) -> JSONResponse:
             probe()
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - report, do not raise
+            # The details (host, port, driver messages) are for the operator's log; an
+            # anonymous caller learns which dependency is down, not where it lives.
             log.warning("readyz: %s: %s", name, exc)
-            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+            checks[name] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -90,9 +91,21 @@ def caller_for_key_hash(session: Session, key_hash: str) -> tuple[str, str, str 
 # --- registered models ----------------------------------------------------------
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
+
+
 def add_model(
     session: Session, name: str, uri: str, description: str | None = None
 ) -> RegisteredModel:
+    """Register (or re-point) a base model. Names are what tenants type: letters, digits
+    and ._:/- (at most 200)."""
+    if not MODEL_NAME.fullmatch(name):
+        raise SpecError(
+            f"model name {name!r}: use letters, digits and . _ : / - (at most 200, "
+            "starting with a letter or digit)",
+            param="name",
+            code="invalid_model_name",
+        )
     row = session.get(RegisteredModel, name)
     if row is None:
         row = RegisteredModel(name=name, uri=uri, description=description)
@@ -141,7 +154,7 @@ def _page(
     query = select(model).where(*filters)
     if after is not None:
         prefix = model.__tablename__.rstrip("s")  # files -> file, jobs -> job
-        if key is model.id and not looks_like_id(prefix, after):
+        if key is getattr(model, "id", None) and not looks_like_id(prefix, after):
             raise NotFound(
                 f"cursor {after!r} is not an id in this list", param="after", code=not_found
             )

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default SQLite in the data dir."
     )
+    sqlite_busy_timeout_seconds: float = Field(
+        30.0, gt=0, description="Embedded: how long a write waits for another's lock (then 503)."
+    )
     broker_url: str | None = Field(
         None, description="Celery broker; default a SQLite queue in the data dir."
     )

@@ -90,14 +90,16 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 
 class ThreadServer:
-    """uvicorn serving an app object in a thread, on a free port."""
+    """uvicorn serving an app object in a thread, on a free port (`options`: uvicorn's,
+    e.g. api.server.options(settings), the settings `unlearn serve` runs with)."""
 
-    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, app, **options) -> None:  # type: ignore[no-untyped-def]
         import uvicorn
 
         self.port = free_port()
+        options.setdefault("log_level", "warning")
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, **options)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -145,3 +147,58 @@ def wait_http(url: str, process: subprocess.Popen | None = None, timeout: float 
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 200 in {timeout}s")
+
+
+class TcpProxy:
+    """A TCP proxy to a local port, on a free port of its own, that can be cut: `stop()`
+    drops every connection and refuses new ones, as a database host going away would."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.running:
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        """Cut every connection and refuse new ones."""
+        self.running = False
+        self.listener.close()
+        for sock in self.open:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop()

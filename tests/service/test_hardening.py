@@ -1,0 +1,596 @@
+"""Hostile and careless input, faults and fair sharing, over real HTTP on the embedded
+default (SQLite, the SQLite queue) and on Postgres + Redis. Each test names what broke
+before: a 500, a tenant broken for good, a body read before authentication, a slow
+client held forever, unbounded work, a race the database did not close, a leak."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.service.conftest import TcpProxy, ThreadServer
+
+QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
+LIMITS = {"rate_limit": "1000/second", "anonymous_rate_limit": "1000/second"}
+
+
+def make_settings(backend: str, tmp, database_url: str | None, redis_url: str, **over):
+    from core.service.settings import Settings
+
+    base = {
+        "unlearn_data_dir": tmp,
+        "header_timeout_seconds": 1.0,
+        "body_timeout_seconds": 1.0,
+        "max_json_bytes": 64 * 1024,
+        "max_active_jobs": 3,
+        "max_stored_bytes": 50_000,
+        "max_job_tokens": 10_000_000,
+        "sqlite_busy_timeout_seconds": 0.5,
+        "task_queue": f"hardening-{uuid.uuid4().hex[:6]}",
+        **LIMITS,
+    }
+    if backend == "postgres":
+        base |= {"database_url": database_url, "broker_url": redis_url}
+    return Settings(**(base | over))
+
+
+def serve(settings):
+    from api.app import create_app
+    from api.server import options
+
+    return ThreadServer(create_app(settings), **(options(settings) | {"log_level": "warning"}))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api(request, tmp_path_factory, fixture_dir, redis_url):
+    from core.service import repo
+    from core.service.db import make_engine, make_sessionmaker
+    from core.service.migrate import upgrade
+
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"hardening-{backend}")
+    pg = request.getfixturevalue("migrated_pg") if backend == "postgres" else None
+    settings = make_settings(backend, tmp, pg, redis_url)
+    upgrade(settings.db_url)
+    sessions = make_sessionmaker(make_engine(settings.db_url))
+    with sessions.begin() as session:
+        repo.add_model(session, "tiny", str(fixture_dir / "model"))
+    with serve(settings) as server:
+        yield {
+            "backend": backend,
+            "url": server.url,
+            "port": server.port,
+            "settings": settings,
+            "sessions": sessions,
+            "tmp": tmp,
+        }
+
+
+def new_key(api, tenant: str | None = None) -> str:
+    from core.service import repo
+
+    with api["sessions"].begin() as session:
+        _, key = repo.create_key(session, tenant or f"t-{uuid.uuid4().hex[:10]}")
+    return key
+
+
+def client_for(api, key: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key or new_key(api)}"}
+    return httpx.Client(base_url=api["url"], headers=headers, timeout=30)
+
+
+def upload(
+    client, content: bytes = QA, purpose: str = "forget", name: str = "f.jsonl"
+) -> httpx.Response:
+    return client.post("/v1/files", data={"purpose": purpose}, files={"file": (name, content)})
+
+
+def file_id(client, **kwargs) -> str:
+    response = upload(client, **kwargs)
+    assert response.status_code == 201 and response.json()["status"] == "valid", response.text
+    return response.json()["id"]
+
+
+def job_body(forget: str, **over) -> dict:
+    return {
+        "method": "catnip",
+        "base_model": "tiny",
+        "forget_file": forget,
+        "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_length": 32},
+        **over,
+    }
+
+
+def error_of(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()["error"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", wait: float = 5.0) -> bytes:
+    """Send `head` (and `body`) on a plain socket; what the server answers within `wait`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+# --- bodies, keys and slow clients -------------------------------------------------
+
+
+def test_no_body_is_read_for_a_caller_without_a_valid_key(api):
+    """POST /v1/jobs read and parsed its whole body before the 401 (four 200 MB bodies
+    took the API to 2 GB). The 401 now comes while the body is still on its way."""
+    head = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer ul_wrong\r\nContent-Length: 60000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", api["port"]), timeout=3) as sock:
+        sock.sendall(head + b'{"method": "')  # 12 of 60000 bytes, and no more
+        first = sock.recv(4096)  # TimeoutError here would mean the server waits for the body
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+
+
+def test_request_bodies_are_capped_declared_or_streamed(api):
+    """Only uploads capped their body; any JSON body was read whole."""
+    big = json.dumps({"method": "catnip", "padding": "x" * 100_000}).encode()
+    with client_for(api) as client:
+        error_of(
+            client.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"}),
+            413,
+            "request_too_large",
+        )
+
+        def chunks():
+            for _ in range(20):
+                yield b" " * 8192
+
+        error_of(
+            client.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}),
+            413,
+            "request_too_large",
+        )
+
+
+def test_slow_clients_are_cut_off(api):
+    """400 slowloris connections stayed open for good. A connection whose headers do not
+    arrive within HEADER_TIMEOUT_SECONDS is closed; a body that trickles past
+    BODY_TIMEOUT_SECONDS is a 408."""
+    socks = []
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", api["port"]))
+        sock.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        sock.settimeout(5)
+        socks.append(sock)
+    idle = socket.create_connection(("127.0.0.1", api["port"]))  # sends nothing at all
+    idle.settimeout(5)
+    started = time.monotonic()
+    for sock in [*socks, idle]:
+        assert sock.recv(1024) == b""  # closed by the server
+        sock.close()
+    assert time.monotonic() - started < 4
+    key = new_key(api)
+    head = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 100\r\n\r\n"
+    )
+    answer = raw_request(api["port"], head, b'{"method"', wait=5)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"request_timeout"' in answer
+
+
+# --- what a spec and a request may hold ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        # a lone surrogate was committed, answered 500, and every later GET /v1/jobs was a 500
+        (b'"adapter": {"target_modules": ["\\ud800"]}', "adapter.target_modules.0"),
+        # infinity was stored on SQLite and a 500 on Postgres
+        (b'"hyperparameters": {"max_grad_norm": 1e999}', "hyperparameters.max_grad_norm"),
+        (b'"hyperparameters": {"max_grad_norm": NaN}', "hyperparameters.max_grad_norm"),
+        (b'"hyperparameters": {"seed": 100000000000000000000000000000}', "hyperparameters.seed"),
+        (b'"hyperparameters": {"warmup_steps": 99999999999}', "hyperparameters.warmup_steps"),
+        (b'"adapter": {"type": "full", "layers": [99999999999999999999]}', "adapter.layers.0"),
+    ],
+    ids=["surrogate", "infinity", "nan", "huge-seed", "huge-warmup", "huge-layer"],
+)
+def test_spec_values_that_are_no_text_or_no_finite_number_are_422(api, raw, param):
+    with client_for(api) as client:
+        forget = file_id(client)
+        body = (
+            b'{"method": "catnip", "base_model": "tiny", "forget_file": "'
+            + forget.encode()
+            + b'", '
+            + raw
+            + b"}"
+        )
+        error = error_of(
+            client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"}), 422
+        )
+        assert error["param"] == param, error
+        listed = client.get("/v1/jobs")
+        assert listed.status_code == 200 and listed.json()["data"] == [], listed.text
+
+
+def test_empty_and_malformed_references_are_422_not_500(api):
+    """forget_file "" was a foreign-key failure (500), or with an Idempotency-Key a
+    misleading idempotency_key_reused."""
+    with client_for(api) as client:
+        error_of(client.post("/v1/jobs", json=job_body("")), 422, "invalid_spec")
+        error_of(
+            client.post("/v1/jobs", json=job_body(""), headers={"Idempotency-Key": "k1"}),
+            422,
+            "invalid_spec",
+        )
+        error_of(client.post("/v1/jobs", json=job_body("file-\x00")), 422, "invalid_spec")
+        error_of(client.post("/v1/jobs", json=job_body("not-a-file-id")), 422, "file_not_found")
+        forget = file_id(client)
+        error_of(
+            client.post("/v1/jobs", json=job_body(forget, base_model="tiny\x00")),
+            422,
+            "invalid_spec",
+        )
+        error_of(
+            client.post("/v1/jobs", json=job_body(forget, base_model="m" * 300)),
+            422,
+            "unknown_model",
+        )
+
+
+def test_nul_and_overflows_in_paths_and_queries_are_4xx(api):
+    """A NUL in a path id, a cursor or a file name, and an event cursor past 2^63, were
+    500s on Postgres."""
+    with client_for(api) as client:
+        for url in (
+            "/v1/jobs/job-%00",
+            "/v1/files/file-%00abc",
+            "/v1/jobs?after=%00",
+            "/v1/files?after=x%00y",
+            "/v1/models?after=%00",
+        ):
+            response = client.get(url)
+            assert 400 <= response.status_code < 500, (url, response.text)
+        response = client.post("/v1/jobs", json=job_body(file_id(client)))
+        job = response.json()["id"]
+        for after in ("9223372036854775808", "-1", "1e3", "99999999999999999999999999"):
+            assert client.get(f"/v1/jobs/{job}/events", params={"after": after}).status_code == 422
+        assert client.get("/v1/jobs", params={"limit": str(10**30)}).status_code == 422
+        boundary = b"b0undary"
+        multipart = (
+            b'--b0undary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nforget\r\n'
+            b'--b0undary\r\nContent-Disposition: form-data; name="file"; '
+            b'filename="ev\x00il\x07.jsonl"\r\nContent-Type: application/jsonl\r\n\r\n'
+            + QA
+            + b"\r\n--b0undary--\r\n"
+        )
+        named = client.post(
+            "/v1/files",
+            content=multipart,
+            headers={"Content-Type": "multipart/form-data; boundary=" + boundary.decode()},
+        )
+        assert named.status_code == 201, named.text
+        assert named.json()["filename"] == "evil.jsonl"
+
+
+# --- work, limits and fair share ------------------------------------------------------
+
+
+def test_the_work_of_a_job_is_bounded(api):
+    """1000 epochs over a 90k-record file was accepted as 91.7 million steps (and a larger
+    one overflowed total_steps with raw SQL in the message)."""
+    from core.service import repo
+
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    with client_for(api, new_key(api, tenant)) as client:
+        text = file_id(client, content=b"word " * 8000, name="book.txt")
+        error = error_of(
+            client.post(
+                "/v1/jobs",
+                json=job_body(
+                    text, hyperparameters={"epochs": 1000, "batch_size": 1, "max_length": 8}
+                ),
+            ),
+            422,
+            "job_too_large",
+        )
+        assert "1000000" in error["message"] and "max_steps" in error["message"]
+        error = error_of(
+            client.post(
+                "/v1/jobs",
+                json=job_body(
+                    text, hyperparameters={"max_steps": 1000, "batch_size": 64, "max_length": 4096}
+                ),
+            ),
+            422,
+            "job_too_large",
+        )
+        assert "10,000,000 per job" in error["message"] and "MAX_JOB_TOKENS" in error["message"]
+        with api["sessions"].begin() as session:  # the operator raises this tenant's budget
+            repo.lock_tenant(session, tenant).max_job_tokens = 10**12
+        ok = client.post(
+            "/v1/jobs",
+            json=job_body(
+                text, hyperparameters={"max_steps": 1000, "batch_size": 64, "max_length": 4096}
+            ),
+        )
+        assert ok.status_code == 201, ok.text
+
+
+def test_active_jobs_and_stored_bytes_are_limited_per_tenant(api):
+    """No limit on active jobs, and 1.6 GB uploaded in 20 s: one tenant could fill the
+    queue and the disk."""
+    with client_for(api) as client, client_for(api) as other:
+        forget = file_id(client)
+        for _ in range(3):
+            assert client.post("/v1/jobs", json=job_body(forget)).status_code == 201
+        refused = client.post("/v1/jobs", json=job_body(forget))
+        error_of(refused, 429, "too_many_active_jobs")
+        assert int(refused.headers["Retry-After"]) > 0
+        assert other.post("/v1/jobs", json=job_body(file_id(other))).status_code == 201
+        store = api["settings"].local_store
+        kept = sorted(p.name for p in store.rglob("*") if p.is_file()) if store.exists() else []
+        error = error_of(upload(client, content=QA * 400), 413, "storage_quota_exceeded")
+        assert "MAX_STORED_BYTES" in error["message"]
+        if api["backend"] == "sqlite":  # nothing of the refused upload stays in the store
+            assert sorted(p.name for p in store.rglob("*") if p.is_file()) == kept
+
+
+def test_rate_limits_answer_429_per_tenant_and_are_shared_by_api_processes(api):
+    """300 requests from one key were all 200. With the stack's Redis, two API processes
+    count one tenant's requests together."""
+    settings = api["settings"].model_copy(update={"rate_limit": "10/minute"})
+    noisy, quiet = new_key(api), new_key(api)
+    with serve(settings) as first, serve(settings) as second:
+        servers = [first, second] if api["backend"] == "postgres" else [first, first]
+        statuses = []
+        for index in range(14):
+            url = servers[index % 2].url
+            response = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {noisy}"})
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                assert int(response.headers["Retry-After"]) >= 1
+                assert response.json()["error"]["code"] == "rate_limited"
+        assert statuses[:10] == [200] * 10 and statuses[10:] == [429] * 4, statuses
+        assert (
+            httpx.get(
+                f"{first.url}/v1/jobs", headers={"Authorization": f"Bearer {quiet}"}
+            ).status_code
+            == 200
+        )
+
+
+# --- faults ---------------------------------------------------------------------------
+
+
+def test_a_database_that_is_down_is_503_with_retry_after(api, tmp_path, redis_url):
+    """Every route answered 500 with the database down, and /readyz told anonymous
+    callers the database's host, port and driver messages."""
+    if api["backend"] == "postgres":
+        proxy = TcpProxy(5432)
+        url = api["settings"].database_url
+        settings = api["settings"].model_copy(
+            update={
+                "database_url": url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"),
+                "auth_cache_seconds": 60.0,
+            }
+        )
+    else:
+        proxy = None
+        settings = api["settings"]
+    key = new_key(api)
+    with (
+        serve(settings) as server,
+        httpx.Client(
+            base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
+        forget = file_id(client)
+        assert client.get("/v1/jobs").status_code == 200  # the key is cached from here
+        if proxy is not None:
+            proxy.stop()
+            down = [
+                client.get("/v1/jobs"),
+                client.post("/v1/jobs", json=job_body(forget)),
+                httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer ul_other"}),
+            ]
+        else:  # SQLite: another process holds the write lock past the busy timeout
+            holder = sqlite3.connect(str(settings.unlearn_data_dir / "unlearn.db"))
+            holder.execute("BEGIN EXCLUSIVE")
+            down = [
+                client.post("/v1/jobs", json=job_body(forget)),
+                client.post("/v1/jobs", json=job_body(forget)),
+            ]
+        try:
+            for response in down:
+                error_of(response, 503, "database_unavailable")
+                assert int(response.headers["Retry-After"]) > 0
+            if proxy is not None:
+                ready = httpx.get(f"{server.url}/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["database"] == "unavailable"
+                text = ready.text.lower()
+                assert not any(
+                    word in text for word in ("5432", "127.0.0.1", "psycopg", "connection")
+                )
+        finally:
+            if proxy is not None:
+                proxy.close()
+            else:
+                holder.rollback()
+                holder.close()
+
+
+def test_a_broker_that_is_down_never_yields_an_id_that_vanishes(api):
+    """With the broker down, a retry carrying the same Idempotency-Key in the two seconds
+    before the row was removed answered 200 with a job id that then 404ed."""
+    from api.app import create_app
+    from api.queue import TaskQueue
+
+    entered, release = threading.Event(), threading.Event()
+
+    class DownBroker(TaskQueue):
+        def send(self, job_id: str) -> None:
+            entered.set()
+            release.wait(10)
+            raise ConnectionError("the broker is down")
+
+    app = create_app(api["settings"])
+    app.state.queue = DownBroker(api["settings"])
+    key = new_key(api)
+    with (
+        ThreadServer(app) as server,
+        httpx.Client(
+            base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
+        body = job_body(file_id(client))
+        headers = {"Idempotency-Key": "ticket-1"}
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/v1/jobs", json=body, headers=headers)
+            assert entered.wait(10)
+            retry = client.post("/v1/jobs", json=body, headers=headers)
+            error_of(retry, 409, "request_in_progress")
+            assert retry.headers["Retry-After"] == "1"
+            release.set()
+            error_of(first.result(), 503, "queue_unavailable")
+            assert int(first.result().headers["Retry-After"]) > 0
+        assert client.get("/v1/jobs").json()["data"] == []
+    with client_for(api, key) as client:  # the broker is back: the same key creates the job
+        created = client.post("/v1/jobs", json=body, headers=headers)
+        assert created.status_code == 201, created.text
+        assert client.get(f"/v1/jobs/{created.json()['id']}").status_code == 200
+
+
+# --- races ----------------------------------------------------------------------------
+
+
+def test_deleting_a_file_while_a_job_naming_it_is_created(api):
+    """7 of 40 rounds were a 500 and in 4 both succeeded (the job failed later). Now
+    exactly one of them wins, in the database."""
+    with client_for(api) as client:
+        for _ in range(20):
+            forget = file_id(client)
+            barrier = threading.Barrier(2)
+
+            def at_once(call, *args, barrier=barrier, **kwargs):
+                barrier.wait()
+                return call(*args, **kwargs)
+
+            with ThreadPoolExecutor(2) as pool:
+                job = pool.submit(at_once, client.post, "/v1/jobs", json=job_body(forget))
+                deleted = pool.submit(at_once, client.delete, f"/v1/files/{forget}")
+                job, deleted = job.result(), deleted.result()
+            assert job.status_code < 500 and deleted.status_code < 500, (job.text, deleted.text)
+            if job.status_code == 201:
+                error_of(deleted, 409, "file_in_use")
+                client.post(f"/v1/jobs/{job.json()['id']}/cancel")
+            else:
+                assert deleted.status_code == 200, deleted.text
+                error_of(job, 422, "file_not_found")
+
+
+def test_concurrent_cancels_record_one_event(api):
+    """On SQLite, ten concurrent cancels of one job recorded up to five 'job cancelled'."""
+    from core.service.db import Job
+
+    with client_for(api) as client:
+        forget = file_id(client)
+        for round_ in range(4):
+            queued = client.post("/v1/jobs", json=job_body(forget)).json()["id"]
+            running = client.post("/v1/jobs", json=job_body(forget)).json()["id"]
+            with api["sessions"].begin() as session:
+                job = session.get(Job, running)
+                job.status, job.lease_owner = "running", "worker-1"
+            for job_id, message in ((queued, "job cancelled"), (running, "cancel requested")):
+                barrier = threading.Barrier(10)
+
+                def cancel(_, job_id=job_id, barrier=barrier):
+                    barrier.wait()
+                    return client.post(f"/v1/jobs/{job_id}/cancel")
+
+                with ThreadPoolExecutor(10) as pool:
+                    answers = list(pool.map(cancel, range(10)))
+                assert all(a.status_code in (200, 409) for a in answers), [a.text for a in answers]
+                events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
+                assert [e["message"] for e in events].count(message) == 1, (round_, events)
+            with api["sessions"].begin() as session:  # end it, to stay within the job limit
+                session.get(Job, running).status = "cancelled"
+
+
+# --- evidence, ids and leaks ------------------------------------------------------------
+
+
+def test_eval_files_of_finished_jobs_stay_as_tombstones(api):
+    """Deleting an eval file a finished job used removed its row entirely, where forget
+    and retain files kept a tombstone."""
+    from core.service.db import File, Job
+
+    with client_for(api) as client:
+        forget, questions = file_id(client), file_id(client, purpose="eval")
+        job = client.post("/v1/jobs", json=job_body(forget, eval={"forget_qa": questions})).json()[
+            "id"
+        ]
+        with api["sessions"].begin() as session:
+            session.get(Job, job).status = "succeeded"
+        assert client.delete(f"/v1/files/{questions}").status_code == 200
+        assert client.get(f"/v1/files/{questions}").status_code == 404  # hidden from the API
+        with api["sessions"]() as session:
+            row = session.get(File, questions)
+            assert row is not None and row.status == "deleted" and row.sha256
+
+
+def test_event_ids_are_numbered_per_job(api):
+    """Event ids were one sequence across every tenant: a tenant could count everyone's."""
+    with client_for(api) as first, client_for(api) as second:
+        jobs = []
+        for client in (first, second, first):
+            job = client.post("/v1/jobs", json=job_body(file_id(client))).json()["id"]
+            client.post(f"/v1/jobs/{job}/cancel")
+            jobs.append((client, job))
+        for client, job in jobs:
+            ids = [e["id"] for e in client.get(f"/v1/jobs/{job}/events").json()["data"]]
+            assert ids == ["1", "2"], ids
+
+
+def test_failure_messages_name_no_paths_sql_or_hosts(tmp_path):
+    """A failed job's message could carry raw SQL with its parameters, or the store's
+    absolute path; the running event named the worker's host:pid."""
+    from sqlalchemy.exc import IntegrityError
+
+    from core.service.settings import Settings
+    from worker.runner import JobRunner, _unexpected
+
+    sql = IntegrityError(
+        "INSERT INTO jobs (id, tenant) VALUES (%(id)s, %(tenant)s)",
+        {"id": "job-1", "tenant": "acme-secret"},
+        Exception("duplicate key"),
+    )
+    code, message = _unexpected(sql)
+    assert code == "database_error" and "INSERT" not in message and "acme-secret" not in message
+    runner = JobRunner(Settings(unlearn_data_dir=tmp_path), None, None, owner="host-9:123")  # type: ignore[arg-type]
+    runner._redactions = {"/srv/models/llama": "model 'llama'"}
+    shown = runner._redact(
+        "cannot load /srv/models/llama/config.json; FileNotFoundError: "
+        f"'{tmp_path}/store/jobs/job-1/checkpoint.tar' and '/var/cache/hf/x.bin'"
+    )
+    assert shown == (
+        "cannot load model 'llama'/config.json; FileNotFoundError: '<path>' and '<path>'"
+    ), shown
+    assert "host-9" not in json.dumps(runner.__dict__.get("_redactions"))
