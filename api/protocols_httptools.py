@@ -1,4 +1,4 @@
-"""api.server's header deadline on uvicorn's httptools protocol (the faster parser, which
+"""api.protocols' header deadline on uvicorn's httptools protocol (the faster parser, which
 the API image installs with uvicorn[standard]); imported only where httptools is."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from api.server import _HeaderDeadline
+from api.protocols import _HeaderDeadline
 
 
 class HeaderTimeoutHttpTools(_HeaderDeadline, HttpToolsProtocol):
