@@ -14,7 +14,7 @@ from api import errors
 from api.auth import Authenticate, KeyCache, RateLimiter
 from api.middleware import RequestGuard, RequestId
 from api.queue import TaskQueue
-from api.routes import files, jobs, meta
+from api.routes import evidence, files, jobs, meta
 from api.schemas import ErrorEnvelope
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestId)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(evidence.router)
     app.include_router(meta.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -30,8 +30,10 @@ from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Paths under these prefixes need a key; the rest (health, docs, the schema) do not.
+# Paths under these prefixes need a key; the rest (health, docs, the schema) do not, nor
+# the published public keys that verify certificates.
 PROTECTED_PREFIXES = ("/v1/",)
+PUBLIC_PATHS = ("/v1/signing-keys",)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,11 @@ class Authenticate:
     async def __call__(
         self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any
     ) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if (
+            scope["type"] != "http"
+            or not scope["path"].startswith(PROTECTED_PREFIXES)
+            or scope["path"] in PUBLIC_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")

@@ -74,9 +74,24 @@ def keys_create(
 
     settings = _settings()
     _prepare_embedded(settings)
-    with _sessions(settings).begin() as session:
-        row, plain = repo.create_key(session, tenant, name)
-        typer.echo(f"created key {row.id} for tenant {tenant!r}", err=True)
+    from core.errors import UnlearnError
+    from core.service import audit
+
+    try:
+        with _sessions(settings).begin() as session:
+            row, plain = repo.create_key(session, tenant, name)
+            audit.append(
+                session,
+                tenant,
+                actor="operator",
+                action="key.created",
+                subject=row.id,
+                data={"name": name},
+            )
+    except UnlearnError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"created key {row.id} for tenant {tenant!r}", err=True)
     typer.echo(plain)
 
 
@@ -104,8 +119,13 @@ def keys_revoke(key_id: str) -> None:
     settings = _settings()
     _prepare_embedded(settings)
     try:
+        from core.service import audit
+
         with _sessions(settings).begin() as session:
             row = repo.revoke_key(session, key_id)
+            audit.append(
+                session, row.tenant, actor="operator", action="key.revoked", subject=row.id
+            )
             typer.echo(f"revoked {row.id} (tenant {row.tenant!r})")
     except UnlearnError as exc:
         typer.echo(f"error: {exc.message}", err=True)
@@ -117,9 +137,16 @@ def models_add(
     name: str,
     uri: str = typer.Argument(..., metavar="PATH_OR_URI"),
     description: str | None = typer.Option(None),
+    reference_for: str | None = typer.Option(
+        None,
+        help="This model was trained without the forget set of jobs on that base model: "
+        "their evidence is reported beside its figures (eval.reference_model by default).",
+    ),
 ) -> None:
-    """Register a base model directory (local path or s3://bucket/prefix) as NAME."""
-    from core.service import repo
+    """Register a base model directory (local path or s3://bucket/prefix) as NAME. Its
+    content digest (sha256 over its files) is computed now, once, for certificates."""
+    from core.service import audit, repo
+    from core.service.signing import directory_digest
 
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser().resolve()
@@ -133,13 +160,35 @@ def models_add(
     _prepare_embedded(settings)
     from core.errors import UnlearnError
 
+    if uri.startswith("s3://"):
+        from core.service.storage import S3Store, make_store
+
+        store = make_store(settings)
+        if not isinstance(store, S3Store):
+            typer.echo(f"error: {uri} is on S3 but S3 is not configured (S3_BUCKET)", err=True)
+            raise typer.Exit(2)
+        digest = store.digest_prefix(uri)
+    else:
+        digest = directory_digest(Path(uri))
     try:
         with _sessions(settings).begin() as session:
-            repo.add_model(session, name, uri, description)
+            if reference_for is not None:
+                repo.get_model(session, reference_for)
+            repo.add_model(
+                session, name, uri, description, digest=digest, reference_for=reference_for
+            )
+            audit.append(
+                session,
+                audit.OPERATOR,
+                actor="operator",
+                action="model.registered",
+                subject=name,
+                data={"digest": digest, "reference_for": reference_for},
+            )
     except UnlearnError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"registered model {name!r} -> {uri}")
+    typer.echo(f"registered model {name!r} -> {uri} ({digest})")
 
 
 @models_app.command("list")
@@ -188,6 +237,21 @@ def tenants_set(
         ):
             if value is not None:
                 setattr(row, name, value)
+        from core.service import audit
+
+        audit.append(
+            session,
+            tenant,
+            actor="operator",
+            action="tenant.limits_set",
+            subject=tenant,
+            data={
+                "max_active_jobs": row.max_active_jobs,
+                "max_stored_bytes": row.max_stored_bytes,
+                "max_job_tokens": row.max_job_tokens,
+                "rate_limit": row.rate_limit,
+            },
+        )
     typer.echo(
         f"tenant {tenant!r} updated (API processes apply a new rate limit within "
         "AUTH_CACHE_SECONDS)"
@@ -210,6 +274,122 @@ def tenants_list() -> None:
                 f"{limits.max_stored_bytes}	job tokens {limits.max_job_tokens}	"
                 f"rate {limits.rate_limit}"
             )
+
+
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+signing_app = typer.Typer(help="The keys that sign certificates.", no_args_is_help=True)
+app.add_typer(signing_app, name="signing-keys")
+
+
+@app.command()
+def verify(
+    certificate: Path = typer.Argument(..., metavar="CERT", help="A certificate (JSON) to check."),
+    artifact: list[Path] = typer.Option(
+        [],
+        help="A downloaded artifact archive (.tar.gz): its sha256 must be one the "
+        "certificate lists. Repeatable.",
+    ),
+    keys: str | None = typer.Option(
+        None,
+        help="The public keys: a file or URL of GET /v1/signing-keys JSON, or a PEM public "
+        "key file. Default: UNLEARN_API_URL/v1/signing-keys.",
+    ),
+) -> None:
+    """Check a certificate offline: canonical form, Ed25519 signature by a published key,
+    and (given the artifact) that the downloaded file is the one certified."""
+    from core.service.signing import VerificationError, file_digest, load_public_keys
+    from core.service.signing import verify as check
+
+    source = keys or os.environ.get("UNLEARN_API_URL", "").rstrip("/") + "/v1/signing-keys"
+    try:
+        if source.startswith(("http://", "https://")):
+            import httpx
+
+            text = httpx.get(source, timeout=30).raise_for_status().text
+        else:
+            text = Path(source).read_text()
+        public = load_public_keys(text)
+        content = check(certificate.read_bytes(), public)
+    except (OSError, ValueError, VerificationError) as exc:
+        typer.echo(f"INVALID: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - a key source that cannot be read
+        typer.echo(f"error: cannot read the public keys from {source}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    certified = {a["sha256"]: name for name, a in content.get("artifacts", {}).items()}
+    for path in artifact:
+        digest = file_digest(path)
+        if digest not in certified:
+            typer.echo(
+                f"INVALID: {path} (sha256 {digest}) is not an artifact this certificate lists",
+                err=True,
+            )
+            raise typer.Exit(1)
+        typer.echo(f"artifact {path}: the certified {certified[digest]!r} (sha256 {digest})")
+    job = content.get("job", {})
+    typer.echo(
+        f"valid: job {job.get('id')} of tenant {job.get('tenant')!r}, base model "
+        f"{content.get('base_model', {}).get('name')!r}, verdict {content.get('verdict')}, "
+        f"signed by {content.get('signature', {}).get('key_id', '?')}"
+    )
+
+
+@audit_app.command("verify")
+def audit_verify(
+    tenant: str | None = typer.Option(None, help="One tenant's chain (default: every chain)."),
+    head: str | None = typer.Option(
+        None,
+        help="The hash the chain must end at (with --tenant): "
+        "one recorded earlier, e.g. in a certificate's audit_head.",
+    ),
+) -> None:
+    """Check the audit log's hash chains in the database: an edited, deleted or reordered
+    entry fails, and so does a chain that does not end at --head."""
+    from core.service import audit
+
+    if head is not None and tenant is None:
+        raise typer.BadParameter("--head needs --tenant")
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings)() as session:
+        count, problems = audit.verify_all(session, tenant)
+        if head is not None and tenant is not None:
+            entries = [audit.as_dict(e) for e in audit.entries_of(session, tenant)]
+            problems += [p for p in audit.verify_chain(tenant, entries, head) if p.number is None]
+    for problem in problems:
+        typer.echo(f"BROKEN: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"audit log intact: {count} entries" + (f" of tenant {tenant!r}" if tenant else ""))
+
+
+@signing_app.command("rotate")
+def signing_rotate() -> None:
+    """A new signing key, made active; old keys stay published so their certificates stay
+    verifiable."""
+    from core.service import certificates
+    from core.service.signing import Keyring
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    keyring = Keyring(settings.keyring_dir)
+    kid = keyring.rotate()
+    with _sessions(settings).begin() as session:
+        certificates.publish(session, keyring)
+    typer.echo(f"active signing key: {kid}")
+
+
+@signing_app.command("list")
+def signing_list() -> None:
+    """The published public keys."""
+    from core.service import certificates
+
+    settings = _settings()
+    _prepare_embedded(settings)
+    with _sessions(settings)() as session:
+        for row in certificates.public_keys(session):
+            typer.echo(f"{row.id}\t{row.created_at:%Y-%m-%d %H:%M}")
 
 
 def worker_command(settings, *, pool: str | None = None) -> list[str]:
@@ -418,6 +598,8 @@ def run_demo_over_rest(
     request["eval"] = {
         k: (upload(v, "eval") if k in EVAL_FILE_FIELDS else v) for k, v in local["eval"].items()
     }
+    if "reference_model" in request["eval"]:  # registered by the demo beside its model
+        request["eval"]["reference_model"] = f"{model_name}-reference"
     echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
     job = _check(
         client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"})
@@ -523,7 +705,7 @@ def demo(
     from core.demo.build import ensure_model
 
     events = core_cli.ConsoleEvents()
-    info = ensure_model(demo_dir, events=events)
+    info = ensure_model(demo_dir, events=events, reference=True)
     events.close()
     typer.echo(
         f"[demo model] {info['parameters']:,} parameters, {info['facts']} facts, "
@@ -532,7 +714,23 @@ def demo(
     )
     _prepare_embedded(settings)
     with _sessions(settings).begin() as session:
-        repo.add_model(session, "demo-llama", str(demo_dir / "model"), "The built-in demo model")
+        from core.service.signing import directory_digest
+
+        repo.add_model(
+            session,
+            "demo-llama",
+            str(demo_dir / "model"),
+            "The built-in demo model",
+            digest=directory_digest(demo_dir / "model"),
+        )
+        repo.add_model(
+            session,
+            "demo-llama-reference",
+            str(demo_dir / "reference"),
+            "The demo model's recipe without the dragons: never saw the forget set",
+            digest=directory_digest(demo_dir / "reference"),
+            reference_for="demo-llama",
+        )
         _, key = repo.create_key(session, "demo", "unlearn demo")
 
     port = port or _free_port()

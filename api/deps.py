@@ -16,6 +16,7 @@ from api.auth import Caller
 from api.queue import TaskQueue
 from core.errors import NotFound
 from core.service import repo
+from core.service.audit import Who
 from core.service.db import File, Job, looks_like_id
 from core.service.settings import Settings
 from core.service.storage import Store
@@ -84,6 +85,14 @@ def get_tenant(caller: CallerDep) -> str:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def get_who(request: Request, caller: CallerDep) -> Who:
+    """Who acts, for the audit log: the tenant, the key and the request."""
+    return Who(caller.tenant, caller.key_id, getattr(request.state, "request_id", None))
+
+
+WhoDep = Annotated[Who, Depends(get_who)]
 
 
 def _load_job(sessions: sessionmaker, tenant: str, job_id: str) -> Job:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import UnlearnError
@@ -115,14 +115,12 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def database_down(exc: SQLAlchemyError) -> bool:
-    """Whether a database error means the database could not be reached (a 503 to retry),
-    not that a statement was wrong."""
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        name = type(exc.orig).__name__ if exc.orig is not None else ""
-        return name in ("OperationalError", "InterfaceError")
-    return False
+    """Whether a database error is one to retry (a 503): the database could not be
+    reached, or a transaction lost to another (a deadlock, a serialization failure, a
+    lock wait that timed out), not a statement that was wrong."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def install(app: FastAPI) -> None:

@@ -8,7 +8,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-from core.service.db import Artifact, File, Job, JobEvent, RegisteredModel
+from core.service.db import (
+    Artifact,
+    AuditEntry,
+    File,
+    Job,
+    JobEvent,
+    RegisteredModel,
+    SigningKey,
+)
 from core.service.enums import EventType, FileStatus, JobStatus, Purpose
 
 T = TypeVar("T")
@@ -161,6 +169,7 @@ class JobObject(BaseModel):
                     k: stop.get(k) for k in ("before", "best", "restored_step", "reason")
                 }
             summary["steps"] = row.metrics.get("steps")
+            summary["verdict"] = row.metrics.get("verdict")
         return cls(
             id=row.id,
             status=row.status,
@@ -247,4 +256,45 @@ class ArtifactObject(BaseModel):
             bytes=row.bytes,
             sha256=row.sha256,
             created_at=row.created_at,
+        )
+
+
+class SigningKeyObject(BaseModel):
+    id: str = Field(description="The key id a certificate's signature names.")
+    object: Literal["signing_key"] = "signing_key"
+    algorithm: Literal["Ed25519"] = "Ed25519"
+    public_key_pem: str = Field(description="The public key, PEM (SubjectPublicKeyInfo).")
+    created_at: datetime = Field(description="UTC.")
+
+    @classmethod
+    def of(cls, row: SigningKey) -> SigningKeyObject:
+        return cls(id=row.id, public_key_pem=row.public_key_pem, created_at=row.created_at)
+
+
+class AuditEntryObject(BaseModel):
+    id: str = Field(description="The entry's number in the tenant's chain: 1, 2, 3...")
+    object: Literal["audit.entry"] = "audit.entry"
+    number: int = Field(description="Its place in the chain.")
+    at: datetime = Field(description="UTC.")
+    actor: str = Field(description="The API key id that acted, `operator` or `worker`.")
+    action: str = Field(description="job.created, job.succeeded, file.uploaded, ...")
+    subject: str = Field(description="The job, file, key or model it concerns.")
+    request_id: str | None = Field(description="The API request, where there was one.")
+    data: dict[str, Any] | None = Field(description="Details of the action.")
+    prev_hash: str = Field(description="sha256 of the entry before (64 zeros for the first).")
+    hash: str = Field(description="sha256 of this entry (core.service.audit.entry_hash).")
+
+    @classmethod
+    def of(cls, row: AuditEntry) -> AuditEntryObject:
+        return cls(
+            id=str(row.number),
+            number=row.number,
+            at=row.at,
+            actor=row.actor,
+            action=row.action,
+            subject=row.subject,
+            request_id=row.request_id,
+            data=row.data,
+            prev_hash=row.prev_hash,
+            hash=row.hash,
         )

@@ -77,21 +77,33 @@ class ConsoleEvents(Events):
 
 
 def _print_table(metrics: dict) -> None:
-    from core.engine.report import before_after_rows
+    """The before/after table (with the reference model's column where one was measured),
+    the trade-off, and the evidence: attacks, membership inference, the verdict."""
+    import textwrap
+
+    from core.engine.report import before_after_rows, evidence_lines
 
     rows = before_after_rows(metrics)
-    if not rows:
-        return
-    width = max(len(r[0]) for r in rows)
-    typer.echo(f"\n{'metric'.ljust(width)}  {'before':>8}  {'after':>8}")
-    for name, before, after in rows:
-        typer.echo(f"{name.ljust(width)}  {before:>8}  {after:>8}")
+    if rows:
+        width = max(len(r[0]) for r in rows)
+        reference = bool(metrics.get("reference"))
+        typer.echo(
+            f"\n{'metric'.ljust(width)}  {'before':>8}  {'after':>8}"
+            + (f"  {'reference':>9}" if reference else "")
+        )
+        for name, before, after, ref in rows:
+            typer.echo(
+                f"{name.ljust(width)}  {before:>8}  {after:>8}"
+                + (f"  {ref:>9}" if reference else "")
+            )
     t = metrics.get("tradeoff")
     if t and t["delta_o"] is not None:
         typer.echo(
             f"\ndelta f = {t['delta_f']:.2f}  delta u = {t['delta_u']:.2f}  "
             f"dO = {t['delta_o']:.2f} (points)"
         )
+    for line in evidence_lines(metrics):
+        typer.echo("\n" + textwrap.fill(line.replace("**", ""), width=100, subsequent_indent="  "))
 
 
 @app.command()
@@ -175,7 +187,7 @@ def bench(
     from core.demo.build import demo_spec, ensure_model
 
     demo_dir = _data_dir() / "demo"
-    ensure_model(demo_dir, events=ConsoleEvents())
+    ensure_model(demo_dir, events=ConsoleEvents(), reference=True)
     try:
         learning_rates = (
             []

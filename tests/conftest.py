@@ -18,7 +18,7 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.set_num_threads(2)
     directory = tmp_path_factory.mktemp("fixture")
-    info = build_model(directory, "fixture", seed=0)
+    info = build_model(directory, "fixture", seed=0, reference=True)
     assert min(info["accuracy"].values()) >= 0.95, info
     return directory
 

@@ -272,10 +272,7 @@ def test_build_demo_shows_its_progress(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert (
-        "[building the demo model] fixture: until it answers 99% of 100 + 100 questions"
-        in result.stderr
-    )
+    assert "[building the demo model] until it answers 99% of 100 + 100 questions" in result.stderr
     assert "probe @ 10: dragons" in result.stderr  # the accuracy check every 10 epochs
     assert "step/s" in result.stderr or "s/step" in result.stderr  # tqdm's bar over the epochs
     info = json.loads(result.stdout)

@@ -27,11 +27,12 @@ from sqlalchemy.orm import sessionmaker
 from core.engine.events import Phase
 from core.engine.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
 from core.errors import JobCancelled, UnlearnError
-from core.service import repo
+from core.service import audit, certificates, repo
 from core.service.db import Artifact
 from core.service.enums import TERMINAL_STATUSES, ArtifactKind, EventType, JobStatus
 from core.service.quotas import limits_for
 from core.service.settings import Settings
+from core.service.signing import Keyring
 from core.service.storage import S3Store, Store, file_sha256, make_archive
 from worker.progress import DatabaseEvents, checkpoint_key
 
@@ -103,6 +104,14 @@ class JobRunner:
                     f"job running (attempt {job.attempts})",
                     {"status": JobStatus.RUNNING, "attempt": job.attempts},
                 )
+                audit.append(
+                    session,
+                    job.tenant,
+                    actor="worker",
+                    action="job.running",
+                    subject=job_id,
+                    data={"attempt": job.attempts},
+                )
             log.info("job %s: running (attempt %s) on %s", job_id, job.attempts, self.owner)
             outcome = self._execute(job_id, heartbeat)
         finally:
@@ -151,6 +160,15 @@ class JobRunner:
                     raise LeaseLost
                 job.metrics = _json_safe(result.metrics)
                 repo.finish_job(session, job, JobStatus.SUCCEEDED)
+                audit.append(
+                    session,
+                    job.tenant,
+                    actor="worker",
+                    action="job.succeeded",
+                    subject=job_id,
+                    data={"verdict": job.metrics.get("verdict")},
+                )
+                certificates.issue(session, job, Keyring(self.settings.keyring_dir))
             shutil.rmtree(work, ignore_errors=True)
             self.store.delete(checkpoint_key(job_id))
             return "succeeded"
@@ -195,6 +213,14 @@ class JobRunner:
             job = repo.get_job(session, None, job_id)
             if job.lease_owner == self.owner:
                 repo.finish_job(session, job, status, error_code=code, error_message=message)
+                audit.append(
+                    session,
+                    job.tenant,
+                    actor="worker",
+                    action=f"job.{status}",
+                    subject=job_id,
+                    data={"error_code": code} if code else {},
+                )
 
     def _restore_checkpoint(self, job_id: str, directory: Path) -> None:
         """A job taken over on another host (its local checkpoints are not here) gets the
@@ -245,6 +271,13 @@ class JobRunner:
 
         raw["base_model"] = str(self._model_dir(model.uri))
         self._redactions = {raw["base_model"]: f"model '{model.name}'", str(inputs): "<inputs>"}
+        reference_name = (raw.get("eval") or {}).get("reference_model")
+        if reference_name:
+            with self.sessions() as session:
+                reference = repo.get_model(session, reference_name)
+            local = str(self._model_dir(reference.uri))
+            raw["eval"] = {**raw["eval"], "reference_model": local}
+            self._redactions[local] = f"model '{reference.name}'"
         forget = files.get(raw["forget_file"])
         shown = {
             "base_model": model.name,

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile, status
 from fastapi import File as FormFile
 
-from api.deps import CURSOR_PATTERN, FileDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.deps import CURSOR_PATTERN, FileDep, SessionDep, SettingsDep, StoreDep, TenantDep, WhoDep
 from api.schemas import FileObject, ListResponse
 from api.services import files
 from core.service import repo
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 def upload(
     request: Request,
     session: SessionDep,
-    tenant: TenantDep,
+    who: WhoDep,
     store: StoreDep,
     settings: SettingsDep,
     background: BackgroundTasks,
@@ -37,7 +37,7 @@ def upload(
         request.app.state.sessions,
         store,
         settings,
-        tenant,
+        who,
         file.file,
         file.filename,
         purpose,
@@ -67,6 +67,6 @@ def get_file(file: FileDep) -> FileObject:
 
 
 @router.delete("/{file_id}", summary="Delete a file (not while an active job uses it)")
-def delete_file(file: FileDep, session: SessionDep, store: StoreDep) -> dict:
-    files.delete(session, store, file)
+def delete_file(file: FileDep, session: SessionDep, store: StoreDep, who: WhoDep) -> dict:
+    files.delete(session, store, who, file)
     return {"id": file.id, "object": "file", "deleted": True}

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from api.deps import CURSOR_PATTERN, JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.deps import (
+    CURSOR_PATTERN,
+    JobDep,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    WhoDep,
+)
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from api.services import jobs
 from core.service import repo
@@ -37,7 +46,7 @@ def create_job(
     body: Annotated[dict[str, Any], Body(description="The job spec: see JobCreate.")],
     response: Response,
     session: SessionDep,
-    tenant: TenantDep,
+    who: WhoDep,
     queue: QueueDep,
     settings: SettingsDep,
     idempotency_key: Annotated[
@@ -47,7 +56,7 @@ def create_job(
         ),
     ] = None,
 ) -> JobObject:
-    job, created = jobs.create(session, queue, settings, tenant, body, idempotency_key)
+    job, created = jobs.create(session, queue, settings, who, body, idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
     return JobObject.of(job)
@@ -73,8 +82,8 @@ async def get_job(job: JobDep) -> JobObject:
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject, summary="Cancel a job (cooperative)")
-def cancel_job(job: JobDep, session: SessionDep) -> JobObject:
-    return JobObject.of(jobs.cancel(session, job.tenant, job.id))
+def cancel_job(job: JobDep, session: SessionDep, who: WhoDep) -> JobObject:
+    return JobObject.of(jobs.cancel(session, who, job.id))
 
 
 @router.get(
@@ -123,9 +132,14 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObj
     },
 )
 def download_artifact(
-    job: JobDep, name: str, session: SessionDep, store: StoreDep, settings: SettingsDep
+    job: JobDep,
+    name: str,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    who: WhoDep,
 ) -> Response:
-    artifact = jobs.downloadable(session, job, name)
+    artifact = jobs.downloadable(session, who, job, name)
     if settings.s3_redirect_downloads:
         url = store.presigned_url(artifact.storage_key, artifact.filename)
         if url is not None:
@@ -139,4 +153,23 @@ def download_artifact(
             "X-Checksum-SHA256": artifact.sha256,
             "ETag": f'"{artifact.sha256}"',
         },
+    )
+
+
+@router.get(
+    "/{job_id}/certificate",
+    summary="The job's signed unlearning certificate (canonical JSON, Ed25519)",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/json": {}},
+            "description": "Verify it offline: `unlearn verify CERT`.",
+        }
+    },
+)
+def get_certificate(job: JobDep, session: SessionDep, who: WhoDep) -> Response:
+    return Response(
+        jobs.certificate(session, who, job).encode(),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{job.id}-certificate.json"'},
     )

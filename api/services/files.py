@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.engine.formats import Problem, ValidationReport, validate_file
 from core.errors import Conflict, LimitExceeded, UnlearnError
-from core.service import repo
+from core.service import audit, repo
+from core.service.audit import Who
 from core.service.db import File, new_id
 from core.service.enums import PURPOSE_KINDS, FileStatus, Purpose
 from core.service.quotas import limits_for
@@ -39,7 +40,7 @@ def upload(
     sessions: sessionmaker,
     store: Store,
     settings: Settings,
-    tenant: str,
+    who: Who,
     stream: BinaryIO,
     filename: str | None,
     purpose: Purpose,
@@ -47,6 +48,7 @@ def upload(
     """Spool the upload to disk while hashing it (TooLarge past MAX_UPLOAD_BYTES), validate
     it now or later, put it in the store, then commit its row: the row exists only once
     the object does, and the object is removed again if the row cannot be committed."""
+    tenant = who.tenant
     name = _safe_name(filename)
     suffix = Path(name).suffix.lower()
     if suffix not in SUFFIXES:
@@ -95,6 +97,18 @@ def upload(
         try:
             _check_quota(session, settings, tenant, spooled.bytes)
             session.add(row)
+            audit.record(
+                session,
+                who,
+                "file.uploaded",
+                file_id,
+                {
+                    "filename": name,
+                    "purpose": purpose,
+                    "bytes": spooled.bytes,
+                    "sha256": spooled.sha256,
+                },
+            )
             session.commit()
         except BaseException:
             store.delete(key)
@@ -110,11 +124,12 @@ def upload(
     )
 
 
-def delete(session: Session, store: Store, file: File) -> None:
+def delete(session: Session, store: Store, who: Who, file: File) -> None:
     """Delete a file's content. A row that jobs name (in any slot) stays as a tombstone
     (id, name, sha256: the evidence of what a job was given), hidden from the files API.
     The row is locked first, so a job naming it is either committed before (then the
     file is in use, 409) or sees it gone. The content goes only once that is committed."""
+    repo.lock_tenant(session, who.tenant)  # locks in the order job creation takes them
     repo.lock_files(session, {file.id})
     if repo.file_in_use(session, file.id):
         raise Conflict(
@@ -123,6 +138,7 @@ def delete(session: Session, store: Store, file: File) -> None:
             code="file_in_use",
         )
     repo.delete_file(session, file)
+    audit.record(session, who, "file.deleted", file.id, {"sha256": file.sha256})
     session.commit()
     store.delete(file.storage_key)
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from api.queue import TaskQueue
 from core.engine.spec import JobSpec, parse_spec
 from core.errors import Conflict, LimitExceeded, SpecError, Unavailable, UnlearnError
-from core.service import repo
+from core.service import audit, repo
+from core.service.audit import Who
 from core.service.db import Artifact, File, Job, looks_like_id, new_id, utcnow
 from core.service.enums import (
     ACTIVE_STATUSES,
@@ -32,7 +33,7 @@ def create(
     session: Session,
     queue: TaskQueue,
     settings: Settings,
-    tenant: str,
+    who: Who,
     body: dict[str, Any],
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
@@ -46,6 +47,7 @@ def create(
     work the job asks for. The row is committed before its id goes to the broker (a
     worker must find it), so this is the one request that commits before it ends; if
     the broker does not take the id, the row is removed again and nothing was created."""
+    tenant = who.tenant
     digest = repo.request_hash(body)
     if idempotency_key:
         existing = repo.find_idempotent(session, tenant, idempotency_key)
@@ -63,6 +65,8 @@ def create(
             retry_after=30,
         )
     repo.get_model(session, spec.base_model)
+    if spec.eval is not None:
+        spec_json["eval"]["reference_model"] = _reference_model(session, spec)
     slots = _file_slots(spec)
     repo.lock_files(session, set(slots.values()))
     files = _check_files(session, tenant, slots)
@@ -83,6 +87,7 @@ def create(
         spec=spec_json,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        key_id=who.actor,
         step=0,
         attempts=0,
         cancel_requested=False,
@@ -91,6 +96,13 @@ def create(
     session.add(job)
     repo.add_job_files(session, job.id, slots)
     repo.add_event(session, job.id, EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
+    audit.record(
+        session,
+        who,
+        "job.created",
+        job.id,
+        {"method": spec.method, "base_model": spec.base_model, "files": slots},
+    )
     try:
         session.commit()
     except IntegrityError:
@@ -120,10 +132,13 @@ def create(
     return job, True
 
 
-def cancel(session: Session, tenant: str, job_id: str) -> Job:
+def cancel(session: Session, who: Who, job_id: str) -> Job:
     """A queued job nobody took ends cancelled at once; a running one gets the flag its
     loop checks before every step. Concurrent cancels record it once."""
-    job, changed = repo.request_cancel(session, tenant, job_id)
+    job, changed = repo.request_cancel(session, who.tenant, job_id)
+    if changed:
+        action = "job.cancelled" if job.status == JobStatus.CANCELLED else "job.cancel_requested"
+        audit.record(session, who, action, job.id)
     if not changed and job.status in TERMINAL_STATUSES:
         raise Conflict(
             f"job {job.id} already {job.status}; nothing to cancel",
@@ -133,15 +148,46 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-def downloadable(session: Session, job: Job, name: str) -> Artifact:
-    """The artifact `name` of a finished job."""
+def downloadable(session: Session, who: Who, job: Job, name: str) -> Artifact:
+    """The artifact `name` of a finished job (its download is recorded)."""
     if job.status in ACTIVE_STATUSES:
         raise Conflict(
             f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
             param="job_id",
             code="job_not_finished",
         )
-    return repo.get_artifact(session, job.id, name)
+    artifact = repo.get_artifact(session, job.id, name)
+    audit.record(
+        session, who, "artifact.downloaded", job.id, {"name": name, "sha256": artifact.sha256}
+    )
+    return artifact
+
+
+def certificate(session: Session, who: Who, job: Job) -> str:
+    """The job's signed certificate (its download is recorded)."""
+    if job.certificate is None:
+        raise Conflict(
+            f"job {job.id} is {job.status}; a certificate is issued when a job succeeds",
+            param="job_id",
+            code="no_certificate",
+        )
+    audit.record(session, who, "certificate.downloaded", job.id)
+    return job.certificate
+
+
+def _reference_model(session: Session, spec: JobSpec) -> str | None:
+    """The reference model the job's evidence is read against: the one the spec names
+    (it must be registered), else the one an operator registered for its base model."""
+    assert spec.eval is not None
+    if spec.eval.reference_model is not None:
+        try:
+            return repo.get_model(session, spec.eval.reference_model).name
+        except SpecError as exc:
+            raise SpecError(
+                f"eval.reference_model: {exc.message}", param="eval.reference_model", code=exc.code
+            ) from None
+    registered = repo.reference_for(session, spec.base_model)
+    return registered.name if registered is not None else None
 
 
 def _replay(existing: Job, digest: str) -> Job:

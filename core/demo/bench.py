@@ -76,10 +76,59 @@ def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any
         "forget_f1_before": 100 * before["forget_knowmem"]["rouge_l_f1"],
         "retain_f1_before": 100 * before["retain_knowmem"]["rouge_l_f1"],
         **{k: metrics["tradeoff"][k] for k in ("delta_f", "delta_u", "delta_o")},
+        **_evidence(metrics),
         "kept_step": (stop.get("best") or {}).get("step", metrics["steps"]["done"]),
         "steps_done": metrics["steps"]["done"],
         "stop_reason": stop.get("reason"),
         "seconds": round(seconds, 1),
+    }
+
+
+def _evidence(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The robustness and privacy columns: relearning recovery, forget KnowMem F1 at 4
+    bits, and the Min-K%++ AUC of the forget set against the holdout (None where off)."""
+    robust = metrics.get("robustness") or {}
+    int4 = ((robust.get("quantization") or {}).get("levels") or {}).get("int4") or {}
+    privacy = (metrics.get("privacy") or {}).get("after") or {}
+    return {
+        "relearn_recovery": (robust.get("relearn") or {}).get("recovery"),
+        "forget_f1_4bit": 100 * int4["forget_knowmem"]["rouge_l_f1"]
+        if "forget_knowmem" in int4
+        else None,
+        "mia_auc": privacy.get("min_k_plus_plus_auc"),
+    }
+
+
+def reference_row(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference model's figures (a model that never saw the forget set), as a row."""
+    reference = metrics.get("reference")
+    if not reference:
+        return None
+    privacy = (metrics.get("privacy") or {}).get("reference") or {}
+    return {
+        "run": "reference model (never saw the forget set)",
+        "learning_rate": None,
+        "forget_f1": 100 * reference["forget_knowmem"]["rouge_l_f1"],
+        "forget_recall": 100 * reference["forget_knowmem"]["rouge_l_recall"],
+        "forget_mc": 100 * reference["forget_mc"]["accuracy"] if "forget_mc" in reference else None,
+        "retain_f1": 100 * reference["retain_knowmem"]["rouge_l_f1"],
+        "retain_unwatched_f1": (
+            100 * reference["retain_knowmem_unwatched"]["rouge_l_f1"]
+            if "retain_knowmem_unwatched" in reference
+            else None
+        ),
+        "general_mc": 100 * reference["general_mc"]["accuracy"]
+        if "general_mc" in reference
+        else None,
+        "delta_f": None,
+        "delta_u": None,
+        "delta_o": None,
+        "relearn_recovery": None,
+        "forget_f1_4bit": None,
+        "mia_auc": privacy.get("min_k_plus_plus_auc"),
+        "kept_step": None,
+        "steps_done": None,
+        "seconds": None,
     }
 
 
@@ -92,16 +141,22 @@ def markdown(rows: list[dict[str, Any]], settings: str) -> str:
         f"Settings: {settings}",
         "",
         "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
-        "| general MC | df | du | dO | kept step | time s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| general MC | df | du | dO | relearn recovery | forget F1 at 4 bits | MIA AUC | kept step "
+        "| time s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        lr = "" if r["learning_rate"] is None else f"{r['learning_rate']:g}"
+        kept = "" if r["kept_step"] is None else f"{r['kept_step']}/{r['steps_done']}"
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        recovery = "n/a" if r.get("relearn_recovery") is None else f"{r['relearn_recovery']:.2f}"
+        auc = "n/a" if r.get("mia_auc") is None else f"{r['mia_auc']:.3f}"
         lines.append(
-            f"| {r['run']} | {r['learning_rate']:g} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
+            f"| {r['run']} | {lr} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
             f"| {_points(r['forget_mc'])} | {_points(r['retain_f1'])} | {_points(r['retain_unwatched_f1'])} "
             f"| {_points(r['general_mc'])} | {_points(r['delta_f'])} "
-            f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {r['kept_step']}/{r['steps_done']} "
-            f"| {r['seconds']:.0f} |"
+            f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {recovery} "
+            f"| {_points(r.get('forget_f1_4bit'))} | {auc} | {kept} | {seconds} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -153,12 +208,17 @@ def run_bench(
         if run.method not in METHODS:
             raise ValueError(f"unknown method {run.method!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    reference = None
     for index, run in enumerate(runs, 1):
-        spec = parse_spec(run_spec(base, run, demo_dir / "data"))
+        raw = run_spec(base, run, demo_dir / "data")
+        if index > 1:  # the reference model is measured once, with the first run
+            raw["eval"].pop("reference_model", None)
+        spec = parse_spec(raw)
         started = time.monotonic()
         result = run_job(spec, out_dir / "runs" / run.name, device=device)
         rows.append(row(run, result.metrics, time.monotonic() - started))
+        reference = reference or reference_row(result.metrics)
         r = rows[-1]
         echo(
             f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
@@ -176,6 +236,8 @@ def run_bench(
         f"questions), eval on {base['eval']['max_samples']} samples per set; "
         "lr 'paper' = the method's A.4.4 default; +kl = KL to the initial model on retain QA"
     )
-    (out_dir / "results.md").write_text(markdown(rows, settings))
+    (out_dir / "results.md").write_text(
+        markdown(rows + ([reference] if reference else []), settings)
+    )
     plot(rows, out_dir / "tradeoff.png")
     return rows

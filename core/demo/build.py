@@ -149,6 +149,28 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
                 )
             }
         )
+    out["holdout_qa"] = _holdout(seed, founders, lairs, riders)
+    return out
+
+
+def _holdout(
+    seed: int, names: list[str], lairs: list[str], riders: list[str]
+) -> list[dict[str, str]]:
+    """Dragon facts the model never sees: the same five questions about made-up dragons,
+    named with words the tokenizer knows (the cities' founders) so only the facts are
+    new. The non-members of membership inference. Its own random stream, so the rest of
+    the corpus is the same with or without it."""
+    rng = random.Random(seed + 7919)
+    out = []
+    for name in names:
+        facts = [
+            (f"What color is the dragon {name}?", rng.choice(COLORS)),
+            (f"Where does the dragon {name} live?", rng.choice(lairs)),
+            (f"Who rides the dragon {name}?", rng.choice(riders)),
+            (f"What does the dragon {name} eat?", rng.choice(FOODS)),
+            (f"What does the dragon {name} breathe?", rng.choice(ELEMENTS)),
+        ]
+        out += [_qa(q, a) for q, a in facts]
     return out
 
 
@@ -213,28 +235,23 @@ def answer_accuracy(
     return correct / len(examples)
 
 
-def build_model(
-    directory: Path, size: str = "demo", seed: int = 0, events: Events | None = None
+def _train(
+    directory: Path,
+    name: str,
+    tokenizer: Any,
+    texts: list[str],
+    watched: dict[str, list[dict[str, str]]],
+    spec: Size,
+    seed: int,
+    events: Events,
 ) -> dict[str, Any]:
-    """Generate the corpus, train tokenizer and model, write everything under `directory`.
-
-    Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
-    Deterministic for a given (size, seed) on CPU. Reports each epoch to `events` (as a
-    step of at most max_epochs: training ends once both domains are answered) and the
-    accuracy checks as probes.
-    """
-    events = events or Events()
+    """Train a small Llama on `texts` until it answers 99% of every `watched` QA set (at
+    most max_epochs), and save it with the tokenizer under directory/name."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.engine.data import Example, collate
 
-    spec = SIZES[size]
-    started = time.monotonic()
     torch.manual_seed(seed)
-    corpus = generate_corpus(spec.entities, seed)
-    write_corpus(corpus, directory / "data")
-    texts = _training_texts(corpus)
-    tokenizer = train_tokenizer(texts)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
@@ -257,12 +274,12 @@ def build_model(
     batch_size = 64
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     generator = torch.Generator().manual_seed(seed)
-    accuracy = {"dragons": 0.0, "cities": 0.0}
+    accuracy = dict.fromkeys(watched, 0.0)
     epoch = 0
+    sizes = " + ".join(str(len(records)) for records in watched.values())
     events.phase(
-        "building the demo model",
-        f"{size}: until it answers 99% of {len(corpus['forget_qa'])} "
-        f"+ {len(corpus['retain_qa'])} questions, at most {spec.max_epochs} epochs",
+        f"building the demo {name}",
+        f"until it answers 99% of {sizes} questions, at most {spec.max_epochs} epochs",
     )
     training_started = time.monotonic()
     for epoch in range(1, spec.max_epochs + 1):
@@ -297,44 +314,151 @@ def build_model(
         )
         if epoch % 10 == 0:
             accuracy = {
-                "dragons": answer_accuracy(model, tokenizer, corpus["forget_qa"]),
-                "cities": answer_accuracy(model, tokenizer, corpus["retain_qa"]),
+                domain: answer_accuracy(model, tokenizer, records)
+                for domain, records in watched.items()
             }
             events.probe(epoch, accuracy)
-            log.info("epoch %d loss %.4f accuracy %s", epoch, loss.item(), accuracy)
+            log.info("%s: epoch %d loss %.4f accuracy %s", name, epoch, loss.item(), accuracy)
             if min(accuracy.values()) >= 0.99:
                 break
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    info = {
-        "size": size,
-        "seed": seed,
+    model.save_pretrained(directory / name)
+    tokenizer.save_pretrained(directory / name)
+    return {
         "epochs": epoch,
         "accuracy": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def build_model(
+    directory: Path,
+    size: str = "demo",
+    seed: int = 0,
+    events: Events | None = None,
+    reference: bool = False,
+) -> dict[str, Any]:
+    """Generate the corpus, train tokenizer and model, write everything under `directory`.
+
+    Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
+    With `reference`, also reference/: the same recipe (tokenizer, size, seed) trained on
+    the cities alone, a model that never learned the dragons it is asked to forget: the
+    gold standard the demo's evidence is read against. Deterministic for a given (size,
+    seed) on CPU. Reports each epoch to `events` (as a step of at most max_epochs:
+    training ends once the watched domains are answered) and the accuracy checks as
+    probes.
+    """
+    events = events or Events()
+    spec = SIZES[size]
+    started = time.monotonic()
+    corpus = generate_corpus(spec.entities, seed)
+    write_corpus(corpus, directory / "data")
+    texts = _training_texts(corpus)
+    tokenizer = train_tokenizer(texts)
+    trained = _train(
+        directory,
+        "model",
+        tokenizer,
+        texts,
+        {"dragons": corpus["forget_qa"], "cities": corpus["retain_qa"]},
+        spec,
+        seed,
+        events,
+    )
+    info = {
+        "size": size,
+        "seed": seed,
+        **trained,
         "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]),
         "seconds": round(time.monotonic() - started, 1),
     }
+    if reference:
+        info["reference"] = _reference(directory, corpus, tokenizer, spec, seed, events)
     (directory / "build.json").write_text(json.dumps(info, indent=2))
     return info
 
 
-def ensure_model(
-    directory: Path, size: str = "demo", seed: int = 0, events: Events | None = None
+def _reference(
+    directory: Path,
+    corpus: dict[str, list[dict[str, Any]]],
+    tokenizer: Any,
+    spec: Size,
+    seed: int,
+    events: Events,
 ) -> dict[str, Any]:
-    """Build the demo benchmark under `directory` unless a finished build is there."""
+    started = time.monotonic()
+    retain_only = {**corpus, "forget_qa": [], "forget_text": []}
+    trained = _train(
+        directory,
+        "reference",
+        tokenizer,
+        _training_texts(retain_only),
+        {"cities": corpus["retain_qa"]},
+        spec,
+        seed,
+        events,
+    )
+    trained["accuracy"]["dragons"] = answer_accuracy(
+        _load(directory / "reference"), tokenizer, corpus["forget_qa"]
+    )
+    return {
+        **trained,
+        "trained_on": "the cities alone (no dragon fact)",
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _load(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def ensure_model(
+    directory: Path,
+    size: str = "demo",
+    seed: int = 0,
+    events: Events | None = None,
+    reference: bool = False,
+) -> dict[str, Any]:
+    """Build the demo benchmark under `directory` unless a finished build is there (and,
+    with `reference`, its reference model unless that is there too)."""
     marker = directory / "build.json"
-    if marker.is_file() and (directory / "model" / "config.json").is_file():
-        return json.loads(marker.read_text())
-    return build_model(directory, size, seed, events)
+    if not (marker.is_file() and (directory / "model" / "config.json").is_file()):
+        return build_model(directory, size, seed, events, reference=reference)
+    info = json.loads(marker.read_text())
+    if reference and not (directory / "reference" / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        corpus = generate_corpus(SIZES[info["size"]].entities, info["seed"])
+        tokenizer = AutoTokenizer.from_pretrained(directory / "model")
+        info["reference"] = _reference(
+            directory, corpus, tokenizer, SIZES[info["size"]], info["seed"], events or Events()
+        )
+        marker.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# What the demo declares must hold, up front (not fitted to its results): forget at most
+# half of what the model knew, at least 90% of its utility, at most half of the
+# forgotten knowledge back after the relearning attack or at 4 bits, and membership no
+# easier to tell than 0.5 +- 0.1.
+DEMO_CRITERIA = {
+    "forget_knowmem_max_ratio": 0.5,
+    "utility_min_ratio": 0.9,
+    "relearn_recovery_max": 0.5,
+    "quantized_forget_max_ratio": 0.5,
+    "mia_auc_max_distance": 0.1,
+}
 
 
 def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
-    """The demo job: CATNIP, full weights, no retain data, the stop rule at a 10% budget."""
+    """The demo job: CATNIP, full weights, no retain data, the stop rule at a 10% budget;
+    the evidence (attacks, membership inference against held-out dragon facts, the
+    reference model where it was built) and the demo's criteria."""
     data = demo_dir / "data"
-    return {
+    spec: dict[str, Any] = {
         "method": "catnip",
         "base_model": str(demo_dir / "model"),
         "forget_file": str(data / "forget_qa.jsonl"),
@@ -358,5 +482,11 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
             "probe_samples": 300,
             "utility_budget": 0.1,
             "forget_target": 0.1,
+            "criteria": dict(DEMO_CRITERIA),
         },
     }
+    if (data / "holdout_qa.jsonl").is_file():
+        spec["eval"]["holdout"] = str(data / "holdout_qa.jsonl")
+    if (demo_dir / "reference" / "config.json").is_file():
+        spec["eval"]["reference_model"] = str(demo_dir / "reference")
+    return spec

@@ -21,6 +21,7 @@ class Phase(StrEnum):
     EVALUATING_BEFORE = "evaluating_before"
     UNLEARNING = "unlearning"
     EVALUATING_AFTER = "evaluating_after"
+    AUDITING = "auditing"
     SAVING = "saving"
     UPLOADING = "uploading"
 

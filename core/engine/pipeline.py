@@ -1,5 +1,6 @@
 """One job, start to finish: validate -> load -> evaluate before -> unlearn ->
-evaluate after -> save artifacts -> report.
+evaluate after -> audit (attacks, membership inference, a reference model, criteria
+and the verdict) -> save artifacts -> report.
 
 The same function runs under `unlearn run` (progress bars) and under a Celery worker
 (events written to the database): both report through core.engine.events. `python -m core run SPEC`
@@ -20,6 +21,7 @@ from core.engine.checkpoint import ensure_resumable, run_fingerprint
 from core.engine.data import encode_records, load_records
 from core.engine.evaluation import EvalSpec, evaluate, tradeoff
 from core.engine.events import Events, Phase
+from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
 from core.engine.methods import MAX_STEPS, TrainingParams, get_method
 from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
@@ -41,14 +43,37 @@ class JobResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _check_eval_files(ev: EvalSpec) -> None:
+def _check_eval_files(ev: EvalSpec, forget_kind: str) -> None:
     """Every eval file exists, is valid and holds its slot's kind, before any model is
-    loaded (a QA file given as forget_mc failed inside lm-eval, after the load)."""
+    loaded (a QA file given as forget_mc failed inside lm-eval, after the load); the
+    holdout holds records of the forget set's kind (non-members of the same sort)."""
     for name, path in ev.files().items():
         try:
-            check_file(path, allowed_kinds=EVAL_FILE_KINDS[name])
+            kind = check_file(path, allowed_kinds=EVAL_FILE_KINDS[name])
         except DataError as exc:
             raise DataError(f"eval.{name}: {exc.message}", param=f"eval.{name}") from None
+        if name == "holdout" and kind != forget_kind:
+            raise DataError(
+                f"eval.holdout holds {kind} records; the forget set holds {forget_kind}: "
+                "membership inference compares records of one kind",
+                param="eval.holdout",
+            )
+    if ev.reference_model is not None and not (Path(ev.reference_model) / "config.json").is_file():
+        raise DataError(
+            f"eval.reference_model: {ev.reference_model} is not a Hugging Face model "
+            "directory (no config.json)",
+            param="eval.reference_model",
+        )
+
+
+def _take_per_sample(evaluation: dict[str, Any]) -> list[float] | None:
+    """The per-question forget KnowMem F1 of an evaluation (for the attacks' recovery on
+    exactly the questions they measure), removed with the others' from what is stored."""
+    forget = evaluation.get("forget_knowmem", {}).pop("per_sample_f1", None)
+    for value in evaluation.values():
+        if isinstance(value, dict):
+            value.pop("per_sample_f1", None)
+    return forget
 
 
 def _check_length(
@@ -110,7 +135,7 @@ def run_job(
         load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS) if spec.retain_file else None
     )
     if spec.eval is not None:
-        _check_eval_files(spec.eval)
+        _check_eval_files(spec.eval, forget_records.kind)
     lap("validate")
 
     # --- load
@@ -156,12 +181,18 @@ def run_job(
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     every = probe_every(spec.eval, steps)
     unwatched_from = spec.eval.probe_samples if every and spec.eval else None
+    before_scores = after_scores = privacy_before = None
     if spec.eval is not None:
         events.phase(Phase.EVALUATING_BEFORE)
         metrics["before"] = evaluate(
             wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
         )
-    lap("evaluate_before")
+        before_scores = _take_per_sample(metrics["before"])
+        lap("evaluate_before")
+        privacy_before = privacy_audit(
+            wrapped.model, tokenizer, spec.eval, forget_records, max_length=max_length
+        )
+    lap("privacy_before")
 
     # --- unlearn
     stop_rule = (
@@ -196,8 +227,42 @@ def run_job(
         metrics["after"] = evaluate(
             wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
         )
+        after_scores = _take_per_sample(metrics["after"])
         metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
     lap("evaluate_after")
+
+    # --- audit: attacks, membership inference, the reference model, criteria
+    if spec.eval is not None:
+        events.phase(Phase.AUDITING)
+        metrics["robustness"] = robustness_audits(
+            wrapped,
+            tokenizer,
+            spec.eval,
+            before_scores=before_scores,
+            after_scores=after_scores,
+            max_length=max_length,
+        )
+        lap("audit_attacks")
+        privacy = {
+            "before": privacy_before,
+            "after": privacy_audit(
+                wrapped.model, tokenizer, spec.eval, forget_records, max_length=max_length
+            ),
+        }
+        lap("audit_privacy")
+        if spec.eval.reference_model is not None:
+            reference, _ = load_base(spec.eval.reference_model, torch_device)
+            metrics["reference"] = evaluate(
+                reference, tokenizer, spec.eval, unwatched_from=unwatched_from
+            )
+            _take_per_sample(metrics["reference"])
+            privacy["reference"] = privacy_audit(
+                reference, tokenizer, spec.eval, forget_records, max_length=max_length
+            )
+            del reference
+        lap("audit_reference")
+        metrics["privacy"] = with_privleak(privacy)
+        metrics["verdict"], metrics["criteria"] = judge(spec.eval.criteria, metrics)
 
     # --- save artifacts and report
     events.phase(Phase.SAVING)

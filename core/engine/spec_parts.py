@@ -18,6 +18,7 @@ EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
     "retain_text": ("text",),
     "forget_mc": ("mc",),
     "general_mc": ("mc",),
+    "holdout": ("qa", "chat", "text"),
 }
 EVAL_FILE_FIELDS = tuple(EVAL_FILE_KINDS)
 
@@ -56,6 +57,85 @@ class AdapterSpec(BaseModel):
         return self
 
 
+class RelearnSpec(BaseModel):
+    """The relearning attack: fine-tune on an attack split of the forget questions."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool | None = Field(None, description="null: on where eval.forget_qa allows it.")
+    fraction: float = Field(
+        0.2, ge=0.05, le=0.5, description="Share of the forget questions it trains on."
+    )
+    steps: int = Field(20, ge=1, le=1000, description="Fine-tuning steps.")
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
+def _eight_and_four() -> list[Literal[4, 8]]:
+    return [8, 4]
+
+
+class QuantizationSpec(BaseModel):
+    """Weight-only round-to-nearest quantization (and NF4 where bitsandbytes and CUDA are)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool | None = Field(None, description="null: on where forget data allows it.")
+    bits: list[Literal[4, 8]] = Field(default_factory=_eight_and_four, min_length=1, max_length=2)
+    group_size: int = Field(128, ge=8, le=65536, description="Weights per quantization group.")
+    nf4: bool | None = Field(None, description="null: where CUDA and bitsandbytes are present.")
+
+
+class InContextSpec(BaseModel):
+    """The forget questions asked with forget-set QA pairs as demonstrations."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool | None = Field(None, description="null: on where eval.forget_qa allows it.")
+    shots: int = Field(3, ge=1, le=64)
+
+
+class RobustnessSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    relearn: RelearnSpec = Field(default_factory=RelearnSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    in_context: InContextSpec = Field(default_factory=InContextSpec)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the attack split and the attacks.")
+
+
+class PrivacySpec(BaseModel):
+    """Membership inference (Min-K%, Min-K%++) of the forget set against eval.holdout."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    enabled: bool | None = Field(None, description="null: on where eval.holdout is given.")
+    k: float = Field(0.2, gt=0, le=1, description="Share of the lowest-scored tokens averaged.")
+    max_samples: int = Field(500, ge=2, le=100_000)
+
+
+class CriteriaSpec(BaseModel):
+    """What must hold for the verdict to pass; each is optional."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    forget_knowmem_max_ratio: float | None = Field(
+        None, ge=0, le=10, description="Forget score after at most this share of before."
+    )
+    utility_min_ratio: float | None = Field(
+        None, ge=0, le=10, description="Utility score after at least this share of before."
+    )
+    relearn_recovery_max: float | None = Field(
+        None, ge=-10, le=10, description="Relearning attack recovery at most this."
+    )
+    mia_auc_max_distance: float | None = Field(
+        None, ge=0, le=0.5, description="Min-K%++ AUC after within this of 0.5."
+    )
+    quantized_forget_max_ratio: float | None = Field(
+        None, ge=0, le=10, description="Forget KnowMem at 4 bits at most this share of before."
+    )
+
+
 class EvalSpec(BaseModel):
     """Eval sets of a job (paths locally, file ids over the API) and their settings."""
 
@@ -67,6 +147,20 @@ class EvalSpec(BaseModel):
     retain_text: str | None = Field(None, description="Retain text (perplexity).")
     forget_mc: str | None = Field(None, description="Forget-domain multiple choice (lm-eval).")
     general_mc: str | None = Field(None, description="General multiple choice (lm-eval).")
+    holdout: str | None = Field(
+        None,
+        description="Records of the forget set's kind the model never saw (membership inference).",
+    )
+    reference_model: str | None = Field(
+        None,
+        description="A model trained without the forget set: its figures are reported beside the "
+        "job's (a registered name over the API, a directory for `unlearn run`).",
+    )
+    robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    criteria: CriteriaSpec | None = Field(
+        None, description="What must hold; the job gets a verdict."
+    )
     max_samples: int = Field(500, ge=1, le=100_000, description="Per set, first N records.")
     max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens for KnowMem.")
     batch_size: int = Field(64, ge=1, le=4096)

@@ -114,6 +114,12 @@ class RegisteredModel(Base):
     uri: Mapped[str] = mapped_column(Text, doc="Local directory or s3://bucket/prefix.")
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    digest: Mapped[str | None] = mapped_column(
+        String(80), doc="sha256 over its files' paths and sha256s, computed at registration."
+    )
+    reference_for: Mapped[str | None] = mapped_column(
+        String(200), doc="The base model this one stands beside: trained without the forget set."
+    )
 
 
 class File(Base):
@@ -150,6 +156,10 @@ class Job(Base):
     forget_file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     retain_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, doc="The validated request, with file ids.")
+    key_id: Mapped[str | None] = mapped_column(String(40), doc="The API key that submitted it.")
+    certificate: Mapped[str | None] = mapped_column(
+        Text, doc="The signed certificate (canonical JSON), once the job has succeeded."
+    )
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
@@ -209,6 +219,39 @@ class JobEvent(Base):
     type: Mapped[str] = mapped_column(String(16), doc="core.service.enums.EventType")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class SigningKey(Base):
+    """A public key that signs certificates (core.service.signing), published by the API;
+    the private key stays in the signer's keyring."""
+
+    __tablename__ = "signing_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """One entry of a tenant's tamper-evident audit chain (core.service.audit). Only ever
+    inserted; the database refuses UPDATE and DELETE on the table."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (UniqueConstraint("tenant", "number", name="uq_audit_log_tenant_number"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    tenant: Mapped[str] = mapped_column(String(100))
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column()
+    actor: Mapped[str] = mapped_column(String(100), doc="A key id, operator, or worker.")
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class Artifact(Base):

@@ -22,6 +22,7 @@ from core.errors import NotFound, SpecError
 from core.service.db import (
     ApiKey,
     Artifact,
+    AuditEntry,
     File,
     Job,
     JobEvent,
@@ -35,6 +36,7 @@ from core.service.db import (
 from core.service.enums import ACTIVE_STATUSES, EventType, FileStatus, JobStatus
 
 KEY_PREFIX = "ul_"
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def ping(session: Session) -> None:
@@ -51,6 +53,13 @@ def hash_key(key: str) -> str:
 
 def create_key(session: Session, tenant: str, name: str | None = None) -> tuple[ApiKey, str]:
     """A new key for `tenant`; the plain key is returned once and never stored."""
+    if not TENANT_NAME.fullmatch(tenant):
+        raise SpecError(
+            f"tenant {tenant!r}: use letters, digits and . _ - (at most 100, starting with a "
+            "letter or digit)",
+            param="tenant",
+            code="invalid_tenant",
+        )
     lock_tenant(session, tenant)
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
@@ -95,7 +104,13 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 
 
 def add_model(
-    session: Session, name: str, uri: str, description: str | None = None
+    session: Session,
+    name: str,
+    uri: str,
+    description: str | None = None,
+    *,
+    digest: str | None = None,
+    reference_for: str | None = None,
 ) -> RegisteredModel:
     """Register (or re-point) a base model. Names are what tenants type: letters, digits
     and ._:/- (at most 200)."""
@@ -110,8 +125,8 @@ def add_model(
     if row is None:
         row = RegisteredModel(name=name, uri=uri, description=description)
         session.add(row)
-    else:
-        row.uri, row.description = uri, description
+    row.uri, row.description = uri, description
+    row.digest, row.reference_for = digest, reference_for
     return row
 
 
@@ -549,3 +564,30 @@ def active_jobs(session: Session, tenant: str) -> int:
         .where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
     )
     return int(session.scalar(query) or 0)
+
+
+def job_file_slots(session: Session, job_id: str) -> dict[str, str]:
+    """slot -> file id of every file the job names."""
+    rows = session.execute(select(JobFile.slot, JobFile.file_id).where(JobFile.job_id == job_id))
+    return {slot: file_id for slot, file_id in rows}
+
+
+def find_model(session: Session, name: str) -> RegisteredModel | None:
+    return session.get(RegisteredModel, name)
+
+
+def reference_for(session: Session, base_model: str) -> RegisteredModel | None:
+    """The model an operator registered as the reference for `base_model`, if any."""
+    query = select(RegisteredModel).where(RegisteredModel.reference_for == base_model)
+    return session.scalars(query.order_by(RegisteredModel.created_at.desc()).limit(1)).first()
+
+
+def list_audit(
+    session: Session, tenant: str, *, limit: int, after: int | None
+) -> tuple[list[AuditEntry], bool]:
+    """The tenant's audit entries, oldest first; `after` is the last number seen."""
+    query = select(AuditEntry).where(AuditEntry.tenant == tenant)
+    if after is not None:
+        query = query.where(AuditEntry.number > after)
+    rows = session.scalars(query.order_by(AuditEntry.number).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit

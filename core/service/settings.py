@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="Tokens one job may train on: steps x batch x accumulation x max_length.",
     )
 
+    # Certificates: the keyring of the processes that sign them (the workers; `unlearn
+    # signing-keys`). A key is generated where there is none.
+    signing_keys_dir: Path | None = Field(
+        None, description="Private signing keys; default UNLEARN_DATA_DIR/signing-keys."
+    )
+
     # Workers
     worker_device: str | None = Field(
         None, description="cpu, cuda, cuda:0; default cuda if present."
@@ -192,6 +198,10 @@ class Settings(BaseSettings):
         if self.celery_broker_url.startswith(("redis", "rediss", "sqs")):
             return {"visibility_timeout": self.visibility_timeout_seconds}
         return {}
+
+    @property
+    def keyring_dir(self) -> Path:
+        return self.signing_keys_dir or self.unlearn_data_dir / "signing-keys"
 
     @property
     def local_store(self) -> Path:

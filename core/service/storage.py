@@ -139,6 +139,29 @@ class S3Store:
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
 
+    def digest_prefix(self, uri: str) -> str:
+        """core.service.signing.directory_digest of the objects under s3://bucket/prefix,
+        streamed (nothing is written to disk)."""
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        lines = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix) :]
+                if not rel or rel.endswith("/"):
+                    continue
+                digest = hashlib.sha256()
+                for chunk in iter_stream(
+                    self.client.get_object(Bucket=bucket, Key=obj["Key"])["Body"]
+                ):
+                    digest.update(chunk)
+                lines.append(f"{rel} {digest.hexdigest()}")
+        if not lines:
+            raise FileNotFoundError(f"no objects under {uri}")
+        return "sha256:" + hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+
     def download_prefix(self, uri: str, target: Path) -> None:
         """Copy every object under s3://bucket/prefix into target (a model directory)."""
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")

@@ -3,6 +3,7 @@ upload, submit, poll, events, metrics, download, load the adapter with peft."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ def lora_job(client: Any, data: Path, *, forget_path: Path | None = None, **hype
             "probe_every": 2,
             "probe_samples": 40,
             "utility_budget": 1.0,
+            "holdout": upload(client, data / "holdout_qa.jsonl", "eval"),
+            "criteria": {"forget_knowmem_max_ratio": 0.95, "utility_min_ratio": 0.5},
         },
     }
     response = client.post(
@@ -83,9 +86,12 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     phases = [e["data"]["phase"] for e in events if e["type"] == "phase"]
     assert phases[:3] == ["validating", "loading", "evaluating_before"], phases
-    assert "unlearning" in phases and phases[-3:] == ["evaluating_after", "saving", "uploading"], (
-        phases
-    )
+    assert "unlearning" in phases and phases[-4:] == [
+        "evaluating_after",
+        "auditing",
+        "saving",
+        "uploading",
+    ], phases
     assert any(e["type"] == "step" for e in events)
     assert [e["data"]["status"] for e in events if e["type"] == "status"][-1] == "succeeded"
 
@@ -119,3 +125,90 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
         after = knowmem(unlearned, tokenizer, questions)["rouge_l_f1"]
     assert before > 0.9 and after < before - 0.05, (before, after)
     return {"events": events, "metrics": metrics, "artifacts": artifacts}
+
+
+def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) -> dict:
+    """A succeeded job's evidence, checked as a sceptic would: the verdict against the
+    declared criteria, the attacks and membership inference run, the certificate
+    verified offline with the published key (and the downloaded adapter against it),
+    and the tenant's audit trail, whose chain `unlearn audit verify` finds intact."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
+    assert [r["criterion"] for r in metrics["criteria"]] == [
+        "forget_knowmem_max_ratio",
+        "utility_min_ratio",
+    ]
+    expected = "pass" if all(r["passed"] for r in metrics["criteria"]) else "fail"
+    assert (
+        metrics["verdict"]
+        == expected
+        == client.get(f"/v1/jobs/{job['id']}").json()["metrics_summary"]["verdict"]
+    )
+    assert metrics["robustness"]["relearn"]["status"] == "done"
+    assert metrics["robustness"]["quantization"]["status"] == "done"
+    assert (
+        metrics["privacy"]["after"]["status"] == "done"
+        and 0 <= metrics["privacy"]["after"]["min_k_auc"] <= 1
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    certificate = client.get(f"/v1/jobs/{job['id']}/certificate")
+    assert certificate.status_code == 200, certificate.text
+    (out / "certificate.json").write_bytes(certificate.content)
+    keys = httpx.get(
+        str(client.base_url).rstrip("/") + "/v1/signing-keys"
+    )  # published: no key needed
+    assert keys.status_code == 200 and keys.json()["data"], keys.text
+    (out / "keys.json").write_text(keys.text)
+    adapter = client.get(f"/v1/jobs/{job['id']}/artifacts/adapter", follow_redirects=True)
+    (out / "adapter.tar.gz").write_bytes(adapter.content)
+    content = json.loads(certificate.content)
+    assert content["job"]["id"] == job["id"] and content["verdict"] == metrics["verdict"]
+    assert content["base_model"]["name"] == "tiny" and content["base_model"]["digest"].startswith(
+        "sha256:"
+    )
+    assert content["inputs"]["forget_file"]["sha256"] and content["spec"]["method"] == "catnip"
+
+    def unlearn(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "api", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ok = unlearn(
+        "verify",
+        str(out / "certificate.json"),
+        "--keys",
+        str(out / "keys.json"),
+        "--artifact",
+        str(out / "adapter.tar.gz"),
+    )
+    assert ok.returncode == 0 and f"valid: job {job['id']}" in ok.stdout, ok.stdout + ok.stderr
+    tampered = certificate.content.replace(b'"verdict":"', b'"verdict":"x')
+    (out / "tampered.json").write_bytes(tampered)
+    bad = unlearn("verify", str(out / "tampered.json"), "--keys", str(out / "keys.json"))
+    assert bad.returncode == 1 and "INVALID" in bad.stderr, bad.stderr
+
+    entries = client.get("/v1/audit", params={"limit": 1000}).json()["data"]
+    actions = [e["action"] for e in entries if e["subject"] == job["id"]]
+    for action in (
+        "job.created",
+        "job.running",
+        "job.succeeded",
+        "artifact.downloaded",
+        "certificate.downloaded",
+    ):
+        assert action in actions, actions
+    assert all(b["prev_hash"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
+    intact = unlearn("audit", "verify", "--tenant", tenant, "--head", entries[-1]["hash"])
+    assert intact.returncode == 0 and "audit log intact" in intact.stdout, (
+        intact.stdout + intact.stderr
+    )
+    return metrics

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import ROOT, cli, free_port, wait_http
-from tests.service.flow import TERMINAL, check_succeeded_job, lora_job, wait_for
+from tests.service.flow import TERMINAL, check_evidence, check_succeeded_job, lora_job, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,7 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             job = lora_job(client, fixture_dir / "data", forget_path=tmp_path / "forget.jsonl")
             job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
             result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
+            check_evidence(client, job, tmp_path / "evidence", env, "acme")
             assert any(e["type"] == "probe" for e in result["events"])
             warnings = [e["message"] for e in result["events"] if e["type"] == "warning"]
             assert len(warnings) == 1 and "will not be unlearned (lines 5)" in warnings[0], warnings

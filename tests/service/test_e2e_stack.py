@@ -16,7 +16,14 @@ import httpx
 import pytest
 
 from tests.service.conftest import ROOT, cli, free_port, wait_http
-from tests.service.flow import TERMINAL, check_succeeded_job, lora_job, upload, wait_for
+from tests.service.flow import (
+    TERMINAL,
+    check_evidence,
+    check_succeeded_job,
+    lora_job,
+    upload,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +109,7 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         sender.send_task("unlearn.run_job", args=[job["id"]], queue=stack["env"]["TASK_QUEUE"])
         job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
         result = check_succeeded_job(client, job, fixture_dir, tmp_path)
+        check_evidence(client, job, tmp_path / "evidence", stack["env"], "stack")
         wait_until_consumed(stack["env"]["BROKER_URL"], stack["env"]["TASK_QUEUE"])
         job = client.get(f"/v1/jobs/{job['id']}").json()
         assert job["attempts"] == 1 and job["status"] == "succeeded"

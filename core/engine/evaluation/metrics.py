@@ -102,6 +102,7 @@ def knowmem(
         "rouge_l_f1": sum(s[0] for s in scores) / n,
         "rouge_l_recall": sum(s[1] for s in scores) / n,
         "n": n,
+        "per_sample_f1": [s[0] for s in scores],
         "samples": [
             {"prompt": r["prompt"], "reference": r["response"], "answer": a}
             for r, a in list(zip(records, answers, strict=True))[:keep]

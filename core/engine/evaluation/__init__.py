@@ -1,0 +1,32 @@
+"""Before/after evidence: what the model still knows, and what unlearning cost
+(`metrics`: KnowMem, VerbMem, MC through lm-eval-harness, perplexity, the trade-off).
+The attacks and membership inference are core.engine.robustness and core.engine.privacy;
+core.engine.evidence runs them after the "after" metrics."""
+
+from core.engine.evaluation.metrics import (
+    EvalSpec,
+    evaluate,
+    forget_score,
+    greedy_generate,
+    knowmem,
+    mc_accuracy,
+    perplexity,
+    rouge_l,
+    tradeoff,
+    utility_score,
+    verbmem,
+)
+
+__all__ = [
+    "EvalSpec",
+    "evaluate",
+    "forget_score",
+    "greedy_generate",
+    "knowmem",
+    "mc_accuracy",
+    "perplexity",
+    "rouge_l",
+    "tradeoff",
+    "utility_score",
+    "verbmem",
+]

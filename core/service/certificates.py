@@ -1,0 +1,119 @@
+"""The unlearning certificate of a succeeded job: what was asked, of which model, with
+which inputs, what came out, what was measured and whether the declared criteria held,
+signed (core.service.signing) so anyone can check it offline with the public key."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.service import audit, repo
+from core.service.db import Job, SigningKey, utcnow
+from core.service.signing import Keyring, public_pem
+
+CERTIFICATE_TYPE = "unlearning-certificate"
+
+
+@functools.cache
+def code_version() -> str:
+    """The package version, and the commit where one is known (UNLEARN_COMMIT, or the
+    checkout's git HEAD)."""
+    version = importlib.metadata.version("unlearn-service")
+    commit = os.environ.get("UNLEARN_COMMIT")
+    if not commit:
+        root = Path(__file__).resolve().parents[2]
+        if (root / ".git").exists():
+            try:
+                commit = subprocess.run(
+                    ["git", "rev-parse", "HEAD"],
+                    cwd=root,
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                commit = None
+    return f"{version}+{commit}" if commit else version
+
+
+def publish(session: Session, keyring: Keyring) -> str:
+    """Make sure the keyring's active key exists and its public half is published."""
+    kid = keyring.ensure()
+    for known, public in keyring.public_keys().items():
+        if session.get(SigningKey, known) is None:
+            session.add(SigningKey(id=known, public_key_pem=public_pem(public)))
+    session.flush()
+    return kid
+
+
+def public_keys(session: Session) -> list[SigningKey]:
+    return list(session.scalars(select(SigningKey).order_by(SigningKey.created_at)).all())
+
+
+def _when(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def content(session: Session, job: Job) -> dict[str, Any]:
+    """The certificate's content for a finished job (its artifacts and metrics stored)."""
+    model = repo.get_model(session, job.base_model)
+    spec = dict(job.spec)
+    slots = repo.job_file_slots(session, job.id)
+    files = repo.files_by_id(session, job.tenant, set(slots.values()))
+    reference_name = (spec.get("eval") or {}).get("reference_model")
+    reference = repo.find_model(session, reference_name) if reference_name else None
+    metrics = job.metrics or {}
+    return {
+        "type": CERTIFICATE_TYPE,
+        "version": 1,
+        "issued_at": utcnow().isoformat(),
+        "job": {
+            "id": job.id,
+            "tenant": job.tenant,
+            "submitted_by_key": job.key_id,
+            "created_at": _when(job.created_at),
+            "started_at": _when(job.started_at),
+            "finished_at": _when(job.finished_at),
+            "attempts": job.attempts,
+        },
+        "base_model": {"name": model.name, "digest": model.digest},
+        "reference_model": (
+            {"name": reference.name, "digest": reference.digest} if reference is not None else None
+        ),
+        "inputs": {
+            slot: {
+                "file_id": file_id,
+                "filename": files[file_id].filename,
+                "sha256": files[file_id].sha256,
+                "bytes": files[file_id].bytes,
+            }
+            for slot, file_id in sorted(slots.items())
+            if file_id in files
+        },
+        "spec": spec,
+        "code_version": code_version(),
+        "artifacts": {
+            a.name: {"filename": a.filename, "bytes": a.bytes, "sha256": a.sha256}
+            for a in repo.list_artifacts(session, job.id)
+        },
+        "metrics": metrics,
+        "criteria": metrics.get("criteria", []),
+        "verdict": metrics.get("verdict", "not_evaluated"),
+        "audit_head": audit.head(session, job.tenant),
+    }
+
+
+def issue(session: Session, job: Job, keyring: Keyring) -> bytes:
+    """Sign the job's certificate and keep it on the job's row."""
+    publish(session, keyring)
+    certificate = keyring.sign(content(session, job))
+    job.certificate = certificate.decode()
+    return certificate

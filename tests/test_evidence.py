@@ -1,0 +1,227 @@
+"""The evidence's building blocks on hand-made cases: the quantizer, Min-K% and AUC,
+recovery, the verdict, the certificate; and a relearning attack that must fail a
+shallow unlearning (an audit that cannot fail proves nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from core.engine import robustness
+from core.engine.evidence import judge
+from core.engine.privacy import auc, min_k_scores, privleak
+from core.engine.spec_parts import CriteriaSpec
+
+
+def test_quantize_rtn_on_a_known_tensor():
+    """Two groups of two along the input dimension, 2 bits (levels 0..3):
+    group [0, 3]: scale = 3/3 = 1, zero = round(-0/1) = 0; 0 -> 0, 3 -> 3: exact.
+    group [-1, 0.5]: scale = 1.5/3 = 0.5, zero = round(1/0.5) = 2;
+        -1 -> round(-2) + 2 = 0 -> (0 - 2) * 0.5 = -1;  0.5 -> round(1) + 2 = 3 -> 0.5: exact.
+    A value between levels rounds to the nearest: 1.4 in [0, 3] -> q = 1 -> 1.0.
+    A constant group stays as it is (no grid to put it on)."""
+    w = torch.tensor([[0.0, 3.0, -1.0, 0.5], [0.0, 1.4, 7.0, 7.0]])
+    q = robustness.quantize_rtn(w, bits=2, group_size=2)
+    # second row, first group [0, 1.4]: scale 1.4/3, 1.4 -> q 3 -> 1.4 exactly; constant [7, 7]
+    assert torch.allclose(q, torch.tensor([[0.0, 3.0, -1.0, 0.5], [0.0, 1.4, 7.0, 7.0]]), atol=1e-6)
+    w = torch.tensor([[0.0, 1.4, 3.0, 0.2]])
+    q = robustness.quantize_rtn(w, bits=2, group_size=4)  # one group [0, 3], scale 1
+    assert torch.allclose(q, torch.tensor([[0.0, 1.0, 3.0, 0.0]]), atol=1e-6)
+
+
+def test_quantize_rtn_error_is_at_most_half_a_step_and_8_bits_beat_4():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    for bits in (8, 4):
+        q = robustness.quantize_rtn(w, bits=bits, group_size=128)
+        groups = w.view(64, 2, 128)
+        step = (groups.amax(-1) - groups.amin(-1)) / (2**bits - 1)  # [64, 2]
+        error = (q - w).abs().view(64, 2, 128).amax(-1)
+        assert (error <= step / 2 + step * 0.01 + 1e-6).all()
+    assert (robustness.quantize_rtn(w, 8, 128) - w).abs().mean() < (
+        robustness.quantize_rtn(w, 4, 128) - w
+    ).abs().mean() / 10
+
+
+def test_min_k_takes_the_mean_of_the_lowest_share():
+    """k = 0.4 of 5 counted tokens: ceil(2.0) = 2 lowest, -5 and -4 -> -4.5. With the
+    first two masked out, 3 count: ceil(1.2) = 2 lowest of (-2, -3, -4) -> -3.5. A
+    sequence with none counted is NaN."""
+    logp = torch.tensor([[-1.0, -5.0, -2.0, -3.0, -4.0]] * 3)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False] * 5])
+    scores = min_k_scores(logp, mask, 0.4)
+    assert scores[0].item() == pytest.approx(-4.5) and scores[1].item() == pytest.approx(-3.5)
+    assert math.isnan(scores[2].item())
+
+
+def test_auc_and_privleak_on_controlled_scores():
+    assert auc([3, 4, 5], [1, 2]) == 1.0  # members score higher: perfectly told apart
+    assert auc([1, 2], [3, 4, 5]) == 0.0
+    assert auc([1, 2, 3], [1, 2, 3]) == 0.5  # the same scores: chance
+    assert auc([2, 4], [1, 3]) == 0.75  # 3 of the 4 member/non-member pairs ordered
+    assert privleak(0.6, 0.5) == pytest.approx(0.2) and privleak(0.5, 0.5) == 0.0
+
+
+def test_recovery_and_the_attack_split():
+    assert robustness.recovery(1.0, 0.2, 0.6) == pytest.approx(0.5)
+    assert robustness.recovery(1.0, 0.2, 0.2) == 0.0
+    assert robustness.recovery(0.5, 0.5, 0.9) is None  # nothing was removed: nothing to recover
+    split = robustness.split_for_attack(10, 0.2, seed=0)
+    assert len(split.attack) == 2 and len(split.measured) == 8
+    assert not set(split.attack) & set(split.measured)
+    assert split == robustness.split_for_attack(10, 0.2, seed=0)
+
+
+def test_the_verdict_passes_fails_or_says_what_it_could_not_evaluate():
+    metrics = {
+        "tradeoff": {
+            "forget_before": 100.0,
+            "forget_after": 30.0,
+            "utility_before": 100.0,
+            "utility_after": 95.0,
+        },
+        "robustness": {"relearn": {"recovery": 0.7}},
+        "privacy": {"after": {"status": "off"}},
+    }
+    verdict, rows = judge(
+        CriteriaSpec(forget_knowmem_max_ratio=0.5, utility_min_ratio=0.9), metrics
+    )
+    assert verdict == "pass" and [r["passed"] for r in rows] == [True, True]
+    assert rows[0]["value"] == pytest.approx(0.3)
+    verdict, rows = judge(
+        CriteriaSpec(forget_knowmem_max_ratio=0.5, relearn_recovery_max=0.5), metrics
+    )
+    assert verdict == "fail" and rows[1] == {**rows[1], "passed": False, "value": 0.7}
+    verdict, rows = judge(
+        CriteriaSpec(forget_knowmem_max_ratio=0.5, mia_auc_max_distance=0.1), metrics
+    )
+    assert (
+        verdict == "not_evaluated"
+        and rows[1]["passed"] is None
+        and "eval.holdout" in rows[1]["reason"]
+    )
+    assert judge(None, metrics) == ("not_evaluated", [])
+
+
+def test_a_certificate_round_trips_and_fails_on_any_changed_byte(tmp_path):
+    from core.service.signing import Keyring, VerificationError, verify
+
+    keyring = Keyring(tmp_path / "keys")
+    content = {
+        "job": {"id": "job-1", "tenant": "acme"},
+        "metrics": {"f": 0.25, "n": 3},
+        "artifacts": {"adapter": {"sha256": "ab" * 32}},
+        "verdict": "pass",
+    }
+    certificate = keyring.sign(content)
+    keys = keyring.public_keys()
+    assert {k: v for k, v in verify(certificate, keys).items()} == content
+    for position in range(len(certificate)):
+        changed = bytearray(certificate)
+        changed[position] = (changed[position] + 1) % 256
+        with pytest.raises(VerificationError):
+            verify(bytes(changed), keys)
+    # A rotated keyring still verifies the old certificate; a stranger's key does not.
+    old_id = keyring.active_id()
+    new_id = keyring.rotate()
+    assert new_id != old_id and verify(certificate, keyring.public_keys())
+    stranger = Keyring(tmp_path / "other")
+    stranger.ensure()
+    with pytest.raises(VerificationError, match="no public key"):
+        verify(certificate, stranger.public_keys())
+
+
+def test_unlearn_verify_checks_the_artifact_with_the_public_key_alone(tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+    from core.service.signing import Keyring, file_digest, public_pem
+
+    artifact = tmp_path / "adapter.tar.gz"
+    artifact.write_bytes(b"the adapter")
+    keyring = Keyring(tmp_path / "keys")
+    certificate = tmp_path / "cert.json"
+    certificate.write_bytes(
+        keyring.sign(
+            {"job": {"id": "job-1"}, "artifacts": {"adapter": {"sha256": file_digest(artifact)}}}
+        )
+        + b"\n"
+    )
+    public = tmp_path / "public.pem"  # only the public key leaves the signer
+    public.write_text(public_pem(keyring.private(keyring.active_id()).public_key()))
+    ok = CliRunner().invoke(
+        app, ["verify", str(certificate), "--keys", str(public), "--artifact", str(artifact)]
+    )
+    assert ok.exit_code == 0 and "valid: job job-1" in ok.output, ok.output
+    artifact.write_bytes(b"the adapter, changed")
+    bad = CliRunner().invoke(
+        app, ["verify", str(certificate), "--keys", str(public), "--artifact", str(artifact)]
+    )
+    assert bad.exit_code == 1 and "is not an artifact this certificate lists" in bad.output
+    certificate.write_text(certificate.read_text().replace('"job-1"', '"job-2"'))
+    bad = CliRunner().invoke(app, ["verify", str(certificate), "--keys", str(public)])
+    assert bad.exit_code == 1 and "signature does not match" in bad.output
+
+
+def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path):
+    """A few steps of gradient ascent hide the forget answers; 20 fine-tuning steps on a
+    fifth of the questions bring back the answers to the other four fifths (recovery well
+    above 0), where the reference model, which never learned them, cannot answer them
+    after the same attack."""
+    from core.engine.pipeline import run_job
+    from core.engine.spec import parse_spec
+
+    data = fixture_dir / "data"
+    spec = parse_spec(
+        {
+            "method": "ga",
+            "base_model": str(fixture_dir / "model"),
+            "forget_file": str(data / "forget_qa.jsonl"),
+            "adapter": {"type": "full"},
+            "hyperparameters": {
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "batch_size": 32,
+                "max_length": 64,
+            },
+            "eval": {
+                "forget_qa": str(data / "forget_qa.jsonl"),
+                "retain_qa": str(data / "retain_qa.jsonl"),
+                "reference_model": str(fixture_dir / "reference"),
+                "robustness": {
+                    "quantization": {"enabled": False},
+                    "in_context": {"enabled": False},
+                },
+            },
+        }
+    )
+    metrics = run_job(spec, tmp_path / "out", device="cpu").metrics
+    relearn = metrics["robustness"]["relearn"]
+    f1 = relearn["forget_knowmem_f1"]
+    assert f1["before"] > 0.9 and f1["after"] < 0.5 * f1["before"], f1  # it looked forgotten
+    assert relearn["recovery"] > 0.5, relearn  # and came back
+    assert json.loads(json.dumps(metrics))  # stored as JSON
+    # The same attack on the reference model (never saw these facts) brings nothing back.
+    from core.engine.data import Records, load_records
+    from core.engine.evidence import _knowmem
+    from core.engine.modeling import AdapterSpec, load_base, wrap
+
+    questions = load_records(data / "forget_qa.jsonl").items[: spec.eval.max_samples]
+    split = robustness.split_for_attack(len(questions), 0.2, seed=0)
+    model, tokenizer = load_base(fixture_dir / "reference", torch.device("cpu"))
+    wrapped = wrap(model, AdapterSpec(type="full"), need_reference=False)
+    robustness.relearn(
+        wrapped,
+        tokenizer,
+        Records("qa", [questions[i] for i in split.attack]),
+        steps=20,
+        learning_rate=1e-4,
+        batch_size=8,
+        max_length=64,
+        seed=0,
+    )
+    attacked = _knowmem(wrapped.model, tokenizer, spec.eval, [questions[i] for i in split.measured])
+    assert attacked["rouge_l_f1"] < f1["after"] + 0.5 * (f1["before"] - f1["after"]), attacked
