@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from engine_setup import setup_run
 
 from core.engine.events import Events
 from core.engine.methods import METHODS
-from core.engine.modeling import AdapterSpec, load_base, save_output
+from core.engine.modeling import AdapterSpec, load_base, save_output, wrap
 from core.engine.train import run_unlearning
 
 CPU = torch.device("cpu")
@@ -379,3 +381,51 @@ def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
             wrapped, method, params, forget, pad_id=tok.pad_token_id, events=CancelAtOnce()
         )
     assert not any(getattr(m, "gradient_checkpointing", False) for m in wrapped.model.modules())
+
+
+def test_the_lora_reference_pass_has_no_dropout(fixture_dir):
+    """The reference of a LoRA job (the model with its adapter disabled) ran in train
+    mode, so on models with dropout (GPT-2, OPT) NPO, catnip_ref and the retain KL saw a
+    different, noisy reference on every pass; a full-weight reference is a frozen copy
+    in eval mode. Now both are deterministic, and the model's mode is restored."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")
+    config = AutoConfig.for_model(
+        "gpt2",
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.5,
+        embd_pdrop=0.5,
+        attn_pdrop=0.5,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    expected = model.eval()(input_ids=torch.arange(1, 9)[None]).logits
+    wrapped = wrap(model, AdapterSpec(type="lora", r=4), need_reference=True)
+    wrapped.model.train()
+    ids = torch.arange(1, 9)[None]
+    with wrapped.reference_mode() as reference:
+        first = reference(input_ids=ids).logits
+    with wrapped.reference_mode() as reference:
+        second = reference(input_ids=ids).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected)
+    assert wrapped.model.training
+
+
+def test_simnpo_normalises_in_the_log_probs_precision():
+    """SimNPO divided beta by integer lengths, which torch does in float32 whatever the
+    log-probs' dtype: in float64 the loss was off by ~1e-8 relative."""
+    from core.engine import losses
+
+    logp = torch.full((1, 3), -10.0, dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss = losses.simnpo_from_logprobs(logp, mask, 1.0, 0.0)
+    u = -(1.0 / 3.0) * -30.0  # -(beta/|y|) * sum log z, in float64
+    expected = 2.0 * math.log1p(math.exp(-u))  # -2 log sigmoid(u), stably
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-13, abs=0)

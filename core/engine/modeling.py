@@ -147,8 +147,16 @@ class Wrapped:
         weights, a frozen copy of the model."""
         with torch.no_grad():
             if self.adapter.type == "lora":
-                with self.model.disable_adapter():
-                    yield self.model
+                # eval mode, as the frozen copy of a full-weight reference is: dropout in
+                # the base model (GPT-2, OPT) would make the reference a different draw
+                # on every pass
+                was_training = self.model.training
+                try:
+                    with self.model.disable_adapter():
+                        self.model.eval()
+                        yield self.model
+                finally:
+                    self.model.train(was_training)
             elif self.reference_layers is not None:
                 with self._initial_layers_in():
                     yield self.model

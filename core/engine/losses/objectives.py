@@ -113,7 +113,8 @@ def simnpo_from_logprobs(
     L = E [ -(2/beta) * log sigmoid(-(beta/|y|) * log pi_theta(y|x) - gamma) ]
     """
     seq, counts = _sequence_sums(logp, mask)
-    per_sample = -(2.0 / beta) * F.logsigmoid(-(beta / counts.clamp(min=1)) * seq - gamma)
+    length = counts.clamp(min=1).to(seq.dtype)  # in the log-probs' precision, not float32's
+    per_sample = -(2.0 / beta) * F.logsigmoid(-(beta / length) * seq - gamma)
     return _mean_over_samples(per_sample, counts)
 
 
