@@ -209,7 +209,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     from core.engine.evidence import _knowmem
     from core.engine.modeling import AdapterSpec, load_base, wrap
 
-    questions = load_records(data / "forget_qa.jsonl").items[: spec.eval.max_samples]
+    questions = load_records(data / "forget_qa.jsonl").items[: spec.eval.robustness.max_samples]
     split = robustness.split_for_attack(len(questions), 0.2, seed=0)
     model, tokenizer = load_base(fixture_dir / "reference", torch.device("cpu"))
     wrapped = wrap(model, AdapterSpec(type="full"), need_reference=False)

@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 MIN_ATTACK_QUESTIONS = 5  # below this the split leaves too little to attack or to measure
 
 
+def _attack_size(spec: EvalSpec) -> int:
+    """How many questions of each QA set the attacks use: the first ones the before and
+    after evaluations measured, at most eval.robustness.max_samples."""
+    return min(spec.max_samples, spec.robustness.max_samples)
+
+
 def _forget_questions(spec: EvalSpec) -> list[dict[str, Any]]:
-    return load_records(spec.forget_qa).items[: spec.max_samples] if spec.forget_qa else []
+    return load_records(spec.forget_qa).items[: _attack_size(spec)] if spec.forget_qa else []
 
 
 def _knowmem(
@@ -59,6 +65,8 @@ def robustness_audits(
     settings = spec.robustness
     model = wrapped.model
     questions = _forget_questions(spec)
+    before_scores = before_scores[: len(questions)] if before_scores else before_scores
+    after_scores = after_scores[: len(questions)] if after_scores else after_scores
     out: dict[str, Any] = {}
     split = None
     if len(questions) >= MIN_ATTACK_QUESTIONS and before_scores and after_scores:
@@ -154,8 +162,12 @@ def robustness_audits(
                 "seconds": round(time.monotonic() - started, 2),
             }
             del copy
+        baseline: dict[str, Any] = {"unquantized": _headline(model, tokenizer, spec)}
+        if before_scores:
+            baseline["forget_knowmem_f1_before"] = sum(before_scores) / len(before_scores)
         out["quantization"] = {
             "status": "done",
+            "baseline": baseline,
             "settings": {
                 "group_size": quant.group_size,
                 "weights": "every linear layer but the output head",
@@ -203,25 +215,14 @@ def robustness_audits(
 
 
 def _headline(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
-    """Forget and utility figures of a model: KnowMem on the forget and retain questions,
-    and the MC sets, on the same records the before/after evaluation uses."""
+    """Forget and utility figures of a model: KnowMem on the first questions of the forget
+    and retain sets (at most eval.robustness.max_samples of each)."""
     figures: dict[str, Any] = {}
     if spec.forget_qa:
         figures["forget_knowmem"] = _knowmem(model, tokenizer, spec, _forget_questions(spec))
     if spec.retain_qa:
-        retain = load_records(spec.retain_qa).items[: spec.max_samples]
+        retain = load_records(spec.retain_qa).items[: _attack_size(spec)]
         figures["retain_knowmem"] = _knowmem(model, tokenizer, spec, retain)
-    for name in ("forget_mc", "general_mc"):
-        path = getattr(spec, name)
-        if path:
-            figures[name] = mc_accuracy(
-                model,
-                tokenizer,
-                path,
-                limit=spec.max_samples,
-                batch_size=spec.batch_size,
-                task_name=f"unlearn_q_{name}",
-            )
     return figures
 
 
@@ -280,11 +281,12 @@ def judge(
     def ratio(after: float | None, before: float | None) -> float | None:
         return None if after is None or not before else after / before
 
-    quant4 = ((robust.get("quantization") or {}).get("levels") or {}).get("int4") or {}
+    quantization = robust.get("quantization") or {}
+    quant4 = (quantization.get("levels") or {}).get("int4") or {}
     before_forget = tradeoff.get("forget_before")
-    quant4_forget = (
-        (100 * quant4["forget_knowmem"]["rouge_l_f1"]) if "forget_knowmem" in quant4 else None
-    )
+    # the 4-bit figure against the before figure of the same questions
+    quant4_forget = quant4.get("forget_knowmem", {}).get("rouge_l_f1")
+    quant4_before = (quantization.get("baseline") or {}).get("forget_knowmem_f1_before")
     checks = [
         (
             "forget_knowmem_max_ratio",
@@ -320,7 +322,7 @@ def judge(
             "quantized_forget_max_ratio",
             "forget KnowMem at 4 bits / before",
             "<=",
-            ratio(quant4_forget, before_forget),
+            ratio(quant4_forget, quant4_before),
             "needs the 4-bit audit and forget KnowMem",
         ),
     ]

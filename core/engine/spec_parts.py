@@ -102,6 +102,12 @@ class RobustnessSpec(BaseModel):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     in_context: InContextSpec = Field(default_factory=InContextSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the attack split and the attacks.")
+    max_samples: int = Field(
+        100,
+        ge=5,
+        le=100_000,
+        description="Questions of each QA set the attacks use (the first ones).",
+    )
 
 
 class PrivacySpec(BaseModel):
