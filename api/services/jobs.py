@@ -3,6 +3,7 @@ committed, then its id enqueued), cancellation, and what a download may serve.""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -55,6 +56,7 @@ def create(
             return _replay(existing, digest), False
     spec = parse_spec(body)
     spec_json = spec.model_dump(mode="json")
+    _check_serialisable(spec_json)
     limits = limits_for(settings, repo.lock_tenant(session, tenant))
     if repo.active_jobs(session, tenant) >= limits.max_active_jobs:
         raise LimitExceeded(
@@ -173,6 +175,17 @@ def certificate(session: Session, who: Who, job: Job) -> str:
         )
     audit.record(session, who, "certificate.downloaded", job.id)
     return job.certificate
+
+
+def _check_serialisable(spec_json: dict[str, Any]) -> None:
+    """The spec as the database stores it and every response writes it: strict JSON in
+    UTF-8. Checked before anything is written, so a value that cannot be written back
+    (check_values already refuses the known ones) is a 422, never a row that breaks the
+    tenant's job list."""
+    try:
+        json.dumps(spec_json, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise SpecError(f"the spec cannot be stored as JSON text: {exc}") from None
 
 
 def _reference_model(session: Session, spec: JobSpec) -> str | None:

@@ -594,3 +594,16 @@ def test_failure_messages_name_no_paths_sql_or_hosts(tmp_path):
         "cannot load model 'llama'/config.json; FileNotFoundError: '<path>' and '<path>'"
     ), shown
     assert "host-9" not in json.dumps(runner.__dict__.get("_redactions"))
+
+
+def test_a_spec_that_cannot_be_written_back_is_refused_before_any_row():
+    """Whatever check_values misses, the spec is written as strict UTF-8 JSON before a row
+    exists: a value that cannot be (a lone surrogate, a NaN) is a 422, not a job that breaks
+    its tenant's list afterwards."""
+    from api.services.jobs import _check_serialisable
+    from core.errors import SpecError
+
+    _check_serialisable({"method": "catnip", "eval": {"max_samples": 3}})
+    for bad in ({"x": "\ud800"}, {"x": float("nan")}, {"x": [float("inf")]}):
+        with pytest.raises(SpecError, match="cannot be stored as JSON"):
+            _check_serialisable(bad)
