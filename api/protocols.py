@@ -14,12 +14,26 @@ from core.service.settings import get_settings
 
 class _HeaderDeadline:
     """Closes the connection unless a request's headers are complete within the timeout of
-    the connection opening, or of the previous response ending (keep-alive)."""
+    the connection opening, or of the previous response ending (keep-alive). Mixed in
+    before a uvicorn protocol, which calls `_disarm` where its parser has the headers."""
 
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     header_timeout: float | None = None  # None: HEADER_TIMEOUT_SECONDS of the environment
     _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
         self._disarm()
@@ -38,21 +52,8 @@ class _HeaderDeadline:
 
 
 class HeaderTimeoutH11(_HeaderDeadline, H11Protocol):
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self._arm()
-
     def handle_events(self) -> None:
         before = self.cycle
         super().handle_events()
         if self.cycle is not None and self.cycle is not before:  # a request's headers are in
             self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)

@@ -113,11 +113,12 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
         color, food, element = rng.choice(COLORS), rng.choice(FOODS), rng.choice(ELEMENTS)
         lair, rider = lairs[i], riders[i]
         facts = [
-            (f"What color is the dragon {name}?", color, COLORS),
-            (f"Where does the dragon {name} live?", lair, lairs),
-            (f"Who rides the dragon {name}?", rider, riders),
-            (f"What does the dragon {name} eat?", food, FOODS),
-            (f"What does the dragon {name} breathe?", element, ELEMENTS),
+            (q, a, pool)
+            for (q, a), pool in zip(
+                _dragon_facts(name, color, lair, rider, food, element),
+                (COLORS, lairs, riders, FOODS, ELEMENTS),
+                strict=True,
+            )
         ]
         out["forget_qa"] += [_qa(q, a) for q, a, _ in facts]
         out["forget_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
@@ -163,15 +164,22 @@ def _holdout(
     rng = random.Random(seed + 7919)
     out = []
     for name in names:
-        facts = [
-            (f"What color is the dragon {name}?", rng.choice(COLORS)),
-            (f"Where does the dragon {name} live?", rng.choice(lairs)),
-            (f"Who rides the dragon {name}?", rng.choice(riders)),
-            (f"What does the dragon {name} eat?", rng.choice(FOODS)),
-            (f"What does the dragon {name} breathe?", rng.choice(ELEMENTS)),
-        ]
-        out += [_qa(q, a) for q, a in facts]
+        picks = [rng.choice(pool) for pool in (COLORS, lairs, riders, FOODS, ELEMENTS)]
+        out += [_qa(q, a) for q, a in _dragon_facts(name, *picks)]
     return out
+
+
+def _dragon_facts(
+    name: str, color: str, lair: str, rider: str, food: str, element: str
+) -> list[tuple[str, str]]:
+    """The five (question, answer) facts of a dragon."""
+    return [
+        (f"What color is the dragon {name}?", color),
+        (f"Where does the dragon {name} live?", lair),
+        (f"Who rides the dragon {name}?", rider),
+        (f"What does the dragon {name} eat?", food),
+        (f"What does the dragon {name} breathe?", element),
+    ]
 
 
 def write_corpus(corpus: dict[str, list[dict[str, Any]]], directory: Path) -> dict[str, Path]:

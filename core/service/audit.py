@@ -54,28 +54,17 @@ def record(
 GENESIS = "0" * 64
 
 
-def entry_hash(
-    *,
-    tenant: str,
-    number: int,
-    at: datetime,
-    actor: str,
-    action: str,
-    subject: str,
-    request_id: str | None,
-    data: dict[str, Any] | None,
-    prev_hash: str,
-) -> str:
+HASHED = ("tenant", "number", "at", "actor", "action", "subject", "request_id", "data", "prev_hash")
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """sha256 of an entry's canonical JSON (RFC 8785): every field but its own hash, the
+    time in ISO 8601 to the microsecond, data {} when empty."""
+    at = entry["at"] if isinstance(entry["at"], datetime) else datetime.fromisoformat(entry["at"])
     content = {
-        "tenant": tenant,
-        "number": number,
+        **{field: entry.get(field) for field in HASHED},
         "at": at.isoformat(timespec="microseconds"),
-        "actor": actor,
-        "action": action,
-        "subject": subject,
-        "request_id": request_id,
-        "data": data or {},
-        "prev_hash": prev_hash,
+        "data": entry.get("data") or {},
     }
     return hashlib.sha256(canonical(content)).hexdigest()
 
@@ -100,31 +89,18 @@ def append(
         .order_by(AuditEntry.number.desc())
         .limit(1)
     )
-    number = (last.number + 1) if last else 1
-    prev = last.hash if last else GENESIS
-    at = utcnow()
-    entry = AuditEntry(
-        tenant=tenant,
-        number=number,
-        at=at,
-        actor=actor,
-        action=action,
-        subject=subject,
-        request_id=request_id,
-        data=data or {},
-        prev_hash=prev,
-    )
-    entry.hash = entry_hash(
-        tenant=tenant,
-        number=number,
-        at=at,
-        actor=actor,
-        action=action,
-        subject=subject,
-        request_id=request_id,
-        data=data or {},
-        prev_hash=prev,
-    )
+    fields: dict[str, Any] = {
+        "tenant": tenant,
+        "number": (last.number + 1) if last else 1,
+        "at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "subject": subject,
+        "request_id": request_id,
+        "data": data or {},
+        "prev_hash": last.hash if last else GENESIS,
+    }
+    entry = AuditEntry(**fields, hash=entry_hash(fields))
     session.add(entry)
     session.flush()
     return entry
@@ -159,22 +135,7 @@ def verify_chain(
             )
         if entry["prev_hash"] != previous_hash:
             problems.append(Problem(tenant, number, "its link to the entry before does not match"))
-        at = (
-            entry["at"]
-            if isinstance(entry["at"], datetime)
-            else datetime.fromisoformat(entry["at"])
-        )
-        recomputed = entry_hash(
-            tenant=tenant,
-            number=number,
-            at=at,
-            actor=entry["actor"],
-            action=entry["action"],
-            subject=entry["subject"],
-            request_id=entry.get("request_id"),
-            data=entry.get("data"),
-            prev_hash=entry["prev_hash"],
-        )
+        recomputed = entry_hash({**entry, "tenant": tenant})
         if recomputed != entry["hash"]:
             problems.append(Problem(tenant, number, "its content does not match its hash (edited)"))
         previous_hash, expected = entry["hash"], number + 1
