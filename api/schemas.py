@@ -64,7 +64,9 @@ class ValidationOut(BaseModel):
 
 
 class FileObject(BaseModel):
-    id: str = Field(description="file-..., what jobs name in forget_file, retain_file, eval.*")
+    id: str = Field(
+        description="file-..., what jobs name in forget_file, retain_file, contrast_file, eval.*"
+    )
     object: Literal["file"] = "file"
     purpose: Purpose = Field(description="What the file may be used for.")
     filename: str = Field(description="The uploaded file's name.")
@@ -138,6 +140,9 @@ class JobObject(BaseModel):
     base_model: str = Field(description="The registered base model.")
     forget_file: str = Field(description="The forget set's file id.")
     retain_file: str | None = Field(description="The retain set's file id, if any.")
+    contrast_file: str | None = Field(
+        None, description="flat: the contrast set's file id, if any (else built-in refusals)."
+    )
     adapter: dict[str, Any] = Field(description="The adapter spec with defaults filled in.")
     hyperparameters: dict[str, Any] = Field(description="All hyperparameters, defaults filled in.")
     eval: dict[str, Any] | None = Field(description="Eval file ids and stop-rule settings.")
@@ -177,6 +182,7 @@ class JobObject(BaseModel):
             base_model=row.base_model,
             forget_file=row.forget_file_id,
             retain_file=row.retain_file_id,
+            contrast_file=spec.get("contrast_file"),
             adapter=spec.get("adapter") or {},
             hyperparameters=spec.get("hyperparameters") or {},
             eval=spec.get("eval"),

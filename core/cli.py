@@ -164,7 +164,8 @@ def build_demo(
 @app.command()
 def bench(
     methods: str = typer.Option(
-        "catnip,catnip_ref,catnip_seq,ga,npo,simnpo", help="Comma-separated ids."
+        "catnip,catnip_ref,catnip_seq,ga,npo,simnpo,flat,rmu,rmu_star",
+        help="Comma-separated ids.",
     ),
     lrs: str = typer.Option(
         "paper,1e-4,3e-4",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from core.engine.data import build_examples, load_records
-from core.engine.methods import METHODS, parse_params
+from core.engine.methods import METHODS, parse_params, prepare
 from core.engine.modeling import AdapterSpec, load_base, wrap
 
 
@@ -32,6 +32,26 @@ def setup_run(
     )
     method = METHODS[method_id]
     wrapped = wrap(model, adapter, need_reference=method.needs_reference(params), seed=params.seed)
+    prepare(wrapped, method, params)  # what trains (RMU chooses), as the pipeline does
     forget = build_examples(load_records(fixture_dir / "data" / "forget_qa.jsonl"), tokenizer, 64)
     retain = build_examples(load_records(fixture_dir / "data" / "retain_qa.jsonl"), tokenizer, 64)
     return wrapped, tokenizer, method, params, forget, retain
+
+
+def method_data(fixture_dir: Path, tokenizer, method, retain) -> dict:
+    """What run_unlearning needs beyond the forget set for `method`: the retain examples
+    (rmu), the contrast examples (flat: the demo's non-answer to each forget prompt)."""
+    from core.engine.contrast import build_contrast
+    from core.engine.data import encode_records
+
+    data: dict = {}
+    if method.needs_retain:
+        data["retain"] = retain
+    if method.uses_contrast:  # the demo's vocabulary has no refusals: its non-answer
+        from core.demo.build import contrast_file
+
+        records = load_records(fixture_dir / "data" / "forget_qa.jsonl")
+        encoded = encode_records(records, tokenizer, 64)
+        contrast = load_records(contrast_file(fixture_dir))
+        data["contrast"] = build_contrast(records, encoded, contrast, tokenizer, 64, 0).examples
+    return data

@@ -10,26 +10,40 @@ from core.demo.build import demo_spec
 
 
 def test_grid_names_and_retain_variants():
-    runs = grid(["catnip", "npo"], [None, 1e-4], retain_lr=3e-4)
+    runs = grid(["catnip", "npo", "rmu"], [None, 1e-4], retain_lr=3e-4)
     assert [r.name for r in runs] == [
         "catnip@paper",
         "catnip@0.0001",
         "npo@paper",
         "npo@0.0001",
+        "rmu@paper",
+        "rmu@0.0001",
         "catnip+kl@0.0003",
         "npo+kl@0.0003",
-    ]
+    ]  # no rmu+kl: RMU's retain term is its own
 
 
 def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
     base = demo_spec(fixture_dir, max_steps=2)
     base["hyperparameters"]["batch_size"] = 16
     base["eval"].update(max_samples=40, probe_samples=20)
-    runs = [BenchRun("catnip", 1e-2), BenchRun("ga", None, "kl")]
+    runs = [
+        BenchRun("catnip", 1e-2),
+        BenchRun("ga", None, "kl"),
+        BenchRun("flat", 1e-2),
+        BenchRun("rmu", None),
+    ]
     lines: list[str] = []
     rows = run_bench(fixture_dir, tmp_path, base, runs, device="cpu", echo=lines.append)
-    assert [r["run"] for r in rows] == ["catnip@0.01", "ga+kl@paper"]
+    assert [r["run"] for r in rows] == ["catnip@0.01", "ga+kl@paper", "flat@0.01", "rmu@paper"]
     assert rows[1]["learning_rate"] == 3e-5  # GA's paper default (A.4.4)
+    assert rows[3]["learning_rate"] == 5e-5  # RMU's official default
+    assert [r["data"] for r in rows] == [
+        "forget",
+        "forget + retain",
+        "forget + contrast",
+        "forget + retain",
+    ]
     for r, run in zip(rows, runs, strict=True):
         metrics = json.loads((tmp_path / "runs" / run.name / "metrics.json").read_text())
         assert r["forget_f1"] == 100 * metrics["after"]["forget_knowmem"]["rouge_l_f1"]
@@ -44,7 +58,10 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
         ]["retain_loss"]
         == "kl"
     )
+    flat = json.loads((tmp_path / "runs" / "flat@0.01" / "metrics.json").read_text())
+    assert flat["data"]["contrast"]["source"] == "contrast_file"
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| catnip@0.01 |") == 1 and "| ga+kl@paper |" in table
+    assert table.count("\n| catnip@0.01 | forget |") == 1 and "| ga+kl@paper |" in table
+    assert "| rmu@paper | forget + retain | 5e-05 |" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
-    assert len(lines) == 2
+    assert len(lines) == 4

@@ -262,9 +262,10 @@ def test_records_that_max_length_cuts_are_named_by_line(fixture_dir, tmp_path):
 
 def test_spec_errors_are_actionable():
     with pytest.raises(
-        SpecError, match="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo"
+        SpecError,
+        match="valid methods: catnip, catnip_ref, catnip_seq, flat, ga, npo, rmu, rmu_star, simnpo",
     ):
-        parse_spec({"method": "rmu", "base_model": "m", "forget_file": "f"})
+        parse_spec({"method": "rmu2", "base_model": "m", "forget_file": "f"})
     with pytest.raises(SpecError) as exc:
         parse_spec(
             {

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from engine_setup import setup_run
+from engine_setup import method_data, setup_run
 
 from core.engine.events import Events
 from core.engine.methods import METHODS
@@ -23,14 +23,23 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type, dtype):
     """Finite loss; trainable parameters change; frozen ones do not. In fp32 and in bf16
     (the GPU's dtype, here on the CPU: the dtype paths run in CI, the CUDA ones in
     tests/test_gpu.py)."""
-    adapter = AdapterSpec(type=adapter_type, layers=[1] if adapter_type == "full" else None)
-    wrapped, tok, method, params, forget, _ = setup_run(
+    chosen = adapter_type == "full" and not METHODS[method_id].chooses_parameters
+    adapter = AdapterSpec(type=adapter_type, layers=[1] if chosen else None)
+    wrapped, tok, method, params, forget, retain = setup_run(
         fixture_dir, adapter, method_id, dtype=dtype
     )
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     assert trainable and len(trainable) < len(before)
-    result = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
+    result = run_unlearning(
+        wrapped,
+        method,
+        params,
+        forget,
+        pad_id=tok.pad_token_id,
+        **method_data(fixture_dir, tok, method, retain),
+    )
+    assert set(wrapped.trainable()) == trainable  # reference passes leave what trains alone
     assert result.steps_done == 3
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
     for name, param in wrapped.model.named_parameters():

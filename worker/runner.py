@@ -287,6 +287,7 @@ class JobRunner:
         }
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
+        raw["contrast_file"] = fetch(raw.get("contrast_file"))
         if raw.get("eval"):
             raw["eval"] = {
                 k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()

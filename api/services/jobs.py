@@ -225,7 +225,11 @@ def _replay(existing: Job, digest: str) -> Job:
 def _file_slots(spec: JobSpec) -> dict[str, str]:
     """slot -> file id of every file the job names; an id of another shape is no file of
     this service, refused before any query."""
-    values = {"forget_file": spec.forget_file, "retain_file": spec.retain_file}
+    values = {
+        "forget_file": spec.forget_file,
+        "retain_file": spec.retain_file,
+        "contrast_file": spec.contrast_file,
+    }
     if spec.eval is not None:
         values.update({f"eval.{k}": v for k, v in spec.eval.files().items()})
     slots = {slot: file_id for slot, file_id in values.items() if file_id}

@@ -36,23 +36,43 @@ class BenchRun:
 def grid(
     methods: list[str], learning_rates: list[float | None], retain_lr: float | None
 ) -> list[BenchRun]:
+    """Every method at every learning rate, and (at retain_lr) with the KL retain term,
+    where the method has no retain term of its own (RMU's is part of it)."""
     runs = [BenchRun(m, lr) for m in methods for lr in learning_rates]
     if retain_lr is not None:
-        runs += [BenchRun(m, retain_lr, "kl") for m in methods]
+        runs += [
+            BenchRun(m, retain_lr, "kl")
+            for m in methods
+            if m in METHODS and not METHODS[m].own_retain_term
+        ]
     return runs
 
 
-def run_spec(base: dict[str, Any], run: BenchRun, data: Path) -> dict[str, Any]:
+def run_spec(base: dict[str, Any], run: BenchRun, demo_dir: Path) -> dict[str, Any]:
+    """The base spec for `run`: its method and learning rate, the retain file where the
+    run or the method needs one, FLAT's contrast file (the demo's non-answers)."""
+    from core.demo.build import contrast_file
+
     spec = json.loads(json.dumps(base))
     spec["method"] = run.method
+    method = METHODS[run.method]
     hyper = {k: v for k, v in spec["hyperparameters"].items() if k not in ("learning_rate", "beta")}
     if run.learning_rate is not None:
         hyper["learning_rate"] = run.learning_rate
     if run.retain_loss != "none":
         hyper["retain_loss"] = run.retain_loss
-        spec["retain_file"] = str(data / "retain_qa.jsonl")
+    if run.retain_loss != "none" or method.needs_retain:
+        spec["retain_file"] = str(demo_dir / "data" / "retain_qa.jsonl")
+    if method.uses_contrast:
+        spec["contrast_file"] = str(contrast_file(demo_dir))
     spec["hyperparameters"] = hyper
     return spec
+
+
+def data_needed(run: BenchRun) -> str:
+    """What the run trains on, as the paper's Table 1 says it: forget, + retain, + contrast."""
+    data = METHODS[run.method].data
+    return data + " + retain" if run.retain_loss != "none" else data
 
 
 def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -62,6 +82,7 @@ def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any
         "run": run.name,
         "method": run.method,
         "retain_loss": run.retain_loss,
+        "data": data_needed(run),
         "learning_rate": metrics["hyperparameters"]["learning_rate"],
         "forget_f1": 100 * after["forget_knowmem"]["rouge_l_f1"],
         "forget_recall": 100 * after["forget_knowmem"]["rouge_l_recall"],
@@ -107,6 +128,7 @@ def reference_row(metrics: dict[str, Any]) -> dict[str, Any] | None:
     privacy = (metrics.get("privacy") or {}).get("reference") or {}
     return {
         "run": "reference model (never saw the forget set)",
+        "data": "retrained without it",
         "learning_rate": None,
         "forget_f1": 100 * reference["forget_knowmem"]["rouge_l_f1"],
         "forget_recall": 100 * reference["forget_knowmem"]["rouge_l_recall"],
@@ -140,10 +162,10 @@ def markdown(rows: list[dict[str, Any]], settings: str) -> str:
     lines = [
         f"Settings: {settings}",
         "",
-        "| run | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 | unwatched retain F1 "
-        "| general MC | df | du | dO | relearn recovery | forget F1 at 4 bits | MIA AUC | kept step "
-        "| time s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | data | lr | forget KnowMem F1 | recall | forget MC | retain KnowMem F1 "
+        "| unwatched retain F1 | general MC | df | du | dO | relearn recovery "
+        "| forget F1 at 4 bits | MIA AUC | kept step | time s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lr = "" if r["learning_rate"] is None else f"{r['learning_rate']:g}"
@@ -152,7 +174,7 @@ def markdown(rows: list[dict[str, Any]], settings: str) -> str:
         recovery = "n/a" if r.get("relearn_recovery") is None else f"{r['relearn_recovery']:.2f}"
         auc = "n/a" if r.get("mia_auc") is None else f"{r['mia_auc']:.3f}"
         lines.append(
-            f"| {r['run']} | {lr} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
+            f"| {r['run']} | {r.get('data', '')} | {lr} | {_points(r['forget_f1'])} | {_points(r['forget_recall'])} "
             f"| {_points(r['forget_mc'])} | {_points(r['retain_f1'])} | {_points(r['retain_unwatched_f1'])} "
             f"| {_points(r['general_mc'])} | {_points(r['delta_f'])} "
             f"| {_points(r['delta_u'])} | {_points(r['delta_o'])} | {recovery} "
@@ -201,6 +223,7 @@ def run_bench(
     device: str | None = None,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
+    from core.demo.build import DEMO_NON_ANSWER
     from core.engine.pipeline import run_job
     from core.engine.spec import parse_spec
 
@@ -211,7 +234,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     reference = None
     for index, run in enumerate(runs, 1):
-        raw = run_spec(base, run, demo_dir / "data")
+        raw = run_spec(base, run, demo_dir)
         if index > 1:  # the reference model is measured once, with the first run
             raw["eval"].pop("reference_model", None)
         spec = parse_spec(raw)
@@ -234,7 +257,11 @@ def run_bench(
         f"(the best state within it is kept; it watches the first "
         f"{base['eval']['probe_samples']} questions of each QA set, 'unwatched' = the next retain "
         f"questions), eval on {base['eval']['max_samples']} samples per set; "
-        "lr 'paper' = the method's A.4.4 default; +kl = KL to the initial model on retain QA"
+        "lr 'paper' = the method's default (A.4.4; RMU: the official implementation's); "
+        "+kl = KL to the initial model on retain QA; flat's contrast = the demo's non-answer "
+        f"{DEMO_NON_ANSWER!r} to each forget prompt (its vocabulary has no words of refusal); "
+        "rmu/rmu_star at the official defaults (steered layer at 7/32 of the depth, "
+        "steering coefficient 20, alpha 100), their retain data the retain QA"
     )
     (out_dir / "results.md").write_text(
         markdown(rows + ([reference] if reference else []), settings)

@@ -452,6 +452,25 @@ def ensure_model(
 # half of what the model knew, at least 90% of its utility, at most half of the
 # forgotten knowledge back after the relearning attack or at 4 bits, and membership no
 # easier to tell than 0.5 +- 0.1.
+# FLAT's expected response on the demo. The demo's word-level vocabulary holds no words
+# of refusal (the built-in refusals would be unknown tokens), so the expected answer is
+# one that says nothing a question asks, in words the model knows.
+DEMO_NON_ANSWER = " a dragon."
+
+
+def contrast_file(demo_dir: Path) -> Path:
+    """data/contrast_qa.jsonl beside the demo's forget set: each forget prompt with the
+    demo's non-answer (written once, from forget_qa.jsonl)."""
+    path = demo_dir / "data" / "contrast_qa.jsonl"
+    if not path.is_file():
+        forget = [json.loads(line) for line in (demo_dir / "data" / "forget_qa.jsonl").open()]
+        records = [{"prompt": r["prompt"], "response": DEMO_NON_ANSWER} for r in forget]
+        partial = path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        partial.replace(path)
+    return path
+
+
 DEMO_CRITERIA = {
     "forget_knowmem_max_ratio": 0.5,
     "utility_min_ratio": 0.9,

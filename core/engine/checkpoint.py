@@ -43,11 +43,12 @@ def run_fingerprint(
     wrapped: Wrapped,
     forget: list[Example],
     retain: list[Example] | None,
+    contrast: list[Example] | None = None,
 ) -> str:
     """What a checkpoint must match to be resumed, as a sha256 hex digest: the method,
     every hyperparameter but the two that leave the maths alone (checkpoint_every,
     gradient_checkpointing), the trainable tensors' names and shapes, and the token ids
-    and labels of the forget and retain examples."""
+    and labels of the forget, retain and contrast examples."""
     digest = hashlib.sha256()
     settings = params.model_dump(
         mode="json", exclude={"checkpoint_every", "gradient_checkpointing"}
@@ -58,7 +59,7 @@ def run_fingerprint(
             {"method": method.id, "params": settings, "trainable": trainable}, sort_keys=True
         ).encode()
     )
-    for examples in (forget, retain or []):
+    for examples in (forget, retain or [], *([contrast] if contrast is not None else [])):
         digest.update(b"|")
         for e in examples:
             digest.update(array("q", e.input_ids).tobytes() + b"/" + array("q", e.labels).tobytes())

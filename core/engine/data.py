@@ -77,7 +77,7 @@ def line_list(lines: list[int], count: int) -> str:
 
 
 # What a record that max_length leaves without a target is not, by its set's role.
-LEFT_OUT = {"forget": "unlearned", "retain": "trained on"}
+LEFT_OUT = {"forget": "unlearned", "retain": "trained on", "contrast": "trained on"}
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Encoded:
     max_length: int
     truncated_lines: list[int] = field(default_factory=list)
     skipped_lines: list[int] = field(default_factory=list)
+    example_lines: list[int] = field(default_factory=list)  # the file line of each example
 
     def summary(self) -> dict[str, Any]:
         """The counts for metrics.json, with at most 20 line numbers each."""
@@ -142,6 +143,7 @@ def encode_records(
     (paper: 2048 for books, 512 for WMDP); nothing is cut off.
     """
     examples: list[Example] = []
+    example_lines: list[int] = []
     truncated: list[int] = []
     skipped: list[int] = []
     eos = tokenizer.eos_token_id
@@ -161,13 +163,15 @@ def encode_records(
             if any(label != IGNORE_INDEX for label in all_labels[max_length:]):
                 truncated.append(records.line_of(index))
             examples.append(Example((prompt_ids + target_ids)[:max_length], labels))
+            example_lines.append(records.line_of(index))
     elif records.kind == "text":
-        for record in records.items:
+        for index, record in enumerate(records.items):
             ids = list(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
             for start in range(0, len(ids), max_length):
                 window = ids[start : start + max_length]
                 if len(window) >= 2:
                     examples.append(Example(window, list(window)))
+                    example_lines.append(records.line_of(index))
     else:
         raise DataError(f"{records.kind} files are for evaluation, not for unlearning")
     if not examples:
@@ -178,7 +182,9 @@ def encode_records(
             )
         raise DataError("no usable examples: every record was empty after tokenization")
     target_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
-    return Encoded(examples, len(records.items), target_tokens, max_length, truncated, skipped)
+    return Encoded(
+        examples, len(records.items), target_tokens, max_length, truncated, skipped, example_lines
+    )
 
 
 def build_examples(

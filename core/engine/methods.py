@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from core.engine.params import (  # noqa: F401 - re-exported: the registry's parameters
+    MAX_STEPS,
+    CatnipParams,
+    FLATParams,
+    GAParams,
+    NPOParams,
+    RMUParams,
+    RMUStarParams,
+    SimNPOParams,
+    TrainingParams,
+)
 from core.errors import SpecError
 
 if TYPE_CHECKING:
@@ -25,100 +36,6 @@ def _losses():
     from core.engine import losses
 
     return losses
-
-
-# The most optimizer steps a job may run, whether it asks by max_steps or by epochs.
-MAX_STEPS = 1_000_000
-
-
-class TrainingParams(BaseModel):
-    """Hyperparameters every method shares. Exactly one of max_steps / epochs drives length.
-    Every number is finite and bounded (a job is a promise of work)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak AdamW learning rate.")
-    max_steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs when set."
-    )
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the forget set.")
-    batch_size: int = Field(4, ge=1, le=1024, description="Forget samples per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_length: int = Field(
-        512, ge=8, le=32768, description="Tokens per sample; raw text is cut into windows of it."
-    )
-    warmup_steps: int = Field(
-        0, ge=0, le=MAX_STEPS, description="Linear warmup from 0 to the peak rate."
-    )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip; null disables.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    checkpoint_every: int | None = Field(
-        None,
-        ge=1,
-        le=MAX_STEPS,
-        description="Save a resumable checkpoint every N steps (and at the end).",
-    )
-    retain_loss: Literal["none", "nll", "kl"] = Field(
-        "none", description="Optional retain term on retain data: NLL, or KL to the reference."
-    )
-    retain_weight: float = Field(1.0, ge=0, le=1000, description="Weight of the retain term.")
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute each layer's activations in the backward instead of keeping "
-        "them: less memory for long sequences and big models, at the cost of about one more "
-        "forward per step. Same result.",
-    )
-    master_weights: bool = Field(
-        True,
-        description="Keep fp32 copies of trainable weights held in bf16/fp16 (full weights on "
-        "a GPU) and let the optimizer update those: at the paper's learning rates most bf16 "
-        "updates round away (docs/performance.md). Costs 12 bytes per such weight (copy + fp32 "
-        "Adam state) instead of 4. LoRA adapters are fp32 already.",
-    )
-    forget_eos: bool = Field(
-        False,
-        description="Count the end-of-sequence token after each forget response (QA/chat) as "
-        "a forget target. Off by default: it carries none of the knowledge, every answer in "
-        "every domain ends with it, and pushing it down teaches the model not to stop, "
-        "which damages all answers (measured on the demo benchmark: docs/evaluation.md).",
-    )
-
-
-class CatnipParams(TrainingParams):
-    """CATNIP (eq. 8). Defaults: A.4.4 (Harry Potter QA): lr 1e-5, beta 1, 10 epochs."""
-
-    learning_rate: float = Field(1e-5, gt=0, le=1)
-    epochs: float = Field(10.0, gt=0, le=1000)
-    beta: float = Field(1.0, gt=0, le=100, description="Inverse temperature of eq. 8.")
-    token_stride: int = Field(
-        1, ge=1, le=4096, description="Count every k-th response token (A.4: 16 on WMDP)."
-    )
-
-
-class GAParams(TrainingParams):
-    """Gradient ascent. A.4.4: lr 3e-5, 3 epochs."""
-
-    learning_rate: float = Field(3e-5, gt=0, le=1)
-    epochs: float = Field(3.0, gt=0, le=1000)
-
-
-class NPOParams(TrainingParams):
-    """NPO (eq. 4). A.4.4: lr 5e-6, beta 0.05, 5 epochs."""
-
-    learning_rate: float = Field(5e-6, gt=0, le=1)
-    epochs: float = Field(5.0, gt=0, le=1000)
-    beta: float = Field(0.05, gt=0, le=100)
-
-
-class SimNPOParams(TrainingParams):
-    """SimNPO. A.4.4: lr 5e-6, beta 4, gamma 0, 20 epochs."""
-
-    learning_rate: float = Field(5e-6, gt=0, le=1)
-    epochs: float = Field(20.0, gt=0, le=1000)
-    beta: float = Field(4.0, gt=0, le=100)
-    gamma: float = Field(0.0, ge=0, le=100, description="Margin of the SimNPO objective.")
 
 
 @dataclass(frozen=True)
@@ -138,12 +55,21 @@ ForgetLoss = Callable[[ForgetTerms, P], "torch.Tensor"]
 # needs nothing else: the loss backend may then fuse all of it (CATNIP on the triton
 # backend is three kernels instead of the log-probs' two and ~20 small ops).
 LogitsLoss = Callable[["torch.Tensor", "torch.Tensor", P], "torch.Tensor"]
+# A loss from the micro-batches themselves (core.engine.steps): for a method that needs
+# more than one forward's logits (FLAT: a contrast batch; RMU: hidden states, retain data).
+StepLoss = Callable[[Any, P], tuple["torch.Tensor", dict[str, float]]]
+Setup = Callable[[Any, P], Any]
 
 
 @dataclass(frozen=True)
 class Method(Generic[P]):
-    """A method's forget loss is one of: `forget_loss`, from the token log-probs (and the
-    reference's, if `uses_reference`), or `loss_from_logits`, from the logits directly."""
+    """A method's loss is one of: `forget_loss`, from the token log-probs (and the
+    reference's, if `uses_reference`); `loss_from_logits`, from the logits directly; or
+    `step_loss`, from the micro-batches (core.engine.steps), with an optional `setup`.
+    What data it needs beyond the forget set: `needs_retain` (a retain_file is required),
+    `uses_contrast` (a contrast_file is read, else built-in refusals); `own_retain_term`:
+    its loss has a retain term of its own, so hyperparameters.retain_loss stays none;
+    `chooses_parameters`: its setup decides what trains, so adapter.layers stays null."""
 
     id: str
     summary: str
@@ -151,16 +77,31 @@ class Method(Generic[P]):
     forget_loss: ForgetLoss[P] | None
     uses_reference: bool = False
     loss_from_logits: LogitsLoss[P] | None = None
+    step_loss: StepLoss[P] | None = None
+    setup: Setup[P] | None = None
+    needs_retain: bool = False
+    uses_contrast: bool = False
+    own_retain_term: bool = False
+    chooses_parameters: bool = False
+    data: str = "forget"  # for tables: what the method trains on
 
     def __post_init__(self) -> None:
-        if (self.forget_loss is None) == (self.loss_from_logits is None):
+        forms = (self.forget_loss, self.loss_from_logits, self.step_loss)
+        if sum(form is not None for form in forms) != 1:
             raise ValueError(
-                f"method {self.id}: give forget_loss or loss_from_logits, not both or neither"
+                f"method {self.id}: give one of forget_loss, loss_from_logits, step_loss"
             )
 
     def needs_reference(self, params: TrainingParams) -> bool:
         """A reference model exists only when the loss or the retain term needs one."""
         return self.uses_reference or params.retain_loss == "kl"
+
+
+def _steps():
+    """core.engine.steps (torch), imported when a step runs."""
+    from core.engine import steps
+
+    return steps
 
 
 def _mask(t: ForgetTerms, p: TrainingParams) -> torch.Tensor:
@@ -217,8 +158,52 @@ METHODS: dict[str, Method[Any]] = {
             SimNPOParams,
             lambda t, p: _losses().simnpo_from_logprobs(t.logp, _mask(t, p), p.beta, p.gamma),
         ),
+        Method[FLATParams](
+            "flat",
+            "FLAT: f-divergence (Total Variation) between expected and forget responses",
+            FLATParams,
+            None,
+            step_loss=lambda inputs, p: _steps().flat_step(inputs, p),
+            uses_contrast=True,
+            data="forget + contrast",
+        ),
+        Method[RMUParams](
+            "rmu",
+            "RMU: steer a layer's hidden states on forget data to a random direction, "
+            "keep retain data's at the frozen model's",
+            RMUParams,
+            None,
+            step_loss=lambda inputs, p: _steps().rmu_step(inputs, p),
+            setup=lambda wrapped, p: _steps().rmu_setup(wrapped, p),
+            needs_retain=True,
+            own_retain_term=True,
+            chooses_parameters=True,
+            data="forget + retain",
+        ),
+        Method[RMUStarParams](
+            "rmu_star",
+            "RMU*: RMU's forget term alone, forget data only (paper Table 1)",
+            RMUStarParams,
+            None,
+            step_loss=lambda inputs, p: _steps().rmu_step(inputs, p),
+            setup=lambda wrapped, p: _steps().rmu_setup(wrapped, p),
+            own_retain_term=True,
+            chooses_parameters=True,
+        ),
     )
 }
+
+
+def prepare(wrapped: Any, method: Method[Any], params: TrainingParams) -> Any:
+    """The method's setup on this model (a core.engine.modeling.Wrapped), once: a second
+    call returns the first's state (the pipeline prepares before it fingerprints the run,
+    the loop again to be sure)."""
+    if method.setup is None:
+        return None
+    key = (method.id, params.model_dump_json())
+    if wrapped.prepared is None or wrapped.prepared[0] != key:
+        wrapped.prepared = (key, method.setup(wrapped, params))
+    return wrapped.prepared[1]
 
 
 def get_method(method_id: str) -> Method[Any]:

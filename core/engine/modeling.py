@@ -135,6 +135,8 @@ class Wrapped:
     # and the model's stack they are swapped into (found once, not on every reference pass)
     reference_layers: dict[int, torch.nn.Module] | None = None
     layer_stack: torch.nn.ModuleList | None = None
+    # a method's setup on this model and what it returned (core.engine.steps.prepare)
+    prepared: tuple[Any, Any] | None = None
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -150,13 +152,18 @@ class Wrapped:
                 # eval mode, as the frozen copy of a full-weight reference is: dropout in
                 # the base model (GPT-2, OPT) would make the reference a different draw
                 # on every pass
+                # peft marks the whole adapter trainable again when it re-enables it:
+                # what trains is put back as it was (RMU trains a few of its weights)
                 was_training = self.model.training
+                flags = [(p, p.requires_grad) for p in self.model.parameters()]
                 try:
                     with self.model.disable_adapter():
                         self.model.eval()
                         yield self.model
                 finally:
                     self.model.train(was_training)
+                    for param, flag in flags:
+                        param.requires_grad_(flag)
             elif self.reference_layers is not None:
                 with self._initial_layers_in():
                     yield self.model

@@ -18,12 +18,14 @@ from typing import Any
 
 from core.engine import losses, report
 from core.engine.checkpoint import ensure_resumable, run_fingerprint
+from core.engine.contrast import build_contrast
+from core.engine.contrast import contrast_records as contrast_set_records
 from core.engine.data import encode_records, load_records
 from core.engine.evaluation import EvalSpec, evaluate, tradeoff
 from core.engine.events import Events, Phase
 from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
-from core.engine.methods import MAX_STEPS, TrainingParams, get_method
+from core.engine.methods import MAX_STEPS, TrainingParams, get_method, prepare
 from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
 from core.engine.spec import JobSpec
 from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
@@ -134,6 +136,14 @@ def run_job(
     retain_records = (
         load_records(spec.retain_file, allowed_kinds=TRAIN_FILE_KINDS) if spec.retain_file else None
     )
+    contrast_records = None
+    if spec.contrast_file:
+        try:
+            contrast_records = load_records(spec.contrast_file, allowed_kinds=TRAIN_FILE_KINDS)
+        except DataError as exc:
+            raise DataError(f"contrast_file: {exc.message}", param="contrast_file") from None
+    if method.uses_contrast:  # its pairing with the forget set, checked before any load
+        contrast_set_records(forget_records, contrast_records, params.seed)
     if spec.eval is not None:
         _check_eval_files(spec.eval, forget_records.kind)
     lap("validate")
@@ -154,7 +164,13 @@ def run_job(
     }
     if retain_records:
         encoded["retain"] = encode_records(retain_records, tokenizer, max_length)
+    contrast = None
+    if method.uses_contrast:
+        contrast = build_contrast(
+            forget_records, encoded["forget"], contrast_records, tokenizer, max_length, params.seed
+        )
     warnings = [length_warning] + [its.warning(role) for role, its in encoded.items()]
+    warnings.append(contrast.warning() if contrast is not None else None)
     for warning in filter(None, warnings):
         events.warning(warning)
     forget = encoded["forget"].examples
@@ -163,8 +179,12 @@ def run_job(
     wrapped = wrap(
         model, spec.adapter, need_reference=method.needs_reference(params), seed=params.seed
     )
+    prepare(wrapped, method, params)  # what trains, before the fingerprint names it
+    contrast_examples = contrast.examples if contrast is not None else None
     fingerprint = (
-        run_fingerprint(method, params, wrapped, forget, retain) if checkpoint_dir else None
+        run_fingerprint(method, params, wrapped, forget, retain, contrast_examples)
+        if checkpoint_dir
+        else None
     )
     if fingerprint is not None:  # another run's checkpoint: refused before the evaluation
         ensure_resumable(checkpoint_dir, fingerprint)
@@ -177,6 +197,8 @@ def run_job(
         "adapter": spec.adapter.model_dump(),
         "data": {name: its.summary() for name, its in encoded.items()},
     }
+    if contrast is not None:
+        metrics["data"]["contrast"] = contrast.summary()
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     every = probe_every(spec.eval, steps)
@@ -206,6 +228,8 @@ def run_job(
         forget,
         pad_id=tokenizer.pad_token_id,
         retain=retain,
+        contrast=contrast_examples,
+        contrast_paired=contrast.paired if contrast is not None else True,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint,
         events=events,

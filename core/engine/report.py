@@ -190,6 +190,9 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
             line += (
                 f"; **{part['count']:,} {what}** (lines {line_list(part['lines'], part['count'])})"
             )
+    if "source" in data:  # FLAT's expected responses: which ones, and how they pair
+        pairing = "paired with the forget records line by line" if data["paired"] else "unpaired"
+        line += f"; from the {data['source']}, {pairing}"
     return line
 
 

@@ -26,14 +26,21 @@ class JobSpec(BaseModel):
 
     method: str = Field(
         max_length=64,
-        description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo.",
+        description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo, "
+        "flat, rmu, rmu_star.",
     )
     base_model: Reference = Field(
         description="Registered base model name (API) or local directory (CLI)."
     )
     forget_file: Reference = Field(description="Forget set: file id (API) or path (CLI).")
     retain_file: Reference | None = Field(
-        None, description="Retain set, for retain_loss nll or kl."
+        None, description="Retain set, for retain_loss nll or kl, and for rmu."
+    )
+    contrast_file: Reference | None = Field(
+        None,
+        description="flat only: the expected response to each forget prompt, line by line "
+        "(same kind and prompts as the forget set; any training kind for a text forget "
+        "set). Null: built-in refusals.",
     )
     eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
@@ -52,11 +59,36 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
-        get_method(self.method)
-        if self.hyperparameters.retain_loss != "none" and not self.retain_file:
+        method = get_method(self.method)
+        retain_loss = self.hyperparameters.retain_loss
+        if method.own_retain_term and retain_loss != "none":
             raise SpecError(
-                f"hyperparameters.retain_loss={self.hyperparameters.retain_loss!r} needs a retain_file",
+                f"hyperparameters.retain_loss: {self.method} has a retain term of its own; "
+                "leave retain_loss at none",
+                param="hyperparameters.retain_loss",
+            )
+        if retain_loss != "none" and not self.retain_file:
+            raise SpecError(
+                f"hyperparameters.retain_loss={retain_loss!r} needs a retain_file",
                 param="retain_file",
+            )
+        if method.needs_retain and not self.retain_file:
+            raise SpecError(
+                f"method {self.method} needs a retain_file: its retain term keeps the retain "
+                "data's hidden states at the frozen model's (rmu_star trains on forget data alone)",
+                param="retain_file",
+            )
+        if self.contrast_file and not method.uses_contrast:
+            raise SpecError(
+                f"contrast_file: method {self.method} does not use contrast responses "
+                "(flat does); remove it",
+                param="contrast_file",
+            )
+        if method.chooses_parameters and self.adapter.layers is not None:
+            raise SpecError(
+                f"adapter.layers: method {self.method} chooses what trains with "
+                "hyperparameters.update_layers; leave adapter.layers null",
+                param="adapter.layers",
             )
         return self
 
@@ -125,6 +157,7 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         "base_model": fix(spec.base_model),
         "forget_file": fix(spec.forget_file),
         "retain_file": fix(spec.retain_file),
+        "contrast_file": fix(spec.contrast_file),
     }
     if spec.eval is not None:
         update["eval"] = spec.eval.model_copy(

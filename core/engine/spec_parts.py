@@ -187,7 +187,7 @@ class EvalSpec(BaseModel):
 
 
 def spec_file_ids(raw: dict) -> set[str]:
-    """Every file a (serialised) job spec names: forget, retain and eval files."""
-    ids = {raw.get("forget_file"), raw.get("retain_file")}
+    """Every file a (serialised) job spec names: forget, retain, contrast and eval files."""
+    ids = {raw.get("forget_file"), raw.get("retain_file"), raw.get("contrast_file")}
     ids |= {v for k, v in (raw.get("eval") or {}).items() if k in EVAL_FILE_FIELDS}
     return {i for i in ids if i}

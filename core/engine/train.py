@@ -30,8 +30,9 @@ from core.engine.checkpoint import (
 )
 from core.engine.data import Example, collate
 from core.engine.events import Events, StepInfo
-from core.engine.methods import ForgetTerms, Method, TrainingParams
+from core.engine.methods import ForgetTerms, Method, TrainingParams, prepare
 from core.engine.modeling import Wrapped
+from core.engine.steps import StepInputs
 from core.errors import JobCancelled, SpecError
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ def run_unlearning(
     *,
     pad_id: int,
     retain: list[Example] | None = None,
+    contrast: list[Example] | None = None,
+    contrast_paired: bool = True,
     checkpoint_dir: Path | None = None,
     events: Events | None = None,
     stop_rule: StopRule | None = None,
@@ -69,16 +72,23 @@ def run_unlearning(
     holds a checkpoint of this run (`fingerprint`: run_fingerprint's, computed here when
     not given). Reports through `events`; raises JobCancelled when events.should_cancel()
     turns True. With a `stop_rule`, it is checked after every step and its state goes
-    into every checkpoint."""
+    into every checkpoint. `contrast` (FLAT's expected responses) is drawn with the
+    forget set's seed when `contrast_paired` (example i answers forget example i), so
+    each forget batch meets its own pairs; else as a stream of its own."""
     events = events or Events()
     keep_stop_rule = stop_rule.save if stop_rule is not None else None
     model = wrapped.model
     device = next(model.parameters()).device
-    if params.retain_loss != "none" and not retain:
-        raise ValueError("retain_loss needs retain examples")
+    if (params.retain_loss != "none" or method.needs_retain) and not retain:
+        raise ValueError(f"{method.id} with retain_loss {params.retain_loss} needs retain examples")
+    if method.uses_contrast and not contrast:
+        raise ValueError(f"{method.id} needs contrast examples")
+    if contrast_paired and contrast is not None and len(contrast) != len(forget):
+        raise ValueError("paired contrast examples must be as many as the forget examples")
 
     # --- setup
     seed_everything(params.seed)
+    state = prepare(wrapped, method, params)  # what trains may change here (RMU)
     steps = total_steps(params, len(forget))
     named = wrapped.trainable()
     masters = _master_weights(named) if params.master_weights else {}
@@ -92,12 +102,16 @@ def run_unlearning(
     retain_stream = (
         BatchStream(retain, params.batch_size, params.seed + 1, pad_id) if retain else None
     )
+    contrast_seed = params.seed if contrast_paired else params.seed + 2
+    contrast_stream = (
+        BatchStream(contrast, params.batch_size, contrast_seed, pad_id) if contrast else None
+    )
     # Without an explicit cadence, a run with a checkpoint directory saves about every
     # 10% of its steps, so a killed worker loses at most a tenth of the work.
     checkpoint_every = params.checkpoint_every or max(1, steps // 10)
     start_step, stop_reason = 0, None
     if checkpoint_dir is not None and fingerprint is None:
-        fingerprint = run_fingerprint(method, params, wrapped, forget, retain)
+        fingerprint = run_fingerprint(method, params, wrapped, forget, retain, contrast)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         start_step, stop_reason = load_checkpoint(
@@ -126,18 +140,32 @@ def run_unlearning(
             if events.should_cancel():
                 raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
             terms_sum: dict[str, float] = {}
+            loss_sum = 0.0
             for micro in range(accum):
                 index = (step - 1) * accum + micro
-                batch = {k: v.to(device) for k, v in forget_stream.batch(index).items()}
+                batch = _on(device, forget_stream.batch(index))
                 tokens_seen += int(batch["attention_mask"].sum())
-                logits = _forward_logits(model, batch)  # [B, T, V]
-                loss = _forget_loss(wrapped, method, params, logits, batch)
-                micro_terms = {"forget": float(loss.detach())}
+                if method.step_loss is not None:
+                    inputs = StepInputs(
+                        wrapped,
+                        batch,
+                        retain=_on(device, retain_stream.batch(index)) if retain_stream else None,
+                        contrast=_on(device, contrast_stream.batch(index))
+                        if contrast_stream
+                        else None,
+                        state=state,
+                    )
+                    loss, micro_terms = method.step_loss(inputs, params)  # its own terms
+                else:
+                    logits = _forward_logits(model, batch)  # [B, T, V]
+                    loss = _forget_loss(wrapped, method, params, logits, batch)
+                    micro_terms = {"forget": float(loss.detach())}
                 if retain_stream is not None and params.retain_loss != "none":
                     retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
                     micro_terms[f"retain_{params.retain_loss}"] = float(retain_term.detach())
                     loss = loss + params.retain_weight * retain_term
                 (loss / accum).backward()
+                loss_sum += float(loss.detach()) / accum
                 for name, value in micro_terms.items():
                     terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
             for name, master in masters.items():  # the low-precision gradients, to the masters
@@ -156,9 +184,7 @@ def run_unlearning(
             info = StepInfo(
                 step=step,
                 total_steps=steps,
-                loss=terms_sum["forget"]
-                + params.retain_weight
-                * sum(v for k, v in terms_sum.items() if k.startswith("retain")),
+                loss=loss_sum,
                 terms=terms_sum,
                 learning_rate=learning_rate,
                 tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
@@ -238,6 +264,10 @@ class BatchStream:
             self._epoch = epoch
         ids = self._order[position * self.batch_size : (position + 1) * self.batch_size]
         return collate([self.examples[i] for i in ids], self.pad_id)
+
+
+def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -347,7 +377,7 @@ def _retain_term(
     wrapped: Wrapped, params: TrainingParams, batch: dict[str, torch.Tensor], device: torch.device
 ) -> torch.Tensor:
     """NLL on retain data, or KL to the reference model on retain data (eq. 1)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = _on(device, batch)
     logits = _forward_logits(wrapped.model, batch)
     if params.retain_loss == "nll":
         logp, _ = losses.token_logprobs(logits, batch["labels"])

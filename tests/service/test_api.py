@@ -236,11 +236,25 @@ def test_other_tenants_ids_answer_404(client, service):
 def test_job_validation_errors(client):
     file_id = valid_file(client)
     assert_error(
-        client.post("/v1/jobs", json=job_body(file_id, method="rmu")),
+        client.post("/v1/jobs", json=job_body(file_id, method="rmu2")),
         422,
         "invalid_spec",
         param="method",
-        contains="valid methods: catnip, catnip_ref, catnip_seq, ga, npo, simnpo",
+        contains="valid methods: catnip, catnip_ref, catnip_seq, flat, ga, npo, rmu, rmu_star",
+    )
+    assert_error(  # each method's data, enforced before a job exists
+        client.post("/v1/jobs", json=job_body(file_id, method="rmu")),
+        422,
+        "invalid_spec",
+        param="retain_file",
+        contains="method rmu needs a retain_file",
+    )
+    assert_error(
+        client.post("/v1/jobs", json=job_body(file_id, contrast_file=file_id)),
+        422,
+        "invalid_spec",
+        param="contrast_file",
+        contains="method catnip does not use contrast responses",
     )
     assert_error(
         client.post("/v1/jobs", json=job_body(file_id, hyperparameters={"learning_rate": -1})),
@@ -310,6 +324,17 @@ def test_job_refuses_invalid_and_wrong_purpose_files(client):
         "wrong_file_kind",
         param="eval.forget_qa",
     )
+    # FLAT's contrast set is uploaded with purpose contrast, and only that goes in the slot
+    assert_error(
+        client.post("/v1/jobs", json=job_body(forget, method="flat", contrast_file=forget)),
+        422,
+        "wrong_file_purpose",
+        param="contrast_file",
+    )
+    contrast = valid_file(client, purpose="contrast")
+    created = client.post("/v1/jobs", json=job_body(forget, method="flat", contrast_file=contrast))
+    assert created.status_code == 201, created.text
+    assert created.json()["contrast_file"] == contrast
 
 
 def test_create_get_cancel_and_events(client):
@@ -386,10 +411,16 @@ def test_openapi_documents_every_method_and_field(client):
         "catnip",
         "catnip_ref",
         "catnip_seq",
+        "flat",
         "ga",
         "npo",
+        "rmu",
+        "rmu_star",
         "simnpo",
     ]
+    rmu = schema["components"]["schemas"]["RMUParams"]["properties"]
+    assert (rmu["steering_coeff"]["default"], rmu["alpha"]["default"]) == (20.0, 100.0)
+    assert "contrast_file" in job["properties"]
     catnip = schema["components"]["schemas"]["CatnipParams"]["properties"]
     assert catnip["beta"]["default"] == 1.0 and "token_stride" in catnip
     assert schema["components"]["schemas"]["SimNPOParams"]["properties"]["gamma"]["default"] == 0.0

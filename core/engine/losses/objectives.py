@@ -118,6 +118,55 @@ def simnpo_from_logprobs(
     return _mean_over_samples(per_sample, counts)
 
 
+def flat_tv_from_logprobs(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    contrast_logp: torch.Tensor,
+    contrast_mask: torch.Tensor,
+) -> torch.Tensor:
+    """FLAT (Wang et al., 2025, "LLM Unlearning via Loss Adjustment with Only Forget
+    Data"), Total Variation, the setting the paper uses (5.1.3). FLAT minimises the
+    variational (dual) form of an f-divergence between the expected (contrast) responses
+    y_e and the forget responses y_f, with the average token probability
+    P(y|x) = 1/|y| sum_i pi_theta(y_i | x, y_<i) as the variational function's input:
+
+        L = -g*(P(y_e|x)) + f*(g*(P(y_f|x)))
+
+    and for Total Variation g*(v) = f*(g*(v)) = tanh(v) / 2, so
+
+        L = 1/2 tanh(P_f) - 1/2 tanh(P_e)
+
+    with P_f, P_e the batch's mean (per sample, then over samples) of the forget and the
+    contrast responses' token probabilities: it lowers the forget responses' probability
+    and raises the expected ones'. The official code averages over every position of the
+    padded batch, prompt and padding included (which scales both P by the share of
+    response positions); here the mean is over response tokens, as the paper writes P.
+
+    logp, contrast_logp: [B, T] log z with grad; mask, contrast_mask: [B, T] bool.
+    """
+    forget = _per_sample_mean(logp.exp(), mask)
+    expected = _per_sample_mean(contrast_logp.exp(), contrast_mask)
+    return 0.5 * torch.tanh(forget) - 0.5 * torch.tanh(expected)
+
+
+def hidden_mse(
+    hidden: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """RMU's distance (Li et al., 2024, WMDP, eq. 1-2): the mean over the batch's tokens
+    of the mean squared difference over the hidden dimension,
+        1/|tokens| * sum_t 1/H * || h_t - target_t ||^2,
+    in float32 whatever the hidden states' dtype.
+
+    hidden: [B, T, H] with grad; target: [B, T, H] or [H] (broadcast: RMU's c * u);
+    attention_mask: [B, T], 1 where a token is real (padding does not count; the
+    official code pads and counts the padding, which a batch of equal lengths shares).
+    """
+    diff = hidden.float() - target.detach().float()
+    per_token = diff.pow(2).mean(dim=-1)  # [B, T]
+    mask = attention_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
 def nll_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Retain NLL: E [ -1/|y| * sum_i log pi_theta(y_i | ...) ] on retain data."""
     return -_per_sample_mean(logp, mask)
