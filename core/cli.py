@@ -174,6 +174,12 @@ def bench(
     retain_lr: str = typer.Option(
         "1e-4", help="LR of the +KL (retain data) runs; 'none' to skip them."
     ),
+    sam_methods: str = typer.Option(
+        "catnip,npo,simnpo",
+        help="Methods also run with sharpness-aware unlearning at each numeric --lrs; "
+        "'none' to skip.",
+    ),
+    sam_rho: float = typer.Option(0.05, help="The radius of those runs (hyperparameters.sam_rho)."),
     steps: int = typer.Option(60, help="max_steps of every run (the stop rule may end sooner)."),
     batch_size: int | None = typer.Option(
         None, help="Forget samples per step, every run (default: the demo job's)."
@@ -201,7 +207,8 @@ def bench(
             f"--lrs {lrs!r} / --retain-lr {retain_lr!r}: {exc}; give numbers, "
             "'paper' (in --lrs) or 'none'"
         ) from exc
-    runs = grid([m.strip() for m in methods.split(",")], learning_rates, retain)
+    sam = [] if sam_methods.strip() == "none" else [m.strip() for m in sam_methods.split(",")]
+    runs = grid([m.strip() for m in methods.split(",")], learning_rates, retain, sam, sam_rho)
     out = output or _data_dir() / "bench"
     typer.echo(f"[bench] {len(runs)} runs -> {out}", err=True)
     base = demo_spec(demo_dir, max_steps=steps)

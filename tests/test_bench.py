@@ -10,7 +10,7 @@ from core.demo.build import demo_spec
 
 
 def test_grid_names_and_retain_variants():
-    runs = grid(["catnip", "npo", "rmu"], [None, 1e-4], retain_lr=3e-4)
+    runs = grid(["catnip", "npo", "rmu"], [None, 1e-4], retain_lr=3e-4, sam_methods=["catnip"])
     assert [r.name for r in runs] == [
         "catnip@paper",
         "catnip@0.0001",
@@ -18,6 +18,7 @@ def test_grid_names_and_retain_variants():
         "npo@0.0001",
         "rmu@paper",
         "rmu@0.0001",
+        "catnip+sam0.05@0.0001",  # beside catnip@0.0001, the same but for SAM
         "catnip+kl@0.0003",
         "npo+kl@0.0003",
     ]  # no rmu+kl: RMU's retain term is its own
@@ -32,10 +33,17 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
         BenchRun("ga", None, "kl"),
         BenchRun("flat", 1e-2),
         BenchRun("rmu", None),
+        BenchRun("catnip", 1e-2, sam_rho=0.05),
     ]
     lines: list[str] = []
     rows = run_bench(fixture_dir, tmp_path, base, runs, device="cpu", echo=lines.append)
-    assert [r["run"] for r in rows] == ["catnip@0.01", "ga+kl@paper", "flat@0.01", "rmu@paper"]
+    assert [r["run"] for r in rows] == [
+        "catnip@0.01",
+        "ga+kl@paper",
+        "flat@0.01",
+        "rmu@paper",
+        "catnip+sam0.05@0.01",
+    ]
     assert rows[1]["learning_rate"] == 3e-5  # GA's paper default (A.4.4)
     assert rows[3]["learning_rate"] == 5e-5  # RMU's official default
     assert [r["data"] for r in rows] == [
@@ -43,7 +51,10 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
         "forget + retain",
         "forget + contrast",
         "forget + retain",
+        "forget",
     ]
+    sam = json.loads((tmp_path / "runs" / "catnip+sam0.05@0.01" / "metrics.json").read_text())
+    assert sam["hyperparameters"]["sam_rho"] == 0.05 and rows[4]["sam_rho"] == 0.05
     for r, run in zip(rows, runs, strict=True):
         metrics = json.loads((tmp_path / "runs" / run.name / "metrics.json").read_text())
         assert r["forget_f1"] == 100 * metrics["after"]["forget_knowmem"]["rouge_l_f1"]
@@ -64,4 +75,4 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
     assert table.count("\n| catnip@0.01 | forget |") == 1 and "| ga+kl@paper |" in table
     assert "| rmu@paper | forget + retain | 5e-05 |" in table
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
-    assert len(lines) == 4
+    assert len(lines) == 5

@@ -1,8 +1,8 @@
 """`unlearn bench`: CATNIP and the baselines on the demo benchmark, side by side.
 
 Every run uses the same settings (full weights, max_steps, batch, the stop rule at the
-same utility budget, the same eval sets); only the method, its learning rate and the
-optional retain term vary. Writes results.json, a Markdown table and the trade-off plot
+same utility budget, the same eval sets); only the method, its learning rate, the
+optional retain term and the optional sharpness-aware training vary. Writes results.json, a Markdown table and the trade-off plot
 of paper Fig. 3 (forget drop against utility change, one point per run).
 """
 
@@ -25,20 +25,34 @@ class BenchRun:
     method: str
     learning_rate: float | None  # None = the method's paper default (A.4.4)
     retain_loss: str = "none"
+    sam_rho: float = 0.0  # sharpness-aware unlearning; 0 = off
 
     @property
     def name(self) -> str:
         lr = "paper" if self.learning_rate is None else f"{self.learning_rate:g}"
         retain = "" if self.retain_loss == "none" else f"+{self.retain_loss}"
-        return f"{self.method}{retain}@{lr}"
+        sam = f"+sam{self.sam_rho:g}" if self.sam_rho else ""
+        return f"{self.method}{retain}{sam}@{lr}"
 
 
 def grid(
-    methods: list[str], learning_rates: list[float | None], retain_lr: float | None
+    methods: list[str],
+    learning_rates: list[float | None],
+    retain_lr: float | None,
+    sam_methods: list[str] | None = None,
+    sam_rho: float = 0.05,
 ) -> list[BenchRun]:
     """Every method at every learning rate, and (at retain_lr) with the KL retain term,
-    where the method has no retain term of its own (RMU's is part of it)."""
+    where the method has no retain term of its own (RMU's is part of it); then each of
+    `sam_methods` with sharpness-aware unlearning at the same numeric learning rates, the
+    rows to set beside its runs without it."""
     runs = [BenchRun(m, lr) for m in methods for lr in learning_rates]
+    runs += [
+        BenchRun(m, lr, sam_rho=sam_rho)
+        for m in sam_methods or []
+        for lr in learning_rates
+        if lr is not None
+    ]
     if retain_lr is not None:
         runs += [
             BenchRun(m, retain_lr, "kl")
@@ -61,6 +75,8 @@ def run_spec(base: dict[str, Any], run: BenchRun, demo_dir: Path) -> dict[str, A
         hyper["learning_rate"] = run.learning_rate
     if run.retain_loss != "none":
         hyper["retain_loss"] = run.retain_loss
+    if run.sam_rho:
+        hyper["sam_rho"] = run.sam_rho
     if run.retain_loss != "none" or method.needs_retain:
         spec["retain_file"] = str(demo_dir / "data" / "retain_qa.jsonl")
     if method.uses_contrast:
@@ -82,6 +98,7 @@ def row(run: BenchRun, metrics: dict[str, Any], seconds: float) -> dict[str, Any
         "run": run.name,
         "method": run.method,
         "retain_loss": run.retain_loss,
+        "sam_rho": run.sam_rho,
         "data": data_needed(run),
         "learning_rate": metrics["hyperparameters"]["learning_rate"],
         "forget_f1": 100 * after["forget_knowmem"]["rouge_l_f1"],
@@ -194,7 +211,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     methods = sorted({r["method"] for r in rows})
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     for r in rows:
-        marker = "s" if r["retain_loss"] != "none" else "o"
+        marker = "s" if r["retain_loss"] != "none" else "^" if r.get("sam_rho") else "o"
         ax.scatter(-r["delta_f"], r["delta_u"], color=colours[r["method"]], marker=marker, s=50)
         ax.annotate(
             r["run"],
@@ -209,7 +226,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("forget drop -df (points, higher = more forgotten)")
     ax.set_ylabel("utility change du (points, higher = better kept)")
-    ax.set_title("Trade-off on the demo benchmark (circles: no retain data; squares: +KL)")
+    ax.set_title("Trade-off on the demo (circles: no retain data; triangles: +SAM; squares: +KL)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -260,6 +277,8 @@ def run_bench(
         "lr 'paper' = the method's default (A.4.4; RMU: the official implementation's); "
         "+kl = KL to the initial model on retain QA; flat's contrast = the demo's non-answer "
         f"{DEMO_NON_ANSWER!r} to each forget prompt (its vocabulary has no words of refusal); "
+        "+samR = sharpness-aware unlearning with radius R (one more forward and backward of "
+        "the forget loss per step); "
         "rmu/rmu_star at the official defaults (steered layer at 7/32 of the depth, "
         "steering coefficient 20, alpha 100), their retain data the retain QA"
     )

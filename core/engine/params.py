@@ -58,6 +58,14 @@ class TrainingParams(BaseModel):
         "updates round away (docs/performance.md). Costs 12 bytes per such weight (copy + fp32 "
         "Adam state) instead of 4. LoRA adapters are fp32 already.",
     )
+    sam_rho: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Sharpness-aware unlearning (Fan et al., 2025): the radius of the weight "
+        "perturbation the forget loss is minimised against; each step then costs one more "
+        "forward and backward of it. 0 = off.",
+    )
     forget_eos: bool = Field(
         False,
         description="Count the end-of-sequence token after each forget response (QA/chat) as "

@@ -135,39 +135,60 @@ def run_unlearning(
         started = time.monotonic()
         tokens_seen = 0
 
+        def forget_part(index: int) -> tuple[torch.Tensor, dict[str, float]]:
+            """The method's loss on micro-batch `index` (a step loss's retain term too)."""
+            batch = _on(device, forget_stream.batch(index))
+            if method.step_loss is None:
+                loss = _forget_loss(wrapped, method, params, _forward_logits(model, batch), batch)
+                return loss, {"forget": float(loss.detach())}
+            inputs = StepInputs(
+                wrapped,
+                batch,
+                retain=_on(device, retain_stream.batch(index)) if retain_stream else None,
+                contrast=_on(device, contrast_stream.batch(index)) if contrast_stream else None,
+                state=state,
+            )
+            return method.step_loss(inputs, params)  # its own terms
+
+        def retain_part(index: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+            if retain_stream is None or params.retain_loss == "none":
+                return None
+            term = _retain_term(wrapped, params, retain_stream.batch(index), device)
+            return term, {f"retain_{params.retain_loss}": float(term.detach())}
+
         # --- steps
         for step in range(start_step + 1, (start_step if stop_reason else steps) + 1):
             if events.should_cancel():
                 raise JobCancelled(f"cancelled at step {step - 1} of {steps}")
             terms_sum: dict[str, float] = {}
             loss_sum = 0.0
-            for micro in range(accum):
-                index = (step - 1) * accum + micro
-                batch = _on(device, forget_stream.batch(index))
-                tokens_seen += int(batch["attention_mask"].sum())
-                if method.step_loss is not None:
-                    inputs = StepInputs(
-                        wrapped,
-                        batch,
-                        retain=_on(device, retain_stream.batch(index)) if retain_stream else None,
-                        contrast=_on(device, contrast_stream.batch(index))
-                        if contrast_stream
-                        else None,
-                        state=state,
-                    )
-                    loss, micro_terms = method.step_loss(inputs, params)  # its own terms
-                else:
-                    logits = _forward_logits(model, batch)  # [B, T, V]
-                    loss = _forget_loss(wrapped, method, params, logits, batch)
-                    micro_terms = {"forget": float(loss.detach())}
-                if retain_stream is not None and params.retain_loss != "none":
-                    retain_term = _retain_term(wrapped, params, retain_stream.batch(index), device)
-                    micro_terms[f"retain_{params.retain_loss}"] = float(retain_term.detach())
-                    loss = loss + params.retain_weight * retain_term
+
+            indices = [(step - 1) * accum + micro for micro in range(accum)]
+            for index in indices:
+                tokens_seen += int(forget_stream.batch(index)["attention_mask"].sum())
+            sharp = params.sam_rho > 0
+            for index in indices:  # the gradient at the weights (SAM: of the forget loss alone)
+                loss, micro_terms = forget_part(index)
+                retained = None if sharp else retain_part(index)
+                if retained is not None:
+                    loss = loss + params.retain_weight * retained[0]
+                    micro_terms.update(retained[1])
                 (loss / accum).backward()
                 loss_sum += float(loss.detach()) / accum
                 for name, value in micro_terms.items():
                     terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
+            if sharp:
+                with _sam_perturbed(named, params.sam_rho):  # the forget loss's gradient there
+                    for index in indices:
+                        (forget_part(index)[0] / accum).backward()
+                for index in indices:  # and the retain term's at the weights themselves
+                    retained = retain_part(index)
+                    if retained is None:
+                        continue
+                    (params.retain_weight * retained[0] / accum).backward()
+                    loss_sum += params.retain_weight * float(retained[0].detach()) / accum
+                    for name, value in retained[1].items():
+                        terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
             for name, master in masters.items():  # the low-precision gradients, to the masters
                 grad, named[name].grad = named[name].grad, None
                 master.grad = None if grad is None else grad.float()
@@ -285,6 +306,41 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, st
         num_warmup_steps=params.warmup_steps,
         num_training_steps=steps,
     )
+
+
+# --- sharpness-aware unlearning ------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sam_perturbed(named: dict[str, torch.nn.Parameter], rho: float) -> Iterator[None]:
+    """Sharpness-aware minimisation of the forget loss (Foret et al., 2021; for
+    unlearning, Fan et al., 2025, "Towards LLM Unlearning Resilient to Relearning
+    Attacks"): min_theta max_{||delta|| <= rho} l_f(theta + delta) + lambda l_r(theta).
+
+    On entry the trainable parameters hold the forget loss's gradient g at theta; they are
+    moved to theta + delta, delta = rho * g / ||g|| (the first-order worst case within the
+    ball), and their gradients cleared, so the backward inside the block leaves the
+    gradient at theta + delta. On exit the weights are theta again (restored from copies,
+    exact in any dtype). The update then descends a loss that stays low in a whole
+    neighbourhood of theta: a short fine-tune (a relearning attack) has farther to go."""
+    grads = {name: p.grad for name, p in named.items() if p.grad is not None}
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])
+    )
+    scale = rho / (norm + 1e-12)
+    saved = {}
+    with torch.no_grad():
+        for name, grad in grads.items():
+            param = named[name]
+            saved[name] = param.detach().clone()
+            param.add_((grad.float() * scale).to(param.dtype))
+            param.grad = None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                named[name].copy_(value)
 
 
 # --- fp32 master weights -------------------------------------------------------
