@@ -143,6 +143,14 @@ class JobObject(BaseModel):
     contrast_file: str | None = Field(
         None, description="flat: the contrast set's file id, if any (else built-in refusals)."
     )
+    init_from_job: str | None = Field(
+        None, description="Sequential unlearning: the job whose output this one started from."
+    )
+    chain: list[str] = Field(
+        default_factory=list,
+        description="The jobs before this one in its chain, first job first (init_from_job "
+        "last); empty for a job on the base model.",
+    )
     adapter: dict[str, Any] = Field(description="The adapter spec with defaults filled in.")
     hyperparameters: dict[str, Any] = Field(description="All hyperparameters, defaults filled in.")
     eval: dict[str, Any] | None = Field(description="Eval file ids and stop-rule settings.")
@@ -183,6 +191,8 @@ class JobObject(BaseModel):
             forget_file=row.forget_file_id,
             retain_file=row.retain_file_id,
             contrast_file=spec.get("contrast_file"),
+            init_from_job=row.init_from_job_id,
+            chain=list(row.chain or []),
             adapter=spec.get("adapter") or {},
             hyperparameters=spec.get("hyperparameters") or {},
             eval=spec.get("eval"),

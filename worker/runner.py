@@ -135,7 +135,7 @@ class JobRunner:
 
         work = self.settings.work_dir / "jobs" / job_id
         try:
-            spec, shown = self._local_spec(job_id, work / "inputs")
+            spec, shown, chain = self._local_spec(job_id, work / "inputs")
             self._restore_checkpoint(job_id, work / "checkpoints")
             events = DatabaseEvents(
                 self.sessions, job_id, self.settings, lambda: heartbeat.lost, self.store
@@ -151,6 +151,7 @@ class JobRunner:
                 checkpoint_dir=work / "checkpoints",
                 shown=shown,
                 max_tokens=limits.max_job_tokens,
+                chain=chain,
             )
             events.phase(Phase.UPLOADING)
             self._store_artifacts(job_id, result.artifacts, work / "archives")
@@ -241,10 +242,13 @@ class JobRunner:
 
     # --- inputs ---------------------------------------------------------------
 
-    def _local_spec(self, job_id: str, inputs: Path) -> tuple[Any, dict[str, str]]:
-        """The job's spec with file ids replaced by local copies and the model name by a
-        local directory; and how the report names the model and the forget file for the
-        tenant (the model's name; the file's id and name), not by those paths."""
+    def _local_spec(
+        self, job_id: str, inputs: Path
+    ) -> tuple[Any, dict[str, str], list[dict[str, Any]] | None]:
+        """The job's spec with file ids replaced by local copies, the model name by a
+        local directory and init_from_job by the previous job's output; how the report
+        names the model and the forget file for the tenant (the model's name; the file's
+        id and name), not by those paths; the chain of jobs before it, by job id."""
         from core.engine.spec import parse_spec
 
         with self.sessions() as session:
@@ -285,6 +289,11 @@ class JobRunner:
             if forget
             else raw["forget_file"],
         }
+        chain = None
+        if raw.get("init_from_job"):
+            start_dir, chain = self._fetch_start(job_id, inputs / "start")
+            self._redactions[str(start_dir)] = f"job {raw['init_from_job']}'s output"
+            raw["init_from_job"] = str(start_dir)
         raw["forget_file"] = fetch(raw["forget_file"])
         raw["retain_file"] = fetch(raw.get("retain_file"))
         raw["contrast_file"] = fetch(raw.get("contrast_file"))
@@ -292,7 +301,55 @@ class JobRunner:
             raw["eval"] = {
                 k: (fetch(v) if k in EVAL_FILE_FIELDS else v) for k, v in raw["eval"].items()
             }
-        return parse_spec(raw), shown
+        return parse_spec(raw), shown, chain
+
+    def _fetch_start(self, job_id: str, directory: Path) -> tuple[Path, list[dict[str, Any]]]:
+        """The output of the job this one starts from, from the store into `directory` as
+        the engine reads it (adapter/ after a LoRA job, else model/), its archive checked
+        against the sha256 recorded when it was stored; and the chain, first job first."""
+        with self.sessions() as session:
+            job = repo.get_job(session, None, job_id)
+            ids = list(job.chain or [])
+            rows = repo.jobs_by_id(session, job.tenant, ids)
+            artifacts = {a.name: a for a in repo.list_artifacts(session, ids[-1])}
+        name = "adapter" if "adapter" in artifacts else "model"
+        if name not in artifacts:
+            raise UnlearnError(
+                f"init_from_job: job {ids[-1]} has neither an adapter nor a model artifact",
+                code="artifact_not_found",
+                param="init_from_job",
+            )
+
+        def output(i: str) -> str:  # what the engine started from after job i
+            if i == ids[-1]:
+                return name
+            spec = rows[i].spec if i in rows else {}
+            return "adapter" if (spec.get("adapter") or {}).get("type") == "lora" else "model"
+
+        chain = [
+            {"job": i, "method": rows[i].method if i in rows else None, "output": output(i)}
+            for i in ids
+        ]
+        artifact = artifacts[name]
+        target = directory / name
+        if (directory / ".complete").is_file():
+            return directory, chain  # fetched by an earlier attempt of this job
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        archive = directory / f"{name}.tar.gz"
+        self.store.get(artifact.storage_key, archive)
+        if file_sha256(archive) != artifact.sha256:
+            raise UnlearnError(
+                f"init_from_job: the {name} of job {ids[-1]} in the store does not match the "
+                "sha256 recorded when it was stored; the operator should check the store",
+                code="artifact_corrupt",
+                param="init_from_job",
+            )
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        archive.unlink()
+        (directory / ".complete").write_text(artifact.sha256)
+        return directory, chain
 
     def _model_dir(self, uri: str) -> Path:
         if not uri.startswith("s3://"):

@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
 from core.engine.spec import JobSpec, parse_spec
-from core.errors import Conflict, LimitExceeded, SpecError, Unavailable, UnlearnError
+from core.errors import (
+    Conflict,
+    LimitExceeded,
+    NotFound,
+    SpecError,
+    Unavailable,
+    UnlearnError,
+)
 from core.service import audit, repo
 from core.service.audit import Who
 from core.service.db import Artifact, File, Job, looks_like_id, new_id, utcnow
@@ -67,6 +74,7 @@ def create(
             retry_after=30,
         )
     repo.get_model(session, spec.base_model)
+    start = _starting_job(session, tenant, spec, settings) if spec.init_from_job else None
     if spec.eval is not None:
         spec_json["eval"]["reference_model"] = _reference_model(session, spec)
     slots = _file_slots(spec)
@@ -87,6 +95,8 @@ def create(
         forget_file_id=spec.forget_file,
         retain_file_id=spec.retain_file,
         spec=spec_json,
+        init_from_job_id=start.id if start is not None else None,
+        chain=[*(start.chain or []), start.id] if start is not None else None,
         idempotency_key=idempotency_key,
         request_hash=digest,
         key_id=who.actor,
@@ -103,7 +113,12 @@ def create(
         who,
         "job.created",
         job.id,
-        {"method": spec.method, "base_model": spec.base_model, "files": slots},
+        {
+            "method": spec.method,
+            "base_model": spec.base_model,
+            "files": slots,
+            **({"init_from_job": start.id} if start is not None else {}),
+        },
     )
     try:
         session.commit()
@@ -201,6 +216,48 @@ def _reference_model(session: Session, spec: JobSpec) -> str | None:
             ) from None
     registered = repo.reference_for(session, spec.base_model)
     return registered.name if registered is not None else None
+
+
+def _starting_job(session: Session, tenant: str, spec: JobSpec, settings: Settings) -> Job:
+    """The job a sequential job starts from: the tenant's own (another tenant's is no job
+    of theirs: 404), succeeded, on the same base model, its chain within the limit."""
+    job_id = spec.init_from_job
+    assert job_id is not None
+    try:
+        if not looks_like_id("job", job_id):
+            raise NotFound(f"no job {job_id!r}")
+        start = repo.get_job(session, tenant, job_id)
+    except NotFound:
+        raise NotFound(
+            f"init_from_job: no job {job_id!r} (job ids look like job-0123...; "
+            "GET /v1/jobs lists yours)",
+            param="init_from_job",
+            code="job_not_found",
+        ) from None
+    if start.status != JobStatus.SUCCEEDED:
+        raise Conflict(
+            f"init_from_job: job {start.id} is {start.status}; a job starts from a succeeded "
+            "job's output",
+            param="init_from_job",
+            code="job_not_succeeded",
+        )
+    if start.base_model != spec.base_model:
+        raise SpecError(
+            f"base_model: job {start.id} unlearned base model {start.base_model!r}, this job "
+            f"names {spec.base_model!r}; a chain stays on one base model",
+            param="base_model",
+            code="base_model_mismatch",
+        )
+    length = len(start.chain or []) + 1
+    if length > settings.max_chain_jobs:
+        raise SpecError(
+            f"init_from_job: job {start.id} ends a chain of {length} jobs, the limit "
+            f"(MAX_CHAIN_JOBS) is {settings.max_chain_jobs}; start from the base model, or from "
+            "a merged model registered as a base model",
+            param="init_from_job",
+            code="chain_too_long",
+        )
+    return start
 
 
 def _replay(existing: Job, digest: str) -> Job:

@@ -44,21 +44,22 @@ def run_fingerprint(
     forget: list[Example],
     retain: list[Example] | None,
     contrast: list[Example] | None = None,
+    start: str | None = None,
 ) -> str:
     """What a checkpoint must match to be resumed, as a sha256 hex digest: the method,
     every hyperparameter but the two that leave the maths alone (checkpoint_every,
-    gradient_checkpointing), the trainable tensors' names and shapes, and the token ids
-    and labels of the forget, retain and contrast examples."""
+    gradient_checkpointing), the trainable tensors' names and shapes, the digest of the
+    previous job's output a sequential job starts from, and the token ids and labels of
+    the forget, retain and contrast examples."""
     digest = hashlib.sha256()
     settings = params.model_dump(
         mode="json", exclude={"checkpoint_every", "gradient_checkpointing"}
     )
     trainable = [(name, list(p.shape)) for name, p in wrapped.trainable().items()]
-    digest.update(
-        json.dumps(
-            {"method": method.id, "params": settings, "trainable": trainable}, sort_keys=True
-        ).encode()
-    )
+    named: dict = {"method": method.id, "params": settings, "trainable": trainable}
+    if start is not None:  # absent otherwise: the fingerprints of other jobs stay as they were
+        named["start"] = start
+    digest.update(json.dumps(named, sort_keys=True).encode())
     for examples in (forget, retain or [], *([contrast] if contrast is not None else [])):
         digest.update(b"|")
         for e in examples:

@@ -27,6 +27,15 @@ from core.engine.evidence import judge, privacy_audit, robustness_audits, with_p
 from core.engine.formats import check_file
 from core.engine.methods import MAX_STEPS, TrainingParams, get_method, prepare
 from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
+from core.engine.sequential import (
+    StartPoint,
+    chain_of,
+    check_same_architecture,
+    merge_start,
+    stack_adapters,
+    start_digest,
+    start_point,
+)
 from core.engine.spec import JobSpec
 from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.engine.stop_rule import StopRule, probe_every
@@ -66,6 +75,17 @@ def _check_eval_files(ev: EvalSpec, forget_kind: str) -> None:
             "directory (no config.json)",
             param="eval.reference_model",
         )
+
+
+def _load_start(base_model: str, start: StartPoint | None, device: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) a job starts from: the base model; after a previous LoRA job,
+    with that job's adapter merged in; after a full-weight job, that job's weights."""
+    if start is not None and start.kind == "model":
+        return load_base(start.path, device)
+    model, tokenizer = load_base(base_model, device)
+    if start is not None:
+        model = merge_start(model, start)
+    return model, tokenizer
 
 
 def _take_per_sample(evaluation: dict[str, Any]) -> list[float] | None:
@@ -112,12 +132,16 @@ def run_job(
     checkpoint_dir: Path | None = None,
     shown: dict[str, str] | None = None,
     max_tokens: int | None = None,
+    chain: list[dict[str, Any]] | None = None,
 ) -> JobResult:
     """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
     `shown` names the base model and forget file in the report as its readers know them
     (the service's tenants see neither the operator's nor the worker's paths).
     `max_tokens` bounds steps x batch x accumulation x max_length, checked once the
-    forget set is tokenized, before any evaluation (the service's per-job budget)."""
+    forget set is tokenized, before any evaluation (the service's per-job budget).
+    `chain` names the jobs a sequential job follows, first job first (the service: by
+    job id); by default, the chain its init_from_job directory records, then that
+    directory."""
     events = events or Events()
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -146,6 +170,9 @@ def run_job(
         contrast_set_records(forget_records, contrast_records, params.seed)
     if spec.eval is not None:
         _check_eval_files(spec.eval, forget_records.kind)
+    start = start_point(spec.init_from_job) if spec.init_from_job else None
+    if start is not None and start.kind == "model":
+        check_same_architecture(spec.base_model, start)
     lap("validate")
 
     # --- load
@@ -155,7 +182,7 @@ def run_job(
         losses.check_device(torch_device)
     except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
         raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
-    model, tokenizer = load_base(spec.base_model, torch_device)
+    model, tokenizer = _load_start(spec.base_model, start, torch_device)
     max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {
         "forget": encode_records(
@@ -182,7 +209,15 @@ def run_job(
     prepare(wrapped, method, params)  # what trains, before the fingerprint names it
     contrast_examples = contrast.examples if contrast is not None else None
     fingerprint = (
-        run_fingerprint(method, params, wrapped, forget, retain, contrast_examples)
+        run_fingerprint(
+            method,
+            params,
+            wrapped,
+            forget,
+            retain,
+            contrast_examples,
+            start=start_digest(start) if start is not None else None,
+        )
         if checkpoint_dir
         else None
     )
@@ -199,6 +234,8 @@ def run_job(
     }
     if contrast is not None:
         metrics["data"]["contrast"] = contrast.summary()
+    if start is not None:
+        metrics["chain"] = chain if chain is not None else chain_of(start)
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     every = probe_every(spec.eval, steps)
@@ -292,6 +329,10 @@ def run_job(
     events.phase(Phase.SAVING)
     output_dir.mkdir(parents=True, exist_ok=True)
     artifacts = save_output(wrapped, tokenizer, output_dir)
+    if start is not None and start.kind == "adapter" and "adapter" in artifacts:
+        # the adapter trained on the previous job's merged model, stacked with that job's
+        # adapter: one adapter for the chain, on the base model
+        stack_adapters(start.path, artifacts["adapter"], artifacts["adapter"])
     metrics["steps"] = {"done": loop.steps_done, "planned": loop.total_steps}
     metrics["timings_s"] = timings
     report_dir = report.write_report(

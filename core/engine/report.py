@@ -196,6 +196,17 @@ def _data_line(name: str, data: dict[str, Any]) -> str:
     return line
 
 
+def _chain_lines(chain: list[dict[str, Any]] | None) -> list[str]:
+    """Where a sequential job started: the previous job and the chain before it."""
+    if not chain:
+        return []
+    names = [f"`{link['job']}` ({link.get('method') or '?'})" for link in chain]
+    return [
+        f"- Starts from: {names[-1]}'s output ({chain[-1].get('output', 'adapter')})",
+        f"- Chain, first job first: {' -> '.join(names)} -> this job",
+    ]
+
+
 def summary_markdown(
     spec: Any, metrics: dict[str, Any], shown: dict[str, str] | None = None
 ) -> str:
@@ -208,6 +219,7 @@ def summary_markdown(
         "",
         f"- Base model: `{shown.get('base_model', spec.base_model)}`",
         f"- Forget set: `{shown.get('forget_file', spec.forget_file)}`",
+        *_chain_lines(metrics.get("chain")),
         f"- Adapter: {spec.adapter.type}",
         f"- Steps: {metrics['steps']['done']} of {metrics['steps']['planned']} planned",
     ]

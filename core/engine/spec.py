@@ -42,6 +42,13 @@ class JobSpec(BaseModel):
         "(same kind and prompts as the forget set; any training kind for a text forget "
         "set). Null: built-in refusals.",
     )
+    init_from_job: Reference | None = Field(
+        None,
+        description="Start from a previous succeeded job's output (sequential unlearning): "
+        "its job id (API; the tenant's own job, on the same base model) or its output "
+        "directory (CLI). After a LoRA job, a LoRA job writes one adapter for the whole "
+        "chain, on the base model.",
+    )
     eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     hyperparameters: SerializeAsAny[TrainingParams] = Field(
@@ -158,6 +165,7 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         "forget_file": fix(spec.forget_file),
         "retain_file": fix(spec.retain_file),
         "contrast_file": fix(spec.contrast_file),
+        "init_from_job": fix(spec.init_from_job),
     }
     if spec.eval is not None:
         update["eval"] = spec.eval.model_copy(

@@ -5,6 +5,7 @@ signed (core.service.signing) so anyone can check it offline with the public key
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -98,6 +99,7 @@ def content(session: Session, job: Job) -> dict[str, Any]:
             for slot, file_id in sorted(slots.items())
             if file_id in files
         },
+        "starts_from": _starts_from(session, job),
         "spec": spec,
         "code_version": code_version(),
         "artifacts": {
@@ -108,6 +110,25 @@ def content(session: Session, job: Job) -> dict[str, Any]:
         "criteria": metrics.get("criteria", []),
         "verdict": metrics.get("verdict", "not_evaluated"),
         "audit_head": audit.head(session, job.tenant),
+    }
+
+
+def _starts_from(session: Session, job: Job) -> dict[str, Any] | None:
+    """A sequential job's link to the job it started from: that job's id, the sha256 of
+    its artifacts (the weights this job trained from) and of its own certificate, so the
+    certificates of a chain verify one after another; and the chain before it."""
+    if job.init_from_job_id is None:
+        return None
+    previous = repo.get_job(session, None, job.init_from_job_id)
+    return {
+        "job": previous.id,
+        "chain": list(job.chain or []),
+        "artifacts": {a.name: a.sha256 for a in repo.list_artifacts(session, previous.id)},
+        "certificate_sha256": (
+            hashlib.sha256(previous.certificate.encode()).hexdigest()
+            if previous.certificate is not None
+            else None
+        ),
     }
 
 

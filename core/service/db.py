@@ -156,6 +156,13 @@ class Job(Base):
     forget_file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     retain_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, doc="The validated request, with file ids.")
+    init_from_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="RESTRICT", name="fk_jobs_init_from_job_id"),
+        doc="Sequential unlearning: the succeeded job whose output this one starts from.",
+    )
+    chain: Mapped[list[str] | None] = mapped_column(
+        JSON, doc="The jobs before it in its chain, first job first (init_from_job last)."
+    )
     key_id: Mapped[str | None] = mapped_column(String(40), doc="The API key that submitted it.")
     certificate: Mapped[str | None] = mapped_column(
         Text, doc="The signed certificate (canonical JSON), once the job has succeeded."

@@ -466,6 +466,12 @@ def files_by_id(session: Session, tenant: str, file_ids: set[str]) -> dict[str, 
     return {row.id: row for row in rows}
 
 
+def jobs_by_id(session: Session, tenant: str, job_ids: list[str]) -> dict[str, Job]:
+    """The tenant's jobs among `job_ids`."""
+    rows = session.scalars(select(Job).where(Job.tenant == tenant, Job.id.in_(job_ids))).all()
+    return {row.id: row for row in rows}
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(
         10 * 1024**3, ge=0, description="Bytes of uploaded files a tenant may keep."
     )
+    max_chain_jobs: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="Jobs before a job in a chain of init_from_job (after LoRA jobs, the "
+        "chain's one adapter has the rank of them all).",
+    )
     max_job_tokens: int = Field(
         500_000_000,
         ge=1,

@@ -33,9 +33,16 @@ def wait_for(
     raise AssertionError(f"job {job_id} did not reach the state in {timeout}s: {job}")
 
 
-def lora_job(client: Any, data: Path, *, forget_path: Path | None = None, **hyper: Any) -> dict:
+def lora_job(
+    client: Any,
+    data: Path,
+    *,
+    forget_path: Path | None = None,
+    init_from_job: str | None = None,
+    **hyper: Any,
+) -> dict:
     forget = upload(client, forget_path or data / "forget_qa.jsonl", "forget")
-    body = {
+    body: dict[str, Any] = {
         "method": "catnip",
         "base_model": "tiny",
         "forget_file": forget,
@@ -58,6 +65,8 @@ def lora_job(client: Any, data: Path, *, forget_path: Path | None = None, **hype
             "criteria": {"forget_knowmem_max_ratio": 0.95, "utility_min_ratio": 0.5},
         },
     }
+    if init_from_job is not None:
+        body["init_from_job"] = init_from_job
     response = client.post(
         "/v1/jobs", json=body, headers={"Idempotency-Key": f"e2e-{time.time_ns()}"}
     )
@@ -125,6 +134,64 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
         after = knowmem(unlearned, tokenizer, questions)["rouge_l_f1"]
     assert before > 0.9 and after < before - 0.05, (before, after)
     return {"events": events, "metrics": metrics, "artifacts": artifacts}
+
+
+def check_sequential_job(
+    client: Any, first: dict, first_metrics: dict, fixture_dir: Path, out: Path
+) -> None:
+    """A second job from `first`'s output, as the next deletion request arrives: it starts
+    where the first ended, records its chain (job, metrics, report, certificate), and its
+    one adapter loads on the base model and answers as the job measured."""
+    import hashlib
+    import io
+    import tarfile
+
+    import pytest
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.engine.evaluation import knowmem
+    from core.engine.formats import load_records
+
+    second = lora_job(client, fixture_dir / "data", init_from_job=first["id"], learning_rate=3e-3)
+    assert (second["init_from_job"], second["chain"]) == (first["id"], [first["id"]])
+    second = wait_for(client, second["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+    assert second["status"] == "succeeded", second
+    metrics = client.get(f"/v1/jobs/{second['id']}/metrics").json()["metrics"]
+    assert metrics["chain"] == [{"job": first["id"], "method": "catnip", "output": "adapter"}]
+    assert metrics["before"]["forget_knowmem"]["rouge_l_f1"] == pytest.approx(
+        first_metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01
+    ), "the second job did not start from the first one's output"
+
+    def download(name: str) -> Path:
+        response = client.get(f"/v1/jobs/{second['id']}/artifacts/{name}", follow_redirects=True)
+        assert response.status_code == 200, response.text
+        with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+            tar.extractall(out / name, filter="data")
+        return out / name
+
+    summary = (download("report") / "summary.md").read_text()
+    assert f"- Starts from: `{first['id']}` (catnip)'s output (adapter)" in summary
+    adapter_dir = download("adapter")
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 16
+    tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")
+    base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
+    questions = load_records(fixture_dir / "data" / "forget_qa.jsonl").items[:60]
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(base, adapter_dir).eval()
+        measured = knowmem(loaded, tokenizer, questions)["rouge_l_f1"]
+    assert measured == pytest.approx(metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01)
+
+    certificate = json.loads(client.get(f"/v1/jobs/{second['id']}/certificate").content)
+    starts = certificate["starts_from"]
+    first_adapter = client.get(f"/v1/jobs/{first['id']}/artifacts").json()["data"]
+    assert starts["job"] == first["id"] and starts["chain"] == [first["id"]]
+    assert starts["artifacts"]["adapter"] == next(
+        a["sha256"] for a in first_adapter if a["name"] == "adapter"
+    )
+    first_certificate = client.get(f"/v1/jobs/{first['id']}/certificate").content
+    assert starts["certificate_sha256"] == hashlib.sha256(first_certificate).hexdigest()
 
 
 def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) -> dict:

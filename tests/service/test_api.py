@@ -233,6 +233,69 @@ def test_other_tenants_ids_answer_404(client, service):
 # --- jobs ------------------------------------------------------------------------------
 
 
+def test_init_from_job_is_the_tenants_own_succeeded_job_on_the_same_model(client, service):
+    """Sequential unlearning's rules at submission: another tenant's job (or no job) is a
+    404, a job that has not succeeded a 409, another base model or too long a chain a 422;
+    an accepted job records the chain."""
+    from core.service import repo
+    from core.service.db import Job, make_engine, make_sessionmaker
+
+    sessions = make_sessionmaker(make_engine(service["settings"].db_url))
+    forget = valid_file(client)
+    first = client.post("/v1/jobs", json=job_body(forget)).json()
+    assert (first["init_from_job"], first["chain"]) == (None, [])
+    after_first = job_body(forget, init_from_job=first["id"])
+    error = assert_error(
+        client.post("/v1/jobs", json=after_first), 409, "job_not_succeeded", param="init_from_job"
+    )
+    assert "is queued" in error["message"]
+    with httpx.Client(
+        base_url=service["url"], headers={"Authorization": f"Bearer {service['b']}"}
+    ) as other:
+        theirs = job_body(valid_file(other), init_from_job=first["id"])
+        assert_error(
+            other.post("/v1/jobs", json=theirs), 404, "job_not_found", param="init_from_job"
+        )
+    for missing in ("job-0000000000000000", "file-0123", "../../etc"):
+        assert_error(
+            client.post("/v1/jobs", json=job_body(forget, init_from_job=missing)),
+            404,
+            "job_not_found",
+            param="init_from_job",
+        )
+
+    with sessions.begin() as session:
+        session.get(Job, first["id"]).status = "succeeded"
+        if repo.find_model(session, "tiny-2") is None:
+            repo.add_model(session, "tiny-2", repo.get_model(session, "tiny").uri)
+    response = client.post("/v1/jobs", json=after_first)
+    assert response.status_code == 201, response.text
+    second = response.json()
+    assert (second["init_from_job"], second["chain"]) == (first["id"], [first["id"]])
+    assert client.get(f"/v1/jobs/{second['id']}").json()["chain"] == [first["id"]]
+    assert_error(
+        client.post("/v1/jobs", json={**after_first, "base_model": "tiny-2"}),
+        422,
+        "base_model_mismatch",
+        param="base_model",
+        contains="a chain stays on one base model",
+    )
+    with sessions.begin() as session:
+        session.get(Job, second["id"]).status = "succeeded"
+        session.delete(repo.get_model(session, "tiny-2"))  # the module's other tests see one model
+    limit = service["settings"].max_chain_jobs
+    try:
+        service["settings"].max_chain_jobs = 1
+        assert_error(
+            client.post("/v1/jobs", json=job_body(forget, init_from_job=second["id"])),
+            422,
+            "chain_too_long",
+            param="init_from_job",
+        )
+    finally:
+        service["settings"].max_chain_jobs = limit
+
+
 def test_job_validation_errors(client):
     file_id = valid_file(client)
     assert_error(

@@ -19,6 +19,7 @@ from tests.service.conftest import ROOT, cli, free_port, wait_http
 from tests.service.flow import (
     TERMINAL,
     check_evidence,
+    check_sequential_job,
     check_succeeded_job,
     lora_job,
     upload,
@@ -127,6 +128,8 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         assert redirect.headers["location"].startswith(stack["env"]["S3_ENDPOINT_URL"])
         assert "X-Amz-Expires=300" in redirect.headers["location"]
         assert result["artifacts"]["report"]["bytes"] > 0
+        # The next deletion request: a second job from this one's output.
+        check_sequential_job(client, job, result["metrics"], fixture_dir, tmp_path / "second")
     finally:
         stop_worker(worker)
 
