@@ -225,3 +225,49 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     )
     attacked = _knowmem(wrapped.model, tokenizer, spec.eval, [questions[i] for i in split.measured])
     assert attacked["rouge_l_f1"] < f1["after"] + 0.5 * (f1["before"] - f1["after"]), attacked
+
+
+def test_artifacts_name_the_base_model_as_their_readers_know_it(fixture_dir, tmp_path):
+    """The service names the base model by its registered name: the adapter's config and
+    model card carry it, not the worker's directory, and no file of any artifact holds a
+    local path; provenance.json beside the weights says what made them. Run as `unlearn
+    run` (nothing shown), the adapter names the directory it was loaded from."""
+    from core.engine.pipeline import run_job
+    from core.engine.spec import parse_spec
+
+    data = fixture_dir / "data"
+    spec = parse_spec(
+        {
+            "method": "catnip",
+            "base_model": str(fixture_dir / "model"),
+            "forget_file": str(data / "forget_qa.jsonl"),
+            "adapter": {"type": "lora", "merge": True},
+            "hyperparameters": {"max_steps": 1, "batch_size": 8, "max_length": 64},
+            "eval": {"forget_qa": str(data / "forget_qa.jsonl"), "max_samples": 10},
+        }
+    )
+    shown = {
+        "job": "job-0123",
+        "base_model": "tiny",
+        "base_model_digest": "sha256:abc",
+        "forget_file": "file-1 (forget.jsonl)",
+    }
+    result = run_job(spec, tmp_path / "service", device="cpu", shown=shown)
+    assert set(result.artifacts) == {"adapter", "model", "report"}
+    for directory in result.artifacts.values():
+        for path in directory.rglob("*"):
+            if path.is_file():
+                assert str(fixture_dir).encode() not in path.read_bytes(), path
+                assert str(tmp_path).encode() not in path.read_bytes(), path
+    adapter = result.artifacts["adapter"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"
+    provenance = json.loads((adapter / "provenance.json").read_text())
+    assert provenance["job"] == "job-0123" and provenance["method"] == "catnip"
+    assert provenance["base_model"] == {"name": "tiny", "digest": "sha256:abc"}
+    assert provenance["tradeoff"] == result.metrics["tradeoff"]
+    assert (result.artifacts["model"] / "provenance.json").is_file()
+
+    local = run_job(spec, tmp_path / "cli", device="cpu")
+    config = json.loads((local.artifacts["adapter"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(fixture_dir / "model")

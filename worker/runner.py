@@ -284,11 +284,14 @@ class JobRunner:
             self._redactions[local] = f"model '{reference.name}'"
         forget = files.get(raw["forget_file"])
         shown = {
+            "job": job_id,
             "base_model": model.name,
             "forget_file": f"{raw['forget_file']} ({forget.filename})"
             if forget
             else raw["forget_file"],
         }
+        if model.digest:
+            shown["base_model_digest"] = model.digest
         chain = None
         if raw.get("init_from_job"):
             start_dir, chain = self._fetch_start(job_id, inputs / "start")
@@ -377,7 +380,7 @@ class JobRunner:
         rows = []
         for name, directory in artifacts.items():
             archive = archives / f"{name}.tar.gz"
-            make_archive(directory, archive)
+            sha256 = make_archive(directory, archive)
             key = f"jobs/{job_id}/{name}.tar.gz"
             self.store.put(key, archive)
             rows.append(
@@ -387,7 +390,7 @@ class JobRunner:
                     kind=ARTIFACT_KINDS.get(name, name),
                     filename=f"{job_id}-{name}.tar.gz",
                     bytes=archive.stat().st_size,
-                    sha256=file_sha256(archive),
+                    sha256=sha256,
                     storage_key=key,
                 )
             )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from api.deps import (
     CURSOR_PATTERN,
@@ -128,32 +128,56 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObj
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/gzip": {}}},
-        307: {"description": "Redirect to a short-lived presigned URL (S3)."},
+        206: {"description": "The bytes a `Range` header asked for (a resumed download)."},
+        304: {"description": "`If-None-Match` names the archive's ETag (its sha256)."},
+        307: {"description": "Redirect to a short-lived presigned URL (S3, which answers ranges)."},
+        416: {"description": "The `Range` starts past the archive's end."},
     },
 )
 def download_artifact(
     job: JobDep,
     name: str,
+    request: Request,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     who: WhoDep,
 ) -> Response:
-    artifact = jobs.downloadable(session, who, job, name)
+    """The archive. The ETag is its sha256: `If-None-Match` answers 304, and `Range`
+    (with `If-Range`) resumes a download from the local store; on S3 the redirect's URL
+    answers ranges itself."""
+    artifact = jobs.downloadable(session, job, name)
+    etag = f'"{artifact.sha256}"'
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    byte_range = request.headers.get("range")
+    jobs.record_download(session, who, job, artifact, byte_range)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{artifact.filename}"',
+        "X-Checksum-SHA256": artifact.sha256,
+        "ETag": etag,
+    }
     if settings.s3_redirect_downloads:
         url = store.presigned_url(artifact.storage_key, artifact.filename)
         if url is not None:
             return RedirectResponse(url, status_code=307)
+    path = store.local_path(artifact.storage_key)
+    if path is not None:  # Starlette answers Range, If-Range and an unsatisfiable range
+        return FileResponse(path, media_type="application/gzip", headers=headers)
     return StreamingResponse(
         iter_stream(store.open(artifact.storage_key)),
         media_type="application/gzip",
-        headers={
-            "Content-Disposition": f'attachment; filename="{artifact.filename}"',
-            "Content-Length": str(artifact.bytes),
-            "X-Checksum-SHA256": artifact.sha256,
-            "ETag": f'"{artifact.sha256}"',
-        },
+        headers={**headers, "Content-Length": str(artifact.bytes), "Accept-Ranges": "none"},
     )
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (or is `*`); weak tags compare by
+    their opaque part, as RFC 9110 says for If-None-Match."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.get(

@@ -165,19 +165,25 @@ def cancel(session: Session, who: Who, job_id: str) -> Job:
     return job
 
 
-def downloadable(session: Session, who: Who, job: Job, name: str) -> Artifact:
-    """The artifact `name` of a finished job (its download is recorded)."""
+def downloadable(session: Session, job: Job, name: str) -> Artifact:
+    """The artifact `name` of a finished job."""
     if job.status in ACTIVE_STATUSES:
         raise Conflict(
             f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
             param="job_id",
             code="job_not_finished",
         )
-    artifact = repo.get_artifact(session, job.id, name)
-    audit.record(
-        session, who, "artifact.downloaded", job.id, {"name": name, "sha256": artifact.sha256}
-    )
-    return artifact
+    return repo.get_artifact(session, job.id, name)
+
+
+def record_download(
+    session: Session, who: Who, job: Job, artifact: Artifact, byte_range: str | None
+) -> None:
+    """A download served (a part of one, when `byte_range` is the request's Range)."""
+    data = {"name": artifact.name, "sha256": artifact.sha256}
+    if byte_range:
+        data["range"] = byte_range[:100]
+    audit.record(session, who, "artifact.downloaded", job.id, data)
 
 
 def certificate(session: Session, who: Who, job: Job) -> str:

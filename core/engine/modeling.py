@@ -234,16 +234,26 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
     return Wrapped(model, adapter, reference_layers=reference_layers, layer_stack=stack)
 
 
-def save_output(wrapped: Wrapped, tokenizer: Any, out_dir: Path) -> dict[str, Path]:
+def save_output(
+    wrapped: Wrapped, tokenizer: Any, out_dir: Path, base_name: str | None = None
+) -> dict[str, Path]:
     """Write the unlearned model. Returns {artifact name: directory}.
 
     lora -> `adapter/` (adapter_config.json + adapter_model.safetensors), and `model/`
-    (merged weights + tokenizer) when adapter.merge; full -> `model/`.
+    (merged weights + tokenizer) when adapter.merge; full -> `model/`. `base_name` is
+    the base model as the adapter's readers know it (the service: its registered name),
+    written as the adapter's `base_model_name_or_path` and in its model card in place
+    of the directory it was loaded from.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     model = wrapped.model
     if wrapped.adapter.type == "lora":
+        if base_name is not None:  # peft's model card reads the base model's own names
+            base = model.get_base_model()
+            base.config.name_or_path = base.name_or_path = base_name
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = base_name
         adapter_dir = out_dir / "adapter"
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)

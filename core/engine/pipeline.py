@@ -77,6 +77,29 @@ def _check_eval_files(ev: EvalSpec, forget_kind: str) -> None:
         )
 
 
+def write_provenance(
+    directory: Path, spec: JobSpec, metrics: dict[str, Any], shown: dict[str, str]
+) -> None:
+    """provenance.json beside the weights: what made them (job, base model as its readers
+    know it, method, adapter, chain) and what was measured (the trade-off, the verdict,
+    the steps), so weights that travel alone still say where they came from."""
+    provenance = {
+        "job": shown.get("job"),
+        "base_model": {
+            "name": shown.get("base_model", spec.base_model),
+            "digest": shown.get("base_model_digest"),
+        },
+        "method": spec.method,
+        "adapter": spec.adapter.model_dump(),
+        "chain": [link["job"] for link in metrics.get("chain", [])],
+        "steps": metrics.get("steps"),
+        "tradeoff": metrics.get("tradeoff"),
+        "verdict": metrics.get("verdict"),
+        "report": "the job's report artifact (summary.md, metrics.json)",
+    }
+    (directory / "provenance.json").write_text(json.dumps(provenance, indent=2))
+
+
 def _load_start(base_model: str, start: StartPoint | None, device: Any) -> tuple[Any, Any]:
     """(model, tokenizer) a job starts from: the base model; after a previous LoRA job,
     with that job's adapter merged in; after a full-weight job, that job's weights."""
@@ -328,7 +351,8 @@ def run_job(
     # --- save artifacts and report
     events.phase(Phase.SAVING)
     output_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = save_output(wrapped, tokenizer, output_dir)
+    shown = shown or {}
+    artifacts = save_output(wrapped, tokenizer, output_dir, base_name=shown.get("base_model"))
     if start is not None and start.kind == "adapter" and "adapter" in artifacts:
         # the adapter trained on the previous job's merged model, stacked with that job's
         # adapter: one adapter for the chain, on the base model
@@ -343,6 +367,9 @@ def run_job(
         token_view={"before": token_view_before, "after": token_view_after},
         shown=shown,
     )
+    for name in ("adapter", "model"):
+        if name in artifacts:
+            write_provenance(artifacts[name], spec, metrics, shown)
     artifacts["report"] = report_dir
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lap("save")

@@ -30,6 +30,7 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def presigned_url(self, key: str, filename: str) -> str | None: ...
+    def local_path(self, key: str) -> Path | None: ...
     def check(self) -> None: ...
 
 
@@ -71,6 +72,10 @@ class LocalStore:
 
     def presigned_url(self, key: str, filename: str) -> str | None:
         return None
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file, which the API serves with HTTP ranges."""
+        return self._path(key)
 
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -115,6 +120,9 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return None  # served by a presigned URL (S3 answers ranges) or streamed whole
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -237,12 +245,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_archive(directory: Path, archive: Path) -> None:
-    """A .tar.gz of `directory` with its files at the archive root."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(directory)))
+class _HashingWriter:
+    """A binary file that hashes what is written to it on the way through."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def make_archive(directory: Path, archive: Path) -> str:
+    """A .tar.gz of `directory` with its files at the archive root; returns its sha256,
+    computed while it is written (no second pass over the archive)."""
+    with archive.open("wb") as handle:
+        writer = _HashingWriter(handle)
+        with tarfile.open(fileobj=writer, mode="w:gz") as tar:  # type: ignore[call-overload]
+            for path in sorted(directory.rglob("*")):
+                if path.is_file():
+                    tar.add(path, arcname=str(path.relative_to(directory)))
+    return writer.digest.hexdigest()
 
 
 def iter_stream(handle: Any, chunk: int = CHUNK) -> Iterator[bytes]:

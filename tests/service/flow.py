@@ -120,9 +120,15 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     adapter_dir = out / "adapter"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
         tar.extractall(adapter_dir, filter="data")
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+    assert {"adapter_config.json", "adapter_model.safetensors", "provenance.json"} <= {
         p.name for p in adapter_dir.iterdir()
     }
+    # it names the registered base model, not the worker's directory, and says what made it
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny", config
+    provenance = json.loads((adapter_dir / "provenance.json").read_text())
+    assert provenance["job"] == job["id"] and provenance["base_model"]["name"] == "tiny"
+    assert provenance["base_model"]["digest"].startswith("sha256:")
 
     # The downloaded adapter loads with peft and changes the answers on the forget set.
     tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")
@@ -134,6 +140,32 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
         after = knowmem(unlearned, tokenizer, questions)["rouge_l_f1"]
     assert before > 0.9 and after < before - 0.05, (before, after)
     return {"events": events, "metrics": metrics, "artifacts": artifacts}
+
+
+def check_no_local_paths(client: Any, job: dict, paths: list[Path]) -> int:
+    """No file of any of the job's archives holds one of `paths` (the operator's and the
+    worker's directories). Returns how many files were read."""
+    import io
+    import tarfile
+
+    secrets = [str(p).encode() for p in paths]
+    read = 0
+    for artifact in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]:
+        response = client.get(
+            f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}", follow_redirects=True
+        )
+        with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+            for member in tar.getmembers():
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                content = handle.read()
+                read += 1
+                for secret in secrets:
+                    assert secret not in content, (
+                        f"{artifact['name']}/{member.name} holds {secret!r}"
+                    )
+    return read
 
 
 def check_sequential_job(

@@ -521,3 +521,69 @@ def test_files_of_active_jobs_cannot_be_deleted(client):
         assert_error(client.delete(f"/v1/files/{file_id}"), 409, "file_in_use")
     client.post(f"/v1/jobs/{job['id']}/cancel")
     assert client.delete(f"/v1/files/{eval_qa}").json()["deleted"] is True
+
+
+def test_artifact_downloads_resume_with_ranges_and_answer_304_to_their_etag(client, service):
+    """From the local store: `Range` (and `If-Range`) give the bytes asked for, a range
+    past the end is a 416, `If-None-Match` with the archive's sha256 a 304; each served
+    download (a part included) is in the audit log, a 304 is not."""
+    import hashlib
+    import os
+
+    from core.service import repo
+    from core.service.db import Artifact, Job, make_engine, make_sessionmaker
+    from core.service.storage import make_store
+
+    job = client.post("/v1/jobs", json=job_body(valid_file(client))).json()
+    url = f"/v1/jobs/{job['id']}/artifacts/adapter"
+    assert_error(client.get(url), 409, "job_not_finished")
+    payload = os.urandom(100_000)
+    (service["settings"].unlearn_data_dir / "payload").write_bytes(payload)
+    key = f"jobs/{job['id']}/adapter.tar.gz"
+    make_store(service["settings"]).put(key, service["settings"].unlearn_data_dir / "payload")
+    sha = hashlib.sha256(payload).hexdigest()
+    sessions = make_sessionmaker(make_engine(service["settings"].db_url))
+    with sessions.begin() as session:
+        session.get(Job, job["id"]).status = "succeeded"
+        repo.replace_artifacts(
+            session,
+            job["id"],
+            [
+                Artifact(
+                    job_id=job["id"],
+                    name="adapter",
+                    kind="peft_adapter",
+                    filename=f"{job['id']}-adapter.tar.gz",
+                    bytes=len(payload),
+                    sha256=sha,
+                    storage_key=key,
+                )
+            ],
+        )
+
+    full = client.get(url)
+    assert full.status_code == 200 and full.content == payload
+    assert full.headers["etag"] == f'"{sha}"' and full.headers["accept-ranges"] == "bytes"
+    assert full.headers["x-checksum-sha256"] == sha
+    part = client.get(url, headers={"Range": "bytes=1000-1999"})
+    assert part.status_code == 206 and part.content == payload[1000:2000]
+    assert part.headers["content-range"] == "bytes 1000-1999/100000"
+    resumed = client.get(url, headers={"Range": "bytes=99000-", "If-Range": f'"{sha}"'})
+    assert resumed.status_code == 206 and resumed.content == payload[99000:]
+    assert client.get(url, headers={"Range": "bytes=-100"}).content == payload[-100:]
+    changed = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"another"'})
+    assert changed.status_code == 200 and changed.content == payload  # not the same archive
+    assert client.get(url, headers={"Range": "bytes=200000-"}).status_code == 416
+    for tags in (f'"{sha}"', f'W/"{sha}"', f'"x", "{sha}"', "*"):
+        cached = client.get(url, headers={"If-None-Match": tags})
+        assert cached.status_code == 304 and cached.content == b"", tags
+        assert cached.headers["etag"] == f'"{sha}"'
+    assert client.get(url, headers={"If-None-Match": '"x"'}).status_code == 200
+
+    entries = client.get("/v1/audit", params={"limit": 1000}).json()["data"]
+    downloads = [
+        e for e in entries if e["subject"] == job["id"] and e["action"] == "artifact.downloaded"
+    ]
+    # 200, 206 x3, the If-Range 200, the 416 (recorded as asked for) and the "x" 200
+    assert len(downloads) == 7
+    assert downloads[1]["data"]["range"] == "bytes=1000-1999"

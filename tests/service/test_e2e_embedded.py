@@ -17,7 +17,14 @@ import httpx
 import pytest
 
 from tests.service.conftest import ROOT, cli, free_port, wait_http
-from tests.service.flow import TERMINAL, check_evidence, check_succeeded_job, lora_job, wait_for
+from tests.service.flow import (
+    TERMINAL,
+    check_evidence,
+    check_no_local_paths,
+    check_succeeded_job,
+    lora_job,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +80,7 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             assert "- Base model: `tiny`" in summary
             assert f"- Forget set: `{job['forget_file']} (forget.jsonl)`" in summary
             assert str(tmp_path) not in summary and str(fixture_dir) not in summary
+            assert check_no_local_paths(client, job, [tmp_path, fixture_dir, ROOT]) >= 8
             assert job["attempts"] == 1
         # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
         key_id = next(
