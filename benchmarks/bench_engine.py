@@ -7,12 +7,16 @@
    The same for the retain KL term of the +kl methods, against a reference's logits, and
    for CATNIP with the first half of each sequence masked (QA prompts) vs cross-entropy
    with the same mask.
+   With --neighbour (CPU): the same losses while another process keeps one core busy,
+   in rounds that alternate a quiet pass and a busy pass, with the eager losses on
+   their own thread count (the default, `set_cpu_threads`) and on the process's.
 2. Step time of CATNIP vs NPO (which needs a live reference forward) on the same model,
    and CATNIP's step time and peak memory with gradient checkpointing vs without, in
    interleaved rounds (--step-rounds); each ratio is the median of the rounds' ratios.
 
     python benchmarks/bench_engine.py [--device cuda] [--dtype bf16] [--losses-only]
                                       [--step-model small|1b] [--loss-shape 8,2048,32000]
+    python benchmarks/bench_engine.py --neighbour python|torch
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.engine.losses import catnip_loss, kl_retain_loss, set_backend  # noqa: E402
+from core.engine.losses import (  # noqa: E402
+    catnip_loss,
+    get_cpu_threads,
+    kl_retain_loss,
+    set_backend,
+    set_cpu_threads,
+)
 
 SHAPE = (2, 256, 32000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,6 +104,106 @@ def run_loss(name: str, logits, labels, ref):
         loss = catnip_loss(logits, labels, beta=1.0)
     loss.backward()
     logits.grad = None
+
+
+# --- a busy neighbour ------------------------------------------------------------
+
+# The eager losses on the process's threads (what they did before they got their own),
+# against the default; both beside cross-entropy.
+NEIGHBOUR_LOSSES = (
+    "cross_entropy",
+    "catnip",
+    "catnip_process_threads",
+    "kl_retain",
+    "kl_retain_process_threads",
+)
+
+
+def _spin(kind: str, busy, stop) -> None:
+    """The neighbour, while `busy` is set: pure Python arithmetic on one core ("python",
+    as an API process serving requests), or torch matrix products on all the cores
+    ("torch", as a second job or a test runner)."""
+    x = 0.0
+    a = b = None
+    if kind == "torch":
+        a, b = torch.randn(384, 384), torch.randn(384, 384)
+    while not stop.is_set():
+        if not busy.wait(0.01):
+            continue
+        if a is not None and b is not None:
+            for _ in range(20):
+                torch.mm(a, b)
+        else:
+            for i in range(20_000):
+                x = (x + i) * 0.5
+
+
+def run_neighbour_loss(name: str, default_threads: int | None, *inputs) -> None:
+    set_cpu_threads(None if name.endswith("_process_threads") else default_threads)
+    run_loss(name.removesuffix("_process_threads"), *inputs)
+
+
+def neighbour_rounds(
+    repeats: int, shape: tuple[int, ...], kind: str
+) -> dict[str, dict[str, list[float]]]:
+    """{quiet|busy: {loss: seconds per forward+backward}}, on the CPU: each round times
+    every loss once with the machine quiet, then once while a neighbour process of
+    `kind` (see _spin) is busy."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that ran torch
+    busy, stop = context.Event(), context.Event()
+    neighbour = context.Process(target=_spin, args=(kind, busy, stop), daemon=True)
+    neighbour.start()
+    default_threads = get_cpu_threads()
+    inputs = make_inputs("cpu", torch.float32, shape)
+    times: dict[str, dict[str, list[float]]] = {
+        "quiet": {n: [] for n in NEIGHBOUR_LOSSES},
+        "busy": {n: [] for n in NEIGHBOUR_LOSSES},
+    }
+    try:
+        for name in NEIGHBOUR_LOSSES:
+            for _ in range(3):
+                run_neighbour_loss(name, default_threads, *inputs)
+        for _ in range(repeats):
+            for state in ("quiet", "busy"):
+                if state == "busy":
+                    busy.set()
+                    time.sleep(0.2)  # the neighbour is running before the clock starts
+                for name in NEIGHBOUR_LOSSES:
+                    start = time.perf_counter()
+                    run_neighbour_loss(name, default_threads, *inputs)
+                    times[state][name].append(time.perf_counter() - start)
+                busy.clear()
+                time.sleep(0.05)
+    finally:
+        set_cpu_threads(default_threads)
+        stop.set()
+        busy.set()
+        neighbour.join(10)
+    return times
+
+
+def neighbour_result(repeats: int, shape: tuple[int, ...], kind: str) -> dict:
+    rounds = neighbour_rounds(repeats, shape, kind)
+    result: dict = {
+        "neighbour": kind,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loss_cpu_threads": get_cpu_threads(),
+        "loss_shape": list(shape),
+        "rounds": repeats,
+    }
+    for state, times in rounds.items():
+        for name, seconds in times.items():
+            result[f"{state}_{name}_ms"] = round(statistics.median(seconds) * 1e3, 1)
+            if name != "cross_entropy":  # the median of the rounds' ratios to cross-entropy
+                ratio = statistics.median(
+                    t / ce for t, ce in zip(seconds, times["cross_entropy"], strict=True)
+                )
+                result[f"{state}_{name}_over_cross_entropy"] = round(ratio, 2)
+    return result
 
 
 def sync(device: str) -> None:
@@ -327,6 +437,12 @@ def main() -> None:
         choices=list(STEP_MODELS),
         help="the step benchmark's model (1b: for a GPU)",
     )
+    parser.add_argument(
+        "--neighbour",
+        choices=("python", "torch"),
+        help="CPU: the losses quiet and beside a busy neighbour process (nothing else): "
+        "python = one core of Python, torch = matrix products on every core",
+    )
     parser.add_argument("--cpu-peak-of", choices=LOSSES, help=argparse.SUPPRESS)
     parser.add_argument("--step-of", choices=list(STEP_CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,6 +453,9 @@ def main() -> None:
         return
     if args.step_of:
         print(json.dumps(one_step_config(args.step_of, "cpu", dtype, args.steps, args.step_model)))
+        return
+    if args.neighbour:
+        print(json.dumps(neighbour_result(args.repeats, shape, args.neighbour), indent=2))
         return
     loss_dtype = torch.float32  # the loss comparison is on fp32 logits, as specified
     rounds = time_losses(args.device, loss_dtype, args.repeats, shape)

@@ -310,3 +310,47 @@ def test_triton_backend_needs_triton_and_cuda(monkeypatch):
             catnip_loss(x, labels)
     finally:
         set_backend("auto")
+
+
+def test_the_eager_cpu_losses_run_on_their_own_thread_count(monkeypatch):
+    """The eager row loops run on set_cpu_threads' count (default 1) and give the same
+    loss and gradients as on the process's threads; the process's count is put back."""
+    from core.engine.losses import get_cpu_threads, kl_retain_loss, set_cpu_threads
+    from core.engine.losses.backend import cpu_threads
+
+    assert get_cpu_threads() == 1
+    seen: list[int] = []
+    for name in ("_chunked_forward", "_chunked_backward"):
+        original = getattr(logprobs, name)
+
+        def spy(*args, _original=original):
+            seen.append(torch.get_num_threads())
+            return _original(*args)
+
+        monkeypatch.setattr(logprobs, name, spy)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 24, 500)
+    labels = torch.randint(0, 500, (2, 24))
+    ref = logits + torch.randn_like(logits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = {}
+        for threads in (1, None):
+            set_cpu_threads(threads)
+            seen.clear()
+            x = logits.clone().requires_grad_(True)
+            loss = catnip_loss(x, labels, beta=1.5) + kl_retain_loss(x, ref, labels)
+            loss.backward()
+            results[threads] = (loss.detach(), x.grad)
+            assert seen == [threads or 2] * 2, seen  # the forward and the backward
+            assert torch.get_num_threads() == 2
+        assert torch.allclose(results[1][0], results[None][0], rtol=1e-6)
+        assert torch.allclose(results[1][1], results[None][1], rtol=1e-5, atol=1e-8)
+        with cpu_threads(torch.device("meta")):  # other devices are left alone
+            assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="at least 1"):
+            set_cpu_threads(0)
+    finally:
+        set_cpu_threads(1)
+        torch.set_num_threads(before)

@@ -10,14 +10,21 @@ Three backends compute the same numbers (`logprobs`, `triton_kernels`):
 "auto" (the default) is triton for CUDA logits where Triton is installed at a version
 the kernels have run on (TRITON_VERIFIED or newer), eager otherwise. `set_backend`
 picks one per process (the worker reads LOSS_BACKEND).
+
+On the CPU the eager losses run their row loops on `cpu_threads()` intra-op threads
+(`set_cpu_threads`; default 1), not the process's: they are many short parallel regions,
+and with another process busy on the machine each region waits for the thread that
+was descheduled (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from typing import Literal, get_args
 
 import torch
@@ -33,8 +40,40 @@ _backend: Backend = "auto"
 TRITON_VERIFIED = (3, 6)
 
 
+# Intra-op threads of the eager losses' row loops on the CPU; None: the process's.
+_cpu_threads: int | None = 1
+
+
 def get_backend() -> Backend:
     return _backend
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """Intra-op threads the eager losses use on the CPU (None: the process's own)."""
+    global _cpu_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"cpu threads must be at least 1 (or None), not {threads}")
+    _cpu_threads = threads
+
+
+def get_cpu_threads() -> int | None:
+    return _cpu_threads
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device) -> Iterator[None]:
+    """Run the block on the eager losses' CPU thread count (see the module docstring);
+    other devices, and a process with no more threads than that, are left alone."""
+    threads = _cpu_threads
+    before = torch.get_num_threads()
+    if device.type != "cpu" or threads is None or before <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache

@@ -16,7 +16,9 @@ reads whole rows of logits, in the same chunks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from core.engine.losses.backend import (
     IGNORE_INDEX,
     check_shapes,
+    cpu_threads,
     flat_rows,
     get_backend,
     use_triton,
@@ -236,6 +239,11 @@ def _compiled() -> tuple:
     return (torch.compile(_rows_forward, dynamic=True), torch.compile(_rows_backward, dynamic=True))
 
 
+@contextlib.contextmanager
+def _process_threads(device: torch.device) -> Iterator[None]:
+    yield
+
+
 def _kernels() -> tuple:
     """(forward, backward) of the process's backend (eager or compiled)."""
     return _compiled() if get_backend() == "compiled" else (_chunked_forward, _chunked_backward)
@@ -254,7 +262,10 @@ class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, targets):
         forward, ctx.backward_kernel = _kernels()
-        logp, log1m, lse = forward(logits, rows, targets)
+        # the eager row loops run on the losses' CPU threads; compiled code is fused
+        ctx.threads = cpu_threads if forward is _chunked_forward else _process_threads
+        with ctx.threads(logits.device):
+            logp, log1m, lse = forward(logits, rows, targets)
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.mark_non_differentiable(log1m)
         return logp, log1m
@@ -262,7 +273,9 @@ class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_log1m):
         logits, rows, targets, lse = ctx.saved_tensors
-        return ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype)), None, None
+        with ctx.threads(logits.device):
+            grad = ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype))
+        return grad, None, None
 
 
 class _RetainKL(torch.autograd.Function):
@@ -277,6 +290,13 @@ class _RetainKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ref_logits, rows):
+        with cpu_threads(logits.device):
+            kl = _RetainKL._forward(logits, ref_logits, rows)
+        ctx.save_for_backward(logits, ref_logits, rows, kl)
+        return kl
+
+    @staticmethod
+    def _forward(logits, ref_logits, rows):
         acc = _acc_dtype(logits)
         kl = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
         step = _row_chunk(logits)
@@ -286,12 +306,16 @@ class _RetainKL(torch.autograd.Function):
             diff = F.log_softmax(ref_logits.index_select(0, part).to(acc), dim=1)
             diff.neg_().add_(logq)  # log q - log r
             kl[start : start + step] = logq.exp_().mul_(diff).sum(dim=1)
-        ctx.save_for_backward(logits, ref_logits, rows, kl)
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
         logits, ref_logits, rows, kl = ctx.saved_tensors
+        with cpu_threads(logits.device):
+            return _RetainKL._backward(logits, ref_logits, rows, kl, grad_kl)
+
+    @staticmethod
+    def _backward(logits, ref_logits, rows, kl, grad_kl):
         grad_kl = grad_kl.to(kl.dtype)
         grad = _row_grad(logits, rows)
         step = _row_chunk(logits)
