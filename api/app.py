@@ -12,7 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import errors
 from api.auth import Authenticate, KeyCache, RateLimiter
-from api.middleware import RequestGuard, RequestId
+from api.middleware import ConditionalGet, RequestGuard, RequestId
 from api.queue import TaskQueue
 from api.routes import evidence, files, jobs, meta
 from api.schemas import ErrorEnvelope
@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Outermost first: a request id on everything; the guard bounds the body and checks
     # the path before anything reads them; authentication and rate limits before any
-    # route (and so before any body is read).
+    # route (and so before any body is read); ETags on what a route answers.
+    app.add_middleware(ConditionalGet)
     app.add_middleware(
         Authenticate,
         settings=settings,

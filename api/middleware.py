@@ -1,11 +1,12 @@
 """Pure ASGI middleware: a request id on every response (the caller's X-Request-ID if it is
-a sane one) with one access-log line per request; and the guard that bounds what one
+a sane one) with one access-log line per request; the guard that bounds what one
 request may cost before any route reads it: the body's size (413) and time (408), and a
-path or query string that is no text (400)."""
+path or query string that is no text (400); and ETags with 304s for GET's JSON."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -147,3 +148,64 @@ def _not_text(scope: dict) -> str | None:
         except UnicodeDecodeError:
             return f"the {part} is not UTF-8 text"
     return None
+
+
+class ConditionalGet:
+    """ETag and If-None-Match for the JSON the API answers to GET: the ETag is a weak tag
+    of the body's sha256, and a request whose If-None-Match names it gets a 304 without
+    the body, so a dashboard that polls a job that has not changed receives a few
+    headers. The body is still made (the route runs): what is saved is the transfer and
+    the client's parsing. Other methods, statuses and media types (downloads, event
+    streams) pass untouched; a route that sets its own ETag keeps it."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        wanted = dict(scope.get("headers") or []).get(b"if-none-match", b"").decode("latin-1")
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def conditional_send(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                json_body = headers.get(b"content-type", b"").startswith(b"application/json")
+                if message["status"] == 200 and json_body and b"etag" not in headers:
+                    start = message  # held until the body is whole
+                    return
+                await send(message)
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(chunks)
+                etag = f'W/"{hashlib.sha256(body).hexdigest()[:32]}"'
+                kept = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                if etag_listed(wanted, etag):
+                    await send(
+                        {**start, "status": 304, "headers": [*kept, (b"etag", etag.encode())]}
+                    )
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await send(
+                    {**start, "headers": [*start.get("headers", []), (b"etag", etag.encode())]}
+                )
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await send(message)
+
+        await self.app(scope, receive, conditional_send)
+
+
+def etag_listed(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (or is `*`); tags compare weakly, by
+    their opaque part, as RFC 9110 says for If-None-Match."""
+    if not if_none_match:
+        return False
+    opaque = etag.removeprefix("W/")
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or opaque in tags

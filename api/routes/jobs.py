@@ -18,6 +18,7 @@ from api.deps import (
     TenantDep,
     WhoDep,
 )
+from api.middleware import etag_listed
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from api.services import jobs
 from core.service import repo
@@ -148,7 +149,7 @@ def download_artifact(
     answers ranges itself."""
     artifact = jobs.downloadable(session, job, name)
     etag = f'"{artifact.sha256}"'
-    if etag_matches(request.headers.get("if-none-match"), etag):
+    if etag_listed(request.headers.get("if-none-match"), etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     byte_range = request.headers.get("range")
     jobs.record_download(session, who, job, artifact, byte_range)
@@ -169,15 +170,6 @@ def download_artifact(
         media_type="application/gzip",
         headers={**headers, "Content-Length": str(artifact.bytes), "Accept-Ranges": "none"},
     )
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Whether an If-None-Match header names `etag` (or is `*`); weak tags compare by
-    their opaque part, as RFC 9110 says for If-None-Match."""
-    if not if_none_match:
-        return False
-    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 @router.get(

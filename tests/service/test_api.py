@@ -587,3 +587,26 @@ def test_artifact_downloads_resume_with_ranges_and_answer_304_to_their_etag(clie
     # 200, 206 x3, the If-Range 200, the 416 (recorded as asked for) and the "x" 200
     assert len(downloads) == 7
     assert downloads[1]["data"]["range"] == "bytes=1000-1999"
+
+
+def test_gets_answer_304_while_their_json_is_unchanged(client):
+    """A job, a list and a job's events carry a weak ETag of their JSON; If-None-Match with
+    it is a 304 without a body until the job changes. Errors and POSTs carry none."""
+    created = client.post("/v1/jobs", json=job_body(valid_file(client)))
+    assert "etag" not in created.headers
+    job = created.json()
+    for url in (f"/v1/jobs/{job['id']}", "/v1/jobs?limit=3", f"/v1/jobs/{job['id']}/events"):
+        first = client.get(url)
+        etag = first.headers["etag"]
+        assert first.status_code == 200 and etag.startswith('W/"'), first.headers
+        cached = client.get(url, headers={"If-None-Match": etag})
+        assert cached.status_code == 304 and cached.content == b"", url
+        assert cached.headers["etag"] == etag and cached.headers["x-request-id"]
+        assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+    before = client.get(f"/v1/jobs/{job['id']}").headers["etag"]
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    changed = client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": before})
+    assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
+    assert changed.headers["etag"] != before
+    missing = client.get("/v1/jobs/job-" + "0" * 24, headers={"If-None-Match": "*"})
+    assert missing.status_code == 404 and "etag" not in missing.headers
