@@ -19,6 +19,7 @@ from api.schemas import ErrorEnvelope
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
 from core.service.db import make_engine, make_sessionmaker
+from core.service.metadata import MAX_KEY_CHARS, MAX_KEYS, MAX_VALUE_CHARS
 from core.service.settings import Settings, get_settings
 from core.service.storage import make_store
 
@@ -114,6 +115,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         + by_method,
     }
     job_create["properties"]["method"]["enum"] = sorted(METHODS)
+    job_create["properties"]["metadata"] = {
+        "type": "object",
+        "additionalProperties": {"type": "string", "maxLength": MAX_VALUE_CHARS},
+        "maxProperties": MAX_KEYS,
+        "description": "Your map of strings (a ticket id...): returned with the job, "
+        f"filterable in lists with metadata[key]=value; keys 1-{MAX_KEY_CHARS} letters, "
+        "digits or _ . : -",
+    }
     components["JobCreate"] = job_create
     app.openapi_schema = schema
     return schema

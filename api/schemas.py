@@ -80,6 +80,9 @@ class FileObject(BaseModel):
     validation: ValidationOut | None = Field(
         description="The validator's report (null while validating)."
     )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Your map of strings, as uploaded."
+    )
     created_at: datetime = Field(description="Upload time, UTC.")
 
     @classmethod
@@ -94,6 +97,7 @@ class FileObject(BaseModel):
             kind=row.kind,
             records=row.records,
             validation=ValidationOut(**row.report) if row.report else None,
+            metadata=dict(row.meta or {}),
             created_at=row.created_at,
         )
 
@@ -146,6 +150,9 @@ class JobObject(BaseModel):
     init_from_job: str | None = Field(
         None, description="Sequential unlearning: the job whose output this one started from."
     )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Your map of strings, as submitted."
+    )
     chain: list[str] = Field(
         default_factory=list,
         description="The jobs before this one in its chain, first job first (init_from_job "
@@ -192,6 +199,7 @@ class JobObject(BaseModel):
             retain_file=row.retain_file_id,
             contrast_file=spec.get("contrast_file"),
             init_from_job=row.init_from_job_id,
+            metadata=dict(row.meta or {}),
             chain=list(row.chain or []),
             adapter=spec.get("adapter") or {},
             hyperparameters=spec.get("hyperparameters") or {},

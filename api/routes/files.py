@@ -12,6 +12,7 @@ from api.schemas import FileObject, ListResponse
 from api.services import files
 from core.service import repo
 from core.service.enums import Purpose
+from core.service.metadata import metadata_filters, parse_metadata_json
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -31,6 +32,10 @@ def upload(
     background: BackgroundTasks,
     file: Annotated[UploadFile, FormFile(description="JSONL (qa, chat, text, mc) or .txt")],
     purpose: Annotated[Purpose, Form()],
+    metadata: Annotated[
+        str | None,
+        Form(description='Your map of strings as a JSON object, e.g. {"ticket": "T-1"}.'),
+    ] = None,
 ) -> FileObject:
     uploaded = files.upload(
         session,
@@ -41,14 +46,21 @@ def upload(
         file.file,
         file.filename,
         purpose,
+        parse_metadata_json(metadata),
     )
     if uploaded.validate_later is not None:
         background.add_task(uploaded.validate_later)
     return FileObject.of(uploaded.row)
 
 
-@router.get("", response_model=ListResponse[FileObject], summary="List files, newest first")
+@router.get(
+    "",
+    response_model=ListResponse[FileObject],
+    summary="List files, newest first",
+    description="Filters: `purpose`, and `metadata[key]=value` (repeatable; all must hold).",
+)
 def list_files(
+    request: Request,
     session: SessionDep,
     tenant: TenantDep,
     purpose: Purpose | None = None,
@@ -57,7 +69,14 @@ def list_files(
         str | None, Query(pattern=CURSOR_PATTERN, description="The last id of the previous page.")
     ] = None,
 ) -> ListResponse[FileObject]:
-    rows, more = repo.list_files(session, tenant, purpose=purpose, limit=limit, after=after)
+    rows, more = repo.list_files(
+        session,
+        tenant,
+        purpose=purpose,
+        limit=limit,
+        after=after,
+        metadata=metadata_filters(request.query_params.multi_items()),
+    )
     return ListResponse.page([FileObject.of(r) for r in rows], more)
 
 

@@ -23,6 +23,7 @@ from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, Me
 from api.services import jobs
 from core.service import repo
 from core.service.enums import JobStatus
+from core.service.metadata import metadata_filters
 from core.service.storage import iter_stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -63,8 +64,14 @@ def create_job(
     return JobObject.of(job)
 
 
-@router.get("", response_model=ListResponse[JobObject], summary="List jobs, newest first")
+@router.get(
+    "",
+    response_model=ListResponse[JobObject],
+    summary="List jobs, newest first",
+    description="Filters: `status`, and `metadata[key]=value` (repeatable; all must hold).",
+)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: TenantDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
@@ -73,7 +80,14 @@ def list_jobs(
         str | None, Query(pattern=CURSOR_PATTERN, description="The last id of the previous page.")
     ] = None,
 ) -> ListResponse[JobObject]:
-    rows, more = repo.list_jobs(session, tenant, status=status_, limit=limit, after=after)
+    rows, more = repo.list_jobs(
+        session,
+        tenant,
+        status=status_,
+        limit=limit,
+        after=after,
+        metadata=metadata_filters(request.query_params.multi_items()),
+    )
     return ListResponse.page([JobObject.of(r) for r in rows], more)
 
 

@@ -44,6 +44,7 @@ def upload(
     stream: BinaryIO,
     filename: str | None,
     purpose: Purpose,
+    metadata: dict[str, str] | None = None,
 ) -> Uploaded:
     """Spool the upload to disk while hashing it (TooLarge past MAX_UPLOAD_BYTES), validate
     it now or later, put it in the store, then commit its row: the row exists only once
@@ -88,6 +89,7 @@ def upload(
         sha256=spooled.sha256,
         status=FileStatus.VALIDATING,
         storage_key=key,
+        meta=metadata or None,
     )
     later = spooled.bytes > settings.validate_inline_bytes
     try:

@@ -31,6 +31,7 @@ from core.service.enums import (
     FileStatus,
     JobStatus,
 )
+from core.service.metadata import parse_metadata
 from core.service.quotas import check_work, estimated_examples, limits_for
 from core.service.settings import Settings
 
@@ -61,7 +62,8 @@ def create(
         existing = repo.find_idempotent(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
-    spec = parse_spec(body)
+    metadata = parse_metadata(body.get("metadata"))
+    spec = parse_spec({k: v for k, v in body.items() if k != "metadata"})
     spec_json = spec.model_dump(mode="json")
     _check_serialisable(spec_json)
     limits = limits_for(settings, repo.lock_tenant(session, tenant))
@@ -97,6 +99,7 @@ def create(
         spec=spec_json,
         init_from_job_id=start.id if start is not None else None,
         chain=[*(start.chain or []), start.id] if start is not None else None,
+        meta=metadata or None,
         idempotency_key=idempotency_key,
         request_hash=digest,
         key_id=who.actor,

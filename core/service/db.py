@@ -137,6 +137,9 @@ class File(Base):
     records: Mapped[int | None] = mapped_column(Integer)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     storage_key: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSON, doc="The tenant's map of strings (core.service.metadata)."
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -162,6 +165,9 @@ class Job(Base):
     )
     chain: Mapped[list[str] | None] = mapped_column(
         JSON, doc="The jobs before it in its chain, first job first (init_from_job last)."
+    )
+    meta: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSON, doc="The tenant's map of strings (core.service.metadata)."
     )
     key_id: Mapped[str | None] = mapped_column(String(40), doc="The API key that submitted it.")
     certificate: Mapped[str | None] = mapped_column(

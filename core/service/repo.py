@@ -206,11 +206,24 @@ def get_file(session: Session, tenant: str, file_id: str) -> File:
 
 
 def list_files(
-    session: Session, tenant: str, *, purpose: str | None, limit: int, after: str | None
+    session: Session,
+    tenant: str,
+    *,
+    purpose: str | None,
+    limit: int,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[File], bool]:
     filters = [File.tenant == tenant, File.status != FileStatus.DELETED]
     filters += [File.purpose == purpose] if purpose else []
+    filters += _metadata_filters(File, metadata)
     return _page(session, File, filters, limit, after, "file_not_found")
+
+
+def _metadata_filters(model: Any, metadata: dict[str, str] | None) -> list[Any]:
+    """Each metadata[key] == value, on the JSON column (->> on Postgres, json_extract on
+    SQLite)."""
+    return [model.meta[key].as_string() == value for key, value in (metadata or {}).items()]
 
 
 def lock_files(session: Session, file_ids: set[str]) -> None:
@@ -277,9 +290,16 @@ def get_job(session: Session, tenant: str | None, job_id: str, *, for_update: bo
 
 
 def list_jobs(
-    session: Session, tenant: str, *, status: str | None, limit: int, after: str | None
+    session: Session,
+    tenant: str,
+    *,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
     filters = [Job.tenant == tenant] + ([Job.status == status] if status else [])
+    filters += _metadata_filters(Job, metadata)
     return _page(session, Job, filters, limit, after, "job_not_found")
 
 

@@ -610,3 +610,58 @@ def test_gets_answer_304_while_their_json_is_unchanged(client):
     assert changed.headers["etag"] != before
     missing = client.get("/v1/jobs/job-" + "0" * 24, headers={"If-None-Match": "*"})
     assert missing.status_code == 404 and "etag" not in missing.headers
+
+
+def test_metadata_is_kept_returned_and_filterable(client):
+    """Jobs and files take a small map of strings, returned everywhere and filterable in
+    lists; a bad one is a 422 naming the key."""
+    upload = client.post(
+        "/v1/files",
+        data={"purpose": "forget", "metadata": json.dumps({"ticket": "T-17", "team": "legal"})},
+        files={"file": ("f.jsonl", QA)},
+    )
+    assert upload.status_code == 201, upload.text
+    file = upload.json()
+    assert file["metadata"] == {"ticket": "T-17", "team": "legal"}
+    assert client.get(f"/v1/files/{file['id']}").json()["metadata"] == file["metadata"]
+    listed = client.get("/v1/files", params={"metadata[ticket]": "T-17"}).json()["data"]
+    assert [f["id"] for f in listed] == [file["id"]]
+
+    jobs = []
+    for ticket in ("T-17", "T-18"):
+        body = job_body(file["id"], metadata={"ticket": ticket, "team": "legal"})
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        jobs.append(response.json())
+    assert jobs[0]["metadata"] == {"ticket": "T-17", "team": "legal"}
+    assert client.get(f"/v1/jobs/{jobs[1]['id']}").json()["metadata"]["ticket"] == "T-18"
+    found = client.get("/v1/jobs", params={"metadata[ticket]": "T-18", "metadata[team]": "legal"})
+    assert [j["id"] for j in found.json()["data"]] == [jobs[1]["id"]]
+    none = client.get("/v1/jobs", params={"metadata[ticket]": "T-18", "metadata[team]": "ops"})
+    assert none.json()["data"] == []
+    assert client.post("/v1/jobs", json=job_body(file["id"])).json()["metadata"] == {}
+
+    for metadata, param in (
+        ({"ticket": 17}, "metadata.ticket"),
+        ({"bad key!": "x"}, "metadata"),
+        ({"ticket": "x" * 501}, "metadata.ticket"),
+        ({f"k{i}": "v" for i in range(51)}, "metadata"),
+        (["T-17"], "metadata"),
+    ):
+        assert_error(
+            client.post("/v1/jobs", json=job_body(file["id"], metadata=metadata)),
+            422,
+            "invalid_spec",
+            param=param,
+        )
+    assert_error(
+        client.post(
+            "/v1/files",
+            data={"purpose": "forget", "metadata": "{not json"},
+            files={"file": ("f.jsonl", QA)},
+        ),
+        422,
+        "invalid_spec",
+        param="metadata",
+    )
+    assert_error(client.get("/v1/jobs", params={"metadata[a b]": "x"}), 422, "invalid_spec")
