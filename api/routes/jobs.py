@@ -3,10 +3,14 @@ cancel, events, metrics, artifacts."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import (
     CURSOR_PATTERN,
@@ -21,8 +25,9 @@ from api.deps import (
 from api.middleware import etag_listed
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from api.services import jobs
+from core.errors import SpecError
 from core.service import repo
-from core.service.enums import JobStatus
+from core.service.enums import TERMINAL_STATUSES, JobStatus
 from core.service.metadata import metadata_filters
 from core.service.storage import iter_stream
 
@@ -120,6 +125,57 @@ def list_events(
         more,
         empty_cursor=str(after) if after is not None else None,
     )
+
+
+def _last_seen(
+    last_event_id: Annotated[
+        str | None, Header(description="The last event id this client saw.")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=0, description="The last event number seen (without the header).")
+    ] = None,
+) -> int | None:
+    """The event number a stream resumes after: Last-Event-ID wins over `after`. A
+    dependency, so a bad one is a 422 before the stream starts."""
+    if last_event_id is None or last_event_id.strip() == "":
+        return after
+    if not last_event_id.strip().isdigit():
+        raise SpecError(
+            f"Last-Event-ID {last_event_id[:50]!r} is not an event id of this stream (a number)",
+            param="Last-Event-ID",
+        )
+    return int(last_event_id)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=EventSourceResponse,
+    summary="The job's events, live, as Server-Sent Events",
+    description="Each event is an SSE event: `id` its number, `event` its type, `data` the "
+    "event object as in /events. A reconnecting client sends `Last-Event-ID` (or `after`) "
+    "and gets what followed it; a comment every 15 s keeps idle connections open; after "
+    "a final status the stream ends with an `end` event carrying it.",
+)
+async def stream_events(
+    job: JobDep,
+    request: Request,
+    settings: SettingsDep,
+    last: Annotated[int | None, Depends(_last_seen)],
+) -> AsyncIterable[ServerSentEvent]:
+    sessions = request.app.state.sessions
+    while True:
+        events, job_status, more = await run_in_threadpool(
+            jobs.events_since, sessions, job.id, last
+        )
+        for event in events:
+            yield ServerSentEvent(id=event["id"], event=event["type"], data=event)
+            last = int(event["id"])
+        if more:
+            continue
+        if job_status in TERMINAL_STATUSES:
+            yield ServerSentEvent(event="end", data={"status": job_status})
+            return
+        await asyncio.sleep(settings.events_poll_seconds)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")

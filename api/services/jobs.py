@@ -189,6 +189,20 @@ def record_download(
     audit.record(session, who, "artifact.downloaded", job.id, data)
 
 
+def events_since(
+    sessions: Any, job_id: str, after: int | None, limit: int = 500
+) -> tuple[list[dict[str, Any]], str, bool]:
+    """(the job's events after event `after`, as the API shows them; its status, read
+    before them, so a final status means no event will follow those; whether more wait)
+    in one short session: an event stream holds no connection between polls."""
+    from api.schemas import EventObject
+
+    with sessions() as session:
+        status = repo.get_job(session, None, job_id).status
+        rows, more = repo.list_events(session, job_id, limit=limit, after=after)
+        return [EventObject.of(r).model_dump(mode="json") for r in rows], status, more
+
+
 def certificate(session: Session, who: Who, job: Job) -> str:
     """The job's signed certificate (its download is recorded)."""
     if job.certificate is None:

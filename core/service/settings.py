@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(
         10 * 1024**3, ge=0, description="Bytes of uploaded files a tenant may keep."
     )
+    events_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often an event stream looks for a job's new events (one short "
+        "query each time; no connection is held between).",
+    )
     max_chain_jobs: int = Field(
         16,
         ge=1,

@@ -311,3 +311,24 @@ def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) ->
         intact.stdout + intact.stderr
     )
     return metrics
+
+
+def sse_events(response: Any, until: Any = None) -> list[dict[str, str]]:
+    """The events of a text/event-stream response, each {id, event, data} as sent (comments
+    skipped), read until the stream ends or `until(event)` is true (the caller then
+    leaves, as a client that disconnects)."""
+    events: list[dict[str, str]] = []
+    event: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if event:
+                events.append(event)
+                if until is not None and until(event):
+                    return events
+            event = {}
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        event[field] = value.removeprefix(" ")
+    return events

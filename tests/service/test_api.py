@@ -665,3 +665,48 @@ def test_metadata_is_kept_returned_and_filterable(client):
         param="metadata",
     )
     assert_error(client.get("/v1/jobs", params={"metadata[a b]": "x"}), 422, "invalid_spec")
+
+
+def test_the_event_stream_resumes_with_last_event_id_and_ends_at_a_final_status(client, service):
+    """A client reads part of a queued job's live stream and leaves; events follow; it
+    comes back with Last-Event-ID and gets each later event once, in order, then the
+    `end` event once the job is cancelled. Another tenant's stream is a 404."""
+    from core.service import repo
+    from core.service.db import make_engine, make_sessionmaker
+    from tests.service.flow import sse_events
+
+    sessions = make_sessionmaker(make_engine(service["settings"].db_url))
+    job = client.post("/v1/jobs", json=job_body(valid_file(client))).json()
+    url = f"/v1/jobs/{job['id']}/events/stream"
+
+    def add(*messages: str) -> None:
+        with sessions.begin() as session:
+            for message in messages:
+                repo.add_event(session, job["id"], "message", message, {"m": message})
+
+    add("one", "two", "three")  # after event 1, "job queued"
+    with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        first = sse_events(response, until=lambda e: e.get("id") == "3")
+    assert [e["id"] for e in first] == ["1", "2", "3"]
+    assert json.loads(first[1]["data"])["message"] == "one" and first[1]["event"] == "message"
+
+    add("four", "five")
+    client.post(f"/v1/jobs/{job['id']}/cancel")  # queued: cancelled at once, a status event
+    with client.stream("GET", url, headers={"Last-Event-ID": "3"}) as response:
+        rest = sse_events(response)
+    assert [e.get("id") for e in rest] == ["4", "5", "6", "7", None]
+    assert [json.loads(e["data"])["message"] for e in rest[:3]] == ["three", "four", "five"]
+    assert rest[3]["event"] == "status" and rest[-1]["event"] == "end"
+    assert json.loads(rest[-1]["data"]) == {"status": "cancelled"}
+    listed = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["id"] for e in first + rest[:-1]] == [e["id"] for e in listed]
+    with client.stream("GET", url, params={"after": 6}) as response:
+        assert [e.get("id") for e in sse_events(response)] == ["7", None]
+
+    assert_error(client.get(url, headers={"Last-Event-ID": "x"}), 422, "invalid_spec")
+    with httpx.Client(
+        base_url=service["url"], headers={"Authorization": f"Bearer {service['b']}"}
+    ) as other:
+        assert_error(other.get(url), 404, "job_not_found")

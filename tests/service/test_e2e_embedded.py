@@ -23,6 +23,7 @@ from tests.service.flow import (
     check_no_local_paths,
     check_succeeded_job,
     lora_job,
+    sse_events,
     wait_for,
 )
 
@@ -65,6 +66,18 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             )
             (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
             job = lora_job(client, fixture_dir / "data", forget_path=tmp_path / "forget.jsonl")
+            # Followed live over SSE: a client leaves after two events and comes back with
+            # Last-Event-ID; it misses none and sees none twice, to the `end` event.
+            url = f"/v1/jobs/{job['id']}/events/stream"
+            with client.stream("GET", url) as response:
+                head = sse_events(response, until=lambda e: e.get("id") == "2")
+            with client.stream("GET", url, headers={"Last-Event-ID": head[-1]["id"]}) as response:
+                tail = sse_events(response)
+            assert tail[-1]["event"] == "end", tail[-3:]
+            assert json.loads(tail[-1]["data"]) == {"status": "succeeded"}
+            listed = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()
+            assert [e["id"] for e in head + tail[:-1]] == [e["id"] for e in listed["data"]]
+            assert any(e["event"] == "step" for e in tail)
             job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
             result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
             check_evidence(client, job, tmp_path / "evidence", env, "acme")
