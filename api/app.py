@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from api import errors
-from api.auth import Authenticate, KeyCache, RateLimiter
+from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, RateLimiter
 from api.middleware import ConditionalGet, RequestGuard, RequestId
 from api.queue import TaskQueue
 from api.routes import evidence, files, jobs, meta
@@ -47,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # operation ids are the route functions' names (create_job, list_files, ...):
+        # stable for generated clients, not FastAPI's create_job_v1_jobs_post
+        generate_unique_id_function=lambda route: route.name,
         responses={
             code: {"model": ErrorEnvelope}
             for code in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)
@@ -115,6 +118,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         + by_method,
     }
     job_create["properties"]["method"]["enum"] = sorted(METHODS)
+    job_create["examples"] = [JOB_EXAMPLE]
     job_create["properties"]["metadata"] = {
         "type": "object",
         "additionalProperties": {"type": "string", "maxLength": MAX_VALUE_CHARS},
@@ -124,8 +128,73 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "digits or _ . : -",
     }
     components["JobCreate"] = job_create
+    _security(schema)
+    _upload_example(schema)
+    _event_streams(schema)
     app.openapi_schema = schema
     return schema
+
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "method": "catnip",
+    "base_model": "tiny-llama",
+    "forget_file": "file-0123456789abcdef01234567",
+    "adapter": {"type": "lora", "r": 8, "alpha": 16},
+    "hyperparameters": {"learning_rate": 0.0003, "max_steps": 60, "batch_size": 32},
+    "eval": {
+        "forget_qa": "file-89abcdef0123456789abcdef",
+        "retain_qa": "file-fedcba9876543210fedcba98",
+        "utility_budget": 0.1,
+    },
+    "metadata": {"ticket": "T-4711"},
+}
+
+
+def _security(schema: dict[str, Any]) -> None:
+    """The bearer key as the document's security scheme, required by every /v1 operation
+    but the public ones (what api.auth guards), so Swagger's Authorize works."""
+    schema["components"]["securitySchemes"] = {
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `unlearn keys create` (ul_...).",
+        }
+    }
+    for path, operations in schema["paths"].items():
+        if path.startswith(PROTECTED_PREFIXES) and path not in PUBLIC_PATHS:
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}]
+
+
+def _event_streams(schema: dict[str, Any]) -> None:
+    """FastAPI describes an SSE response with OpenAPI 3.2's `itemSchema`, which a 3.1
+    document may not hold: a string schema says what the stream carries instead. Its
+    errors are JSON envelopes, not streams."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if not code.startswith("2") and "text/event-stream" in content:
+                    content["application/json"] = content.pop("text/event-stream")
+                    continue
+                stream = content.get("text/event-stream")
+                if stream is not None and "itemSchema" in stream:
+                    del stream["itemSchema"]
+                    stream["schema"] = {
+                        "type": "string",
+                        "description": "Server-Sent Events: `id` the event number, `event` "
+                        "its type, `data` the EventObject as JSON; last, an `end` event.",
+                    }
+
+
+def _upload_example(schema: dict[str, Any]) -> None:
+    """An example for the one request body FastAPI builds from form fields (uploads)."""
+    for component in schema["components"]["schemas"].values():
+        properties = component.get("properties", {})
+        if {"file", "purpose"} <= set(properties):
+            component["examples"] = [
+                {"file": "forget_qa.jsonl", "purpose": "forget", "metadata": '{"ticket": "T-4711"}'}
+            ]
 
 
 @functools.cache

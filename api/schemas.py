@@ -102,6 +102,12 @@ class FileObject(BaseModel):
         )
 
 
+class FileDeleted(BaseModel):
+    id: str = Field(description="The deleted file's id.")
+    object: Literal["file"] = "file"
+    deleted: Literal[True] = Field(True, description="Always true: the content is gone.")
+
+
 class ModelObject(BaseModel):
     id: str = Field(description="The name jobs use as base_model.")
     object: Literal["model"] = "model"

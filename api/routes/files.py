@@ -8,7 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, UploadFile
 from fastapi import File as FormFile
 
 from api.deps import CURSOR_PATTERN, FileDep, SessionDep, SettingsDep, StoreDep, TenantDep, WhoDep
-from api.schemas import FileObject, ListResponse
+from api.schemas import FileDeleted, FileObject, ListResponse
 from api.services import files
 from core.service import repo
 from core.service.enums import Purpose
@@ -85,7 +85,11 @@ def get_file(file: FileDep) -> FileObject:
     return FileObject.of(file)
 
 
-@router.delete("/{file_id}", summary="Delete a file (not while an active job uses it)")
-def delete_file(file: FileDep, session: SessionDep, store: StoreDep, who: WhoDep) -> dict:
+@router.delete(
+    "/{file_id}",
+    response_model=FileDeleted,
+    summary="Delete a file (not while an active job uses it)",
+)
+def delete_file(file: FileDep, session: SessionDep, store: StoreDep, who: WhoDep) -> FileDeleted:
     files.delete(session, store, who, file)
-    return {"id": file.id, "object": "file", "deleted": True}
+    return FileDeleted(id=file.id)
