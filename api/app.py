@@ -18,6 +18,7 @@ from api.routes import evidence, files, jobs, meta
 from api.schemas import ErrorEnvelope
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
+from core.service import logs
 from core.service.db import make_engine, make_sessionmaker
 from core.service.metadata import MAX_KEY_CHARS, MAX_KEYS, MAX_VALUE_CHARS
 from core.service.settings import Settings, get_settings
@@ -199,7 +200,11 @@ def _upload_example(schema: dict[str, Any]) -> None:
 
 @functools.cache
 def _default_app() -> FastAPI:
-    return create_app()
+    """The app of `uvicorn api.app:app` (the images, `unlearn serve --workers N`), with
+    the service's logging, as `unlearn serve` sets it up."""
+    settings = get_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 def __getattr__(name: str) -> Any:

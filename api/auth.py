@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import send_error
-from core.service import repo
+from core.service import logs, repo
 from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,10 @@ class Authenticate:
             )
             return
         scope.setdefault("state", {})["caller"] = caller
-        await self.app(scope, receive, send)
+        who = {"tenant": caller.tenant, "key_id": caller.key_id}
+        scope["state"]["log"] = who  # for the access line, written outside this context
+        with logs.bound(**who):
+            await self.app(scope, receive, send)
 
     async def _caller(self, key: str) -> Caller | None:
         key_hash = repo.hash_key(key)

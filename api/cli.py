@@ -480,8 +480,10 @@ def serve(
     """The API plus a worker. Embedded (SQLite, local store, a server-less queue) when
     DATABASE_URL / BROKER_URL are not set; state under UNLEARN_DATA_DIR."""
     from api import server
+    from core.service import logs
 
     settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
     if with_worker:
         _check_worker_device(settings.worker_device)
     _prepare_embedded(settings)

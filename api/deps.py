@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Caller
 from api.queue import TaskQueue
 from core.errors import NotFound
-from core.service import repo
+from core.service import logs, repo
 from core.service.audit import Who
 from core.service.db import File, Job, looks_like_id
 from core.service.settings import Settings
@@ -109,7 +109,16 @@ async def get_job_dep(
     row: routes that change a job load it again in their own session)."""
     if not looks_like_id("job", job_id):
         raise NotFound(f"no job {job_id!r}", param="job_id", code="job_not_found")
-    return await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
+    job = await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
+    log_fields(request, job_id=job.id)
+    return job
+
+
+def log_fields(request: Request, **fields: str) -> None:
+    """Fields for this request's log lines: those below (core.service.logs) and its
+    access line, which the outermost middleware writes."""
+    logs.bind(**fields)
+    request.scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
 def get_file_dep(

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from api.errors import CodedHTTPException, send_error
+from core.service import logs
 
 log = logging.getLogger("api.access")
 
@@ -34,6 +35,8 @@ class RequestId:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        context = logs.bound(request_id=request_id)
+        context.__enter__()
 
         async def send_with_id(message: dict) -> None:
             nonlocal status
@@ -50,13 +53,14 @@ class RequestId:
         finally:
             raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
             log.info(
-                "%s %s %s %.1fms %s",
+                "%s %s %s %.1fms",
                 scope["method"],
                 raw_path.decode("ascii", "backslashreplace"),  # as sent: no control characters
                 status,
                 (time.perf_counter() - started) * 1000,
-                request_id,
+                extra={**scope["state"].get("log", {}), "status": status},
             )
+            context.__exit__(None, None, None)
 
 
 class RequestGuard:

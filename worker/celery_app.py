@@ -7,8 +7,9 @@ parent never imports torch: torch's OpenMP is not fork-safe.
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 
+from core.service import logs
 from core.service.settings import get_settings
 
 settings = get_settings()
@@ -24,3 +25,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
+
+
+@signals.setup_logging.connect
+def _logging(**_: object) -> None:
+    """The service's log lines (core.service.logs), not Celery's own set-up."""
+    logs.configure(settings.log_level, settings.log_format)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker
 from core.engine.events import Phase
 from core.engine.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
 from core.errors import JobCancelled, UnlearnError
-from core.service import audit, certificates, repo
+from core.service import audit, certificates, logs, repo
 from core.service.db import Artifact
 from core.service.enums import TERMINAL_STATUSES, ArtifactKind, EventType, JobStatus
 from core.service.quotas import limits_for
@@ -88,6 +88,10 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run the job if this worker can take it. Returns what happened, for logs."""
+        with logs.bound(job_id=job_id):
+            return self._run(job_id)
+
+    def _run(self, job_id: str) -> str:
         with self.sessions.begin() as session:
             acquired = repo.acquire_lease(session, job_id, self.owner, self.settings.lease_seconds)
         if not acquired:
@@ -97,6 +101,7 @@ class JobRunner:
         try:
             with self.sessions.begin() as session:
                 job = repo.get_job(session, None, job_id)
+                logs.bind(tenant=job.tenant)
                 repo.add_event(
                     session,
                     job_id,

@@ -50,7 +50,7 @@ def runner() -> JobRunner:
 @app.task(name=RUN_JOB_TASK)
 def run_job(job_id: str) -> str:
     outcome = runner().run(job_id)
-    log.info("job %s: %s", job_id, outcome)
+    log.info("job %s: %s", job_id, outcome, extra={"job_id": job_id})
     return outcome
 
 

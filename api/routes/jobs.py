@@ -21,6 +21,7 @@ from api.deps import (
     StoreDep,
     TenantDep,
     WhoDep,
+    log_fields,
 )
 from api.middleware import etag_listed
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
@@ -50,6 +51,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     },
 )
 def create_job(
+    request: Request,
     body: Annotated[dict[str, Any], Body(description="The job spec: see JobCreate.")],
     response: Response,
     session: SessionDep,
@@ -64,6 +66,7 @@ def create_job(
     ] = None,
 ) -> JobObject:
     job, created = jobs.create(session, queue, settings, who, body, idempotency_key)
+    log_fields(request, job_id=job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
     return JobObject.of(job)

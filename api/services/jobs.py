@@ -148,7 +148,7 @@ def create(
             code="queue_unavailable",
         ) from exc
     job.enqueued_at = utcnow()
-    log.info("job %s created for tenant %s (%s)", job.id, tenant, spec.method)
+    log.info("job %s created (%s)", job.id, spec.method, extra={"job_id": job.id})
     return job, True
 
 

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     task_queue: str = "unlearn"
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines: json, text, or auto (text on a terminal, else json)."
+    )
 
     @field_validator("unlearn_data_dir")
     @classmethod

@@ -40,6 +40,7 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
         WORKER_DEVICE="cpu",
         EVENT_MIN_INTERVAL_SECONDS="0",
         AUTH_CACHE_SECONDS="1",
+        LOG_FORMAT="json",
     )
     assert "registered model 'tiny'" in cli(
         env, "models", "add", "tiny", str(fixture_dir / "model")
@@ -49,8 +50,13 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
     assert (tmp_path / "state" / "unlearn.db").is_file()
 
     port = free_port()
+    log_path = tmp_path / "serve.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "api", "serve", "--port", str(port)], env=env, cwd=ROOT
+        [sys.executable, "-m", "api", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", server)
@@ -116,6 +122,16 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(30)
+    # The job's whole path in the JSON logs of the API and of the worker, by its id.
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("job_id") == job["id"]]
+    loggers = {line["logger"] for line in mine}
+    assert {"api.access", "api.services.jobs", "worker.runner", "worker.tasks"} <= loggers, loggers
+    created = next(line for line in mine if line["logger"] == "api.services.jobs")
+    assert created["tenant"] == "acme" and created["request_id"] and created["key_id"]
+    access = [line for line in mine if line["logger"] == "api.access"]
+    assert all(line["tenant"] == "acme" and line["request_id"] for line in access)
+    assert any(line["message"].startswith(f"GET /v1/jobs/{job['id']} 200") for line in access)
     # Everything lived under UNLEARN_DATA_DIR: the database, the queue and the artifacts.
     assert (tmp_path / "state" / "broker.db").is_file()
     assert list((tmp_path / "state" / "store" / "jobs").rglob("adapter.tar.gz"))
