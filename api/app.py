@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import errors
 from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, RateLimiter
+from api.metrics import RequestMetrics, registry_for
 from api.middleware import ConditionalGet, RequestGuard, RequestId
 from api.queue import TaskQueue
 from api.routes import evidence, files, jobs, meta
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = make_sessionmaker(engine)
     app.state.store = make_store(settings)
     app.state.queue = TaskQueue(settings)
+    app.state.metrics_registry = registry_for(app.state.sessions)
     errors.install(app)
     # Outermost first: a request id on everything; the guard bounds the body and checks
     # the path before anything reads them; authentication and rate limits before any
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_timeout=settings.upload_timeout_seconds,
     )
     app.add_middleware(RequestId)
+    app.add_middleware(RequestMetrics)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(evidence.router)

@@ -6,7 +6,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import sessionmaker
 
 from api.deps import CURSOR_PATTERN, SessionDep, TenantDep
@@ -33,6 +33,20 @@ def list_models(
 ) -> ListResponse[ModelObject]:
     rows, more = repo.list_models(session, limit=limit, after=after)
     return ListResponse.page([ModelObject.of(r) for r in rows], more)
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics: request latency, jobs by status, failures, stage times",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+def metrics(request: Request) -> Response:
+    from api.metrics import exposition
+
+    body, content_type = exposition(request.app.state.metrics_registry)
+    return Response(body, media_type=content_type)
 
 
 @router.get("/healthz", tags=["health"], summary="The process is up")

@@ -743,3 +743,18 @@ def test_the_openapi_document_is_valid_with_stable_ids_security_and_examples(cli
         for code in ("400", "401", "404", "422", "429", "500", "503"):
             content = op["responses"][code]["content"]["application/json"]["schema"]
             assert content["$ref"].endswith("/ErrorEnvelope"), (path, method, code)
+
+
+def test_metrics_are_scraped_without_a_key_with_jobs_from_the_database(client, service):
+    """/metrics answers Prometheus (no key): request latency by route template (a path
+    no route matched is `unmatched`, not its own series) and the jobs by status, counted
+    in the database."""
+    client.post("/v1/jobs", json=job_body(valid_file(client)))
+    client.get("/v1/no-such-thing-12345")
+    response = httpx.get(f"{service['url']}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    queued = next(x for x in text.splitlines() if x.startswith('unlearn_jobs{status="queued"}'))
+    assert float(queued.split()[-1]) >= 1
+    assert 'route="unmatched"' in text and "no-such-thing" not in text
+    assert 'route="/v1/jobs"' in text and "unlearn_oldest_queued_job_seconds" in text

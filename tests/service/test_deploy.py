@@ -97,3 +97,54 @@ def test_a_worker_for_a_device_that_is_not_here_does_not_start(tmp_path, command
         and "; the worker did not start" in result.stderr
     ), result.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_the_stack_scrapes_the_api_and_the_dashboard_reads_what_it_exposes(tmp_path):
+    """Compose runs Prometheus on the API's /metrics; every series the Grafana dashboard
+    queries is one /metrics serves (a renamed metric breaks this test, not a panel)."""
+    import json
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.service.settings import Settings
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "prometheus" in compose["services"]
+    scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())["scrape_configs"]
+    assert scrape[0]["static_configs"][0]["targets"] == ["api:8000"]
+    assert scrape[0]["metrics_path"] == "/metrics"
+
+    from core.service.migrate import upgrade
+
+    settings = Settings(unlearn_data_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        client.get("/healthz")
+        broken = client.get("/metrics")  # no tables yet: the request metrics still come
+        assert broken.status_code == 200 and "unlearn_jobs_readable 0.0" in broken.text
+        upgrade(settings.db_url)
+        families = [
+            line.split()[2:4]
+            for line in client.get("/metrics").text.splitlines()
+            if line.startswith("# TYPE ")
+        ]
+    suffixes = {
+        "counter": ("",),
+        "gauge": ("",),
+        "summary": ("", "_sum", "_count"),
+        "histogram": ("_bucket", "_sum", "_count"),
+    }
+    exposed = {
+        name if kind == "counter" else name + suffix  # a counter's TYPE line names its _total
+        for name, kind in families
+        for suffix in suffixes.get(kind, ("",))
+    }
+    dashboard = json.loads((ROOT / "docker" / "grafana" / "unlearn-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"unlearn_[a-z_]+", target["expr"])
+    }
+    assert queried and queried <= exposed, queried - exposed

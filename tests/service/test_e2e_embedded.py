@@ -72,6 +72,16 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             )
             (tmp_path / "forget.jsonl").write_text("\n".join(lines) + "\n")
             job = lora_job(client, fixture_dir / "data", forget_path=tmp_path / "forget.jsonl")
+            # Prometheus sees the job while it is queued or running.
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            active = [
+                line
+                for line in scraped.splitlines()
+                if line.startswith(
+                    ('unlearn_jobs{status="queued"}', 'unlearn_jobs{status="running"}')
+                )
+            ]
+            assert sum(float(line.split()[-1]) for line in active) == 1.0, active
             # Followed live over SSE: a client leaves after two events and comes back with
             # Last-Event-ID; it misses none and sees none twice, to the `end` event.
             url = f"/v1/jobs/{job['id']}/events/stream"
@@ -101,6 +111,16 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             assert str(tmp_path) not in summary and str(fixture_dir) not in summary
             assert check_no_local_paths(client, job, [tmp_path, fixture_dir, ROOT]) >= 8
             assert job["attempts"] == 1
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'unlearn_jobs{status="succeeded"} 1.0' in scraped
+            assert 'unlearn_job_stage_seconds_count{stage="unlearn"} 1.0' in scraped
+            polls = (
+                'unlearn_http_request_duration_seconds_count{method="GET",'
+                'route="/v1/jobs/{job_id}",status="200"}'
+            )
+            assert (
+                float(next(x for x in scraped.splitlines() if x.startswith(polls)).split()[-1]) > 1
+            )
         # An operator revokes the key: after the verification cache (AUTH_CACHE_SECONDS) it is refused.
         key_id = next(
             line.split("\t")[0]

@@ -1,0 +1,163 @@
+"""Prometheus metrics at /metrics (prometheus-client): the API's request latency by
+route template, method and status, and the jobs as the database knows them, read at
+each scrape (the database is the truth about jobs, whichever worker ran them): jobs by
+status, failures by code, the age of the oldest queued job, and the seconds each stage
+of the last finished jobs took. With several API processes, set
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode) so a scrape sums them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from core.service.db import Job, utcnow
+from core.service.enums import JobStatus
+
+REQUEST_SECONDS = Histogram(
+    "unlearn_http_request_duration_seconds",
+    "Time to answer an API request, by route template, method and status.",
+    ["route", "method", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+log = logging.getLogger(__name__)
+RECENT_JOBS = 100  # the finished jobs whose stage times the summary covers
+
+
+class RequestMetrics:
+    """Pure ASGI: observes every HTTP request under its route's template (/v1/jobs/{job_id},
+    not the id: bounded cardinality); a path no route matched counts as `unmatched`."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observing_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            route = scope.get("route")
+            REQUEST_SECONDS.labels(
+                getattr(route, "path", "unmatched"), scope["method"], str(status)
+            ).observe(time.perf_counter() - started)
+
+
+class JobsCollector(Collector):
+    """The jobs, read from the database at each scrape (a few aggregate queries)."""
+
+    def __init__(self, sessions: sessionmaker):
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            yield from self._collect()
+        except SQLAlchemyError as exc:  # the request metrics are still worth a scrape
+            log.warning("metrics: the jobs could not be read: %s", type(exc).__name__)
+            yield GaugeMetricFamily(
+                "unlearn_jobs_readable", "Whether the last scrape could read the jobs.", 0
+            )
+
+    def _collect(self) -> Iterator[Any]:
+        with self.sessions() as session:
+            by_status = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            )
+            failures = session.execute(
+                select(Job.error_code, func.count())
+                .where(Job.status == JobStatus.FAILED)
+                .group_by(Job.error_code)
+            ).all()
+            oldest = session.scalar(
+                select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED)
+            )
+            recent = session.scalars(
+                select(Job.metrics)
+                .where(Job.status == JobStatus.SUCCEEDED)
+                .order_by(Job.finished_at.desc())
+                .limit(RECENT_JOBS)
+            ).all()
+        jobs = GaugeMetricFamily("unlearn_jobs", "Jobs by status.", labels=["status"])
+        for status in JobStatus:
+            jobs.add_metric([status.value], by_status.get(status.value, 0))
+        yield jobs
+        failed = CounterMetricFamily(
+            "unlearn_job_failures", "Failed jobs by error code.", labels=["code"]
+        )
+        for code, count in failures:
+            failed.add_metric([code or "none"], count)
+        yield failed
+        age = 0.0
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=utcnow().tzinfo)
+            age = max(0.0, (utcnow() - oldest).total_seconds())
+        yield GaugeMetricFamily(
+            "unlearn_oldest_queued_job_seconds", "Age of the oldest queued job (0: none).", age
+        )
+        stages = SummaryMetricFamily(
+            "unlearn_job_stage_seconds",
+            f"Seconds per stage of the last {RECENT_JOBS} succeeded jobs (load, unlearn, ...).",
+            labels=["stage"],
+        )
+        totals: dict[str, list[float]] = {}
+        for metrics in recent:
+            for stage, seconds in ((metrics or {}).get("timings_s") or {}).items():
+                totals.setdefault(stage, []).append(float(seconds))
+        for stage, values in sorted(totals.items()):
+            stages.add_metric([stage], count_value=len(values), sum_value=sum(values))
+        yield stages
+        yield GaugeMetricFamily(
+            "unlearn_jobs_readable", "Whether the last scrape could read the jobs.", 1
+        )
+
+
+def registry_for(sessions: sessionmaker) -> CollectorRegistry:
+    """What /metrics serves: this process's request metrics (or every API process's, in
+    multiprocess mode) and the jobs collector."""
+    registry = CollectorRegistry()
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(_Process())
+    registry.register(JobsCollector(sessions))
+    return registry
+
+
+class _Process(Collector):
+    """The request histogram of this process (from the default registry)."""
+
+    def collect(self) -> Iterator[Any]:
+        for family in REGISTRY.collect():
+            if family.name == "unlearn_http_request_duration_seconds":
+                yield family
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
