@@ -38,13 +38,13 @@ def test_no_server_errors_and_no_schema_violations(backend, tmp_path, fixture_di
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", f"fuzz-{backend}").strip().splitlines()[-1]
     port = free_port()
+    # The server's log to a file: a pipe nobody reads fills up and blocks the server.
     server = subprocess.Popen(
         [sys.executable, "-m", "api", "serve", "--no-with-worker", "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=(tmp_path / "serve.log").open("wb"),
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", server)
