@@ -35,8 +35,6 @@ class RequestId:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
-        context = logs.bound(request_id=request_id)
-        context.__enter__()
 
         async def send_with_id(message: dict) -> None:
             nonlocal status
@@ -48,19 +46,20 @@ class RequestId:
                 ]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
-            log.info(
-                "%s %s %s %.1fms",
-                scope["method"],
-                raw_path.decode("ascii", "backslashreplace"),  # as sent: no control characters
-                status,
-                (time.perf_counter() - started) * 1000,
-                extra={**scope["state"].get("log", {}), "status": status},
-            )
-            context.__exit__(None, None, None)
+        with logs.bound(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+                log.info(
+                    "%s %s %s %.1fms",
+                    scope["method"],
+                    raw_path.decode("ascii", "backslashreplace"),  # as sent: no control chars
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    # the caller and the job, noted in the request's scope by what ran inside
+                    extra={**scope["state"].get("log", {}), "status": status},
+                )
 
 
 class RequestGuard:

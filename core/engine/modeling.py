@@ -255,7 +255,9 @@ def save_output(
             for config in model.peft_config.values():
                 config.base_model_name_or_path = base_name
         adapter_dir = out_dir / "adapter"
-        model.save_pretrained(adapter_dir)
+        # our adapters never train the embeddings: no check against the base model's
+        # config, which peft would look up by base_model_name_or_path (a name, here)
+        model.save_pretrained(adapter_dir, save_embedding_layers=False)
         tokenizer.save_pretrained(adapter_dir)
         written["adapter"] = adapter_dir
         if wrapped.adapter.merge:
