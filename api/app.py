@@ -12,7 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import errors
 from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, RateLimiter
-from api.metrics import RequestMetrics, registry_for
+from api.metrics import registry_for
 from api.middleware import ConditionalGet, RequestGuard, RequestId
 from api.queue import TaskQueue
 from api.routes import evidence, files, jobs, meta
@@ -83,7 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_timeout=settings.upload_timeout_seconds,
     )
     app.add_middleware(RequestId)
-    app.add_middleware(RequestMetrics)
     app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(evidence.router)

@@ -189,10 +189,8 @@ class Authenticate:
             )
             return
         scope.setdefault("state", {})["caller"] = caller
-        who = {"tenant": caller.tenant, "key_id": caller.key_id}
-        scope["state"]["log"] = who  # for the access line, written outside this context
-        with logs.bound(**who):
-            await self.app(scope, receive, send)
+        logs.bind(tenant=caller.tenant, key_id=caller.key_id)
+        await self.app(scope, receive, send)
 
     async def _caller(self, key: str) -> Caller | None:
         key_hash = repo.hash_key(key)

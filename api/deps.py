@@ -110,15 +110,8 @@ async def get_job_dep(
     if not looks_like_id("job", job_id):
         raise NotFound(f"no job {job_id!r}", param="job_id", code="job_not_found")
     job = await run_in_threadpool(_load_job, request.app.state.sessions, tenant, job_id)
-    log_fields(request, job_id=job.id)
+    logs.bind(job_id=job.id)  # on the request's log lines, its access line included
     return job
-
-
-def log_fields(request: Request, **fields: str) -> None:
-    """Fields for this request's log lines: those below (core.service.logs) and its
-    access line, which the outermost middleware writes."""
-    logs.bind(**fields)
-    request.scope.setdefault("state", {}).setdefault("log", {}).update(fields)
 
 
 def get_file_dep(

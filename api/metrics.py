@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,33 +38,12 @@ log = logging.getLogger(__name__)
 RECENT_JOBS = 100  # the finished jobs whose stage times the summary covers
 
 
-class RequestMetrics:
-    """Pure ASGI: observes every HTTP request under its route's template (/v1/jobs/{job_id},
-    not the id: bounded cardinality); a path no route matched counts as `unmatched`."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def observing_send(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observing_send)
-        finally:
-            route = scope.get("route")
-            REQUEST_SECONDS.labels(
-                getattr(route, "path", "unmatched"), scope["method"], str(status)
-            ).observe(time.perf_counter() - started)
+def observe_request(scope: dict, status: int, seconds: float) -> None:
+    """One answered request, under its route's template (/v1/jobs/{job_id}, not the id:
+    bounded cardinality); a path no route matched counts as `unmatched`. Called by the
+    request-id middleware, which times every request for its access line anyway."""
+    route = getattr(scope.get("route"), "path", "unmatched")
+    REQUEST_SECONDS.labels(route, scope["method"], str(status)).observe(seconds)
 
 
 class JobsCollector(Collector):
@@ -96,8 +74,8 @@ class JobsCollector(Collector):
             oldest = session.scalar(
                 select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED)
             )
-            recent = session.scalars(
-                select(Job.metrics)
+            recent = session.scalars(  # the timings alone, not each job's whole metrics
+                select(Job.metrics["timings_s"])
                 .where(Job.status == JobStatus.SUCCEEDED)
                 .order_by(Job.finished_at.desc())
                 .limit(RECENT_JOBS)
@@ -125,8 +103,8 @@ class JobsCollector(Collector):
             labels=["stage"],
         )
         totals: dict[str, list[float]] = {}
-        for metrics in recent:
-            for stage, seconds in ((metrics or {}).get("timings_s") or {}).items():
+        for timings in recent:
+            for stage, seconds in (timings or {}).items():
                 totals.setdefault(stage, []).append(float(seconds))
         for stage, values in sorted(totals.items()):
             stages.add_metric([stage], count_value=len(values), sum_value=sum(values))

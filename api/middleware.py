@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from api.errors import CodedHTTPException, send_error
+from api.metrics import observe_request
 from core.service import logs
 
 log = logging.getLogger("api.access")
@@ -51,14 +52,15 @@ class RequestId:
                 await self.app(scope, receive, send_with_id)
             finally:
                 raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+                seconds = time.perf_counter() - started
+                observe_request(scope, status, seconds)
                 log.info(
                     "%s %s %s %.1fms",
                     scope["method"],
                     raw_path.decode("ascii", "backslashreplace"),  # as sent: no control chars
                     status,
-                    (time.perf_counter() - started) * 1000,
-                    # the caller and the job, noted in the request's scope by what ran inside
-                    extra={**scope["state"].get("log", {}), "status": status},
+                    seconds * 1000,
+                    extra={"status": status},  # the caller and the job: bound inside
                 )
 
 

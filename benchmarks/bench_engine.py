@@ -119,17 +119,22 @@ NEIGHBOUR_LOSSES = (
 )
 
 
-def _spin(kind: str, busy, stop) -> None:
+def _spin(kind: str, busy, spinning, resting, stop) -> None:
     """The neighbour, while `busy` is set: pure Python arithmetic on one core ("python",
     as an API process serving requests), or torch matrix products on all the cores
-    ("torch", as a second job or a test runner)."""
+    ("torch", as a second job or a test runner). It says which it is doing through
+    `spinning` and `resting`, so the timer starts and stops on its state, not on a guess."""
     x = 0.0
     a = b = None
     if kind == "torch":
         a, b = torch.randn(384, 384), torch.randn(384, 384)
     while not stop.is_set():
         if not busy.wait(0.01):
+            spinning.clear()
+            resting.set()
             continue
+        resting.clear()
+        spinning.set()
         if a is not None and b is not None:
             for _ in range(20):
                 torch.mm(a, b)
@@ -152,8 +157,10 @@ def neighbour_rounds(
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that ran torch
-    busy, stop = context.Event(), context.Event()
-    neighbour = context.Process(target=_spin, args=(kind, busy, stop), daemon=True)
+    busy, spinning, resting, stop = (context.Event() for _ in range(4))
+    neighbour = context.Process(
+        target=_spin, args=(kind, busy, spinning, resting, stop), daemon=True
+    )
     neighbour.start()
     default_threads = get_cpu_threads()
     inputs = make_inputs("cpu", torch.float32, shape)
@@ -169,13 +176,15 @@ def neighbour_rounds(
             for state in ("quiet", "busy"):
                 if state == "busy":
                     busy.set()
-                    time.sleep(0.2)  # the neighbour is running before the clock starts
+                    if not spinning.wait(60):  # busy before the clock starts
+                        raise RuntimeError("the neighbour process did not start working")
                 for name in NEIGHBOUR_LOSSES:
                     start = time.perf_counter()
                     run_neighbour_loss(name, default_threads, *inputs)
                     times[state][name].append(time.perf_counter() - start)
                 busy.clear()
-                time.sleep(0.05)
+                if not resting.wait(60):  # quiet again before the next quiet pass
+                    raise RuntimeError("the neighbour process did not stop working")
     finally:
         set_cpu_threads(default_threads)
         stop.set()

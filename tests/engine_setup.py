@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from core.engine.data import build_examples, load_records
+from core.engine.events import Events
 from core.engine.methods import METHODS, parse_params, prepare
 from core.engine.modeling import AdapterSpec, load_base, wrap
 
@@ -55,3 +56,24 @@ def method_data(fixture_dir: Path, tokenizer, method, retain) -> dict:
         contrast = load_records(contrast_file(fixture_dir))
         data["contrast"] = build_contrast(records, encoded, contrast, tokenizer, 64, 0).examples
     return data
+
+
+def train(fixture_dir: Path, wrapped, tok, method, params, forget, retain, **loop):
+    """run_unlearning with what `method` needs beyond the forget set (method_data)."""
+    from core.engine.train import run_unlearning
+
+    data = method_data(fixture_dir, tok, method, retain)
+    return run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id, **data, **loop)
+
+
+class StopAfter(Events):
+    """Asks the loop to stop (a cancel, as the worker's) once `steps` steps are done."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done = steps, 0
+
+    def step(self, info) -> None:
+        self.done = info.step
+
+    def should_cancel(self) -> bool:
+        return self.done >= self.steps

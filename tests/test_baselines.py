@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from engine_setup import method_data, setup_run
+from engine_setup import StopAfter, method_data, setup_run, train
 
 from core.demo.build import contrast_file
 from core.engine import losses
@@ -214,14 +214,7 @@ def test_flat_moves_forget_and_contrast_probabilities_apart(fixture_dir):
     wrapped, tok, method, params, forget, retain = setup_run(
         fixture_dir, AdapterSpec(), "flat", max_steps=10, learning_rate=3e-3
     )
-    result = run_unlearning(
-        wrapped,
-        method,
-        params,
-        forget,
-        pad_id=tok.pad_token_id,
-        **method_data(fixture_dir, tok, method, retain),
-    )
+    result = train(fixture_dir, wrapped, tok, method, params, forget, retain)
     first, last = result.history[0].terms, result.history[-1].terms
     assert last["forget_prob"] < first["forget_prob"] - 0.5, (first, last)
     assert last["contrast_prob"] > first["contrast_prob"], (first, last)
@@ -231,41 +224,18 @@ def test_flat_moves_forget_and_contrast_probabilities_apart(fixture_dir):
 def test_resume_equals_uninterrupted(fixture_dir, tmp_path, method_id):
     """Cancel at step 2 of 4 and resume: the weights of a straight run, with the contrast
     pairs and the retain batches drawn as an uninterrupted run draws them."""
-    from core.engine.events import Events
     from core.errors import JobCancelled
 
     hp = {"max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3}
 
     def run(directory, events=None):
-        wrapped, tok, method, params, forget, retain = setup_run(
-            fixture_dir, AdapterSpec(), method_id, **hp
-        )
-        data = method_data(fixture_dir, tok, method, retain)
-        result = run_unlearning(
-            wrapped,
-            method,
-            params,
-            forget,
-            pad_id=tok.pad_token_id,
-            checkpoint_dir=directory,
-            events=events,
-            **data,
-        )
+        wrapped, *rest = setup_run(fixture_dir, AdapterSpec(), method_id, **hp)
+        result = train(fixture_dir, wrapped, *rest, checkpoint_dir=directory, events=events)
         return wrapped, result
 
     straight, _ = run(tmp_path / "a")
-
-    class StopAt2(Events):
-        def should_cancel(self) -> bool:
-            return self.done >= 2
-
-        done = 0
-
-        def step(self, info) -> None:
-            StopAt2.done = info.step
-
     with pytest.raises(JobCancelled):
-        run(tmp_path / "b", StopAt2())
+        run(tmp_path / "b", StopAfter(2))
     resumed, result = run(tmp_path / "b")
     assert [h.step for h in result.history] == [3, 4]
     for name, param in resumed.trainable().items():

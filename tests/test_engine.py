@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from engine_setup import method_data, setup_run
+from engine_setup import StopAfter, setup_run, train
 
 from core.engine.events import Events
 from core.engine.methods import METHODS
@@ -31,14 +31,7 @@ def test_every_method_trains(fixture_dir, method_id, adapter_type, dtype):
     before = {n: p.detach().clone() for n, p in wrapped.model.named_parameters()}
     trainable = set(wrapped.trainable())
     assert trainable and len(trainable) < len(before)
-    result = run_unlearning(
-        wrapped,
-        method,
-        params,
-        forget,
-        pad_id=tok.pad_token_id,
-        **method_data(fixture_dir, tok, method, retain),
-    )
+    result = train(fixture_dir, wrapped, tok, method, params, forget, retain)
     assert set(wrapped.trainable()) == trainable  # reference passes leave what trains alone
     assert result.steps_done == 3
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
@@ -139,15 +132,6 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
     )
     straight = {n: p.detach().clone() for n, p in wrapped.trainable().items()}
 
-    class StopAfter3(Events):
-        def should_cancel(self) -> bool:
-            return self.steps >= 3
-
-        steps = 0
-
-        def step(self, info) -> None:
-            StopAfter3.steps = info.step
-
     from core.errors import JobCancelled
 
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)
@@ -159,7 +143,7 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
             forget,
             pad_id=tok.pad_token_id,
             checkpoint_dir=tmp_path / "b",
-            events=StopAfter3(),
+            events=StopAfter(3),
         )
     assert (tmp_path / "b" / "step-0000003" / "state.json").is_file()
     wrapped, tok, method, params, forget, _ = setup_run(fixture_dir, adapter, "catnip", **hp)

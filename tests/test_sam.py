@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_setup import method_data, setup_run
+from engine_setup import StopAfter, setup_run, train
 
 from core.engine.modeling import AdapterSpec
 from core.engine.train import BatchStream, run_unlearning
@@ -98,53 +98,25 @@ def test_sam_trains_every_form_of_method(fixture_dir, adapter_type, method_id):
         gradient_accumulation_steps=2,
         batch_size=4,
     )
-    result = run_unlearning(
-        wrapped,
-        method,
-        params,
-        forget,
-        pad_id=tok.pad_token_id,
-        **method_data(fixture_dir, tok, method, retain),
-    )
+    result = train(fixture_dir, wrapped, tok, method, params, forget, retain)
     assert result.steps_done == 3 and all(
         torch.isfinite(torch.tensor(h.loss)) for h in result.history
     )
 
 
 def test_sam_resumes_as_it_ran(fixture_dir, tmp_path):
-    from core.engine.events import Events
     from core.errors import JobCancelled
 
     hp = {"max_steps": 4, "checkpoint_every": 2, "sam_rho": 0.05}
 
     def run(directory, events=None):
-        wrapped, tok, method, params, forget, _ = setup_run(
-            fixture_dir, AdapterSpec(), "catnip", **hp
-        )
-        run_unlearning(
-            wrapped,
-            method,
-            params,
-            forget,
-            pad_id=tok.pad_token_id,
-            checkpoint_dir=directory,
-            events=events,
-        )
+        wrapped, *rest = setup_run(fixture_dir, AdapterSpec(), "catnip", **hp)
+        train(fixture_dir, wrapped, *rest, checkpoint_dir=directory, events=events)
         return wrapped.trainable()
 
     straight = run(tmp_path / "a")
-
-    class StopAt2(Events):
-        done = 0
-
-        def should_cancel(self) -> bool:
-            return self.done >= 2
-
-        def step(self, info) -> None:
-            StopAt2.done = info.step
-
     with pytest.raises(JobCancelled):
-        run(tmp_path / "b", StopAt2())
+        run(tmp_path / "b", StopAfter(2))
     resumed = run(tmp_path / "b")
     for name, param in resumed.items():
         torch.testing.assert_close(param.detach(), straight[name].detach(), rtol=0, atol=1e-6)

@@ -334,11 +334,12 @@ class JobRunner:
             spec = rows[i].spec if i in rows else {}
             return "adapter" if (spec.get("adapter") or {}).get("type") == "lora" else "model"
 
+        artifact = artifacts[name]
         chain = [
             {"job": i, "method": rows[i].method if i in rows else None, "output": output(i)}
             for i in ids
         ]
-        artifact = artifacts[name]
+        chain[-1]["sha256"] = artifact.sha256  # checked below: names the start for resumes
         target = directory / name
         if (directory / ".complete").is_file():
             return directory, chain  # fetched by an earlier attempt of this job

@@ -21,13 +21,12 @@ from api.deps import (
     StoreDep,
     TenantDep,
     WhoDep,
-    log_fields,
 )
 from api.middleware import etag_listed
 from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, MetricsObject
 from api.services import jobs
 from core.errors import SpecError
-from core.service import repo
+from core.service import logs, repo
 from core.service.enums import TERMINAL_STATUSES, JobStatus
 from core.service.metadata import metadata_filters
 from core.service.storage import iter_stream
@@ -51,7 +50,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     },
 )
 def create_job(
-    request: Request,
     body: Annotated[dict[str, Any], Body(description="The job spec: see JobCreate.")],
     response: Response,
     session: SessionDep,
@@ -66,7 +64,7 @@ def create_job(
     ] = None,
 ) -> JobObject:
     job, created = jobs.create(session, queue, settings, who, body, idempotency_key)
-    log_fields(request, job_id=job.id)
+    logs.bind(job_id=job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
     return JobObject.of(job)

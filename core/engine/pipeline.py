@@ -100,6 +100,16 @@ def write_provenance(
     (directory / "provenance.json").write_text(json.dumps(provenance, indent=2))
 
 
+def _start_identity(start: StartPoint | None, chain: list[dict[str, Any]] | None) -> str | None:
+    """What names the weights a sequential job starts from, for its checkpoint fingerprint:
+    the sha256 the service checked its download against (the chain's last link), else a
+    digest of the local files (`unlearn run`)."""
+    if start is None:
+        return None
+    known = chain[-1].get("sha256") if chain else None
+    return str(known) if known else start_digest(start)
+
+
 def _load_start(base_model: str, start: StartPoint | None, device: Any) -> tuple[Any, Any]:
     """(model, tokenizer) a job starts from: the base model; after a previous LoRA job,
     with that job's adapter merged in; after a full-weight job, that job's weights."""
@@ -239,7 +249,7 @@ def run_job(
             forget,
             retain,
             contrast_examples,
-            start=start_digest(start) if start is not None else None,
+            start=_start_identity(start, chain),
         )
         if checkpoint_dir
         else None

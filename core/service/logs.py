@@ -14,12 +14,20 @@ from contextvars import ContextVar
 from typing import Any
 
 FIELDS = ("request_id", "tenant", "key_id", "job_id")
-_context: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039
+_OUTSIDE: dict[str, str] = {}  # the fields outside any bound() block: none, never changed
+_context: ContextVar[dict[str, str]] = ContextVar("log_context", default=_OUTSIDE)
 
 
 def bind(**fields: str | None) -> None:
-    """Add fields to the current context (a request's, a job's) from here on."""
-    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+    """Add fields to the innermost bound() block (a request's, a job's) for the rest of
+    it: the block's own record is updated, so code around the call, inside the block,
+    sees them too (the request-id middleware's access line, written after the route)."""
+    new = {k: v for k, v in fields.items() if v}
+    current = _context.get()
+    if current is _OUTSIDE:
+        _context.set(new)
+    else:
+        current.update(new)
 
 
 @contextlib.contextmanager

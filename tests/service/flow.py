@@ -191,7 +191,11 @@ def check_sequential_job(
     second = wait_for(client, second["id"], lambda j: j["status"] in TERMINAL, timeout=300)
     assert second["status"] == "succeeded", second
     metrics = client.get(f"/v1/jobs/{second['id']}/metrics").json()["metrics"]
-    assert metrics["chain"] == [{"job": first["id"], "method": "catnip", "output": "adapter"}]
+    first_artifacts = client.get(f"/v1/jobs/{first['id']}/artifacts").json()["data"]
+    first_adapter = next(a["sha256"] for a in first_artifacts if a["name"] == "adapter")
+    assert metrics["chain"] == [
+        {"job": first["id"], "method": "catnip", "output": "adapter", "sha256": first_adapter}
+    ]
     assert metrics["before"]["forget_knowmem"]["rouge_l_f1"] == pytest.approx(
         first_metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01
     ), "the second job did not start from the first one's output"
@@ -217,11 +221,8 @@ def check_sequential_job(
 
     certificate = json.loads(client.get(f"/v1/jobs/{second['id']}/certificate").content)
     starts = certificate["starts_from"]
-    first_adapter = client.get(f"/v1/jobs/{first['id']}/artifacts").json()["data"]
     assert starts["job"] == first["id"] and starts["chain"] == [first["id"]]
-    assert starts["artifacts"]["adapter"] == next(
-        a["sha256"] for a in first_adapter if a["name"] == "adapter"
-    )
+    assert starts["artifacts"]["adapter"] == first_adapter
     first_certificate = client.get(f"/v1/jobs/{first['id']}/certificate").content
     assert starts["certificate_sha256"] == hashlib.sha256(first_certificate).hexdigest()
 
