@@ -15,9 +15,14 @@ from typing import Any
 
 import typer
 
+from api.client import APIError, ChecksumError, Client
+from api.tenant_cli import files_app, jobs_app
+from api.tenant_cli import follow as follow_job
 from core import cli as core_cli
 
 app = core_cli.app
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
 keys_app = typer.Typer(
     help="API keys (stored hashed; the key is shown once).", no_args_is_help=True
 )
@@ -544,139 +549,34 @@ def _wait_ready(client: Any, process: subprocess.Popen, timeout: float = 120) ->
     raise RuntimeError("the server did not become ready in time")
 
 
-class DemoError(Exception):
-    pass
-
-
-def _check(response: Any) -> Any:
-    if response.status_code >= 400:
-        error = response.json().get("error", {})
-        raise DemoError(
-            f"{response.request.method} {response.request.url.path}: "
-            f"{response.status_code} {error.get('code')}: {error.get('message')}"
-        )
-    return response.json()
-
-
 def run_demo_over_rest(
-    client: Any,
+    client: Client,
     demo_dir: Path,
     out_dir: Path,
     *,
     steps: int,
     model_name: str = "demo-llama",
-    echo: Any = typer.echo,
 ) -> dict[str, Any]:
-    """Upload the demo's files, submit the CATNIP job, poll it with a progress bar,
-    download and check the artifacts. Returns the job, its metrics and what was saved."""
-    from tqdm import tqdm
-
+    """With the Python client, as a tenant would: upload the demo's files, submit the
+    CATNIP job, follow it live with a progress bar, download and check the artifacts.
+    Returns the job, its metrics and what was saved."""
     from core.demo.build import demo_spec
-    from core.engine.spec_parts import EVAL_FILE_FIELDS
 
     local = demo_spec(demo_dir, max_steps=steps)
-    uploaded: dict[tuple[str, str], str] = {}
-
-    def upload(path: str, purpose: str) -> str:
-        if (path, purpose) not in uploaded:
-            with open(path, "rb") as handle:
-                body = _check(
-                    client.post(
-                        "/v1/files",
-                        data={"purpose": purpose},
-                        files={"file": (Path(path).name, handle)},
-                    )
-                )
-            if body["status"] != "valid":
-                raise DemoError(f"{path}: {body['validation']['summary']}")
-            uploaded[(path, purpose)] = body["id"]
-        return uploaded[(path, purpose)]
-
-    request = {
-        **local,
-        "base_model": model_name,
-        "forget_file": upload(local["forget_file"], "forget"),
-    }
-    request["eval"] = {
-        k: (upload(v, "eval") if k in EVAL_FILE_FIELDS else v) for k, v in local["eval"].items()
-    }
-    if "reference_model" in request["eval"]:  # registered by the demo beside its model
+    request = client.upload_spec_files({**local, "base_model": model_name})
+    if "reference_model" in request.get("eval", {}):  # registered by the demo beside its model
         request["eval"]["reference_model"] = f"{model_name}-reference"
-    echo(f"[demo] uploaded {len(uploaded)} files; submitting a {request['method']} job", err=True)
-    job = _check(
-        client.post("/v1/jobs", json=request, headers={"Idempotency-Key": f"demo-{time.time_ns()}"})
-    )
-    bar, after = None, None
-    while job["status"] in ("queued", "running", "evaluating"):
-        time.sleep(0.5)
-        job = _check(client.get(f"/v1/jobs/{job['id']}"))
-        events = _check(
-            client.get(
-                f"/v1/jobs/{job['id']}/events",
-                params={"after": after, "limit": 1000} if after else {"limit": 1000},
-            )
-        )
-        after = events["last_id"] or after
-        for event in events["data"]:
-            if event["type"] in ("phase", "probe", "message"):
-                (bar.write if bar is not None else lambda m: echo(m, err=True))(
-                    f"[{event['type']}] {event['message']}"
-                )
-        progress = job["progress"]
-        if progress["total_steps"] and bar is None:
-            bar = tqdm(
-                total=progress["total_steps"],
-                initial=progress["step"],
-                unit="step",
-                desc="unlearning",
-                dynamic_ncols=True,
-            )
-        if bar is not None:
-            if progress["loss"] is not None:
-                bar.set_postfix(
-                    loss=f"{progress['loss']:.4f}", phase=progress["phase"], refresh=False
-                )
-            bar.update(max(0, progress["step"] - bar.n))
-    if bar is not None:
-        bar.close()
+    typer.echo(f"[demo] uploaded the demo's files; submitting a {request['method']} job", err=True)
+    job = client.submit_job(request)
+    job = follow_job(client, job["id"], None)
     if job["status"] != "succeeded":
-        error = job.get("error") or {}
-        raise DemoError(
-            f"job {job['id']} {job['status']}: {error.get('code')}: {error.get('message')}"
-        )
-    metrics = _check(client.get(f"/v1/jobs/{job['id']}/metrics"))["metrics"]
-    artifacts = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"))["data"]
-    saved = {}
-    for artifact in artifacts:
-        saved[artifact["name"]] = download_artifact(client, job["id"], artifact, out_dir)
-    return {"job": job, "metrics": metrics, "artifacts": saved}
-
-
-def download_artifact(client: Any, job_id: str, artifact: dict[str, Any], out_dir: Path) -> Path:
-    """Stream an artifact to disk, check its sha256, unpack it; returns the directory."""
-    import hashlib
-    import tarfile
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    archive = out_dir / artifact["filename"]
-    digest = hashlib.sha256()
-    with client.stream(
-        "GET", f"/v1/jobs/{job_id}/artifacts/{artifact['name']}", follow_redirects=True
-    ) as response:
-        if response.status_code != 200:
-            response.read()
-            _check(response)
-        with archive.open("wb") as handle:
-            for chunk in response.iter_bytes():
-                digest.update(chunk)
-                handle.write(chunk)
-    if digest.hexdigest() != artifact["sha256"]:
-        raise RuntimeError(f"{artifact['name']}: sha256 mismatch after download")
-    target = out_dir / artifact["name"]
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
-    archive.unlink()
-    return target
+        error = job["error"] or {"code": None, "message": None}
+        raise RuntimeError(f"job {job['id']} {job['status']}: {error['code']}: {error['message']}")
+    saved = {
+        a["name"]: client.download_artifact(job["id"], a["name"], out_dir)
+        for a in client.artifacts(job["id"])
+    }
+    return {"job": job, "metrics": client.metrics(job["id"]), "artifacts": saved}
 
 
 @app.command()
@@ -688,8 +588,6 @@ def demo(
 ) -> None:
     """The main job end to end: the embedded service comes up, the demo forget set is
     uploaded, a CATNIP job is submitted over REST and polled, the result is downloaded."""
-    import httpx
-
     from core.service import repo
 
     core_cli._quiet_libraries()
@@ -746,12 +644,8 @@ def demo(
         stderr=subprocess.STDOUT,
     )
     try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            timeout=60,
-            headers={"Authorization": f"Bearer {key}"},
-        ) as client:
-            _wait_ready(client, server)
+        with Client(f"http://127.0.0.1:{port}", key, retries=2) as client:
+            _wait_ready(client.http, server)
             typer.echo(
                 f"[demo] service up on http://127.0.0.1:{port} (embedded; its log: {log_path})",
                 err=True,
@@ -759,7 +653,7 @@ def demo(
             result = run_demo_over_rest(
                 client, demo_dir, settings.unlearn_data_dir / "demo-output", steps=steps
             )
-    except (DemoError, RuntimeError) as exc:
+    except (APIError, ChecksumError, ValueError, RuntimeError) as exc:
         typer.echo(f"[demo] error: {exc} (the service log: {log_path})", err=True)
         raise typer.Exit(1) from None
     finally:

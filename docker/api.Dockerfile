@@ -1,16 +1,21 @@
-# The API image: slim, no torch. The API imports only the torch-free parts of core
-# (formats, spec, db, storage); jobs run in the worker image.
-FROM python:3.11-slim AS base
+# The API image: slim, no torch. It installs the project with the `api` extra
+# (pyproject.toml): the web server, database, queue, storage and signing packages; the
+# engine's ML packages stay out. Jobs run in the worker image.
+FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY docker/requirements-api.txt docker/requirements-api.txt
-RUN pip install -r docker/requirements-api.txt
-COPY pyproject.toml README.md alembic.ini ./
+# The dependency layer, rebuilt only when pyproject.toml or constraints.txt change: the
+# packages are empty here, the project itself is installed below without its deps.
+COPY pyproject.toml README.md constraints.txt ./
+RUN mkdir core api worker migrations \
+    && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py \
+    && pip install -c constraints.txt ".[api]" && pip uninstall -y unlearn-service \
+    && rm -r core api worker migrations
+COPY alembic.ini ./
 COPY core core
 COPY api api
 COPY worker worker
 COPY migrations migrations
-# --no-deps: the engine's ML dependencies (torch, transformers, peft...) stay out of this image.
 RUN pip install --no-deps .
 RUN useradd --uid 10001 --no-create-home unlearn
 USER unlearn

@@ -9,13 +9,20 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+# The dependency layer (the `worker` extra), rebuilt only when pyproject.toml or
+# constraints.txt change. torch comes with the base image; pip keeps it (the project asks
+# for torch>=2.4, and constraints.txt does not pin it).
+COPY pyproject.toml README.md constraints.txt ./
+RUN mkdir core api worker migrations \
+    && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py \
+    && pip install -c constraints.txt ".[worker]" && pip uninstall -y unlearn-service \
+    && rm -r core api worker migrations
+COPY alembic.ini ./
 COPY core core
 COPY api api
 COPY worker worker
 COPY migrations migrations
-# torch comes with the base image; pip keeps it (the project asks for torch>=2.4).
-RUN pip install .
+RUN pip install --no-deps .
 RUN useradd --uid 10001 --create-home unlearn && mkdir -p /data && chown unlearn /data
 USER unlearn
 ENV UNLEARN_DATA_DIR=/data

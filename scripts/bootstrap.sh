@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with the CPU build of torch
-# (pinned, so pip does not pull a multi-GB CUDA build), then this project.
+# (pinned, so pip does not pull a multi-GB CUDA build), then this project with every extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+TORCH=${TORCH:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if .venv/bin/pip install -q --dry-run --no-index --no-deps "$TORCH" >/dev/null 2>&1; then
+    .venv/bin/pip install -q "$TORCH"  # a wheel pip's find-links hold on this machine
+  elif [ "$(uname -s)" = Linux ]; then
+    # PyPI's Linux wheels are CUDA builds; PyTorch's CPU index has the CPU one.
+    .venv/bin/pip install -q "$TORCH" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
+      --extra-index-url https://pypi.org/simple
+  else
+    .venv/bin/pip install -q "$TORCH"  # macOS and Windows wheels on PyPI are CPU builds
+  fi
+fi
 .venv/bin/pip install -q -c constraints.txt -e '.[dev]'

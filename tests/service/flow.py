@@ -1,5 +1,6 @@
-"""The user's path through the API, shared by the end-to-end tests of both modes:
-upload, submit, poll, events, metrics, download, load the adapter with peft."""
+"""The user's path through the API with the Python client (api.client), shared by the
+end-to-end tests of both modes: upload, submit, follow, events, metrics, download, load
+the adapter with peft."""
 
 from __future__ import annotations
 
@@ -8,25 +9,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from api.client import TERMINAL, Client
+
+__all__ = ["TERMINAL"]
 
 
-def upload(client: Any, path: Path, purpose: str) -> str:
-    with path.open("rb") as handle:
-        response = client.post(
-            "/v1/files", data={"purpose": purpose}, files={"file": (path.name, handle)}
-        )
-    assert response.status_code == 201, response.text
-    assert response.json()["status"] == "valid", response.json()
-    return response.json()["id"]
+def upload(client: Client, path: Path, purpose: str) -> str:
+    file = client.upload_file(path, purpose)
+    assert file["status"] == "valid", file
+    return file["id"]
 
 
 def wait_for(
-    client: Any, job_id: str, until: Any, timeout: float = 300, every: float = 0.2
-) -> dict:
+    client: Client, job_id: str, until: Any, timeout: float = 300, every: float = 0.2
+) -> Any:
+    """Poll until `until(job)` holds (for states between the events, e.g. a step reached)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get_job(job_id)
         if until(job):
             return job
         time.sleep(every)
@@ -34,7 +34,7 @@ def wait_for(
 
 
 def lora_job(
-    client: Any,
+    client: Client,
     data: Path,
     *,
     forget_path: Path | None = None,
@@ -67,19 +67,11 @@ def lora_job(
     }
     if init_from_job is not None:
         body["init_from_job"] = init_from_job
-    response = client.post(
-        "/v1/jobs", json=body, headers={"Idempotency-Key": f"e2e-{time.time_ns()}"}
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
+    return client.submit_job(body)
 
 
-def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) -> dict:
+def check_succeeded_job(client: Client, job: Any, fixture_dir: Path, out: Path) -> dict:
     """Events, metrics and the adapter of a finished job, checked as a user would."""
-    import hashlib
-    import io
-    import tarfile
-
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +84,7 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
         job["progress"]["step"] == job["progress"]["total_steps"]
         or job["metrics_summary"]["stop_rule"]
     )
-    events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    events = list(client.events(job["id"]))
     phases = [e["data"]["phase"] for e in events if e["type"] == "phase"]
     assert phases[:3] == ["validating", "loading", "evaluating_before"], phases
     assert "unlearning" in phases and phases[-4:] == [
@@ -104,22 +96,18 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     assert any(e["type"] == "step" for e in events)
     assert [e["data"]["status"] for e in events if e["type"] == "status"][-1] == "succeeded"
 
-    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
+    metrics = client.metrics(job["id"])
+    assert metrics is not None
     assert metrics["before"]["forget_knowmem"]["rouge_l_f1"] > 0.9
     assert (
         metrics["after"]["forget_knowmem"]["rouge_l_f1"]
         < metrics["before"]["forget_knowmem"]["rouge_l_f1"]
     )
 
-    artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+    artifacts = {a["name"]: a for a in client.artifacts(job["id"])}
     assert set(artifacts) == {"adapter", "report"}, artifacts
-    response = client.get(f"/v1/jobs/{job['id']}/artifacts/adapter", follow_redirects=True)
-    assert response.status_code == 200
-    assert len(response.content) == artifacts["adapter"]["bytes"]
-    assert hashlib.sha256(response.content).hexdigest() == artifacts["adapter"]["sha256"]
-    adapter_dir = out / "adapter"
-    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
-        tar.extractall(adapter_dir, filter="data")
+    # downloaded with its sha256 checked against the one the service recorded
+    adapter_dir = client.download_artifact(job["id"], "adapter", out)
     assert {"adapter_config.json", "adapter_model.safetensors", "provenance.json"} <= {
         p.name for p in adapter_dir.iterdir()
     }
@@ -142,19 +130,16 @@ def check_succeeded_job(client: Any, job: dict, fixture_dir: Path, out: Path) ->
     return {"events": events, "metrics": metrics, "artifacts": artifacts}
 
 
-def check_no_local_paths(client: Any, job: dict, paths: list[Path]) -> int:
+def check_no_local_paths(client: Client, job: Any, paths: list[Path], out: Path) -> int:
     """No file of any of the job's archives holds one of `paths` (the operator's and the
     worker's directories). Returns how many files were read."""
-    import io
     import tarfile
 
     secrets = [str(p).encode() for p in paths]
     read = 0
-    for artifact in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]:
-        response = client.get(
-            f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}", follow_redirects=True
-        )
-        with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+    for artifact in client.artifacts(job["id"]):
+        archive = client.download_artifact(job["id"], artifact["name"], out, unpack=False)
+        with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 handle = tar.extractfile(member)
                 if handle is None:
@@ -169,14 +154,12 @@ def check_no_local_paths(client: Any, job: dict, paths: list[Path]) -> int:
 
 
 def check_sequential_job(
-    client: Any, first: dict, first_metrics: dict, fixture_dir: Path, out: Path
+    client: Client, first: Any, first_metrics: dict, fixture_dir: Path, out: Path
 ) -> None:
     """A second job from `first`'s output, as the next deletion request arrives: it starts
     where the first ended, records its chain (job, metrics, report, certificate), and its
     one adapter loads on the base model and answers as the job measured."""
     import hashlib
-    import io
-    import tarfile
 
     import pytest
     import torch
@@ -188,10 +171,11 @@ def check_sequential_job(
 
     second = lora_job(client, fixture_dir / "data", init_from_job=first["id"], learning_rate=3e-3)
     assert (second["init_from_job"], second["chain"]) == (first["id"], [first["id"]])
-    second = wait_for(client, second["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+    second = client.wait(second["id"], timeout=300)
     assert second["status"] == "succeeded", second
-    metrics = client.get(f"/v1/jobs/{second['id']}/metrics").json()["metrics"]
-    first_artifacts = client.get(f"/v1/jobs/{first['id']}/artifacts").json()["data"]
+    metrics = client.metrics(second["id"])
+    assert metrics is not None
+    first_artifacts = client.artifacts(first["id"])
     first_adapter = next(a["sha256"] for a in first_artifacts if a["name"] == "adapter")
     assert metrics["chain"] == [
         {"job": first["id"], "method": "catnip", "output": "adapter", "sha256": first_adapter}
@@ -200,16 +184,9 @@ def check_sequential_job(
         first_metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01
     ), "the second job did not start from the first one's output"
 
-    def download(name: str) -> Path:
-        response = client.get(f"/v1/jobs/{second['id']}/artifacts/{name}", follow_redirects=True)
-        assert response.status_code == 200, response.text
-        with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
-            tar.extractall(out / name, filter="data")
-        return out / name
-
-    summary = (download("report") / "summary.md").read_text()
+    summary = (client.download_artifact(second["id"], "report", out) / "summary.md").read_text()
     assert f"- Starts from: `{first['id']}` (catnip)'s output (adapter)" in summary
-    adapter_dir = download("adapter")
+    adapter_dir = client.download_artifact(second["id"], "adapter", out)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 16
     tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")
     base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
@@ -219,15 +196,15 @@ def check_sequential_job(
         measured = knowmem(loaded, tokenizer, questions)["rouge_l_f1"]
     assert measured == pytest.approx(metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01)
 
-    certificate = json.loads(client.get(f"/v1/jobs/{second['id']}/certificate").content)
+    certificate = json.loads(client.certificate(second["id"]))
     starts = certificate["starts_from"]
     assert starts["job"] == first["id"] and starts["chain"] == [first["id"]]
     assert starts["artifacts"]["adapter"] == first_adapter
-    first_certificate = client.get(f"/v1/jobs/{first['id']}/certificate").content
+    first_certificate = client.certificate(first["id"])
     assert starts["certificate_sha256"] == hashlib.sha256(first_certificate).hexdigest()
 
 
-def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) -> dict:
+def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) -> dict:
     """A succeeded job's evidence, checked as a sceptic would: the verdict against the
     declared criteria, the attacks and membership inference run, the certificate
     verified offline with the published key (and the downloaded adapter against it),
@@ -237,17 +214,14 @@ def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) ->
 
     import httpx
 
-    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
+    metrics = client.metrics(job["id"])
+    assert metrics is not None
     assert [r["criterion"] for r in metrics["criteria"]] == [
         "forget_knowmem_max_ratio",
         "utility_min_ratio",
     ]
     expected = "pass" if all(r["passed"] for r in metrics["criteria"]) else "fail"
-    assert (
-        metrics["verdict"]
-        == expected
-        == client.get(f"/v1/jobs/{job['id']}").json()["metrics_summary"]["verdict"]
-    )
+    assert metrics["verdict"] == expected == client.get_job(job["id"])["metrics_summary"]["verdict"]
     assert metrics["robustness"]["relearn"]["status"] == "done"
     assert metrics["robustness"]["quantization"]["status"] == "done"
     assert (
@@ -256,17 +230,13 @@ def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) ->
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    certificate = client.get(f"/v1/jobs/{job['id']}/certificate")
-    assert certificate.status_code == 200, certificate.text
-    (out / "certificate.json").write_bytes(certificate.content)
-    keys = httpx.get(
-        str(client.base_url).rstrip("/") + "/v1/signing-keys"
-    )  # published: no key needed
-    assert keys.status_code == 200 and keys.json()["data"], keys.text
+    certificate = client.certificate(job["id"])
+    (out / "certificate.json").write_bytes(certificate)
+    keys = httpx.get(client.base_url + "/v1/signing-keys")  # published: no key needed
+    assert keys.status_code == 200 and keys.json()["data"] == client.signing_keys(), keys.text
     (out / "keys.json").write_text(keys.text)
-    adapter = client.get(f"/v1/jobs/{job['id']}/artifacts/adapter", follow_redirects=True)
-    (out / "adapter.tar.gz").write_bytes(adapter.content)
-    content = json.loads(certificate.content)
+    adapter = client.download_artifact(job["id"], "adapter", out, unpack=False)
+    content = json.loads(certificate)
     assert content["job"]["id"] == job["id"] and content["verdict"] == metrics["verdict"]
     assert content["base_model"]["name"] == "tiny" and content["base_model"]["digest"].startswith(
         "sha256:"
@@ -288,15 +258,15 @@ def check_evidence(client: Any, job: dict, out: Path, env: dict, tenant: str) ->
         "--keys",
         str(out / "keys.json"),
         "--artifact",
-        str(out / "adapter.tar.gz"),
+        str(adapter),
     )
     assert ok.returncode == 0 and f"valid: job {job['id']}" in ok.stdout, ok.stdout + ok.stderr
-    tampered = certificate.content.replace(b'"verdict":"', b'"verdict":"x')
+    tampered = certificate.replace(b'"verdict":"', b'"verdict":"x')
     (out / "tampered.json").write_bytes(tampered)
     bad = unlearn("verify", str(out / "tampered.json"), "--keys", str(out / "keys.json"))
     assert bad.returncode == 1 and "INVALID" in bad.stderr, bad.stderr
 
-    entries = client.get("/v1/audit", params={"limit": 1000}).json()["data"]
+    entries = list(client.audit())
     actions = [e["action"] for e in entries if e["subject"] == job["id"]]
     for action in (
         "job.created",

@@ -4,6 +4,7 @@ has the stack DESIGN.md describes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +63,151 @@ def test_compose_has_the_production_stack():
     for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
         text = (ROOT / "docker" / dockerfile).read_text()
         assert "COPY migrations migrations" in text and "USER unlearn" in text
-    requirements = [
-        line.split(">")[0].split("[")[0].strip()
-        for line in (ROOT / "docker" / "requirements-api.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert "fastapi" in requirements
-    assert not {"torch", "transformers", "peft", "lm-eval"} & set(requirements)
+    # Each image installs its extra from pyproject.toml, dependencies in a layer of their
+    # own (copied before the source), and the API image's extra holds no ML package.
+    for dockerfile, extra in (("api.Dockerfile", "api"), ("worker.Dockerfile", "worker")):
+        text = (ROOT / "docker" / dockerfile).read_text()
+        assert f'pip install -c constraints.txt ".[{extra}]"' in text
+        assert text.index("COPY pyproject.toml") < text.index("COPY core core")
+    api = {_name(r) for r in _project()["optional-dependencies"]["api"]}
+    assert "fastapi" in api and not {"torch", "transformers", "peft", "lm-eval"} & api
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests", ".unlearn"} <= set(ignored)
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def _installed_closure(requirements: list[str], extras: set[str] = frozenset()) -> set[str]:
+    """The distributions `requirements` bring in, transitively, as installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = [(Requirement(r), extras) for r in requirements]
+    seen: set[str] = set()
+    while todo:
+        requirement, active = todo.pop()
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": e}) for e in (active or {""})
+        ):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [(Requirement(r), set(requirement.extras)) for r in requires]
+    return seen
+
+
+def _declared(*extras: str) -> set[str]:
+    project = _project()
+    requirements = list(project["dependencies"])
+    todo = list(extras)
+    while todo:
+        for requirement in project["optional-dependencies"][todo.pop()]:
+            if _name(requirement) == "unlearn-service":  # an extra that includes others
+                from packaging.requirements import Requirement
+
+                todo += Requirement(requirement).extras
+            else:
+                requirements.append(requirement)
+    return _installed_closure(requirements)
+
+
+ROLES = {
+    # the client and the tenant CLI: no extra
+    (): "import api.client, api.tenant_cli, api.cli\n"
+    "from typer.testing import CliRunner\n"
+    "assert CliRunner().invoke(api.cli.app, ['jobs', '--help']).exit_code == 0\n",
+    # the API image: the app, its migrations, the operator's commands
+    ("api",): "from fastapi.testclient import TestClient\n"
+    "from api.app import create_app\n"
+    "from core.service.settings import Settings\n"
+    "import api.cli, api.server, core.service.migrate, core.service.signing\n"
+    "app = create_app(Settings(unlearn_data_dir=sys.argv[1]))\n"
+    "assert TestClient(app).get('/healthz').status_code == 200\n"
+    "assert TestClient(app).get('/metrics').status_code == 200\n",
+    # the worker image, `unlearn run`, `unlearn demo`: the engine, every stage
+    ("worker",): "import worker.tasks, worker.runner, core.engine.pipeline, core.demo.bench\n"
+    "import core.engine.evaluation.metrics, core.engine.report, core.engine.evidence\n"
+    "import core.engine.robustness, core.engine.privacy, core.engine.losses.backend\n",
+}
+
+# Run in a fresh interpreter: it records each package the project's own modules import
+# while `code` runs (imports a library makes of its own optional extras are the
+# library's business), then prints each with the distributions that provide it.
+SPY = """
+import sys, json
+OURS = ("api", "core", "worker", "migrations")
+wanted = set()
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        frame = sys._getframe(1)
+        while frame and frame.f_globals.get("__name__", "").startswith(
+            ("importlib", "_frozen_importlib")
+        ):
+            frame = frame.f_back
+        caller = frame.f_globals.get("__name__", "") if frame else ""
+        if caller.split(".")[0] in OURS and name.split(".")[0] not in OURS:
+            wanted.add(name.split(".")[0])
+        return None
+sys.meta_path.insert(0, Spy())
+"""
+
+
+def undeclared_imports(code: str, extras: tuple[str, ...], tmp_path: Path) -> dict:
+    script = (
+        SPY + code + "from importlib.metadata import packages_distributions\n"
+        "owners = packages_distributions()\n"
+        "print(json.dumps({n: owners[n] for n in sorted(wanted) if n in owners}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    from packaging.utils import canonicalize_name
+
+    declared = _declared(*extras)
+    return {
+        module: owners
+        for module, owners in json.loads(result.stdout.splitlines()[-1]).items()
+        # a module more than one distribution provides is declared if one of them is
+        if not {canonicalize_name(d) for d in owners} & declared
+    }
+
+
+@pytest.mark.parametrize("extras", list(ROLES), ids=lambda e: "+".join(e) or "client")
+def test_each_install_declares_every_package_it_imports(extras, tmp_path):
+    """Every package the project's code imports while an install does its job is declared
+    in pyproject.toml by the extras it is installed with (directly or through what those
+    require). An import that only a bigger extra provides fails here, not in an image."""
+    undeclared = undeclared_imports(ROLES[extras], extras, tmp_path)
+    assert not undeclared, f"imported but not declared for {extras or 'the client'}: {undeclared}"
+
+
+def test_the_import_check_catches_an_undeclared_import(tmp_path):
+    assert set(undeclared_imports("import core.service.db\n", (), tmp_path)) == {"sqlalchemy"}
+    assert undeclared_imports("import core.service.db\n", ("api",), tmp_path) == {}
 
 
 @pytest.mark.parametrize("command", [["worker"], ["serve", "--port", "1"]])

@@ -1,30 +1,28 @@
 """End to end in the embedded default, as a new user runs it: `unlearn models add`,
 `unlearn keys create`, `unlearn serve` (SQLite, local store, the server-less queue and
-a worker started by the same command), then the API over real HTTP."""
+a worker started by the same command), then the API over real HTTP with the Python
+client and the tenant CLI (`unlearn jobs wait|download`)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import httpx
 import pytest
 
+from api.client import Client
 from tests.service.conftest import ROOT, cli, free_port, wait_http
 from tests.service.flow import (
-    TERMINAL,
     check_evidence,
     check_no_local_paths,
     check_succeeded_job,
     lora_job,
     sse_events,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -60,11 +58,7 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", server)
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            timeout=30,
-            headers={"Authorization": f"Bearer {key}"},
-        ) as client:
+        with Client(f"http://127.0.0.1:{port}", key) as client:
             # the forget set has one record whose prompt fills max_length (64 tokens)
             lines = (fixture_dir / "data" / "forget_qa.jsonl").read_text().splitlines()
             lines.insert(
@@ -85,16 +79,17 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             # Followed live over SSE: a client leaves after two events and comes back with
             # Last-Event-ID; it misses none and sees none twice, to the `end` event.
             url = f"/v1/jobs/{job['id']}/events/stream"
-            with client.stream("GET", url) as response:
+            with client.http.stream("GET", url) as response:
                 head = sse_events(response, until=lambda e: e.get("id") == "2")
-            with client.stream("GET", url, headers={"Last-Event-ID": head[-1]["id"]}) as response:
+            last = {"Last-Event-ID": head[-1]["id"]}
+            with client.http.stream("GET", url, headers=last) as response:
                 tail = sse_events(response)
             assert tail[-1]["event"] == "end", tail[-3:]
             assert json.loads(tail[-1]["data"]) == {"status": "succeeded"}
-            listed = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()
-            assert [e["id"] for e in head + tail[:-1]] == [e["id"] for e in listed["data"]]
+            listed = list(client.events(job["id"]))
+            assert [e["id"] for e in head + tail[:-1]] == [e["id"] for e in listed]
             assert any(e["event"] == "step" for e in tail)
-            job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+            job = client.wait(job["id"], timeout=300)
             result = check_succeeded_job(client, job, fixture_dir, tmp_path / "download")
             check_evidence(client, job, tmp_path / "evidence", env, "acme")
             assert any(e["type"] == "probe" for e in result["events"])
@@ -103,13 +98,30 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             assert result["metrics"]["data"]["forget"]["skipped"] == {"count": 1, "lines": [5]}
             # The report names the model and the forget file as the tenant knows them, not
             # by the operator's or the worker's paths.
-            archive = client.get(f"/v1/jobs/{job['id']}/artifacts/report", follow_redirects=True)
-            with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
-                summary = tar.extractfile("summary.md").read().decode()
+            # ... downloaded by the tenant CLI, which also waits on the finished job
+            tenant = {
+                "PATH": os.environ["PATH"],
+                "UNLEARN_API_URL": client.base_url,
+                "UNLEARN_API_KEY": key,
+            }
+            waited = subprocess.run(
+                [sys.executable, "-m", "api", "jobs", "wait", job["id"]],
+                env=tenant,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert waited.returncode == 0 and f"{job['id']} succeeded" in waited.stderr
+            downloaded = cli(
+                tenant, "jobs", "download", job["id"], "-a", "report", "--out", str(tmp_path)
+            )
+            assert downloaded.split() == ["report", str(tmp_path / job["id"] / "report")]
+            summary = (tmp_path / job["id"] / "report" / "summary.md").read_text()
             assert "- Base model: `tiny`" in summary
             assert f"- Forget set: `{job['forget_file']} (forget.jsonl)`" in summary
             assert str(tmp_path) not in summary and str(fixture_dir) not in summary
-            assert check_no_local_paths(client, job, [tmp_path, fixture_dir, ROOT]) >= 8
+            secrets = [tmp_path, fixture_dir, ROOT]
+            assert check_no_local_paths(client, job, secrets, tmp_path / "archives") >= 8
             assert job["attempts"] == 1
             scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             assert 'unlearn_jobs{status="succeeded"} 1.0' in scraped

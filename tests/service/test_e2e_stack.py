@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
+from api.client import Client
 from tests.service.conftest import ROOT, cli, free_port, wait_http
 from tests.service.flow import (
-    TERMINAL,
     check_evidence,
     check_sequential_job,
     check_succeeded_job,
@@ -56,9 +55,7 @@ def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
         cwd=ROOT,
     )
     wait_http(f"http://127.0.0.1:{port}/healthz", api)
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", timeout=30, headers={"Authorization": f"Bearer {key}"}
-    )
+    client = Client(f"http://127.0.0.1:{port}", key)
     yield {"env": env, "client": client, "state": state}
     client.close()
     api.send_signal(signal.SIGINT)
@@ -96,7 +93,7 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
     from celery import Celery
 
     client = stack["client"]
-    assert client.get("/readyz").json()["checks"] == {
+    assert client.http.get("/readyz").json()["checks"] == {
         "database": "ok",
         "storage": "ok",
         "broker": "ok",
@@ -108,22 +105,20 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         # The broker delivers the same id again while the job runs: it must not run twice.
         sender = Celery(broker=stack["env"]["BROKER_URL"])
         sender.send_task("unlearn.run_job", args=[job["id"]], queue=stack["env"]["TASK_QUEUE"])
-        job = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+        job = client.wait(job["id"], timeout=300)
         result = check_succeeded_job(client, job, fixture_dir, tmp_path)
         check_evidence(client, job, tmp_path / "evidence", stack["env"], "stack")
         wait_until_consumed(stack["env"]["BROKER_URL"], stack["env"]["TASK_QUEUE"])
-        job = client.get(f"/v1/jobs/{job['id']}").json()
+        job = client.get_job(job["id"])
         assert job["attempts"] == 1 and job["status"] == "succeeded"
         running = [
             e
-            for e in client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()[
-                "data"
-            ]
-            if e["type"] == "status" and e["data"]["status"] == "running"
+            for e in client.events(job["id"])
+            if e["type"] == "status" and (e["data"] or {})["status"] == "running"
         ]
         assert len(running) == 1
         # On S3 the download is a redirect to a short-lived presigned URL on the S3 server.
-        redirect = client.get(f"/v1/jobs/{job['id']}/artifacts/report")
+        redirect = client.http.get(f"/v1/jobs/{job['id']}/artifacts/report")
         assert redirect.status_code == 307
         assert redirect.headers["location"].startswith(stack["env"]["S3_ENDPOINT_URL"])
         assert "X-Amz-Expires=300" in redirect.headers["location"]
@@ -150,7 +145,7 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
             "checkpoint_every": 50,
         },
     }
-    job = client.post("/v1/jobs", json=body).json()
+    job = client.submit_job(body)
     worker = start_worker(stack["env"])
     try:
         running = wait_for(
@@ -162,23 +157,20 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         # The next worker runs on "another host": the dead worker's disk is gone, and the
         # checkpoint comes back from S3.
         shutil.rmtree(stack["state"] / "work" / "jobs" / job["id"])
-        killed_at = client.get(f"/v1/jobs/{job['id']}").json()
+        killed_at = client.get_job(job["id"])
         assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 1500
         # Nothing advances the job now: a short look (absence cannot be waited for) shows it stuck.
         time.sleep(1)
-        assert (
-            client.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"]
-            == killed_at["progress"]["step"]
-        )
+        assert client.get_job(job["id"])["progress"]["step"] == killed_at["progress"]["step"]
 
         worker = start_worker(stack["env"])  # the reaper re-sends it once the lease expires
-        done = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=300)
+        done = client.wait(job["id"], timeout=300)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
         resumed = done["progress"]["resumed_from_step"]
         assert resumed is not None and resumed >= 100 and resumed % 50 == 0, done["progress"]
         assert resumed <= killed_at["progress"]["step"]
-        events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        events = list(client.events(job["id"]))
         assert any(e["message"] == f"resumed from the checkpoint at step {resumed}" for e in events)
         steps = [e["data"]["step"] for e in events if e["type"] == "step"]
         assert steps[-1] == 1500
@@ -202,27 +194,24 @@ def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
     worker = start_worker(stack["env"])
     try:
-        failing = client.post(
-            "/v1/jobs", json={"method": "ga", "base_model": "broken", "forget_file": forget}
-        ).json()
-        failed = wait_for(client, failing["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+        failing = client.submit_job({"method": "ga", "base_model": "broken", "forget_file": forget})
+        failed = client.wait(failing["id"], timeout=120)
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "model_unavailable", failed["error"]
         assert failed["error"]["message"].startswith("cannot load the model at model 'broken'")
         assert str(broken) not in failed["error"]["message"]  # the operator's path stays private
 
-        long = client.post(
-            "/v1/jobs",
-            json={
+        long = client.submit_job(
+            {
                 "method": "catnip",
                 "base_model": "tiny",
                 "forget_file": forget,
                 "hyperparameters": {"max_steps": 100000, "batch_size": 4, "max_length": 64},
-            },
-        ).json()
+            }
+        )
         wait_for(client, long["id"], lambda j: j["progress"]["step"] >= 5, timeout=120)
-        assert client.post(f"/v1/jobs/{long['id']}/cancel").json()["cancel_requested"] is True
-        cancelled = wait_for(client, long["id"], lambda j: j["status"] in TERMINAL, timeout=60)
+        assert client.cancel_job(long["id"])["cancel_requested"] is True
+        cancelled = client.wait(long["id"], timeout=60)
         assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] < 100000
     finally:
         stop_worker(worker)
@@ -233,22 +222,21 @@ def test_a_lost_message_is_recovered_from_the_jobs_table(stack, fixture_dir, red
 
     client = stack["client"]
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
-    job = client.post(
-        "/v1/jobs",
-        json={
+    job = client.submit_job(
+        {
             "method": "catnip",
             "base_model": "tiny",
             "forget_file": forget,
             "hyperparameters": {"max_steps": 3, "max_length": 64},
-        },
-    ).json()
+        }
+    )
     broker = redis.Redis.from_url(redis_url)
     queue = stack["env"]["TASK_QUEUE"]
     assert broker.llen(queue) >= 1
     broker.delete(queue)  # the broker lost the message (say, a restart without persistence)
     worker = start_worker(stack["env"])
     try:
-        done = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+        done = client.wait(job["id"], timeout=120)
         assert done["status"] == "succeeded" and done["attempts"] == 1
     finally:
         stop_worker(worker)
