@@ -74,10 +74,16 @@ class JobsCollector(Collector):
             oldest = session.scalar(
                 select(func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED)
             )
-            recent = session.scalars(  # the timings alone, not each job's whole metrics
-                select(Job.metrics["timings_s"])
+            recent = session.execute(  # two parts alone, not each job's whole metrics
+                select(Job.metrics["timings_s"], Job.metrics["throughput"])
                 .where(Job.status == JobStatus.SUCCEEDED)
                 .order_by(Job.finished_at.desc())
+                .limit(RECENT_JOBS)
+            ).all()
+            waits = session.execute(
+                select(Job.created_at, Job.started_at)
+                .where(Job.started_at.is_not(None))
+                .order_by(Job.started_at.desc())
                 .limit(RECENT_JOBS)
             ).all()
         jobs = GaugeMetricFamily("unlearn_jobs", "Jobs by status.", labels=["status"])
@@ -103,15 +109,57 @@ class JobsCollector(Collector):
             labels=["stage"],
         )
         totals: dict[str, list[float]] = {}
-        for timings in recent:
+        for timings, _ in recent:
             for stage, seconds in (timings or {}).items():
                 totals.setdefault(stage, []).append(float(seconds))
         for stage, values in sorted(totals.items()):
             stages.add_metric([stage], count_value=len(values), sum_value=sum(values))
         yield stages
+        queued = [(started - created).total_seconds() for created, started in waits]
+        yield SummaryMetricFamily(
+            "unlearn_job_queue_seconds",
+            f"Seconds from submission to a worker's start, of the last {RECENT_JOBS} started jobs.",
+            count_value=len(queued),
+            sum_value=max(0.0, sum(queued)),
+        )
+        yield from _throughput([t for _, t in recent if t])
         yield GaugeMetricFamily(
             "unlearn_jobs_readable", "Whether the last scrape could read the jobs.", 1
         )
+
+
+def _throughput(recent: list[dict[str, Any]]) -> Iterator[Any]:
+    """What the workers measured of the last succeeded jobs, by device type: training
+    speed (summaries: rate = sum / count) and the highest peak memory."""
+    for name, key, what in (
+        ("unlearn_job_steps_per_second", "steps_per_second", "Optimizer steps per second"),
+        ("unlearn_job_tokens_per_second", "tokens_per_second", "Forget-set tokens per second"),
+    ):
+        family = SummaryMetricFamily(
+            name, f"{what} while unlearning, of the last {RECENT_JOBS} jobs.", labels=["device"]
+        )
+        by_device: dict[str, list[float]] = {}
+        for row in recent:
+            if row.get(key) is not None:
+                by_device.setdefault(str(row.get("device")), []).append(float(row[key]))
+        for device, values in sorted(by_device.items()):
+            family.add_metric([device], count_value=len(values), sum_value=sum(values))
+        yield family
+    peak = GaugeMetricFamily(
+        "unlearn_job_peak_memory_bytes",
+        f"The highest peak memory of the last {RECENT_JOBS} jobs: the device's (CUDA) and "
+        "the worker process's resident set (host).",
+        labels=["device", "kind"],
+    )
+    highest: dict[tuple[str, str], int] = {}
+    for row in recent:
+        for kind, value in (row.get("peak_memory") or {}).items():
+            if value is not None:
+                labels = (str(row.get("device")), kind.removesuffix("_bytes"))
+                highest[labels] = max(highest.get(labels, 0), int(value))
+    for (device, kind), value in sorted(highest.items()):
+        peak.add_metric([device, kind], value)
+    yield peak
 
 
 def registry_for(sessions: sessionmaker) -> CollectorRegistry:

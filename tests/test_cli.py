@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -43,6 +44,10 @@ def test_unlearn_run_writes_a_loadable_adapter(fixture_dir, tmp_path):
     assert model.peft_config["default"].r == 4
     assert (out / "report" / "summary.md").read_text().startswith("# Unlearning report: catnip")
     assert (out / "checkpoints").is_dir()
+    throughput = json.loads((out / "metrics.json").read_text())["throughput"]
+    assert throughput["device"] == "cpu" and throughput["peak_memory"]["device_bytes"] is None
+    assert throughput["steps_per_second"] > 0 and throughput["tokens_per_second"] > 0
+    assert throughput["peak_memory"]["host_bytes"] > 100 << 20
     # Rerunning the same command resumes from the last checkpoint (here: the final one).
     again = CliRunner().invoke(
         app, ["run", str(tmp_path / "job.yaml"), "-o", str(out), "--device", "cpu"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,26 @@ from core.engine.spec_parts import AdapterSpec  # noqa: F401 - re-exported
 from core.errors import DeviceError, ModelError, SpecError
 
 log = logging.getLogger(__name__)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the device's peak memory from here (one job's peak, not the process's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """The device's peak allocated bytes since reset_peak_memory (None off CUDA) and this
+    process's peak resident set (the host's memory, whatever the device)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "device_bytes": (
+            int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        ),
+        "host_bytes": int(rss) * (1 if sys.platform == "darwin" else 1024),
+    }
 
 
 def pick_device(requested: str | None = None) -> torch.device:

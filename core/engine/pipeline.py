@@ -26,7 +26,15 @@ from core.engine.events import Events, Phase
 from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
 from core.engine.methods import MAX_STEPS, TrainingParams, get_method, prepare
-from core.engine.modeling import fit_max_length, load_base, pick_device, save_output, wrap
+from core.engine.modeling import (
+    fit_max_length,
+    load_base,
+    peak_memory,
+    pick_device,
+    reset_peak_memory,
+    save_output,
+    wrap,
+)
 from core.engine.sequential import (
     StartPoint,
     chain_of,
@@ -211,6 +219,7 @@ def run_job(
     # --- load
     events.phase(Phase.LOADING)
     torch_device = pick_device(device)
+    reset_peak_memory(torch_device)
     try:
         losses.check_device(torch_device)
     except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
@@ -369,6 +378,15 @@ def run_job(
         stack_adapters(start.path, artifacts["adapter"], artifacts["adapter"])
     metrics["steps"] = {"done": loop.steps_done, "planned": loop.total_steps}
     metrics["timings_s"] = timings
+    run_steps = len(loop.history)  # this attempt's steps (a resumed job did the rest before)
+    metrics["throughput"] = {
+        "device": torch_device.type,
+        "steps_per_second": round(run_steps / timings["unlearn"], 4)
+        if timings["unlearn"]
+        else None,
+        "tokens_per_second": round(loop.history[-1].tokens_per_second, 1) if run_steps else None,
+        "peak_memory": peak_memory(torch_device),
+    }
     report_dir = report.write_report(
         output_dir / "report",
         spec=spec,

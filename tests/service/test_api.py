@@ -758,3 +758,45 @@ def test_metrics_are_scraped_without_a_key_with_jobs_from_the_database(client, s
     assert float(queued.split()[-1]) >= 1
     assert 'route="unmatched"' in text and "no-such-thing" not in text
     assert 'route="/v1/jobs"' in text and "unlearn_oldest_queued_job_seconds" in text
+
+
+def test_metrics_show_what_workers_measured_of_finished_jobs(client, service):
+    """Time queued, training speed and peak memory come from the jobs table (the workers
+    write them there): a summary over the last jobs, by device type."""
+    from datetime import timedelta
+
+    from core.service.db import Job, make_engine, make_sessionmaker
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{service['url']}/metrics").text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(("unlearn_job_queue", "unlearn_job_tokens", "unlearn_job_peak"))
+        }
+
+    before = scrape()
+    job = client.post("/v1/jobs", json=job_body(valid_file(client))).json()
+    sessions = make_sessionmaker(make_engine(service["settings"].db_url))
+    with sessions.begin() as session:
+        row = session.get(Job, job["id"])
+        row.status = "succeeded"
+        row.started_at = row.created_at + timedelta(seconds=7)
+        row.finished_at = row.started_at + timedelta(seconds=30)
+        row.metrics = {
+            "timings_s": {"unlearn": 20.0},
+            "throughput": {
+                "device": "cuda",
+                "steps_per_second": 2.5,
+                "tokens_per_second": 9000.0,
+                "peak_memory": {"device_bytes": 3 << 30, "host_bytes": 5 << 30},
+            },
+        }
+    after = scrape()
+    assert after["unlearn_job_queue_seconds_count"] == before["unlearn_job_queue_seconds_count"] + 1
+    assert after["unlearn_job_queue_seconds_sum"] == pytest.approx(
+        before["unlearn_job_queue_seconds_sum"] + 7
+    )
+    assert after['unlearn_job_tokens_per_second_sum{device="cuda"}'] == 9000.0
+    assert after['unlearn_job_peak_memory_bytes{device="cuda",kind="device"}'] == 3 << 30
+    assert after['unlearn_job_peak_memory_bytes{device="cuda",kind="host"}'] == 5 << 30

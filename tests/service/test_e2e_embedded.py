@@ -126,6 +126,12 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
             scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             assert 'unlearn_jobs{status="succeeded"} 1.0' in scraped
             assert 'unlearn_job_stage_seconds_count{stage="unlearn"} 1.0' in scraped
+            assert "unlearn_job_queue_seconds_count 1.0" in scraped
+            assert 'unlearn_job_tokens_per_second_count{device="cpu"} 1.0' in scraped
+            host = 'unlearn_job_peak_memory_bytes{device="cpu",kind="host"} '
+            assert (
+                float(next(x for x in scraped.splitlines() if x.startswith(host)).split()[-1]) > 1e8
+            )
             polls = (
                 'unlearn_http_request_duration_seconds_count{method="GET",'
                 'route="/v1/jobs/{job_id}",status="200"}'
