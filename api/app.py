@@ -15,7 +15,7 @@ from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, R
 from api.metrics import registry_for
 from api.middleware import ConditionalGet, RequestGuard, RequestId
 from api.queue import TaskQueue
-from api.routes import evidence, files, jobs, meta
+from api.routes import dashboard, evidence, files, jobs, meta, webhooks
 from api.schemas import ErrorEnvelope
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(evidence.router)
     app.include_router(meta.router)
+    app.include_router(webhooks.router)
+    dashboard.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -292,7 +292,7 @@ def verify(
     certificate: Path = typer.Argument(..., metavar="CERT", help="A certificate (JSON) to check."),
     artifact: list[Path] = typer.Option(
         [],
-        help="A downloaded artifact archive (.tar.gz): its sha256 must be one the "
+        help="A downloaded artifact archive (.tar.gz or .tar): its sha256 must be one the "
         "certificate lists. Repeatable.",
     ),
     keys: str | None = typer.Option(

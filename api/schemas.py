@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.service.db import (
     Artifact,
@@ -16,6 +16,8 @@ from core.service.db import (
     JobEvent,
     RegisteredModel,
     SigningKey,
+    Webhook,
+    WebhookDelivery,
 )
 from core.service.enums import EventType, FileStatus, JobStatus, Purpose
 
@@ -117,6 +119,29 @@ class ModelObject(BaseModel):
     @classmethod
     def of(cls, row: RegisteredModel) -> ModelObject:
         return cls(id=row.name, description=row.description, created_at=row.created_at)
+
+
+class MethodObject(BaseModel):
+    id: str = Field(description="The id a job names as method.")
+    object: Literal["method"] = "method"
+    summary: str = Field(description="What it does, with the paper's reference.")
+    data: str = Field(description="What it trains on: forget, forget + retain, ...")
+    needs_retain: bool = Field(description="A retain_file is required.")
+    uses_contrast: bool = Field(description="A contrast_file is used (optional).")
+    hyperparameters: dict[str, Any] = Field(
+        description="JSON Schema of its hyperparameters, with defaults and bounds."
+    )
+
+    @classmethod
+    def of(cls, method: Any) -> MethodObject:
+        return cls(
+            id=method.id,
+            summary=method.summary,
+            data=method.data,
+            needs_retain=method.needs_retain,
+            uses_contrast=method.uses_contrast,
+            hyperparameters=method.params.model_json_schema(),
+        )
 
 
 class Progress(BaseModel):
@@ -254,6 +279,20 @@ class EventObject(BaseModel):
         )
 
 
+class SummaryRow(BaseModel):
+    metric: str = Field(description="What was measured, and which way is better.")
+    before: str = Field(description="Before unlearning, in points (perplexity as is).")
+    after: str = Field(description="After unlearning.")
+    reference: str = Field(description="A model that never saw the forget set; empty if none.")
+
+
+class MetricsSummary(BaseModel):
+    rows: list[SummaryRow] = Field(description="The before/after table, as the report has it.")
+    evidence: list[str] = Field(
+        description="One line per audit (attacks, membership inference) and the verdict."
+    )
+
+
 class MetricsObject(BaseModel):
     object: Literal["job.metrics"] = "job.metrics"
     job_id: str = Field(description="The job.")
@@ -262,13 +301,31 @@ class MetricsObject(BaseModel):
         description="before, after, tradeoff (delta_f, delta_u, delta_o in points), stop_rule, "
         "steps, timings_s, and every setting used; null until the job succeeds."
     )
+    summary: MetricsSummary | None = Field(
+        None, description="The metrics for people, in the report's words; null without metrics."
+    )
+
+    @classmethod
+    def of(cls, job: Job) -> MetricsObject:
+        from core.engine.summary import before_after_rows, evidence_lines
+
+        summary = None
+        if job.metrics:
+            summary = MetricsSummary(
+                rows=[
+                    SummaryRow(metric=m, before=b, after=a, reference=r)
+                    for m, b, a, r in before_after_rows(job.metrics)
+                ],
+                evidence=evidence_lines(job.metrics),
+            )
+        return cls(job_id=job.id, status=job.status, metrics=job.metrics, summary=summary)
 
 
 class ArtifactObject(BaseModel):
     name: str = Field(description="adapter | model | report")
     object: Literal["artifact"] = "artifact"
     kind: str = Field(description="peft_adapter | hf_model | report")
-    filename: str = Field(description="Name of the .tar.gz download.")
+    filename: str = Field(description="Name of the download: .tar.gz, or .tar for weights.")
     bytes: int = Field(description="Size of the archive.")
     sha256: str = Field(description="SHA-256 of the archive: check it after download.")
     created_at: datetime = Field(description="UTC.")
@@ -327,4 +384,101 @@ class AuditEntryObject(BaseModel):
             data=row.data,
             prev_hash=row.prev_hash,
             hash=row.hash,
+        )
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://hooks.example.com/unlearn",
+                    "event_types": ["job.succeeded", "job.failed"],
+                    "description": "compliance tooling",
+                }
+            ]
+        },
+    )
+
+    url: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="Where deliveries are POSTed: https (or http), a public address unless "
+        "the operator allows private ones.",
+    )
+    event_types: list[str] = Field(
+        min_length=1,
+        max_length=20,
+        description="What to send: job.running, job.succeeded, job.failed, job.cancelled, "
+        "file.validated.",
+    )
+    description: str | None = Field(None, max_length=500, description="Your label for it.")
+
+
+class WebhookObject(BaseModel):
+    id: str = Field(description="webhook-...")
+    object: Literal["webhook"] = "webhook"
+    url: str = Field(description="Where deliveries go.")
+    event_types: list[str] = Field(description="What is sent there.")
+    description: str | None = Field(description="Your label for it.")
+    secret: str | None = Field(
+        None,
+        description="The signing secret (whsec_...), shown once, in the answer that creates "
+        "the webhook: verify each delivery's webhook-signature with it.",
+    )
+    created_at: datetime = Field(description="UTC.")
+
+    @classmethod
+    def of(cls, row: Webhook, *, secret: bool = False) -> WebhookObject:
+        return cls(
+            id=row.id,
+            url=row.url,
+            event_types=row.event_types,
+            description=row.description,
+            secret=row.secret if secret else None,
+            created_at=row.created_at,
+        )
+
+
+class WebhookDeleted(BaseModel):
+    id: str = Field(description="The deleted webhook's id.")
+    object: Literal["webhook"] = "webhook"
+    deleted: Literal[True] = Field(True, description="Always true: nothing more is sent.")
+
+
+class DeliveryAttempt(BaseModel):
+    at: str = Field(description="When it was tried, UTC (ISO 8601).")
+    status_code: int | None = Field(description="The endpoint's answer; null if none came.")
+    error: str | None = Field(description="Why it counts as failed; null when delivered.")
+    ms: int = Field(description="How long the attempt took.")
+
+
+class DeliveryObject(BaseModel):
+    id: str = Field(description="msg-...: the webhook-id header (the same on every retry).")
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    webhook_id: str = Field(description="The webhook it goes to.")
+    event_type: str = Field(description="job.succeeded, file.validated, ...")
+    status: Literal["pending", "succeeded", "failed"] = Field(
+        description="pending (to be tried, or retried at next_attempt_at), succeeded, or "
+        "failed (the retry schedule ran out)."
+    )
+    attempts: list[DeliveryAttempt] = Field(description="Every attempt, oldest first.")
+    next_attempt_at: datetime | None = Field(description="When it is tried next (pending).")
+    payload: dict[str, Any] = Field(description="The body sent: {type, timestamp, data}.")
+    created_at: datetime = Field(description="UTC.")
+    delivered_at: datetime | None = Field(description="When the endpoint took it.")
+
+    @classmethod
+    def of(cls, row: WebhookDelivery) -> DeliveryObject:
+        return cls(
+            id=row.id,
+            webhook_id=row.webhook_id,
+            event_type=row.event_type,
+            status=row.status,
+            attempts=[DeliveryAttempt(**a) for a in row.attempt_log],
+            next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+            payload=row.payload,
+            created_at=row.created_at,
+            delivered_at=row.delivered_at,
         )

@@ -21,3 +21,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+# The dashboard's browser test drives the system's Chromium (Debian's package), not a
+# browser Playwright would download.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${CHROMIUM:-}" ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "bootstrap: install Chromium (or set CHROMIUM to its binary) for the dashboard test" >&2
+  fi
+fi

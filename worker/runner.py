@@ -33,7 +33,7 @@ from core.service.enums import TERMINAL_STATUSES, ArtifactKind, EventType, JobSt
 from core.service.quotas import limits_for
 from core.service.settings import Settings
 from core.service.signing import Keyring
-from core.service.storage import S3Store, Store, file_sha256, make_archive
+from core.service.storage import S3Store, Store, archive_suffix, file_sha256, make_archive
 from worker.progress import DatabaseEvents, checkpoint_key
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class JobRunner:
             return directory, chain  # fetched by an earlier attempt of this job
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        archive = directory / f"{name}.tar.gz"
+        archive = directory / artifact.filename  # tar or tar.gz: tarfile tells them apart
         self.store.get(artifact.storage_key, archive)
         if file_sha256(archive) != artifact.sha256:
             raise UnlearnError(
@@ -385,16 +385,17 @@ class JobRunner:
         archives.mkdir(parents=True, exist_ok=True)
         rows = []
         for name, directory in artifacts.items():
-            archive = archives / f"{name}.tar.gz"
+            suffix = archive_suffix(directory, self.settings.archive_gzip_max_bytes)
+            archive = archives / f"{name}.{suffix}"
             sha256 = make_archive(directory, archive)
-            key = f"jobs/{job_id}/{name}.tar.gz"
+            key = f"jobs/{job_id}/{name}.{suffix}"
             self.store.put(key, archive)
             rows.append(
                 Artifact(
                     job_id=job_id,
                     name=name,
                     kind=ARTIFACT_KINDS.get(name, name),
-                    filename=f"{job_id}-{name}.tar.gz",
+                    filename=f"{job_id}-{name}.{suffix}",
                     bytes=archive.stat().st_size,
                     sha256=sha256,
                     storage_key=key,

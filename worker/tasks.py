@@ -1,21 +1,24 @@
 """The task: much like a web view, it parses (a job id), delegates (worker.runner),
-records. And the reaper, which re-sends the ids of jobs a dead worker left behind."""
+records. And two threads of the worker's parent: the reaper, which re-sends the ids of
+jobs a dead worker left behind, and the webhook sender."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import socket
 import threading
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.orm import sessionmaker
 
 from core.engine.runtime import quiet_libraries, set_loss_backend, set_torch_threads
+from core.service import webhooks
 from core.service.db import make_engine, make_sessionmaker, utcnow
 from core.service.enums import RUN_JOB_TASK
 from core.service.repo import lost_queued_jobs, orphaned_jobs
-from core.service.settings import get_settings
+from core.service.settings import Settings, get_settings
 from core.service.storage import make_store
 from worker.celery_app import app
 from worker.runner import JobRunner
@@ -104,7 +107,21 @@ def _start_reaper(sender: object = None, **_: object) -> None:
                 return
 
     threading.Thread(target=loop, name="reaper", daemon=True).start()
+    threading.Thread(target=_send_webhooks, args=(settings,), name="webhooks", daemon=True).start()
     log.info("worker ready (pid %s, device %s)", os.getpid(), settings.worker_device or "auto")
+
+
+def _send_webhooks(settings: Settings) -> None:
+    """Send due webhook deliveries (core.service.webhooks), in the parent like the reaper:
+    no torch there, and a job running in the child does not hold them up."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:webhooks"
+    while True:
+        try:
+            webhooks.deliver_due(_reaper_sessions(), settings, owner)
+        except Exception:  # noqa: BLE001 - the DB may be briefly away; try again later
+            log.exception("webhook delivery failed")
+        if _reaper_stop.wait(settings.webhook_poll_seconds):
+            return
 
 
 @worker_shutdown.connect

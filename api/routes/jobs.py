@@ -29,7 +29,7 @@ from core.errors import SpecError
 from core.service import logs, repo
 from core.service.enums import TERMINAL_STATUSES, JobStatus
 from core.service.metadata import metadata_filters
-from core.service.storage import iter_stream
+from core.service.storage import iter_stream, media_type
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -181,7 +181,7 @@ async def stream_events(
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")
 async def get_metrics(job: JobDep) -> MetricsObject:
-    return MetricsObject(job_id=job.id, status=job.status, metrics=job.metrics)
+    return MetricsObject.of(job)
 
 
 @router.get(
@@ -196,10 +196,10 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObj
 
 @router.get(
     "/{job_id}/artifacts/{name}",
-    summary="Download an artifact (.tar.gz, files at its root)",
+    summary="Download an artifact (.tar.gz, or .tar for weights; files at its root)",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/gzip": {}}},
+        200: {"content": {"application/gzip": {}, "application/x-tar": {}}},
         206: {"description": "The bytes a `Range` header asked for (a resumed download)."},
         304: {"description": "`If-None-Match` names the archive's ETag (its sha256)."},
         307: {"description": "Redirect to a short-lived presigned URL (S3, which answers ranges)."},
@@ -235,10 +235,10 @@ def download_artifact(
             return RedirectResponse(url, status_code=307)
     path = store.local_path(artifact.storage_key)
     if path is not None:  # Starlette answers Range, If-Range and an unsatisfiable range
-        return FileResponse(path, media_type="application/gzip", headers=headers)
+        return FileResponse(path, media_type=media_type(artifact.filename), headers=headers)
     return StreamingResponse(
         iter_stream(store.open(artifact.storage_key)),
-        media_type="application/gzip",
+        media_type=media_type(artifact.filename),
         headers={**headers, "Content-Length": str(artifact.bytes), "Accept-Ranges": "none"},
     )
 

@@ -1,4 +1,5 @@
-"""/v1/models (registered base models), /healthz (alive) and /readyz (dependencies up)."""
+"""/v1/models (registered base models), /v1/methods (the method registry), /healthz
+(alive) and /readyz (dependencies up)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import sessionmaker
 
 from api.deps import CURSOR_PATTERN, SessionDep, TenantDep
-from api.schemas import ListResponse, ModelObject
+from api.schemas import ListResponse, MethodObject, ModelObject
 from core.service import repo
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,18 @@ def list_models(
 ) -> ListResponse[ModelObject]:
     rows, more = repo.list_models(session, limit=limit, after=after)
     return ListResponse.page([ModelObject.of(r) for r in rows], more)
+
+
+@router.get(
+    "/v1/methods",
+    response_model=ListResponse[MethodObject],
+    tags=["models"],
+    summary="The unlearning methods, with their hyperparameters' schema and defaults",
+)
+def list_methods(_tenant: TenantDep) -> ListResponse[MethodObject]:
+    from core.engine.methods import METHODS
+
+    return ListResponse.page([MethodObject.of(m) for m in METHODS.values()], False)
 
 
 @router.get(

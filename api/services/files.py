@@ -99,6 +99,8 @@ def upload(
         try:
             _check_quota(session, settings, tenant, spooled.bytes)
             session.add(row)
+            if not later:
+                repo.file_validated(session, row)
             audit.record(
                 session,
                 who,

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import NotFound, SpecError
+from core.service import webhooks
 from core.service.db import (
     ApiKey,
     Artifact,
@@ -331,6 +332,27 @@ def add_event(
             created_at=utcnow(),
         )
     )
+    status = (data or {}).get("status")
+    if type_ == EventType.STATUS and f"job.{status}" in webhooks.EVENT_TYPES:
+        job = session.get(Job, job_id)
+        if job is not None:  # tell the tenant's webhooks, in the same transaction
+            webhooks.enqueue(session, job.tenant, f"job.{status}", _job_payload(job, data))
+
+
+def _job_payload(job: Job, data: dict[str, Any] | None) -> dict[str, Any]:
+    error = None
+    if job.error_code or (data or {}).get("error_code"):
+        error = {"code": job.error_code, "message": job.error_message}
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": (data or {}).get("status", job.status),
+        "method": job.method,
+        "base_model": job.base_model,
+        "metadata": job.meta or {},
+        "error": error,
+        "verdict": (job.metrics or {}).get("verdict"),
+    }
 
 
 def list_events(
@@ -478,6 +500,27 @@ def set_file_report(
     row = session.get(File, file_id)
     if row is not None and row.status == FileStatus.VALIDATING:
         row.status, row.kind, row.records, row.report = status, kind, records, report
+        file_validated(session, row)
+
+
+def file_validated(session: Session, row: File) -> None:
+    """Tell the tenant's webhooks (in this transaction) that a file was validated."""
+    webhooks.enqueue(
+        session,
+        row.tenant,
+        "file.validated",
+        {
+            "id": row.id,
+            "object": "file",
+            "status": row.status,
+            "filename": row.filename,
+            "purpose": row.purpose,
+            "kind": row.kind,
+            "records": row.records,
+            "summary": (row.report or {}).get("summary"),
+            "metadata": row.meta or {},
+        },
+    )
 
 
 def files_by_id(session: Session, tenant: str, file_ids: set[str]) -> dict[str, File]:

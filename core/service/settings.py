@@ -47,6 +47,27 @@ class Settings(BaseSettings):
         10.0, ge=0, description="How long a verified API key is trusted without a lookup."
     )
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="413 beyond this.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks target loopback and private addresses (off: SSRF guard).",
+    )
+    webhook_poll_seconds: float = Field(
+        2.0, gt=0, description="How often a worker looks for due webhook deliveries."
+    )
+    webhook_lease_seconds: float = Field(
+        60.0, gt=0, description="A sender's hold on a delivery; another retries after it."
+    )
+    webhook_retry_schedule: list[float] | None = Field(
+        None,
+        description="Seconds before each retry (JSON list); default: about a day, "
+        "core.service.webhooks.SCHEDULE.",
+    )
+    archive_gzip_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Artifacts whose files are larger than this are plain .tar, not .tar.gz: "
+        "weights barely compress and gzip writes them 40x slower (docs/performance.md).",
+    )
     max_record_chars: int = Field(1_000_000, ge=1)
     validate_inline_bytes: int = Field(
         8 * 1024 * 1024,

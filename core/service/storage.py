@@ -141,6 +141,7 @@ class S3Store:
                 "Bucket": self.bucket,
                 "Key": self._key(key),
                 "ResponseContentDisposition": f'attachment; filename="{filename}"',
+                "ResponseContentType": media_type(filename),
             },
         )
 
@@ -259,12 +260,24 @@ class _HashingWriter:
         self.handle.flush()
 
 
+def archive_suffix(directory: Path, gzip_max_bytes: int) -> str:
+    """`tar.gz` for a directory of at most `gzip_max_bytes` (an adapter, a report), `tar`
+    above: model weights gain little from gzip and cost much time to compress."""
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return "tar.gz" if size <= gzip_max_bytes else "tar"
+
+
+def media_type(filename: str) -> str:
+    return "application/gzip" if filename.endswith(".gz") else "application/x-tar"
+
+
 def make_archive(directory: Path, archive: Path) -> str:
-    """A .tar.gz of `directory` with its files at the archive root; returns its sha256,
-    computed while it is written (no second pass over the archive)."""
+    """A tar of `directory` with its files at the archive root, gzipped when `archive`
+    ends in .gz; returns its sha256, computed while it is written (no second pass)."""
+    mode = "w:gz" if archive.name.endswith(".gz") else "w|"  # a stream: the writer cannot tell()
     with archive.open("wb") as handle:
         writer = _HashingWriter(handle)
-        with tarfile.open(fileobj=writer, mode="w:gz") as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=writer, mode=mode) as tar:  # type: ignore[call-overload]
             for path in sorted(directory.rglob("*")):
                 if path.is_file():
                     tar.add(path, arcname=str(path.relative_to(directory)))

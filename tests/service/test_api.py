@@ -737,6 +737,11 @@ def test_the_openapi_document_is_valid_with_stable_ids_security_and_examples(cli
     upload = operations[("/v1/files", "post")]["requestBody"]["content"]["multipart/form-data"]
     upload_schema = schema["components"]["schemas"][upload["schema"]["$ref"].split("/")[-1]]
     assert upload_schema["examples"][0]["purpose"] == "forget"
+    for (path, method), op in operations.items():  # every JSON request body has one
+        body = op.get("requestBody", {}).get("content", {}).get("application/json")
+        if body is not None:
+            name = body["schema"]["$ref"].split("/")[-1]
+            assert schema["components"]["schemas"][name].get("examples"), (path, method)
     deleted = operations[("/v1/files/{file_id}", "delete")]["responses"]["200"]
     assert deleted["content"]["application/json"]["schema"]["$ref"].endswith("/FileDeleted")
     for (path, method), op in operations.items():  # the error envelope, declared
@@ -800,3 +805,19 @@ def test_metrics_show_what_workers_measured_of_finished_jobs(client, service):
     assert after['unlearn_job_tokens_per_second_sum{device="cuda"}'] == 9000.0
     assert after['unlearn_job_peak_memory_bytes{device="cuda",kind="device"}'] == 3 << 30
     assert after['unlearn_job_peak_memory_bytes{device="cuda",kind="host"}'] == 5 << 30
+
+
+def test_methods_are_listed_with_their_hyperparameters_schema(client):
+    """What the dashboard's form is built from: every method of the registry, what data
+    it needs, and its hyperparameters' JSON Schema with the defaults a job gets."""
+    from core.engine.methods import METHODS
+
+    listed = {m["id"]: m for m in client.get("/v1/methods").json()["data"]}
+    assert set(listed) == set(METHODS)
+    catnip = listed["catnip"]["hyperparameters"]["properties"]
+    assert catnip["beta"]["default"] == METHODS["catnip"].params().beta
+    assert catnip["learning_rate"]["exclusiveMinimum"] == 0
+    assert listed["rmu"]["needs_retain"] and not listed["catnip"]["needs_retain"]
+    assert listed["flat"]["uses_contrast"]
+    job = client.post("/v1/jobs", json=job_body(valid_file(client))).json()
+    assert job["hyperparameters"]["beta"] == catnip["beta"]["default"]

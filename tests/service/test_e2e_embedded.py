@@ -172,4 +172,4 @@ def test_embedded_service_end_to_end(fixture_dir, tmp_path):
     assert any(line["message"].startswith(f"GET /v1/jobs/{job['id']} 200") for line in access)
     # Everything lived under UNLEARN_DATA_DIR: the database, the queue and the artifacts.
     assert (tmp_path / "state" / "broker.db").is_file()
-    assert list((tmp_path / "state" / "store" / "jobs").rglob("adapter.tar.gz"))
+    assert list((tmp_path / "state" / "store" / "jobs").rglob("adapter.tar.gz"))  # small: gzipped

@@ -45,6 +45,8 @@ def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
         "HEARTBEAT_SECONDS": "0.5",
         "REAP_EVERY_SECONDS": "1",
         "REQUEUE_AFTER_SECONDS": "3",
+        # the adapter (about 70 kB) is stored as weights are: a plain .tar
+        "ARCHIVE_GZIP_MAX_BYTES": "20000",
     }
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", "stack").strip().splitlines()[-1]
@@ -123,6 +125,7 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         assert redirect.headers["location"].startswith(stack["env"]["S3_ENDPOINT_URL"])
         assert "X-Amz-Expires=300" in redirect.headers["location"]
         assert result["artifacts"]["report"]["bytes"] > 0
+        assert result["artifacts"]["adapter"]["filename"].endswith("-adapter.tar")
         # The next deletion request: a second job from this one's output.
         check_sequential_job(client, job, result["metrics"], fixture_dir, tmp_path / "second")
     finally:

@@ -156,3 +156,32 @@ def test_s3_store_over_http(s3_server, tmp_path):
     assert httpx.get(store.presigned_url("x/a.bin", "a.bin")).content == source.read_bytes()
     store.delete("x/a.bin")
     assert not store.exists("x/a.bin")
+
+
+def test_archives_are_gzipped_up_to_a_size_and_plain_tar_above(tmp_path):
+    """Weights barely compress; an artifact over ARCHIVE_GZIP_MAX_BYTES is a plain tar.
+    Either way the sha256 returned is the file's, and tarfile reads it back."""
+    import hashlib
+    import os
+    import tarfile
+
+    from core.service.storage import archive_suffix, make_archive, media_type
+
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text('{"a": 1}')
+    (source / "model.safetensors").write_bytes(os.urandom(50_000))
+    assert archive_suffix(source, 1_000_000) == "tar.gz"
+    assert archive_suffix(source, 10_000) == "tar"
+    for suffix, offset, magic in (("tar.gz", 0, b"\x1f\x8b"), ("tar", 257, b"ustar")):
+        archive = tmp_path / f"model.{suffix}"
+        digest = make_archive(source, archive)
+        assert digest == hashlib.sha256(archive.read_bytes()).hexdigest()
+        assert archive.read_bytes()[offset : offset + len(magic)] == magic
+        with tarfile.open(archive) as tar:
+            assert sorted(tar.getnames()) == ["config.json", "model.safetensors"]
+            payload = tar.extractfile("model.safetensors")
+            assert payload is not None
+            assert payload.read() == (source / "model.safetensors").read_bytes()
+    assert media_type("j-model.tar") == "application/x-tar"
+    assert media_type("j-adapter.tar.gz") == "application/gzip"
