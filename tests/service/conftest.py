@@ -135,6 +135,23 @@ def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return result.stdout
 
 
+def embedded_env(state: Path, **extra: str) -> dict[str, str]:
+    """The environment of an embedded `unlearn serve` (no DATABASE_URL, BROKER_URL or
+    S3_BUCKET) keeping its state in `state`, its worker on the CPU with two threads and
+    every step event written."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")
+    }
+    env.update(
+        UNLEARN_DATA_DIR=str(state),
+        WORKER_THREADS="2",
+        WORKER_DEVICE="cpu",
+        EVENT_MIN_INTERVAL_SECONDS="0",
+        **extra,
+    )
+    return env
+
+
 def wait_http(url: str, process: subprocess.Popen | None = None, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

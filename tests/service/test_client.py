@@ -92,6 +92,23 @@ class Faults(httpx.BaseTransport):
     def close(self) -> None:
         self.inner.close()
 
+    @classmethod
+    def break_first(cls, fragment: str, after_bytes: int) -> Faults:
+        """The first answer to a path holding `fragment` breaks off after `after_bytes`."""
+        faults = cls(
+            lambda request, n: (
+                after_bytes
+                if fragment in request.url.path
+                and not any(fragment in r.url.path for r in faults.seen[:-1])
+                else None
+            )
+        )
+        return faults
+
+    def sent_to(self, fragment: str, header: str) -> list[str | None]:
+        """`header` of each request sent to a path holding `fragment`, in order."""
+        return [r.headers.get(header) for r in self.seen if fragment in r.url.path]
+
 
 class _BreakOff(httpx.SyncByteStream):
     def __init__(self, response: httpx.Response, limit: int) -> None:
@@ -241,17 +258,11 @@ def test_downloads_resume_after_a_break_and_check_the_sha256(service, client, tm
                 )
             ],
         )
-    downloads = "/artifacts/adapter"
-
-    def break_first(request: httpx.Request, n: int) -> int | None:
-        first = not any(downloads in r.url.path for r in faults.seen[:-1])
-        return 100_000 if downloads in request.url.path and first else None
-
-    faults = Faults(break_first)
+    faults = Faults.break_first("/artifacts/adapter", 100_000)
     with Client(service["url"], service["key"], transport=faults) as flaky:
         archive = flaky.download_artifact(job["id"], "adapter", tmp_path / "out", unpack=False)
     assert archive.read_bytes() == payload
-    ranges = [r.headers.get("range") for r in faults.seen if downloads in r.url.path]
+    ranges = faults.sent_to("/artifacts/adapter", "range")
     assert ranges == [None, "bytes=100000-"], ranges
 
     # A partial file that is not a prefix of the archive: the sha256 check catches it.
@@ -273,19 +284,13 @@ def test_following_a_job_reconnects_and_sees_each_event_once(service, client, tm
         for n in range(6):
             repo.add_event(session, job["id"], "message", f"m{n}", {"n": n})
     client.cancel_job(job["id"])  # a final status: the stream ends
-    streams = "/events/stream"
-
-    def cut_first_stream(request: httpx.Request, n: int) -> int | None:
-        first = not any(streams in r.url.path for r in faults.seen[:-1])
-        return 700 if streams in request.url.path and first else None
-
-    faults = Faults(cut_first_stream)
+    faults = Faults.break_first("/events/stream", 700)
     with Client(service["url"], service["key"], transport=faults) as flaky:
         seen = []
         final = flaky.wait(job["id"], on_event=seen.append)
     listed = list(client.events(job["id"]))
     assert [e["id"] for e in seen] == [e["id"] for e in listed] == [str(n) for n in range(1, 9)]
-    resumed = [r.headers.get("last-event-id") for r in faults.seen if streams in r.url.path]
+    resumed = faults.sent_to("/events/stream", "last-event-id")
     assert len(resumed) == 2 and resumed[0] is None and resumed[1] is not None, resumed
     assert final["status"] == "cancelled"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.conftest import ROOT, cli, embedded_env, free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +35,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def served(fixture_dir, tmp_path_factory):
     state = tmp_path_factory.mktemp("dashboard")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")
-    }
-    env.update(
-        UNLEARN_DATA_DIR=str(state / "state"),
-        WORKER_THREADS="2",
-        WORKER_DEVICE="cpu",
-        EVENT_MIN_INTERVAL_SECONDS="0",
-    )
+    env = embedded_env(state / "state")
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"), "--description", "test fixture")
     keys = {
         tenant: cli(env, "keys", "create", "--tenant", tenant).strip().splitlines()[-1]

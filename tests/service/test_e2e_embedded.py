@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api.client import Client
-from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.conftest import ROOT, cli, embedded_env, free_port, wait_http
 from tests.service.flow import (
     check_evidence,
     check_no_local_paths,
@@ -29,17 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_service_end_to_end(fixture_dir, tmp_path):
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET")
-    }
-    env.update(
-        UNLEARN_DATA_DIR=str(tmp_path / "state"),
-        WORKER_THREADS="2",
-        WORKER_DEVICE="cpu",
-        EVENT_MIN_INTERVAL_SECONDS="0",
-        AUTH_CACHE_SECONDS="1",
-        LOG_FORMAT="json",
-    )
+    env = embedded_env(tmp_path / "state", AUTH_CACHE_SECONDS="1", LOG_FORMAT="json")
     assert "registered model 'tiny'" in cli(
         env, "models", "add", "tiny", str(fixture_dir / "model")
     )
