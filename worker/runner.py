@@ -85,6 +85,16 @@ class JobRunner:
     ):
         self.settings, self.sessions, self.store = settings, sessions, store
         self.owner = owner or worker_identity()
+        self._models: Any = None
+
+    def _model_cache(self) -> Any:
+        """The warm cache of base models this process keeps between jobs (created in the
+        process that runs jobs: it holds torch tensors)."""
+        if self._models is None:
+            from core.engine.model_cache import ModelCache
+
+            self._models = ModelCache(self.settings.model_cache_bytes)
+        return self._models
 
     def run(self, job_id: str) -> str:
         """Run the job if this worker can take it. Returns what happened, for logs."""
@@ -151,6 +161,7 @@ class JobRunner:
             result = run_job(
                 spec,
                 work / "output",
+                models=self._model_cache(),
                 events=events,
                 device=self.settings.worker_device,
                 checkpoint_dir=work / "checkpoints",

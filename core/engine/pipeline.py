@@ -26,6 +26,7 @@ from core.engine.events import Events, Phase
 from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
 from core.engine.methods import MAX_STEPS, TrainingParams, get_method, prepare
+from core.engine.model_cache import ModelCache
 from core.engine.modeling import (
     fit_max_length,
     load_base,
@@ -118,12 +119,15 @@ def _start_identity(start: StartPoint | None, chain: list[dict[str, Any]] | None
     return str(known) if known else start_digest(start)
 
 
-def _load_start(base_model: str, start: StartPoint | None, device: Any) -> tuple[Any, Any]:
-    """(model, tokenizer) a job starts from: the base model; after a previous LoRA job,
-    with that job's adapter merged in; after a full-weight job, that job's weights."""
+def _load_start(
+    base_model: str, start: StartPoint | None, device: Any, models: ModelCache | None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) a job starts from: the base model (from the worker's warm cache
+    where it has one); after a previous LoRA job, with that job's adapter merged in;
+    after a full-weight job, that job's weights."""
     if start is not None and start.kind == "model":
         return load_base(start.path, device)
-    model, tokenizer = load_base(base_model, device)
+    model, tokenizer = models.load(base_model, device) if models else load_base(base_model, device)
     if start is not None:
         model = merge_start(model, start)
     return model, tokenizer
@@ -174,6 +178,7 @@ def run_job(
     shown: dict[str, str] | None = None,
     max_tokens: int | None = None,
     chain: list[dict[str, Any]] | None = None,
+    models: ModelCache | None = None,
 ) -> JobResult:
     """Run one job; file paths in `spec` are local. Writes artifacts under output_dir.
     `shown` names the base model and forget file in the report as its readers know them
@@ -182,7 +187,8 @@ def run_job(
     forget set is tokenized, before any evaluation (the service's per-job budget).
     `chain` names the jobs a sequential job follows, first job first (the service: by
     job id); by default, the chain its init_from_job directory records, then that
-    directory."""
+    directory. `models`: a warm cache of base models (a worker running job after job);
+    each job gets its own copy, so none sees another's changes."""
     events = events or Events()
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -224,7 +230,8 @@ def run_job(
         losses.check_device(torch_device)
     except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
         raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
-    model, tokenizer = _load_start(spec.base_model, start, torch_device)
+    model, tokenizer = _load_start(spec.base_model, start, torch_device, models)
+    base_load = dict(models.last) if models is not None else None
     max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {
         "forget": encode_records(
@@ -354,7 +361,9 @@ def run_job(
         }
         lap("audit_privacy")
         if spec.eval.reference_model is not None:
-            reference, _ = load_base(spec.eval.reference_model, torch_device)
+            reference, _ = (models.load if models else load_base)(
+                spec.eval.reference_model, torch_device
+            )
             metrics["reference"] = evaluate(
                 reference, tokenizer, spec.eval, unwatched_from=unwatched_from
             )
@@ -378,6 +387,8 @@ def run_job(
         stack_adapters(start.path, artifacts["adapter"], artifacts["adapter"])
     metrics["steps"] = {"done": loop.steps_done, "planned": loop.total_steps}
     metrics["timings_s"] = timings
+    if base_load is not None:
+        metrics["model_cache"] = base_load  # hit, miss or off, and the load's seconds
     run_steps = len(loop.history)  # this attempt's steps (a resumed job did the rest before)
     metrics["throughput"] = {
         "device": torch_device.type,

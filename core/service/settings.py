@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         description="Seconds before each retry (JSON list); default: about a day, "
         "core.service.webhooks.SCHEDULE.",
     )
+    model_cache_bytes: int = Field(
+        0,
+        ge=0,
+        description="Host memory a worker may keep base models in between jobs (a later job "
+        "on the same model copies them instead of loading its files). Off by default: "
+        "where the files fit the page cache, loading them (memory-mapped) is faster than "
+        "the copy (docs/performance.md); it pays on slow or network storage.",
+    )
     archive_gzip_max_bytes: int = Field(
         64 * 1024 * 1024,
         ge=0,

@@ -154,7 +154,13 @@ def check_no_local_paths(client: Client, job: Any, paths: list[Path], out: Path)
 
 
 def check_sequential_job(
-    client: Client, first: Any, first_metrics: dict, fixture_dir: Path, out: Path
+    client: Client,
+    first: Any,
+    first_metrics: dict,
+    fixture_dir: Path,
+    out: Path,
+    *,
+    model_cache: str = "off",
 ) -> None:
     """A second job from `first`'s output, as the next deletion request arrives: it starts
     where the first ended, records its chain (job, metrics, report, certificate), and its
@@ -183,6 +189,8 @@ def check_sequential_job(
     assert metrics["before"]["forget_knowmem"]["rouge_l_f1"] == pytest.approx(
         first_metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01
     ), "the second job did not start from the first one's output"
+    # from the worker's warm cache where it has one: the start is the same
+    assert metrics["model_cache"]["cache"] == model_cache, metrics["model_cache"]
 
     summary = (client.download_artifact(second["id"], "report", out) / "summary.md").read_text()
     assert f"- Starts from: `{first['id']}` (catnip)'s output (adapter)" in summary

@@ -47,6 +47,8 @@ def stack(migrated_pg, redis_url, s3_server, fixture_dir, tmp_path_factory):
         "REQUEUE_AFTER_SECONDS": "3",
         # the adapter (about 70 kB) is stored as weights are: a plain .tar
         "ARCHIVE_GZIP_MAX_BYTES": "20000",
+        # the worker keeps the base model between jobs: the sequential job starts from it
+        "MODEL_CACHE_BYTES": str(1 << 30),
     }
     cli(env, "models", "add", "tiny", str(fixture_dir / "model"))
     key = cli(env, "keys", "create", "--tenant", "stack").strip().splitlines()[-1]
@@ -127,7 +129,9 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         assert result["artifacts"]["report"]["bytes"] > 0
         assert result["artifacts"]["adapter"]["filename"].endswith("-adapter.tar")
         # The next deletion request: a second job from this one's output.
-        check_sequential_job(client, job, result["metrics"], fixture_dir, tmp_path / "second")
+        check_sequential_job(
+            client, job, result["metrics"], fixture_dir, tmp_path / "second", model_cache="hit"
+        )
     finally:
         stop_worker(worker)
 
