@@ -147,6 +147,12 @@ def models_add(
         help="This model was trained without the forget set of jobs on that base model: "
         "their evidence is reported beside its figures (eval.reference_model by default).",
     ),
+    needs_gb: float | None = typer.Option(
+        None,
+        min=0,
+        help="Device memory a job on it needs, in GB (with WORKER_CLASSES; default: "
+        "estimated from its parameters and the job's adapter type).",
+    ),
 ) -> None:
     """Register a base model directory (local path or s3://bucket/prefix) as NAME. Its
     content digest (sha256 over its files) is computed now, once, for certificates."""
@@ -175,12 +181,22 @@ def models_add(
         digest = store.digest_prefix(uri)
     else:
         digest = directory_digest(Path(uri))
+    from core.service.capacity import parameter_count
+
+    parameters = None if uri.startswith("s3://") else parameter_count(Path(uri))
     try:
         with _sessions(settings).begin() as session:
             if reference_for is not None:
                 repo.get_model(session, reference_for)
             repo.add_model(
-                session, name, uri, description, digest=digest, reference_for=reference_for
+                session,
+                name,
+                uri,
+                description,
+                digest=digest,
+                reference_for=reference_for,
+                parameters=parameters,
+                needs_gb=needs_gb,
             )
             audit.append(
                 session,
@@ -193,7 +209,8 @@ def models_add(
     except UnlearnError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"registered model {name!r} -> {uri} ({digest})")
+    size = f", {parameters:,} parameters" if parameters else ""
+    typer.echo(f"registered model {name!r} -> {uri} ({digest}{size})")
 
 
 @models_app.command("list")
@@ -413,7 +430,7 @@ def worker_command(settings, *, pool: str | None = None) -> list[str]:
         "--concurrency",
         "1",
         "-Q",
-        settings.task_queue,
+        settings.queue_for(settings.worker_class),
         "--loglevel",
         settings.log_level,
         "--without-gossip",
@@ -462,12 +479,30 @@ def worker(
         help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES); "
         "run one worker per GPU. Default: cuda if present, else cpu.",
     ),
+    worker_class: str | None = typer.Option(
+        None,
+        "--class",
+        help="The worker class this worker serves (one of WORKER_CLASSES): it takes the "
+        "jobs routed to that class's queue.",
+    ),
 ) -> None:
     """A Celery worker: takes job ids from the broker and runs them through core."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         os.environ["WORKER_DEVICE"] = "cuda"
+    if worker_class is not None:
+        os.environ["WORKER_CLASS"] = worker_class
     settings = _settings()
+    classes = settings.worker_classes or {}
+    if (settings.worker_class is not None) != bool(classes) or (
+        classes and settings.worker_class not in classes
+    ):
+        typer.echo(
+            f"error [worker_class]: --class {settings.worker_class!r} with WORKER_CLASSES "
+            f"{sorted(classes) or 'unset'}: with classes, name one of them; without, none",
+            err=True,
+        )
+        raise typer.Exit(2)
     _check_worker_device(settings.worker_device)
     if settings.embedded:
         _prepare_embedded(settings)
@@ -489,6 +524,13 @@ def serve(
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
+    if with_worker and settings.worker_classes:
+        typer.echo(
+            "error [worker_class]: with WORKER_CLASSES, jobs go to each class's queue: start "
+            "the API with --no-with-worker and one `unlearn worker --class NAME` per class",
+            err=True,
+        )
+        raise typer.Exit(2)
     if with_worker:
         _check_worker_device(settings.worker_device)
     _prepare_embedded(settings)

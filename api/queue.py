@@ -18,11 +18,12 @@ class TaskQueue:
             task_ignore_result=True,
         )
 
-    def send(self, job_id: str) -> None:
+    def send(self, job_id: str, queue: str | None = None) -> None:
+        """The id to the workers of `queue` (a worker class's; default: the one queue)."""
         self.client.send_task(
             RUN_JOB_TASK,
             args=[job_id],
-            queue=self.settings.task_queue,
+            queue=queue or self.settings.task_queue,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         )

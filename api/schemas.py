@@ -197,6 +197,9 @@ class JobObject(BaseModel):
         description="forget and utility scores before/after and the trade-off (full set: /metrics)."
     )
     error: JobError | None = Field(description="Set when status is failed.")
+    worker_class: str | None = Field(
+        description="The class of worker it is routed to (WORKER_CLASSES); null: one queue."
+    )
     cancel_requested: bool = Field(
         description="A cancel was asked for; the loop stops at its next step."
     )
@@ -247,6 +250,7 @@ class JobObject(BaseModel):
             error=JobError(code=row.error_code, message=row.error_message or "")
             if row.error_code
             else None,
+            worker_class=row.worker_class,
             cancel_requested=row.cancel_requested,
             attempts=row.attempts,
             created_at=row.created_at,

@@ -117,7 +117,12 @@ class JobRunner:
                     job_id,
                     EventType.STATUS,
                     f"job running (attempt {job.attempts})",
-                    {"status": JobStatus.RUNNING, "attempt": job.attempts},
+                    {
+                        "status": JobStatus.RUNNING,
+                        "attempt": job.attempts,
+                        "worker": self.owner,
+                        "worker_class": self.settings.worker_class,
+                    },
                 )
                 audit.append(
                     session,

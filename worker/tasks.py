@@ -69,19 +69,20 @@ def reap_orphans() -> list[str]:
     was sent long ago and never taken (a lost message): send their ids again. The lease
     makes a duplicate harmless: whoever takes the job first runs it, others back off."""
     settings = get_settings()
+    resend: list[tuple[str, str]] = []  # (job id, the queue of its worker class)
     with _reaper_sessions().begin() as session:
-        job_ids = orphaned_jobs(session)
-        for job_id in job_ids:
-            log.warning("job %s: lease expired; re-sending it", job_id)
+        for job in orphaned_jobs(session):
+            log.warning("job %s: lease expired; re-sending it", job.id)
+            resend.append((job.id, settings.queue_for(job.worker_class)))
         for job in lost_queued_jobs(session, settings.requeue_after_seconds):
             log.warning(
                 "job %s: queued since %s and not taken; re-sending it", job.id, job.enqueued_at
             )
             job.enqueued_at = utcnow()
-            job_ids.append(job.id)
-    for job_id in job_ids:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
-    return job_ids
+            resend.append((job.id, settings.queue_for(job.worker_class)))
+    for job_id, queue in resend:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    return [job_id for job_id, _ in resend]
 
 
 @worker_process_init.connect

@@ -20,7 +20,7 @@ from core.errors import (
     Unavailable,
     UnlearnError,
 )
-from core.service import audit, repo
+from core.service import audit, capacity, repo
 from core.service.audit import Who
 from core.service.db import Artifact, File, Job, looks_like_id, new_id, utcnow
 from core.service.enums import (
@@ -75,7 +75,16 @@ def create(
             code="too_many_active_jobs",
             retry_after=30,
         )
-    repo.get_model(session, spec.base_model)
+    model = repo.get_model(session, spec.base_model)
+    worker_class = None
+    if settings.worker_classes:
+        worker_class = capacity.route(
+            settings.worker_classes,
+            parameters=model.parameters,
+            needs_gb=model.needs_gb,
+            adapter_type=spec.adapter.type,
+            model=spec.base_model,
+        )
     start = _starting_job(session, tenant, spec, settings) if spec.init_from_job else None
     if spec.eval is not None:
         spec_json["eval"]["reference_model"] = _reference_model(session, spec)
@@ -106,6 +115,7 @@ def create(
         step=0,
         attempts=0,
         cancel_requested=False,
+        worker_class=worker_class,
         enqueued_at=None,  # set once the broker has the id
     )
     session.add(job)
@@ -138,7 +148,7 @@ def create(
             code="file_not_found",
         ) from None
     try:
-        queue.send(job.id)
+        queue.send(job.id, settings.queue_for(worker_class))
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
         session.delete(job)

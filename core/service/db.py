@@ -117,6 +117,12 @@ class RegisteredModel(Base):
     digest: Mapped[str | None] = mapped_column(
         String(80), doc="sha256 over its files' paths and sha256s, computed at registration."
     )
+    parameters: Mapped[int | None] = mapped_column(
+        BigInteger, doc="From its safetensors headers at registration (None: not known)."
+    )
+    needs_gb: Mapped[float | None] = mapped_column(
+        Float, doc="Device memory a job on it needs, as the operator said (else estimated)."
+    )
     reference_for: Mapped[str | None] = mapped_column(
         String(200), doc="The base model this one stands beside: trained without the forget set."
     )
@@ -185,6 +191,9 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_class: Mapped[str | None] = mapped_column(
+        String(64), doc="The class of worker it was routed to (None: the one queue)."
+    )
 
     # The lease: a worker owns a running job until lease_expires_at; its heartbeat renews it.
     # A second delivery finds the lease live and backs off; an expired lease means the

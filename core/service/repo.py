@@ -112,6 +112,8 @@ def add_model(
     *,
     digest: str | None = None,
     reference_for: str | None = None,
+    parameters: int | None = None,
+    needs_gb: float | None = None,
 ) -> RegisteredModel:
     """Register (or re-point) a base model. Names are what tenants type: letters, digits
     and ._:/- (at most 200)."""
@@ -128,6 +130,7 @@ def add_model(
         session.add(row)
     row.uri, row.description = uri, description
     row.digest, row.reference_for = digest, reference_for
+    row.parameters, row.needs_gb = parameters, needs_gb
     return row
 
 
@@ -425,12 +428,12 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float)
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def orphaned_jobs(session: Session, now: datetime | None = None) -> list[str]:
+def orphaned_jobs(session: Session, now: datetime | None = None) -> list[Job]:
     """Running jobs whose worker stopped renewing the lease (killed, host lost)."""
     now = now or utcnow()
     return list(
         session.scalars(
-            select(Job.id).where(
+            select(Job).where(
                 Job.status.in_((JobStatus.RUNNING, JobStatus.EVALUATING)),
                 Job.lease_expires_at < now,
             )

@@ -185,6 +185,19 @@ class Settings(BaseSettings):
         description="Step events are throttled to one per interval (phase changes are not).",
     )
     task_queue: str = "unlearn"
+    worker_classes: dict[str, float] | None = Field(
+        None,
+        description='Classes of workers and their device memory in GB, e.g. {"l4": 24, '
+        '"h100": 80} (JSON): each has its queue, served by `unlearn worker --class NAME`; '
+        "jobs go to the smallest that fits (core.service.capacity). Unset: one queue.",
+    )
+    worker_class: str | None = Field(
+        None, description="The class this worker serves (set by `unlearn worker --class`)."
+    )
+
+    def queue_for(self, worker_class: str | None) -> str:
+        """The queue of a worker class; the one queue where there are no classes."""
+        return f"{self.task_queue}.{worker_class}" if worker_class else self.task_queue
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = Field(

@@ -118,9 +118,10 @@ def test_the_lease_lets_one_worker_in(migrated_pg, tmp_path):
         winner = job.lease_owner
         assert repo.renew_lease(session, job_id, winner, 30)
         assert not repo.renew_lease(session, job_id, "someone-else", 30)
-        assert job_id not in repo.orphaned_jobs(session)
+        assert job_id not in [j.id for j in repo.orphaned_jobs(session)]
         # The worker dies: nobody renews; once the lease is past, the job is an orphan ...
-        assert job_id in repo.orphaned_jobs(session, now=utcnow() + timedelta(seconds=31))
+        later = utcnow() + timedelta(seconds=31)
+        assert job_id in [j.id for j in repo.orphaned_jobs(session, now=later)]
         job.lease_expires_at = utcnow() - timedelta(seconds=1)
     # ... and the next delivery takes it over.
     assert take("worker-new") is True

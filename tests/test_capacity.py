@@ -1,0 +1,48 @@
+"""Routing jobs to worker classes by the memory they need (core.service.capacity)."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import SpecError
+from core.service.capacity import job_gigabytes, parameter_count, route
+
+CLASSES = {"l4": 24.0, "h100": 80.0, "h200": 141.0}
+
+
+def test_parameters_are_read_from_the_safetensors_headers(fixture_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
+    stored = sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    counted = parameter_count(fixture_dir / "model")
+    # tied embeddings are stored once: the headers may count fewer than the state dict
+    assert counted is not None and 0 < counted <= stored
+    assert counted >= sum(p.numel() for p in model.parameters())
+    assert parameter_count(tmp_path) is None
+
+
+def test_a_job_goes_to_the_smallest_class_it_fits():
+    eight_b = 8_000_000_000
+    assert job_gigabytes(eight_b, "lora") == pytest.approx(20.0)
+    assert job_gigabytes(eight_b, "full") == pytest.approx(160.0)
+    one_b = 1_000_000_000
+    common = {"needs_gb": None, "model": "m"}
+    assert route(CLASSES, parameters=eight_b, adapter_type="lora", **common) == "l4"
+    assert route(CLASSES, parameters=3 * one_b, adapter_type="full", **common) == "h100"
+    assert route(CLASSES, parameters=6 * one_b, adapter_type="full", **common) == "h200"
+    # what the operator declared wins; nothing known: the largest class
+    assert route(CLASSES, parameters=eight_b, needs_gb=70, adapter_type="lora", model="m") == "h100"
+    assert route(CLASSES, parameters=None, adapter_type="lora", **common) == "h200"
+
+
+def test_a_job_no_class_can_run_is_refused_with_what_it_needs():
+    with pytest.raises(SpecError) as refused:
+        route(
+            CLASSES, parameters=8_000_000_000, adapter_type="full", needs_gb=None, model="llama-8b"
+        )
+    assert refused.value.code == "no_worker_class" and refused.value.param == "adapter.type"
+    assert "needs about 160 GB" in refused.value.message
+    assert "'h200', has 141 GB" in refused.value.message
+    assert "LoRA" in refused.value.message
