@@ -374,3 +374,32 @@ def test_bf16_resume_on_cuda_equals_uninterrupted(fixture_dir, tmp_path):
         for n, p in wrapped.trainable().items()
     }
     assert max(differences.values()) == 0, sorted(differences.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_qlora_trains_on_a_4bit_base_and_saves_a_plain_peft_adapter(fixture_dir, tmp_path):
+    """adapter.quantize nf4 on CUDA with bitsandbytes (pip install bitsandbytes): the loop
+    runs on the 4-bit base, and the adapter loads with peft on the unquantized base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from core.engine.pipeline import run_job
+    from core.engine.spec import parse_spec
+
+    data = fixture_dir / "data"
+    spec = parse_spec(
+        {
+            "method": "catnip",
+            "base_model": str(fixture_dir / "model"),
+            "forget_file": str(data / "forget_qa.jsonl"),
+            "adapter": {"type": "lora", "r": 4, "quantize": "nf4"},
+            "hyperparameters": {"max_steps": 4, "batch_size": 8, "max_length": 64},
+        }
+    )
+    result = run_job(spec, tmp_path / "out", device="cuda")
+    adapter = result.artifacts["adapter"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    base = AutoModelForCausalLM.from_pretrained(fixture_dir / "model")
+    loaded = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())

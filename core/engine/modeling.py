@@ -72,17 +72,58 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local Hugging Face directory; ModelError if it cannot load."""
+def check_quantization(quantize: str | None, device: torch.device) -> None:
+    """QLoRA needs CUDA and bitsandbytes: a DeviceError naming what is missing, before
+    anything is loaded."""
+    if quantize is None:
+        return
+    import importlib.util
+
+    missing = []
+    if device.type != "cuda":
+        missing.append(f"a CUDA device (this worker runs on {device.type})")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if missing:
+        raise DeviceError(
+            f"adapter.quantize {quantize!r} (QLoRA) needs "
+            + " and ".join(missing)
+            + "; run it on a CUDA worker with bitsandbytes, or drop adapter.quantize",
+            param="adapter.quantize",
+            code="qlora_unavailable",
+        )
+
+
+def load_base(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    quantize: str | None = None,
+):
+    """(model, tokenizer) from a local Hugging Face directory; ModelError if it cannot load.
+    `quantize="nf4"`: the weights in 4-bit NF4 on the CUDA device (QLoRA's base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_quantization(quantize, device)
+    extra: dict[str, Any] = {}
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        extra["device_map"] = {"": device.index or 0}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or default_dtype(device)
+            path, dtype=dtype or default_dtype(device), **extra
         )
     except Exception as exc:  # a bad config can raise anything; out-of-memory is not a model error
         if "OutOfMemory" in type(exc).__name__:
@@ -98,7 +139,8 @@ def load_base(path: str | Path, device: torch.device, dtype: torch.dtype | None 
                 "batches with; set pad_token in its tokenizer_config.json"
             )
         tokenizer.pad_token = fallback
-    model.to(device)
+    if quantize is None:  # a quantized model is placed by its device_map
+        model.to(device)
     return model, tokenizer
 
 
@@ -224,6 +266,11 @@ def wrap(model: Any, adapter: AdapterSpec, *, need_reference: bool, seed: int = 
             target_modules=adapter.target_modules,
             task_type="CAUSAL_LM",
         )
+        if adapter.quantize is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # norms and the output layer in fp32, inputs that carry gradients: QLoRA's setup
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:

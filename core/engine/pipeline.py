@@ -28,6 +28,7 @@ from core.engine.formats import check_file
 from core.engine.methods import MAX_STEPS, TrainingParams, get_method, prepare
 from core.engine.model_cache import ModelCache
 from core.engine.modeling import (
+    check_quantization,
     fit_max_length,
     load_base,
     peak_memory,
@@ -230,7 +231,17 @@ def run_job(
         losses.check_device(torch_device)
     except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
         raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
-    model, tokenizer = _load_start(spec.base_model, start, torch_device, models)
+    check_quantization(spec.adapter.quantize, torch_device)
+    if spec.adapter.quantize is not None and start is not None:
+        raise SpecError(
+            "init_from_job with adapter.quantize: the previous job's output is merged into "
+            "the base model first, which a 4-bit base cannot take; drop adapter.quantize",
+            param="adapter.quantize",
+        )
+    if spec.adapter.quantize is not None:  # QLoRA: its own 4-bit load, never the cache
+        model, tokenizer = load_base(spec.base_model, torch_device, quantize=spec.adapter.quantize)
+    else:
+        model, tokenizer = _load_start(spec.base_model, start, torch_device, models)
     base_load = dict(models.last) if models is not None else None
     max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {

@@ -45,6 +45,11 @@ class AdapterSpec(BaseModel):
         None, description="full only: train just these decoder layers (paper, WMDP); null = all."
     )
     merge: bool = Field(False, description="lora only: also write merged full weights.")
+    quantize: Literal["nf4"] | None = Field(
+        None,
+        description="lora only: QLoRA, the base model loaded in 4-bit NF4 (bitsandbytes, "
+        "CUDA only); the adapter is the same PEFT layout, for the unquantized base.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AdapterSpec:
@@ -54,6 +59,13 @@ class AdapterSpec(BaseModel):
             raise ValueError("'layers' must be non-negative layer indices")
         if self.layers == []:
             raise ValueError("'layers' is empty: name at least one layer, or null for all")
+        if self.quantize is not None and self.type != "lora":
+            raise ValueError("'quantize' applies only to adapter type 'lora' (QLoRA)")
+        if self.quantize is not None and self.merge:
+            raise ValueError(
+                "'merge' with 'quantize': merging into 4-bit weights loses the "
+                "adapter's precision; merge the adapter into the full base instead"
+            )
         return self
 
 
