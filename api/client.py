@@ -113,6 +113,7 @@ class Job(TypedDict):
     init_from_job: str | None
     metadata: dict[str, str]
     chain: list[str]
+    worker_class: str | None
     adapter: dict[str, Any]
     hyperparameters: dict[str, Any]
     eval: dict[str, Any] | None
@@ -442,6 +443,33 @@ class Client:
     def signing_keys(self) -> list[dict[str, Any]]:
         """The public keys certificates are signed with (published: no key needed)."""
         result: list[dict[str, Any]] = self._json("GET", "/v1/signing-keys")["data"]
+        return result
+
+    # -- webhooks ------------------------------------------------------------------
+
+    def create_webhook(
+        self, url: str, event_types: list[str], *, description: str | None = None
+    ) -> dict[str, Any]:
+        """Register an endpoint; the answer's `secret` (whsec_...) is shown only here:
+        verify deliveries with standardwebhooks.Webhook(secret).verify(body, headers)."""
+        body = {"url": url, "event_types": event_types, "description": description}
+        result: dict[str, Any] = self._json("POST", "/v1/webhooks", json=body, once_only=True)
+        return result
+
+    def list_webhooks(self) -> Iterator[dict[str, Any]]:
+        return self._pages("/v1/webhooks", {}, None)
+
+    def delete_webhook(self, webhook_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/v1/webhooks/{webhook_id}")
+        return result
+
+    def deliveries(self, webhook_id: str) -> Iterator[dict[str, Any]]:
+        """The webhook's deliveries, newest first, each with every attempt."""
+        return self._pages(f"/v1/webhooks/{webhook_id}/deliveries", {}, None)
+
+    def redeliver(self, webhook_id: str, delivery_id: str) -> dict[str, Any]:
+        path = f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+        result: dict[str, Any] = self._json("POST", path)
         return result
 
     def models(self) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ def list_webhooks(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> ListResponse[WebhookObject]:
-    rows, more = repo._page(
+    rows, more = repo.page(
         session, Webhook, [Webhook.tenant == tenant], limit, after, "webhook_not_found"
     )
     return ListResponse.page([WebhookObject.of(r) for r in rows], more)
@@ -79,7 +79,7 @@ def list_deliveries(
     after: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
 ) -> ListResponse[DeliveryObject]:
     hook = webhooks.get(session, tenant, webhook_id)
-    rows, more = repo._page(
+    rows, more = repo.page(
         session,
         WebhookDelivery,
         [WebhookDelivery.webhook_id == hook.id],

@@ -137,7 +137,7 @@ def add_model(
 def list_models(
     session: Session, *, limit: int, after: str | None
 ) -> tuple[list[RegisteredModel], bool]:
-    return _page(
+    return page(
         session, RegisteredModel, [], limit, after, "model_not_found", key=RegisteredModel.name
     )
 
@@ -160,7 +160,7 @@ def get_model(session: Session, name: str) -> RegisteredModel:
 # `after` is the id the previous page ended with, like the managed fine-tuning APIs.
 
 
-def _page(
+def page(
     session: Session,
     model: Any,
     filters: list[Any],
@@ -221,7 +221,7 @@ def list_files(
     filters = [File.tenant == tenant, File.status != FileStatus.DELETED]
     filters += [File.purpose == purpose] if purpose else []
     filters += _metadata_filters(File, metadata)
-    return _page(session, File, filters, limit, after, "file_not_found")
+    return page(session, File, filters, limit, after, "file_not_found")
 
 
 def _metadata_filters(model: Any, metadata: dict[str, str] | None) -> list[Any]:
@@ -304,7 +304,7 @@ def list_jobs(
 ) -> tuple[list[Job], bool]:
     filters = [Job.tenant == tenant] + ([Job.status == status] if status else [])
     filters += _metadata_filters(Job, metadata)
-    return _page(session, Job, filters, limit, after, "job_not_found")
+    return page(session, Job, filters, limit, after, "job_not_found")
 
 
 def add_event(

@@ -179,6 +179,16 @@ def test_registration_the_secret_once_and_tenancy(service):
         deleted = client.delete(f"/v1/webhooks/{hook['id']}")
         assert deleted.json() == {"id": hook["id"], "object": "webhook", "deleted": True}
         assert client.get(f"/v1/webhooks/{hook['id']}").status_code == 404
+    # the same through the Python client
+    from api.client import Client
+
+    with Client(service["url"], service["key"]) as tenant:
+        made = tenant.create_webhook("http://127.0.0.1:1/y", ["job.failed"], description="py")
+        assert made["secret"].startswith("whsec_")
+        assert [h["id"] for h in tenant.list_webhooks()] == [made["id"]]
+        assert list(tenant.deliveries(made["id"])) == []
+        assert tenant.delete_webhook(made["id"])["deleted"] is True
+        assert list(tenant.list_webhooks()) == []
 
 
 def test_a_signed_delivery_retried_until_the_receiver_is_back(service):
