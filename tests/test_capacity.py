@@ -27,6 +27,7 @@ def test_a_job_goes_to_the_smallest_class_it_fits():
     eight_b = 8_000_000_000
     assert job_gigabytes(eight_b, "lora") == pytest.approx(20.0)
     assert job_gigabytes(eight_b, "full") == pytest.approx(160.0)
+    assert job_gigabytes(eight_b, "lora", quantized=True) == pytest.approx(5.5)  # QLoRA
     one_b = 1_000_000_000
     common = {"needs_gb": None, "model": "m"}
     assert route(CLASSES, parameters=eight_b, adapter_type="lora", **common) == "l4"
@@ -35,6 +36,13 @@ def test_a_job_goes_to_the_smallest_class_it_fits():
     # what the operator declared wins; nothing known: the largest class
     assert route(CLASSES, parameters=eight_b, needs_gb=70, adapter_type="lora", model="m") == "h100"
     assert route(CLASSES, parameters=None, adapter_type="lora", **common) == "h200"
+    seventy_b = 70 * one_b  # QLoRA fits a 70B model where LoRA on bf16 weights does not
+    assert (
+        route(CLASSES, parameters=seventy_b, adapter_type="lora", quantized=True, **common)
+        == "h100"
+    )
+    with pytest.raises(SpecError):  # 175 GB in bf16
+        route(CLASSES, parameters=seventy_b, adapter_type="lora", **common)
 
 
 def test_a_job_no_class_can_run_is_refused_with_what_it_needs():

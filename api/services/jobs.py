@@ -84,6 +84,7 @@ def create(
             needs_gb=model.needs_gb,
             adapter_type=spec.adapter.type,
             model=spec.base_model,
+            quantized=spec.adapter.quantize is not None,
         )
     start = _starting_job(session, tenant, spec, settings) if spec.init_from_job else None
     if spec.eval is not None:

@@ -3,7 +3,8 @@ memory (WORKER_CLASSES, e.g. {"l4": 24, "h100": 80}), each served by workers sta
 with `unlearn worker --class NAME` on a queue of its own; a job goes to the smallest
 class its estimated memory fits, and one that fits none is refused at submission.
 
-The estimate: bf16 weights (2 bytes per parameter) for a LoRA job; for full weights,
+The estimate: bf16 weights (2 bytes per parameter) for a LoRA job, NF4 ones (about
+0.55) for QLoRA; for full weights,
 16 bytes per trained parameter (bf16 weights and gradients, fp32 master copy, Adam's
 two fp32 moments); a quarter more for activations and the framework. An operator who
 knows better registers the model with `--needs-gb`."""
@@ -39,8 +40,8 @@ def parameter_count(directory: Path) -> int | None:
     return total if found else None
 
 
-def job_gigabytes(parameters: int, adapter_type: str) -> float:
-    per_parameter = 2 if adapter_type == "lora" else 16
+def job_gigabytes(parameters: int, adapter_type: str, *, quantized: bool = False) -> float:
+    per_parameter = (0.55 if quantized else 2.0) if adapter_type == "lora" else 16.0
     return parameters * per_parameter * HEADROOM / GB
 
 
@@ -51,13 +52,18 @@ def route(
     needs_gb: float | None,
     adapter_type: str,
     model: str,
+    quantized: bool = False,
 ) -> str:
     """The smallest class with room for the job (the largest where nothing is known of
     the model); SpecError, naming what it needs and what there is, where none has."""
     ordered = sorted(classes.items(), key=lambda item: (item[1], item[0]))
     if needs_gb is None and parameters is None:
         return ordered[-1][0]
-    needed = needs_gb if needs_gb is not None else job_gigabytes(parameters or 0, adapter_type)
+    needed = (
+        needs_gb
+        if needs_gb is not None
+        else job_gigabytes(parameters or 0, adapter_type, quantized=quantized)
+    )
     for name, memory in ordered:
         if needed <= memory:
             return name
