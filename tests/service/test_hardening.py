@@ -446,7 +446,7 @@ def test_a_broker_that_is_down_never_yields_an_id_that_vanishes(api):
     entered, release = threading.Event(), threading.Event()
 
     class DownBroker(TaskQueue):
-        def send(self, job_id: str) -> None:
+        def send(self, job_id: str, queue: str | None = None) -> None:
             entered.set()
             release.wait(10)
             raise ConnectionError("the broker is down")
