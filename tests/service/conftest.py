@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,6 +88,26 @@ def s3_server() -> Iterator[dict[str, str]]:
     )
     yield env
     server.stop()
+
+
+def stack_settings(database_url: str, broker_url: str, state: Path, name: str, **over: Any):
+    """(settings, sessions) of an API on Postgres and Redis for one test module: its own
+    state directory and queue, and rate and job limits far above what it does (the
+    modules about limits set their own)."""
+    from core.service.db import make_engine, make_sessionmaker
+    from core.service.settings import Settings
+
+    settings = Settings(
+        unlearn_data_dir=state,
+        database_url=database_url,
+        broker_url=broker_url,
+        task_queue=f"unlearn-{name}-test",
+        rate_limit="1000/second",
+        anonymous_rate_limit="1000/second",
+        max_active_jobs=1000,
+        **over,
+    )
+    return settings, make_sessionmaker(make_engine(settings.db_url))
 
 
 class ThreadServer:

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.service.conftest import ThreadServer
+from tests.service.conftest import ThreadServer, stack_settings
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 BIG = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_bytes
@@ -19,23 +19,16 @@ BIG = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_
 def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
     from api.app import create_app
     from core.service import repo
-    from core.service.db import make_engine, make_sessionmaker
-    from core.service.settings import Settings
 
-    settings = Settings(
-        unlearn_data_dir=tmp_path_factory.mktemp("api"),
-        database_url=migrated_pg,
-        broker_url=redis_url,
+    # This module is about the API's behaviour, not its limits (test_hardening.py is).
+    settings, sessions = stack_settings(
+        migrated_pg,
+        redis_url,
+        tmp_path_factory.mktemp("api"),
+        "api",
         max_upload_bytes=200_000,
         validate_inline_bytes=100_000,
-        task_queue="unlearn-api-test",
-        # This module is about the API's behaviour, not its limits (test_limits.py is):
-        # its many quick requests and queued jobs stay far below these.
-        rate_limit="1000/second",
-        anonymous_rate_limit="1000/second",
-        max_active_jobs=1000,
     )
-    sessions = make_sessionmaker(make_engine(settings.db_url))
     with sessions.begin() as session:
         repo.add_model(session, "tiny", str(fixture_dir / "model"))
         _, key_a = repo.create_key(session, "tenant-a")

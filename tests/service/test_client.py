@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api.client import FILE_SLOTS, APIError, ChecksumError, Client
-from tests.service.conftest import ROOT, ThreadServer
+from tests.service.conftest import ROOT, ThreadServer, stack_settings
 
 QA = '{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 
@@ -25,18 +25,10 @@ QA = '{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 def service(migrated_pg, redis_url, tmp_path_factory, fixture_dir):
     from api.app import create_app
     from core.service import repo
-    from core.service.db import make_engine, make_sessionmaker
-    from core.service.settings import Settings
 
-    settings = Settings(
-        unlearn_data_dir=tmp_path_factory.mktemp("client"),
-        database_url=migrated_pg,
-        broker_url=redis_url,
-        task_queue="unlearn-client-test",
-        rate_limit="1000/second",
-        max_active_jobs=1000,
+    settings, sessions = stack_settings(
+        migrated_pg, redis_url, tmp_path_factory.mktemp("client"), "client"
     )
-    sessions = make_sessionmaker(make_engine(settings.db_url))
     with sessions.begin() as session:
         repo.add_model(session, "tiny", str(fixture_dir / "model"))
         _, key = repo.create_key(session, "client-a")

@@ -19,7 +19,7 @@ import pytest
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.service.conftest import ROOT, ThreadServer, free_port
+from tests.service.conftest import ROOT, ThreadServer, free_port, stack_settings
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n'
 
@@ -71,20 +71,16 @@ class Receiver:
 def service(migrated_pg, redis_url, tmp_path_factory):
     from api.app import create_app
     from core.service import repo
-    from core.service.db import make_engine, make_sessionmaker
-    from core.service.settings import Settings
 
-    settings = Settings(
-        unlearn_data_dir=tmp_path_factory.mktemp("webhooks"),
-        database_url=migrated_pg,
-        broker_url=redis_url,
-        task_queue="unlearn-webhooks-test",
-        rate_limit="1000/second",
+    settings, sessions = stack_settings(
+        migrated_pg,
+        redis_url,
+        tmp_path_factory.mktemp("webhooks"),
+        "webhooks",
         webhook_allow_private=True,  # the receiver is on loopback
         webhook_retry_schedule=[1.0, 1.0, 1.0],
         webhook_lease_seconds=3,
     )
-    sessions = make_sessionmaker(make_engine(settings.db_url))
     with sessions.begin() as session:
         _, key = repo.create_key(session, "hooks-a")
         _, other = repo.create_key(session, "hooks-b")
