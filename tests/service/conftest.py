@@ -110,6 +110,41 @@ def stack_settings(database_url: str, broker_url: str, state: Path, name: str, *
     return settings, make_sessionmaker(make_engine(settings.db_url))
 
 
+def finish_with_adapter(settings: Any, sessions: Any, job_id: str, payload: bytes) -> str:
+    """Make a queued job succeeded with `payload` stored as its adapter archive (what a
+    worker leaves), without running it; returns the archive's sha256."""
+    import hashlib
+    import tempfile
+
+    from core.service import repo
+    from core.service.db import Artifact, Job
+    from core.service.storage import make_store
+
+    key = f"jobs/{job_id}/adapter.tar.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "payload").write_bytes(payload)
+        make_store(settings).put(key, Path(tmp) / "payload")
+    sha = hashlib.sha256(payload).hexdigest()
+    with sessions.begin() as session:
+        session.get(Job, job_id).status = "succeeded"
+        repo.replace_artifacts(
+            session,
+            job_id,
+            [
+                Artifact(
+                    job_id=job_id,
+                    name="adapter",
+                    kind="peft_adapter",
+                    filename=f"{job_id}-adapter.tar.gz",
+                    bytes=len(payload),
+                    sha256=sha,
+                    storage_key=key,
+                )
+            ],
+        )
+    return sha
+
+
 class ThreadServer:
     """uvicorn serving an app object in a thread, on a free port (`options`: uvicorn's,
     e.g. api.server.options(settings), the settings `unlearn serve` runs with)."""

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.service.conftest import ThreadServer, stack_settings
+from tests.service.conftest import ThreadServer, finish_with_adapter, stack_settings
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 BIG = b'{"text": "' + b"a dragon sleeps " * 7000 + b'"}\n'  # > validate_inline_bytes
@@ -520,39 +520,16 @@ def test_artifact_downloads_resume_with_ranges_and_answer_304_to_their_etag(clie
     """From the local store: `Range` (and `If-Range`) give the bytes asked for, a range
     past the end is a 416, `If-None-Match` with the archive's sha256 a 304; each served
     download (a part included) is in the audit log, a 304 is not."""
-    import hashlib
     import os
 
-    from core.service import repo
-    from core.service.db import Artifact, Job, make_engine, make_sessionmaker
-    from core.service.storage import make_store
+    from core.service.db import make_engine, make_sessionmaker
 
     job = client.post("/v1/jobs", json=job_body(valid_file(client))).json()
     url = f"/v1/jobs/{job['id']}/artifacts/adapter"
     assert_error(client.get(url), 409, "job_not_finished")
     payload = os.urandom(100_000)
-    (service["settings"].unlearn_data_dir / "payload").write_bytes(payload)
-    key = f"jobs/{job['id']}/adapter.tar.gz"
-    make_store(service["settings"]).put(key, service["settings"].unlearn_data_dir / "payload")
-    sha = hashlib.sha256(payload).hexdigest()
     sessions = make_sessionmaker(make_engine(service["settings"].db_url))
-    with sessions.begin() as session:
-        session.get(Job, job["id"]).status = "succeeded"
-        repo.replace_artifacts(
-            session,
-            job["id"],
-            [
-                Artifact(
-                    job_id=job["id"],
-                    name="adapter",
-                    kind="peft_adapter",
-                    filename=f"{job['id']}-adapter.tar.gz",
-                    bytes=len(payload),
-                    sha256=sha,
-                    storage_key=key,
-                )
-            ],
-        )
+    sha = finish_with_adapter(service["settings"], sessions, job["id"], payload)
 
     full = client.get(url)
     assert full.status_code == 200 and full.content == payload

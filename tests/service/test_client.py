@@ -5,7 +5,6 @@ a transport wrapper around httpx's real one makes it happen: the server is real.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from api.client import FILE_SLOTS, APIError, ChecksumError, Client
-from tests.service.conftest import ROOT, ThreadServer, stack_settings
+from tests.service.conftest import ROOT, ThreadServer, finish_with_adapter, stack_settings
 
 QA = '{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 
@@ -221,35 +220,12 @@ def test_rate_limited_calls_wait_what_retry_after_says(service):
 
 
 def test_downloads_resume_after_a_break_and_check_the_sha256(service, client, tmp_path):
-    from core.service import repo
-    from core.service.db import Artifact, Job
-    from core.service.storage import make_store
-
     job = client.submit_job(job_spec(forget_file(client, tmp_path)))
     with pytest.raises(APIError) as early:
         client.download_artifact(job["id"], "adapter", tmp_path / "early")
     assert early.value.code == "artifact_not_found"
     payload = os.urandom(300_000)
-    (tmp_path / "payload").write_bytes(payload)
-    key = f"jobs/{job['id']}/adapter.tar.gz"
-    make_store(service["settings"]).put(key, tmp_path / "payload")
-    with service["sessions"].begin() as session:
-        session.get(Job, job["id"]).status = "succeeded"
-        repo.replace_artifacts(
-            session,
-            job["id"],
-            [
-                Artifact(
-                    job_id=job["id"],
-                    name="adapter",
-                    kind="peft_adapter",
-                    filename=f"{job['id']}-adapter.tar.gz",
-                    bytes=len(payload),
-                    sha256=hashlib.sha256(payload).hexdigest(),
-                    storage_key=key,
-                )
-            ],
-        )
+    finish_with_adapter(service["settings"], service["sessions"], job["id"], payload)
     faults = Faults.break_first("/artifacts/adapter", 100_000)
     with Client(service["url"], service["key"], transport=faults) as flaky:
         archive = flaky.download_artifact(job["id"], "adapter", tmp_path / "out", unpack=False)
