@@ -26,11 +26,8 @@ log = logging.getLogger(__name__)
 
 def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
     """What identifies the directory's content cheaply: each file's name, size, mtime."""
-    return tuple(
-        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    )
+    stats = ((p, p.stat()) for p in sorted(path.rglob("*")) if p.is_file())
+    return tuple((str(p.relative_to(path)), s.st_size, s.st_mtime_ns) for p, s in stats)
 
 
 def model_bytes(model: Any) -> int:
@@ -81,5 +78,6 @@ class ModelCache:
             del self.entries[other]  # the same path, other files: re-registered
 
     def _make_room(self, size: int) -> None:
-        while self.entries and sum(e[2] for e in self.entries.values()) + size > self.max_bytes:
-            self.entries.popitem(last=False)
+        held = sum(e[2] for e in self.entries.values())
+        while self.entries and held + size > self.max_bytes:
+            held -= self.entries.popitem(last=False)[1][2]
