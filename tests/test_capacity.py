@@ -54,3 +54,23 @@ def test_a_job_no_class_can_run_is_refused_with_what_it_needs():
     assert "needs about 160 GB" in refused.value.message
     assert "'h200', has 141 GB" in refused.value.message
     assert "LoRA" in refused.value.message
+
+
+def test_a_sharded_job_goes_to_a_class_with_that_many_gpus():
+    """An 8B full-weight job (160 GB) fits no one-GPU class; over 2 GPUs of 80 GB it does
+    (the one-GPU h100 class is passed over); 200 GB over 2 needs the 141 GB class; a job
+    wanting more GPUs than any class has is refused."""
+    classes = {"h100": 80.0, "h100x4": 80.0, "h200x2": 141.0}
+    gpus = {"h100x4": 4, "h200x2": 2}
+    common = {"parameters": 8_000_000_000, "needs_gb": None, "adapter_type": "full", "model": "m"}
+    assert route(classes, gpus=2, class_gpus=gpus, **common) == "h100x4"
+    assert route(classes, gpus=4, class_gpus=gpus, **common) == "h100x4"
+    assert route(classes, gpus=2, class_gpus=gpus, **{**common, "needs_gb": 200}) == "h200x2"
+    with pytest.raises(SpecError):  # 160 GB on one GPU
+        route(classes, gpus=1, class_gpus=gpus, **common)
+    with pytest.raises(SpecError) as refused:
+        route(classes, gpus=8, class_gpus=gpus, **common)
+    assert refused.value.param == "resources.gpus" and "at most 4" in refused.value.message
+    with pytest.raises(SpecError) as refused:  # 80 GB on each of 2 h100x4 GPUs > 80 * 1.25
+        route({"h100x4": 60.0}, gpus=2, class_gpus=gpus, **common)
+    assert "80 GB on each of 2 GPUs" in refused.value.message

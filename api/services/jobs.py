@@ -85,6 +85,8 @@ def create(
             adapter_type=spec.adapter.type,
             model=spec.base_model,
             quantized=spec.adapter.quantize is not None,
+            gpus=spec.resources.gpus,
+            class_gpus=settings.worker_class_gpus,
         )
     start = _starting_job(session, tenant, spec, settings) if spec.init_from_job else None
     if spec.eval is not None:

@@ -113,10 +113,21 @@ def save_checkpoint(
     return final
 
 
-def _checked_state(path: Path, fingerprint: str | None) -> dict[str, Any]:
+def _checked_state(path: Path, fingerprint: str | None, *, sharded: bool) -> dict[str, Any]:
     """A checkpoint's state.json; SpecError when it records a fingerprint other than
-    `fingerprint` (checkpoints of before fingerprints record none, and are taken)."""
+    `fingerprint` (checkpoints of before fingerprints record none, and are taken), or
+    when it is a sharded run's and `sharded` is not (core.engine.sharded), or the reverse."""
     meta = json.loads((path / "state.json").read_text())
+    written_by = meta.get("sharded")
+    if bool(written_by) != sharded:
+        what = f"a run sharded over {written_by} devices" if written_by else "a one-device run"
+        raise SpecError(
+            f"the checkpoint {path} is {what}'s: resume it with resources.gpus "
+            f"{written_by or 1} (any number above 1 for a sharded one), or start afresh in "
+            f"another output directory (or remove {path.parent})",
+            param="resources.gpus",
+            code="checkpoint_mismatch",
+        )
     if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
         raise SpecError(
             f"the checkpoint {path} is from another run: the method, hyperparameters, "
@@ -128,12 +139,12 @@ def _checked_state(path: Path, fingerprint: str | None) -> dict[str, Any]:
     return meta
 
 
-def ensure_resumable(root: Path | None, fingerprint: str) -> None:
+def ensure_resumable(root: Path | None, fingerprint: str, *, sharded: bool = False) -> None:
     """SpecError now, rather than when the loop starts, if `root`'s latest checkpoint is
     another run's (the pipeline checks before its evaluation, which can take long)."""
     latest = latest_checkpoint(root)
     if latest is not None:
-        _checked_state(latest, fingerprint)
+        _checked_state(latest, fingerprint, sharded=sharded)
 
 
 def load_checkpoint(
@@ -145,7 +156,7 @@ def load_checkpoint(
 ) -> tuple[int, str | None]:
     """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.
     SpecError, before anything is restored, when it is another run's (`fingerprint`)."""
-    meta = _checked_state(path, fingerprint)
+    meta = _checked_state(path, fingerprint, sharded=False)
     for name, tensor in load_file(path / "trainable.safetensors").items():
         weights[name].data.copy_(tensor)
     state = torch.load(path / "optimizer.pt", weights_only=False)

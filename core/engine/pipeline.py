@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from core.engine.sequential import (
     start_digest,
     start_point,
 )
+from core.engine.sharded import check_devices, run_sharded
 from core.engine.spec import JobSpec
 from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.engine.stop_rule import StopRule, probe_every
@@ -132,6 +134,18 @@ def _load_start(
     if start is not None:
         model = merge_start(model, start)
     return model, tokenizer
+
+
+def _sharded_source(spec: JobSpec, start: StartPoint | None, wrapped: Any, work: Path) -> Path:
+    """The weights a sharded job's ranks start from: the base model's directory, a
+    previous full-weight job's, or (after a LoRA job, merged into the base here) a copy
+    written for them."""
+    if start is None:
+        return Path(spec.base_model)
+    if start.kind == "model":
+        return start.path
+    wrapped.model.save_pretrained(work / "start")
+    return work / "start"
 
 
 def _take_per_sample(evaluation: dict[str, Any]) -> list[float] | None:
@@ -232,6 +246,9 @@ def run_job(
     except ValueError as exc:  # LOSS_BACKEND=triton on a CPU worker: refused before loading
         raise DeviceError(f"{exc}; use the auto loss backend", param="loss_backend") from None
     check_quantization(spec.adapter.quantize, torch_device)
+    sharded = spec.resources.gpus if spec.resources.gpus > 1 else None
+    if sharded is not None:
+        check_devices(sharded, torch_device)
     if spec.adapter.quantize is not None and start is not None:
         raise SpecError(
             "init_from_job with adapter.quantize: the previous job's output is merged into "
@@ -282,7 +299,7 @@ def run_job(
         else None
     )
     if fingerprint is not None:  # another run's checkpoint: refused before the evaluation
-        ensure_resumable(checkpoint_dir, fingerprint)
+        ensure_resumable(checkpoint_dir, fingerprint, sharded=sharded is not None)
     lap("load")
 
     # --- evaluate before
@@ -299,6 +316,12 @@ def run_job(
     samples = min(8, len(forget))
     token_view_before = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     every = probe_every(spec.eval, steps)
+    if every and sharded is not None:
+        events.warning(
+            f"the stop rule does not run in a job sharded over {sharded} devices: it trains "
+            f"all {steps} steps, and the before/after evaluation measures the last"
+        )
+        every = None
     unwatched_from = spec.eval.probe_samples if every and spec.eval else None
     before_scores = after_scores = privacy_before = None
     if spec.eval is not None:
@@ -318,20 +341,35 @@ def run_job(
         StopRule(wrapped, tokenizer, spec.eval, every, events) if every and spec.eval else None
     )
     events.phase(Phase.UNLEARNING, f"{steps} steps")
-    loop = run_unlearning(
-        wrapped,
-        method,
-        params,
-        forget,
-        pad_id=tokenizer.pad_token_id,
-        retain=retain,
-        contrast=contrast_examples,
-        contrast_paired=contrast.paired if contrast is not None else True,
-        checkpoint_dir=checkpoint_dir,
-        fingerprint=fingerprint,
-        events=events,
-        stop_rule=stop_rule,
-    )
+    data = {
+        "pad_id": tokenizer.pad_token_id,
+        "retain": retain,
+        "contrast": contrast_examples,
+        "contrast_paired": contrast.paired if contrast is not None else True,
+        "checkpoint_dir": checkpoint_dir,
+        "fingerprint": fingerprint,
+        "events": events,
+    }
+    if sharded is not None:
+        with tempfile.TemporaryDirectory(prefix="unlearn-sharded-") as work:
+            loop = run_sharded(
+                wrapped,
+                method,
+                params,
+                forget,
+                source=_sharded_source(spec, start, wrapped, Path(work)),
+                processes=sharded,
+                device=torch_device,
+                work_dir=Path(work) / "run",
+                **data,
+            )
+        metrics["sharded"] = {
+            "processes": sharded,
+            "backend": "nccl" if torch_device.type == "cuda" else "gloo",
+            "ranks_peak_memory": loop.ranks_peak_memory,
+        }
+    else:
+        loop = run_unlearning(wrapped, method, params, forget, stop_rule=stop_rule, **data)
     if stop_rule is not None:
         metrics["stop_rule"] = {
             **stop_rule.finish(loop.steps_done),

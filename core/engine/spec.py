@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from core.engine.methods import TrainingParams, format_validation_error, get_method, parse_params
-from core.engine.spec_parts import AdapterSpec, EvalSpec
+from core.engine.spec_parts import AdapterSpec, EvalSpec, ResourcesSpec
 from core.errors import SpecError
 
 # A name, an id or a path in a spec: non-empty, of a sane length.
@@ -51,6 +51,7 @@ class JobSpec(BaseModel):
     )
     eval: EvalSpec | None = Field(None, description="Eval sets and the stop rule.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     hyperparameters: SerializeAsAny[TrainingParams] = Field(
         default_factory=TrainingParams, description="Per-method hyperparameters (paper defaults)."
     )
@@ -97,7 +98,38 @@ class JobSpec(BaseModel):
                 "hyperparameters.update_layers; leave adapter.layers null",
                 param="adapter.layers",
             )
+        if self.resources.gpus > 1:
+            self._check_sharded(method)
         return self
+
+    def _check_sharded(self, method: Any) -> None:
+        """What a job sharded over resources.gpus devices can be: full weights of every
+        layer (a LoRA adapter or a few layers fit one device), a method whose loss comes
+        from the model's outputs (RMU reads and steers one layer's hidden states through
+        hooks, and trains a few projections: one device), and micro-batches that split
+        evenly between the devices."""
+        gpus = self.resources.gpus
+        if self.adapter.type != "full" or self.adapter.layers is not None:
+            raise SpecError(
+                f"resources.gpus {gpus}: sharding is for full-weight jobs on every layer "
+                "(adapter type full, layers null); a LoRA adapter or a few layers fit one "
+                "device: set resources.gpus to 1",
+                param="resources.gpus",
+            )
+        if method.chooses_parameters:
+            raise SpecError(
+                f"resources.gpus {gpus}: {self.method} trains a few projections of three "
+                "layers and fits one device; set resources.gpus to 1",
+                param="resources.gpus",
+            )
+        accumulation = self.hyperparameters.gradient_accumulation_steps
+        if accumulation % gpus:
+            raise SpecError(
+                f"hyperparameters.gradient_accumulation_steps {accumulation} does not split "
+                f"between {gpus} devices: each takes an equal share of a step's micro-batches; "
+                f"use a multiple of {gpus}",
+                param="hyperparameters.gradient_accumulation_steps",
+            )
 
 
 def parse_spec(raw: Any) -> JobSpec:

@@ -29,6 +29,21 @@ ModuleNames = Annotated[
 LayerIndices = Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(max_length=1024)]
 
 
+class ResourcesSpec(BaseModel):
+    """What a job runs on beyond its worker's one device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Devices one full-weight job is sharded over (FSDP2: weights, gradients "
+        "and optimizer state split between them; each takes gradient_accumulation_steps / "
+        "gpus of a step's micro-batches). On a CPU worker, that many processes.",
+    )
+
+
 class AdapterSpec(BaseModel):
     """What is trained: a LoRA adapter (default) or the full weights."""
 

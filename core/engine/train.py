@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -48,6 +48,32 @@ class LoopResult:
     history: list[StepInfo] = field(default_factory=list)
     stopped_early: bool = False
     stop_reason: str | None = None
+    # a sharded run's: each rank's peak memory (core.engine.modeling.peak_memory)
+    ranks_peak_memory: list[dict[str, int | None]] | None = None
+
+
+class Shard(Protocol):
+    """This process as one rank of a sharded run (core.engine.sharded.Shard)."""
+
+    def mine(self, indices: list[int]) -> list[int]: ...
+
+    def total(self, loss: float, terms: dict[str, float]) -> tuple[float, dict[str, float]]: ...
+
+    def save(
+        self,
+        root: Path,
+        step: int,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        *,
+        fingerprint: str | None,
+        stop_reason: str | None = None,
+    ) -> Path: ...
+
+    def load(
+        self, path: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str | None
+    ) -> tuple[int, str | None]: ...
 
 
 # --- the loop -----------------------------------------------------------------
@@ -67,6 +93,7 @@ def run_unlearning(
     events: Events | None = None,
     stop_rule: StopRule | None = None,
     fingerprint: str | None = None,
+    shard: Shard | None = None,
 ) -> LoopResult:
     """Unlearn `forget` from `wrapped.model`, in place. Resumes from checkpoint_dir if it
     holds a checkpoint of this run (`fingerprint`: run_fingerprint's, computed here when
@@ -74,7 +101,10 @@ def run_unlearning(
     turns True. With a `stop_rule`, it is checked after every step and its state goes
     into every checkpoint. `contrast` (FLAT's expected responses) is drawn with the
     forget set's seed when `contrast_paired` (example i answers forget example i), so
-    each forget batch meets its own pairs; else as a stream of its own."""
+    each forget batch meets its own pairs; else as a stream of its own. With a `shard`
+    (core.engine.sharded: this process is one rank of an FSDP2 job), it runs its share of
+    each step's micro-batches, reports the step's totals over all ranks, and checkpoints
+    through the shard; the stop rule does not run there."""
     events = events or Events()
     keep_stop_rule = stop_rule.save if stop_rule is not None else None
     model = wrapped.model
@@ -85,13 +115,16 @@ def run_unlearning(
         raise ValueError(f"{method.id} needs contrast examples")
     if contrast_paired and contrast is not None and len(contrast) != len(forget):
         raise ValueError("paired contrast examples must be as many as the forget examples")
+    if shard is not None and stop_rule is not None:
+        raise ValueError("the stop rule does not run in a sharded loop")
 
     # --- setup
     seed_everything(params.seed)
     state = prepare(wrapped, method, params)  # what trains may change here (RMU)
     steps = total_steps(params, len(forget))
     named = wrapped.trainable()
-    masters = _master_weights(named) if params.master_weights else {}
+    # sharded, the shards are the masters already (core.engine.sharded.shard_model)
+    masters = _master_weights(named) if params.master_weights and shard is None else {}
     optimized = {name: masters.get(name, p) for name, p in named.items()}  # what AdamW updates
     trainable = list(optimized.values())
     optimizer = torch.optim.AdamW(
@@ -114,9 +147,14 @@ def run_unlearning(
         fingerprint = run_fingerprint(method, params, wrapped, forget, retain, contrast)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
-        start_step, stop_reason = load_checkpoint(
-            resume_from, optimized, optimizer, scheduler, fingerprint
-        )
+        if shard is not None:
+            start_step, stop_reason = shard.load(
+                resume_from, model, optimizer, scheduler, fingerprint
+            )
+        else:
+            start_step, stop_reason = load_checkpoint(
+                resume_from, optimized, optimizer, scheduler, fingerprint
+            )
         _copy_masters_into(named, masters)
         log.info("resumed from %s at step %d of %d", resume_from, start_step, steps)
         if stop_rule is not None:
@@ -156,6 +194,29 @@ def run_unlearning(
             term = _retain_term(wrapped, params, retain_stream.batch(index), device)
             return term, {f"retain_{params.retain_loss}": float(term.detach())}
 
+        def save(step: int, stop_reason: str | None = None) -> Path:
+            assert checkpoint_dir is not None
+            if shard is not None:
+                return shard.save(
+                    checkpoint_dir,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    fingerprint=fingerprint,
+                    stop_reason=stop_reason,
+                )
+            return save_checkpoint(
+                checkpoint_dir,
+                step,
+                optimized,
+                optimizer,
+                scheduler,
+                stop_reason=stop_reason,
+                fingerprint=fingerprint,
+                extra=keep_stop_rule,
+            )
+
         # --- steps
         for step in range(start_step + 1, (start_step if stop_reason else steps) + 1):
             if events.should_cancel():
@@ -164,8 +225,10 @@ def run_unlearning(
             loss_sum = 0.0
 
             indices = [(step - 1) * accum + micro for micro in range(accum)]
-            for index in indices:
+            for index in indices:  # every rank's, for the run's throughput
                 tokens_seen += int(forget_stream.batch(index)["attention_mask"].sum())
+            if shard is not None:
+                indices = shard.mine(indices)
             sharp = params.sam_rho > 0
             for index in indices:  # the gradient at the weights (SAM: of the forget loss alone)
                 loss, micro_terms = forget_part(index)
@@ -189,6 +252,8 @@ def run_unlearning(
                     loss_sum += params.retain_weight * float(retained[0].detach()) / accum
                     for name, value in retained[1].items():
                         terms_sum[name] = terms_sum.get(name, 0.0) + value / accum
+            if shard is not None:
+                loss_sum, terms_sum = shard.total(loss_sum, terms_sum)
             for name, master in masters.items():  # the low-precision gradients, to the masters
                 grad, named[name].grad = named[name].grad, None
                 master.grad = None if grad is None else grad.float()
@@ -219,32 +284,11 @@ def run_unlearning(
                 result.stopped_early, result.stop_reason = True, reason
                 break
             if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-                events.checkpoint(
-                    save_checkpoint(
-                        checkpoint_dir,
-                        step,
-                        optimized,
-                        optimizer,
-                        scheduler,
-                        fingerprint=fingerprint,
-                        extra=keep_stop_rule,
-                    )
-                )
+                events.checkpoint(save(step))
 
         # --- save
         if checkpoint_dir is not None and result.steps_done > start_step:
-            events.checkpoint(
-                save_checkpoint(
-                    checkpoint_dir,
-                    result.steps_done,
-                    optimized,
-                    optimizer,
-                    scheduler,
-                    stop_reason=result.stop_reason,
-                    fingerprint=fingerprint,
-                    extra=keep_stop_rule,
-                )
-            )
+            events.checkpoint(save(result.steps_done, result.stop_reason))
     model.eval()
     return result
 

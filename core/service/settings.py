@@ -191,6 +191,11 @@ class Settings(BaseSettings):
         '"h100": 80} (JSON): each has its queue, served by `unlearn worker --class NAME`; '
         "jobs go to the smallest that fits (core.service.capacity). Unset: one queue.",
     )
+    worker_class_gpus: dict[str, int] | None = Field(
+        None,
+        description='GPUs on each worker of a class, e.g. {"h100x8": 8} (JSON); a class not '
+        "named has 1. A job with resources.gpus N goes to a class with at least N.",
+    )
     worker_class: str | None = Field(
         None, description="The class this worker serves (set by `unlearn worker --class`)."
     )

@@ -136,6 +136,49 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
         stop_worker(worker)
 
 
+def test_a_sharded_full_weight_job_runs_under_the_prefork_worker(stack, fixture_dir, tmp_path):
+    """resources.gpus 2 on a CPU worker: the Celery child runs the loop in two gloo ranks
+    under torchrun and everything else itself; the job succeeds with its full weights,
+    says it was sharded, and says the stop rule did not run."""
+    client = stack["client"]
+    data = fixture_dir / "data"
+    worker = start_worker(stack["env"])
+    try:
+        job = client.submit_job(
+            {
+                "method": "catnip",
+                "base_model": "tiny",
+                "forget_file": upload(client, data / "forget_qa.jsonl", "forget"),
+                "adapter": {"type": "full"},
+                "resources": {"gpus": 2},
+                "hyperparameters": {
+                    "learning_rate": 1e-3,
+                    "max_steps": 4,
+                    "batch_size": 8,
+                    "gradient_accumulation_steps": 2,
+                    "max_length": 64,
+                },
+                "eval": {
+                    "forget_qa": upload(client, data / "forget_qa.jsonl", "eval"),
+                    "retain_qa": upload(client, data / "retain_qa.jsonl", "eval"),
+                    "max_samples": 40,
+                },
+            }
+        )
+        job = client.wait(job["id"], timeout=300)
+        assert job["status"] == "succeeded", job
+        metrics = client.metrics(job["id"])
+        assert metrics is not None
+        assert (metrics["sharded"]["processes"], metrics["sharded"]["backend"]) == (2, "gloo")
+        assert metrics["steps"] == {"done": 4, "planned": 4}
+        assert metrics["before"] != metrics["after"]  # the ranks' weights came back
+        assert "model" in {a["name"] for a in client.artifacts(job["id"])}
+        warnings = [e["message"] for e in client.events(job["id"]) if e["type"] == "warning"]
+        assert any("stop rule does not run" in w for w in warnings), warnings
+    finally:
+        stop_worker(worker)
+
+
 def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
     client = stack["client"]
     forget = upload(client, fixture_dir / "data" / "forget_qa.jsonl", "forget")
