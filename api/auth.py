@@ -5,7 +5,10 @@ without a valid key, or over its limit.
 Keys are looked up by their sha256 and cached for AUTH_CACHE_SECONDS (only hits are
 cached). Rate limits are moving windows (the `limits` library), keyed by tenant, or by
 client address for requests without a valid key; their counters live in Redis on the
-stack, so every API process shares them, and in memory in the embedded default.
+stack, so every API process shares them, and in memory in the embedded default. Their
+Redis connections come from a bounded pool that a request waits on (a burst of requests
+queues for a connection rather than failing); Redis that is down or a pool that stays
+exhausted is a 503, never a 500.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
@@ -29,6 +33,8 @@ from core.service import logs, repo
 from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+UNAVAILABLE = -1  # Authenticate._limited: the limiter could not answer (a 503 was sent)
 
 # Paths under these prefixes need a key; the rest (health, docs, the schema) do not, nor
 # the published public keys that verify certificates.
@@ -63,13 +69,33 @@ class KeyCache:
         self.entries[key_hash] = (caller, time.monotonic() + self.ttl)
 
 
+class RateLimitUnavailable(Exception):
+    """The rate limit's storage could not be reached (or no connection to it came free)."""
+
+
+# Connections from one API process to the rate limit's Redis, and how long a request
+# waits for one before it is a 503.
+RATE_LIMIT_CONNECTIONS, RATE_LIMIT_WAIT_SECONDS = 32, 5.0
+
+
 class RateLimiter:
     """Moving-window limits such as "20/second;600/minute"; `retry_after` is None when a
-    request may go ahead (and counts it), else the seconds until it could."""
+    request may go ahead (and counts it), else the seconds until it could;
+    RateLimitUnavailable when the storage cannot answer."""
 
     def __init__(self, storage_uri: str):
         async_uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
-        options = {"implementation": "redispy"} if "redis" in async_uri.split("://")[0] else {}
+        options: dict[str, Any] = {"wrap_exceptions": True}
+        if "redis" in async_uri.split("://")[0]:
+            from redis.asyncio import BlockingConnectionPool
+
+            pool = BlockingConnectionPool.from_url(
+                async_uri.removeprefix("async+"),
+                max_connections=RATE_LIMIT_CONNECTIONS,
+                timeout=RATE_LIMIT_WAIT_SECONDS,
+                socket_connect_timeout=RATE_LIMIT_WAIT_SECONDS,
+            )
+            options.update(implementation="redispy", connection_pool=pool)
         self.limiter = MovingWindowRateLimiter(storage_from_string(async_uri, **options))
         self._parsed: dict[str, list[RateLimitItem]] = {}
 
@@ -79,6 +105,12 @@ class RateLimiter:
         return self._parsed[limit]
 
     async def retry_after(self, limit: str, key: str) -> int | None:
+        try:
+            return await self._retry_after(limit, key)
+        except StorageError as exc:
+            raise RateLimitUnavailable(str(exc.storage_error)) from exc
+
+    async def _retry_after(self, limit: str, key: str) -> int | None:
         items = self._items(limit)
         for item in items:
             if not await self.limiter.test(item, key):
@@ -158,9 +190,11 @@ class Authenticate:
             # Failed authentications count against the client's address, so guessing keys
             # or flooding without one is limited too.
             client = (scope.get("client") or ("unknown", 0))[0]
-            wait = await self.limiter.retry_after(
-                self.settings.anonymous_rate_limit, f"ip:{client}"
+            wait = await self._limited(
+                scope, send, self.settings.anonymous_rate_limit, f"ip:{client}"
             )
+            if wait == UNAVAILABLE:
+                return
             if wait is not None:
                 await send_error(
                     scope,
@@ -176,7 +210,9 @@ class Authenticate:
                 scope, send, 401, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"}
             )
             return
-        wait = await self.limiter.retry_after(caller.rate_limit, f"tenant:{caller.tenant}")
+        wait = await self._limited(scope, send, caller.rate_limit, f"tenant:{caller.tenant}")
+        if wait == UNAVAILABLE:
+            return
         if wait is not None:
             await send_error(
                 scope,
@@ -191,6 +227,22 @@ class Authenticate:
         scope.setdefault("state", {})["caller"] = caller
         logs.bind(tenant=caller.tenant, key_id=caller.key_id)
         await self.app(scope, receive, send)
+
+    async def _limited(self, scope: dict, send: Any, limit: str, key: str) -> int | None:
+        """The limiter's retry_after; UNAVAILABLE, with the 503 sent, when it cannot say."""
+        try:
+            return await self.limiter.retry_after(limit, key)
+        except RateLimitUnavailable as exc:
+            log.error("rate limit storage unavailable: %s", exc)
+            await send_error(
+                scope,
+                send,
+                503,
+                "rate_limit_unavailable",
+                "the rate limit's storage (Redis) is unavailable; retry shortly",
+                retry_after=5,
+            )
+            return UNAVAILABLE
 
     async def _caller(self, key: str) -> Caller | None:
         key_hash = repo.hash_key(key)

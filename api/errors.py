@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import UnlearnError
@@ -117,10 +118,11 @@ def _allowed_methods(request: Request) -> list[str]:
 def database_down(exc: SQLAlchemyError) -> bool:
     """Whether a database error is one to retry (a 503): the database could not be
     reached, or a transaction lost to another (a deadlock, a serialization failure, a
-    lock wait that timed out), not a statement that was wrong."""
+    lock wait that timed out), or no pooled connection came free in time (a burst larger
+    than the pool), not a statement that was wrong."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
 
 
 def install(app: FastAPI) -> None:

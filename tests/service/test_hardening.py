@@ -437,6 +437,41 @@ def test_a_database_that_is_down_is_503_with_retry_after(api, tmp_path, redis_ur
                 holder.close()
 
 
+def test_a_rate_limit_store_that_is_down_or_busy_is_503_not_500(api, redis_url):
+    """The rate limit's Redis behind a proxy: up, a burst of 150 concurrent requests on one
+    process (more than its pool of Redis connections; on a path that needs the key and
+    the limit but no database) all get their answer, a 404, waiting for a connection
+    (they got 500s: the pool raised "Too many connections" past 100); with Redis gone, a
+    request with a valid key and one without are 503 with Retry-After (every route
+    answered 500: redis.ConnectionError escaped)."""
+    from api.auth import RATE_LIMIT_CONNECTIONS
+
+    proxy = TcpProxy(6379)
+    redis = redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{proxy.port}")
+    settings = api["settings"].model_copy(update={"rate_limit_storage_url": redis})
+    key = new_key(api)
+    try:
+        with serve(settings) as server:
+            auth = {"Authorization": f"Bearer {key}"}
+            assert httpx.get(f"{server.url}/v1/jobs", headers=auth).status_code == 200  # cached
+            assert RATE_LIMIT_CONNECTIONS < 150
+            with ThreadPoolExecutor(150) as pool:
+                burst = list(
+                    pool.map(
+                        lambda _: httpx.get(f"{server.url}/v1/nowhere", headers=auth, timeout=60),
+                        range(150),
+                    )
+                )
+            assert [r.status_code for r in burst] == [404] * 150
+            proxy.stop()
+            for headers in (auth, {"Authorization": "Bearer ul_unknown"}):
+                response = httpx.get(f"{server.url}/v1/jobs", headers=headers, timeout=30)
+                error_of(response, 503, "rate_limit_unavailable")
+                assert int(response.headers["Retry-After"]) > 0
+    finally:
+        proxy.close()
+
+
 def test_a_broker_that_is_down_never_yields_an_id_that_vanishes(api):
     """With the broker down, a retry carrying the same Idempotency-Key in the two seconds
     before the row was removed answered 200 with a job id that then 404ed."""
