@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 from api import errors
 from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, RateLimiter
 from api.metrics import registry_for
-from api.middleware import ConditionalGet, RequestGuard, RequestId
+from api.middleware import ConditionalGet, RequestGuard, RequestId, StatusCache
 from api.queue import TaskQueue
 from api.routes import dashboard, evidence, files, jobs, meta, webhooks
 from api.schemas import ErrorEnvelope
@@ -65,8 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Outermost first: a request id on everything; the guard bounds the body and checks
     # the path before anything reads them; authentication and rate limits before any
-    # route (and so before any body is read); ETags on what a route answers.
+    # route (and so before any body is read); job status answers kept for a moment; ETags
+    # on what a route answers.
     app.add_middleware(ConditionalGet)
+    app.add_middleware(StatusCache, seconds=settings.status_cache_seconds)
     app.add_middleware(
         Authenticate,
         settings=settings,

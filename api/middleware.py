@@ -1,7 +1,9 @@
 """Pure ASGI middleware: a request id on every response (the caller's X-Request-ID if it is
 a sane one) with one access-log line per request; the guard that bounds what one
 request may cost before any route reads it: the body's size (413) and time (408), and a
-path or query string that is no text (400); and ETags with 304s for GET's JSON."""
+path or query string that is no text (400); ETags with 304s for GET's JSON; and a
+short-lived cache of job status answers, so many dashboards polling one job cost one
+query per interval."""
 
 from __future__ import annotations
 
@@ -214,3 +216,92 @@ def etag_listed(if_none_match: str | None, etag: str) -> bool:
     opaque = etag.removeprefix("W/")
     tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     return "*" in tags or opaque in tags
+
+
+_JOB_PATH = re.compile(r"/v1/jobs/(job-[0-9a-f]{24})")
+
+
+class StatusCache:
+    """`GET /v1/jobs/{id}` answered from memory for `seconds` after the route made the
+    answer, per tenant and job (a microcache): 200 dashboards polling one job once a
+    second make one database query and one serialisation per interval, not 200. An
+    answer is at most `seconds` old; a change made through this process (a cancel) drops
+    its job's entry at once. Sits inside authentication (the tenant is known and rate
+    limits apply) and outside ConditionalGet, whose ETag it keeps: a cached answer is a
+    304 to a poller whose If-None-Match names it. 0 seconds: off."""
+
+    def __init__(self, app: Any, seconds: float, max_entries: int = 10_000):
+        self.app = app
+        self.seconds = seconds
+        self.max_entries = max_entries
+        self.entries: dict[tuple[str, str], tuple[float, list, bytes, str]] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        caller = (scope.get("state") or {}).get("caller")
+        match = _JOB_PATH.fullmatch(scope.get("path", "")) if scope["type"] == "http" else None
+        if caller is None or self.seconds <= 0:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "GET":
+            if scope["path"].startswith("/v1/jobs/"):  # a cancel, say: the next GET is fresh
+                job = scope["path"].split("/")[3]
+                self.entries.pop((caller.tenant, job), None)
+            await self.app(scope, receive, send)
+            return
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        key = (caller.tenant, match.group(1))
+        logs.bind(job_id=key[1])  # on the access line, as the route would
+        headers = dict(scope.get("headers") or [])
+        wanted = headers.get(b"if-none-match", b"").decode("latin-1")
+        entry = self.entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            entry = await self._fill(scope, receive, send, key)
+            if entry is None:  # not a cacheable answer: it was sent as it came
+                return
+        _, kept, body, etag = entry
+        if etag_listed(wanted, etag):
+            await send({"type": "http.response.start", "status": 304, "headers": kept})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        length = (b"content-length", str(len(body)).encode())
+        await send({"type": "http.response.start", "status": 200, "headers": [*kept, length]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _fill(
+        self, scope: dict, receive: Any, send: Any, key: tuple[str, str]
+    ) -> tuple[float, list, bytes, str] | None:
+        """Run the route without the caller's If-None-Match; keep a 200 with an ETag (and
+        return it for the caller's answer), pass anything else on as it is."""
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"if-none-match"]
+        start: dict | None = None
+        chunks: list[bytes] = []
+        kept_entry = None
+
+        async def capture(message: dict) -> None:
+            nonlocal start, kept_entry
+            if message["type"] == "http.response.start":
+                tagged = any(k == b"etag" for k, _ in message.get("headers", []))
+                if message["status"] == 200 and tagged:
+                    start = message
+                    return
+                await send(message)
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                kept = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+                etag = dict(kept)[b"etag"].decode("latin-1")
+                kept_entry = (time.monotonic() + self.seconds, kept, b"".join(chunks), etag)
+            else:
+                await send(message)
+
+        await self.app({**scope, "headers": headers}, receive, capture)
+        if kept_entry is None:
+            return None
+        if len(self.entries) >= self.max_entries:
+            self.entries.pop(next(iter(self.entries)))  # the oldest filled
+        self.entries.pop(key, None)
+        self.entries[key] = kept_entry
+        return kept_entry

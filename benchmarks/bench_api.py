@@ -115,6 +115,12 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--client", choices=["python", "wrk", "both"], default="python")
+    parser.add_argument(
+        "--profile",
+        metavar="OUT",
+        help="sample the server with py-spy (pip install py-spy) while the clients run; "
+        "write collapsed stacks to OUT",
+    )
     args = parser.parse_args()
 
     name = f"unlearn_bench_{uuid.uuid4().hex[:6]}"
@@ -211,7 +217,16 @@ def main() -> None:
             if client == "wrk" and shutil.which("wrk") is None:
                 raise SystemExit("wrk is not installed (apt install wrk)")
             runner = run_wrk if client == "wrk" else lambda *a: asyncio.run(run_pollers(*a))
+            profiler = None
+            if args.profile:
+                profiler = subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(server.pid), "--format", "raw"]
+                    + ["--duration", str(int(args.seconds)), "--rate", "250", "-o", args.profile],
+                    stdout=subprocess.DEVNULL,
+                )
             result = runner(url, key, job["id"], args.pollers, args.seconds)
+            if profiler is not None:
+                profiler.wait(60)
             print(
                 f"  {client:6s} client: requests {result['requests']}, errors {result['errors']}, "
                 f"throughput {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "

@@ -213,7 +213,12 @@ def _forward(path: Path, done: int, events: Events) -> int:
         if kind == "step":
             events.step(StepInfo(**event))
         elif kind == "checkpoint":
-            events.checkpoint(Path(event["path"]))
+            # the ranks go on while this runs (a worker copies it to the store): rank 0
+            # may have pruned it since, for newer ones whose events follow
+            try:
+                events.checkpoint(Path(event["path"]))
+            except FileNotFoundError:
+                log.warning("checkpoint %s was pruned before it was passed on", event["path"])
         elif kind == "resumed":
             events.resumed(event["step"])
     return len(lines)

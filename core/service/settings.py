@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(
         10.0, ge=0, description="How long a verified API key is trusted without a lookup."
     )
+    status_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="`GET /v1/jobs/{id}` answers are reused this long per tenant and job "
+        "(many dashboards on one job: one query per interval); 0: off.",
+    )
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="413 beyond this.")
     webhook_allow_private: bool = Field(
         False,

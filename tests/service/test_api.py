@@ -5,6 +5,7 @@ runs here, so jobs stay queued; the end-to-end tests run them."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -580,6 +581,60 @@ def test_gets_answer_304_while_their_json_is_unchanged(client):
     assert changed.headers["etag"] != before
     missing = client.get("/v1/jobs/job-" + "0" * 24, headers={"If-None-Match": "*"})
     assert missing.status_code == 404 and "etag" not in missing.headers
+
+
+def test_many_polls_of_a_job_make_one_query_per_interval(service):
+    """The status cache: within its interval, polls of one job are answered from memory
+    (one query for 40 polls, the same body and ETag, a 304 for the ETag); another tenant
+    polling the same id still gets its 404; a change the worker writes shows once the
+    interval is over; with the cache off every poll is a query."""
+    from sqlalchemy import event, update
+
+    from api.app import create_app
+    from core.service.db import Job
+
+    def serve(seconds: float):
+        app = create_app(service["settings"].model_copy(update={"status_cache_seconds": seconds}))
+        queries: list[str] = []
+        engine = app.state.sessions.kw["bind"]
+        event.listen(
+            engine,
+            "before_cursor_execute",
+            lambda _c, _cur, statement, *_: (
+                queries.append(statement) if "FROM jobs" in statement else None
+            ),
+        )
+        return app, queries
+
+    def job_queries(queries: list[str]) -> int:
+        return sum(1 for q in queries if "jobs.id = " in q)
+
+    auth = {"Authorization": f"Bearer {service['a']}"}
+    for seconds, expected in ((60.0, 1), (0.0, 40)):
+        app, queries = serve(seconds)
+        with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=auth) as c:
+            job = c.post("/v1/jobs", json=job_body(valid_file(c))).json()
+            queries.clear()
+            answers = [c.get(f"/v1/jobs/{job['id']}") for _ in range(40)]
+            assert job_queries(queries) == expected, seconds
+            assert {a.content for a in answers} == {answers[0].content}
+            assert {a.headers["etag"] for a in answers} == {answers[0].headers["etag"]}
+            etag = answers[0].headers["etag"]
+            again = c.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b""
+            other = c.get(
+                f"/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {service['b']}"}
+            )
+            assert other.status_code == 404
+
+    app, queries = serve(0.3)
+    with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=auth) as c:
+        job = c.post("/v1/jobs", json=job_body(valid_file(c))).json()
+        assert c.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == 0
+        with app.state.sessions.begin() as session:  # what a worker's progress update does
+            session.execute(update(Job).where(Job.id == job["id"]).values(step=7))
+        time.sleep(0.4)
+        assert c.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == 7
 
 
 def test_metadata_is_kept_returned_and_filterable(client):

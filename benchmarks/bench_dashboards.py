@@ -1,0 +1,345 @@
+"""Status dashboards against a job that trains: the issue's figures in one run, on the
+embedded default or the Postgres stack of this machine, the load on the same cores.
+
+1. The job trains alone (`--seconds`): its steps per second.
+2. `--dashboards` open connections each poll `GET /v1/jobs/{id}` once a second, as the
+   dashboard does (If-None-Match with the last ETag, so an unchanged job is a 304),
+   while the job trains: latency p50/p99, the share of 304s, and the job's steps per
+   second against phase 1's (and phase 3's, the job alone again, for drift).
+3. The job alone again.
+4. Closed loop, wrk (apt install wrk), 50 connections: the 200 path, then the 304 path
+   (If-None-Match of the current ETag); requests per second and p99 (the job trains).
+5. `--streams` idle SSE streams on the job (`/events/stream`): the API's resident
+   memory before and while they are open, and (Postgres) the database connections.
+
+The dashboards' client is a few lines of asyncio on raw keep-alive connections, so the
+load generator costs little beside the server; latency is from the send to the last
+byte of the answer.
+
+    python benchmarks/bench_dashboards.py --stack embedded
+    python benchmarks/bench_dashboards.py --stack postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.bench_api import free_port  # noqa: E402
+
+
+def cli(env: dict, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "api", *args],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pids_of(root: int) -> list[int]:
+    """`root` and its descendants."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        if children.is_file():
+            todo.extend(int(c) for c in children.read_text().split())
+    return found
+
+
+# --- the dashboards -------------------------------------------------------------------
+
+
+async def dashboard(
+    port: int, path: str, key: str, first: float, until: float, out: list[tuple[float, int]]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    etag = None
+    due = first
+    try:
+        while due < until:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            conditional = f"If-None-Match: {etag}\r\n" if etag else ""
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+                f"{conditional}\r\n"
+            )
+            sent = time.perf_counter()
+            try:
+                writer.write(request.encode())
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                length = re.search(r"(?i)content-length:\s*(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+            except (asyncio.IncompleteReadError, ConnectionError):  # the server closed it
+                out.append((time.perf_counter() - sent, 0))
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                due += 1.0
+                continue
+            out.append((time.perf_counter() - sent, int(head.split(" ", 2)[1])))
+            tag = re.search(r"(?i)\betag:\s*(\S+)", head)
+            etag = tag.group(1) if tag else etag
+            due += 1.0
+    finally:
+        writer.close()
+
+
+async def dashboards(port: int, path: str, key: str, count: int, seconds: float) -> dict:
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.5
+    out: list[tuple[float, int]] = []
+    await asyncio.gather(
+        *(dashboard(port, path, key, start + i / count, start + seconds, out) for i in range(count))
+    )
+    latencies = sorted(latency for latency, _ in out)
+    codes = [code for _, code in out]
+    return {
+        "requests": len(out),
+        "not_modified": codes.count(304) / len(codes),
+        "errors": sum(code not in (200, 304) for code in codes),
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+    }
+
+
+def wrk(url: str, key: str, seconds: float, etag: str | None) -> dict:
+    command = ["wrk", "-t1", "-c50", f"-d{int(seconds)}s", "--latency"]
+    command += ["-H", f"Authorization: Bearer {key}"]
+    if etag:
+        command += ["-H", f"If-None-Match: {etag}"]
+    out = subprocess.run([*command, url], check=True, capture_output=True, text=True).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p99_ms": ms("99%"),
+    }
+
+
+async def idle_streams(port: int, path: str, key: str, count: int) -> list:
+    """`count` open SSE streams (the first bytes read, then left idle)."""
+    opened = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        opened.append((reader, writer))
+    return opened
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stack", choices=["embedded", "postgres"], default="embedded")
+    parser.add_argument("--dashboards", type=int, default=200)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument(
+        "--status-cache",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="STATUS_CACHE_SECONDS of each round (a fresh service each): default off, then on",
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt install wrk)")
+    for seconds in args.status_cache:
+        run(args, seconds)
+
+
+def run(args: argparse.Namespace, status_cache: float) -> None:
+
+    from sqlalchemy import create_engine, text
+
+    from core.demo.build import build_model
+
+    state = Path(tempfile.mkdtemp(prefix="bench-dashboards-"))
+    env = {
+        **os.environ,
+        "UNLEARN_DATA_DIR": str(state),
+        "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT": "100000/second",  # the server is measured, not its limits
+        "MAX_CONNECTIONS": "2000",
+        "MAX_JOB_TOKENS": str(10**12),
+        "WORKER_THREADS": "2",
+        "WORKER_DEVICE": "cpu",
+        "STATUS_CACHE_SECONDS": str(status_cache),
+    }
+    admin = None
+    name = f"unlearn_dash_{uuid.uuid4().hex[:6]}"
+    if args.stack == "postgres":
+        admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        env.update(
+            DATABASE_URL=args.pg.rsplit("/", 1)[0] + f"/{name}",
+            BROKER_URL=args.redis,
+            TASK_QUEUE=f"bench-dash-{name}",
+        )
+    processes: list[subprocess.Popen] = []
+    try:
+        build_model(state / "fixture", "fixture", seed=0)
+        cli(env, "migrate")
+        cli(env, "models", "add", "tiny", str(state / "fixture" / "model"))
+        key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+        port = free_port()
+        serve = [sys.executable, "-m", "api", "serve", "--port", str(port)]
+        if args.stack == "postgres":
+            serve.append("--no-with-worker")
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "api", "worker"],
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+            )
+        api = subprocess.Popen(serve, env=env, cwd=ROOT, start_new_session=True)
+        processes.append(api)
+        url = f"http://127.0.0.1:{port}"
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if http.get("/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the API did not come up")
+            time.sleep(0.2)
+        forget = state / "fixture" / "data" / "forget_qa.jsonl"
+        with forget.open("rb") as handle:
+            file_id = http.post(
+                "/v1/files", data={"purpose": "forget"}, files={"file": handle}
+            ).json()["id"]
+        job = http.post(
+            "/v1/jobs",
+            json={
+                "method": "catnip",
+                "base_model": "tiny",
+                "forget_file": file_id,
+                "hyperparameters": {"max_steps": 90_000, "learning_rate": 1e-6, "max_length": 64},
+            },
+        ).json()
+        path = f"/v1/jobs/{job['id']}"
+
+        def step() -> tuple[float, int]:
+            return time.monotonic(), http.get(path).json()["progress"]["step"]
+
+        while step()[1] < 5:
+            time.sleep(0.5)
+
+        def alone() -> float:
+            (t0, s0) = step()
+            time.sleep(args.seconds)
+            (t1, s1) = step()
+            return (s1 - s0) / (t1 - t0)
+
+        print(
+            f"{args.stack}, STATUS_CACHE_SECONDS={status_cache:g}: {args.dashboards} dashboards, "
+            f"1 poll/s each, for {args.seconds:.0f} s"
+        )
+        quiet_before = alone()
+        t0, s0 = step()
+        polled = asyncio.run(dashboards(port, path, key, args.dashboards, args.seconds))
+        t1, s1 = step()
+        loaded = (s1 - s0) / (t1 - t0)
+        quiet_after = alone()
+        print(
+            f"  dashboards: {polled['requests']} requests, {polled['not_modified']:.0%} 304, "
+            f"{polled['errors']} errors, p50 {polled['p50_ms']:.1f} ms, "
+            f"p99 {polled['p99_ms']:.1f} ms"
+        )
+        quiet = (quiet_before + quiet_after) / 2
+        print(
+            f"  training: {quiet_before:.2f} / {quiet_after:.2f} steps/s alone (before / after), "
+            f"{loaded:.2f} with the dashboards ({loaded / quiet:.2f}x)"
+        )
+        full = wrk(url + path, key, args.seconds, None)
+        etag = http.get(path).headers["etag"]
+        cached = wrk(url + path, key, args.seconds, etag)
+        print(
+            f"  wrk, 50 connections: 200 path {full['rps']:.0f} req/s (p99 {full['p99_ms']:.0f} "
+            f"ms); 304 path {cached['rps']:.0f} req/s (p99 {cached['p99_ms']:.0f} ms)"
+        )
+        api_pids = pids_of(api.pid)
+        before = sum(rss_bytes(p) for p in api_pids)
+
+        async def hold() -> tuple[int, int | None]:
+            opened = await idle_streams(port, path + "/events/stream", key, args.streams)
+            await asyncio.sleep(5)
+            rss = sum(rss_bytes(p) for p in api_pids)
+            connections = None
+            if admin is not None:
+                with admin.connect() as conn:
+                    connections = conn.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE datname = :n"),
+                        {"n": name},
+                    ).scalar_one()
+            for _, writer in opened:
+                writer.close()
+            return rss, connections
+
+        during, connections = asyncio.run(hold())
+        print(
+            f"  {args.streams} idle SSE streams: API processes' RSS {before / 2**20:.0f} -> "
+            f"{during / 2**20:.0f} MiB ({(during - before) / args.streams / 1024:.0f} KiB each)"
+            + (f"; database connections {connections}" if connections is not None else "")
+        )
+        http.post(f"{path}/cancel")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
