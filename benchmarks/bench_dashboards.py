@@ -7,8 +7,10 @@ embedded default or the Postgres stack of this machine, the load on the same cor
    while the job trains: latency p50/p99, the share of 304s, and the job's steps per
    second against phase 1's (and phase 3's, the job alone again, for drift).
 3. The job alone again.
-4. Closed loop, wrk (apt install wrk), 50 connections: the 200 path, then the 304 path
-   (If-None-Match of the current ETag); requests per second and p99 (the job trains).
+4. Closed loop, wrk (apt install wrk), 50 connections, on a second job that waits in
+   the queue behind the first (so its answer does not change): the 200 path, then the
+   304 path (If-None-Match of its ETag); requests per second and p99, the first job
+   training meanwhile.
 5. `--streams` idle SSE streams on the job (`/events/stream`): the API's resident
    memory before and while they are open, and (Postgres) the database connections.
 
@@ -295,9 +297,15 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
             f"  training: {quiet_before:.2f} / {quiet_after:.2f} steps/s alone (before / after), "
             f"{loaded:.2f} with the dashboards ({loaded / quiet:.2f}x)"
         )
-        full = wrk(url + path, key, args.seconds, None)
-        etag = http.get(path).headers["etag"]
-        cached = wrk(url + path, key, args.seconds, etag)
+        waiting = http.post(
+            "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}
+        ).json()
+        queued = f"/v1/jobs/{waiting['id']}"
+        assert http.get(queued).json()["status"] == "queued"
+        full = wrk(url + queued, key, args.seconds, None)
+        etag = http.get(queued).headers["etag"]
+        cached = wrk(url + queued, key, args.seconds, etag)
+        assert http.get(queued).json()["status"] == "queued"  # unchanged throughout
         print(
             f"  wrk, 50 connections: 200 path {full['rps']:.0f} req/s (p99 {full['p99_ms']:.0f} "
             f"ms); 304 path {cached['rps']:.0f} req/s (p99 {cached['p99_ms']:.0f} ms)"
@@ -327,6 +335,7 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
             + (f"; database connections {connections}" if connections is not None else "")
         )
         http.post(f"{path}/cancel")
+        http.post(f"{queued}/cancel")
     finally:
         for process in processes:
             if process.poll() is None:
