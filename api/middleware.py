@@ -234,7 +234,8 @@ class StatusCache:
         self.app = app
         self.seconds = seconds
         self.max_entries = max_entries
-        self.entries: dict[tuple[str, str], tuple[float, list, bytes, str]] = {}
+        # (tenant, job id) -> (expires, headers, body, etag, the route that made them)
+        self.entries: dict[tuple[str, str], tuple[float, list, bytes, str, Any]] = {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         caller = (scope.get("state") or {}).get("caller")
@@ -260,7 +261,8 @@ class StatusCache:
             entry = await self._fill(scope, receive, send, key)
             if entry is None:  # not a cacheable answer: it was sent as it came
                 return
-        _, kept, body, etag = entry
+        _, kept, body, etag, route = entry
+        scope["route"] = route  # the request metrics count it under the route's template
         if etag_listed(wanted, etag):
             await send({"type": "http.response.start", "status": 304, "headers": kept})
             await send({"type": "http.response.body", "body": b""})
@@ -271,7 +273,7 @@ class StatusCache:
 
     async def _fill(
         self, scope: dict, receive: Any, send: Any, key: tuple[str, str]
-    ) -> tuple[float, list, bytes, str] | None:
+    ) -> tuple[float, list, bytes, str, Any] | None:
         """Run the route without the caller's If-None-Match; keep a 200 with an ETag (and
         return it for the caller's answer), pass anything else on as it is."""
         headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"if-none-match"]
@@ -293,11 +295,15 @@ class StatusCache:
                     return
                 kept = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
                 etag = dict(kept)[b"etag"].decode("latin-1")
-                kept_entry = (time.monotonic() + self.seconds, kept, b"".join(chunks), etag)
+                body = b"".join(chunks)
+                kept_entry = (time.monotonic() + self.seconds, kept, body, etag, inner.get("route"))
             else:
                 await send(message)
 
-        await self.app({**scope, "headers": headers}, receive, capture)
+        inner = {**scope, "headers": headers}
+        await self.app(inner, receive, capture)
+        if "route" in inner:
+            scope["route"] = inner["route"]
         if kept_entry is None:
             return None
         if len(self.entries) >= self.max_entries:

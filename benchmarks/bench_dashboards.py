@@ -42,18 +42,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_api import free_port  # noqa: E402
-
-
-def cli(env: dict, *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "api", *args],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+from benchmarks.bench_fairness import cli  # noqa: E402
+from tests.service.conftest import free_port  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:

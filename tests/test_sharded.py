@@ -175,6 +175,21 @@ def test_a_killed_sharded_job_resumes_and_finishes(fixture_dir, tmp_path):
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
+def _two_ranks(wrapped, method, params, forget, tok, source, tmp_path, events=None):
+    return run_sharded(
+        wrapped,
+        method,
+        params,
+        forget,
+        pad_id=tok.pad_token_id,
+        source=source,
+        processes=2,
+        device=torch.device("cpu"),
+        work_dir=tmp_path / "work",
+        events=events,
+    )
+
+
 class _CancelAfterFirstStep(Events):
     def __init__(self) -> None:
         self.steps = 0
@@ -192,18 +207,7 @@ def test_a_cancel_stops_the_ranks(fixture_dir, tmp_path):
     )
     events = _CancelAfterFirstStep()
     with pytest.raises(JobCancelled):
-        run_sharded(
-            wrapped,
-            method,
-            params,
-            forget,
-            pad_id=tok.pad_token_id,
-            source=fixture_dir / "model",
-            processes=2,
-            device=torch.device("cpu"),
-            work_dir=tmp_path / "work",
-            events=events,
-        )
+        _two_ranks(wrapped, method, params, forget, tok, fixture_dir / "model", tmp_path, events)
     assert events.steps >= 1
     assert _none_left(), f"ranks outlived the cancel: {_rank_processes()}"
 
@@ -214,17 +218,7 @@ def test_a_rank_error_is_raised_as_it_was(fixture_dir, tmp_path):
         fixture_dir, FULL, "catnip", gradient_accumulation_steps=2
     )
     with pytest.raises(ModelError, match="no config.json"):
-        run_sharded(
-            wrapped,
-            method,
-            params,
-            forget,
-            pad_id=tok.pad_token_id,
-            source=tmp_path / "nowhere",
-            processes=2,
-            device=torch.device("cpu"),
-            work_dir=tmp_path / "work",
-        )
+        _two_ranks(wrapped, method, params, forget, tok, tmp_path / "nowhere", tmp_path)
     assert _none_left()
 
 
