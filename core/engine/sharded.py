@@ -410,8 +410,10 @@ def _rank_main(work_dir: Path) -> None:
     try:
         method = get_method(plan["method"])
         params = parse_params(plan["method"], plan["params"])
-        # fp32 shards (the masters) on CUDA; a CPU model is fp32 already
-        model, _ = load_base(plan["source"], device, torch.float32)
+        # fp32 shards, the master weights, computing in bf16 on CUDA (shard_model); bf16
+        # throughout where the job turned master weights off; fp32 on the CPU
+        dtype = torch.bfloat16 if device.type == "cuda" and not params.master_weights else None
+        model, _ = load_base(plan["source"], device, dtype or torch.float32)
         wrapped = wrap(model, AdapterSpec(type="full"), need_reference=plan["need_reference"])
         prepare(wrapped, method, params)
         for module in (wrapped.model, wrapped.reference):
