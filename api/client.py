@@ -405,7 +405,9 @@ class Client:
         return spec
 
     def get_job(self, job_id: str) -> Job:
-        result: Job = self._json("GET", f"/v1/jobs/{job_id}")
+        """The job as it is now: past the server's status cache (`Cache-Control:
+        no-cache`), so a script sees what it or the worker just changed."""
+        result: Job = self._json("GET", f"/v1/jobs/{job_id}", headers={"Cache-Control": "no-cache"})
         return result
 
     def list_jobs(
@@ -513,6 +515,8 @@ class Client:
                         failures = 0
                         if sse.event == "end":
                             return
+                        if not sse.data:  # a keep-alive without an event
+                            continue
                         event: Event = sse.json()
                         last = event["id"]
                         yield event

@@ -228,7 +228,9 @@ class StatusCache:
     answer is at most `seconds` old; a change made through this process (a cancel) drops
     its job's entry at once. Sits inside authentication (the tenant is known and rate
     limits apply) and outside ConditionalGet, whose ETag it keeps: a cached answer is a
-    304 to a poller whose If-None-Match names it. 0 seconds: off."""
+    304 to a poller whose If-None-Match names it. A request with `Cache-Control:
+    no-cache` (the Python client's get_job; the dashboard after an event said the job
+    changed) is answered fresh, and refreshes the entry. 0 seconds: off."""
 
     def __init__(self, app: Any, seconds: float, max_entries: int = 10_000):
         self.app = app
@@ -257,7 +259,8 @@ class StatusCache:
         headers = dict(scope.get("headers") or [])
         wanted = headers.get(b"if-none-match", b"").decode("latin-1")
         entry = self.entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
+        fresh = b"no-cache" in headers.get(b"cache-control", b"").lower()
+        if fresh or entry is None or entry[0] < time.monotonic():
             entry = await self._fill(scope, receive, send, key)
             if entry is None:  # not a cacheable answer: it was sent as it came
                 return

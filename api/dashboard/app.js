@@ -310,6 +310,10 @@ function lineChart(title, series, yLabel) {
     h("div", { class: "legend" }, series.map((s, i) => h("span", { class: `k${i}` }, s.name))));
 }
 
+// A job's status read past the server's status cache (STATUS_CACHE_SECONDS): after an event
+// said it changed, the cached answer may be up to that old. The periodic poll takes the cache.
+const FRESH = { headers: { "Cache-Control": "no-cache" } };
+
 async function followEvents(jobId, lastId, onEvent, onEnd, signal) {
   // The SSE stream read with fetch (EventSource cannot send the key), resumed with
   // Last-Event-ID after a dropped connection.
@@ -455,11 +459,11 @@ async function jobView(id) {
     followEvents(id, state.lastId, (event) => {
       take(event);
       if (event.type === "status" || event.type === "phase") {
-        api(`/v1/jobs/${id}`).then((job) => { state.job = job; renderJob(); }).catch(() => {});
+        api(`/v1/jobs/${id}`, FRESH).then((job) => { state.job = job; renderJob(); }).catch(() => {});
       }
       if (!redraw) redraw = setTimeout(() => { redraw = null; renderJob(); renderCharts(); }, 250);
     }, async () => {
-      state.job = await api(`/v1/jobs/${id}`);
+      state.job = await api(`/v1/jobs/${id}`, FRESH);
       renderJob();
       renderCharts();
       await renderResults(id, state.job, results);

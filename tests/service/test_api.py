@@ -586,11 +586,13 @@ def test_gets_answer_304_while_their_json_is_unchanged(client):
 def test_many_polls_of_a_job_make_one_query_per_interval(service):
     """The status cache: within its interval, polls of one job are answered from memory
     (one query for 40 polls, the same body and ETag, a 304 for the ETag); another tenant
-    polling the same id still gets its 404; a change the worker writes shows once the
-    interval is over; with the cache off every poll is a query."""
+    polling the same id still gets its 404; `Cache-Control: no-cache` reads it fresh; a
+    change the worker writes shows once the interval is over (at once to the Python
+    client); with the cache off every poll is a query."""
     from sqlalchemy import event, update
 
     from api.app import create_app
+    from api.client import Client
     from core.service.db import Job
 
     def serve(seconds: float):
@@ -626,6 +628,12 @@ def test_many_polls_of_a_job_make_one_query_per_interval(service):
                 f"/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {service['b']}"}
             )
             assert other.status_code == 404
+            queries.clear()  # Cache-Control: no-cache is answered fresh, every time
+            fresh = [
+                c.get(f"/v1/jobs/{job['id']}", headers={"Cache-Control": "no-cache"})
+                for _ in range(3)
+            ]
+            assert job_queries(queries) == 3 and {f.status_code for f in fresh} == {200}
 
     app, queries = serve(0.3)
     with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=auth) as c:
@@ -633,6 +641,9 @@ def test_many_polls_of_a_job_make_one_query_per_interval(service):
         assert c.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == 0
         with app.state.sessions.begin() as session:  # what a worker's progress update does
             session.execute(update(Job).where(Job.id == job["id"]).values(step=7))
+        assert c.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == 0  # cached
+        client = Client(server.url, api_key=service["a"])
+        assert client.get_job(job["id"])["progress"]["step"] == 7  # the client reads fresh
         time.sleep(0.4)
         assert c.get(f"/v1/jobs/{job['id']}").json()["progress"]["step"] == 7
 
