@@ -65,10 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Outermost first: a request id on everything; the guard bounds the body and checks
     # the path before anything reads them; authentication and rate limits before any
-    # route (and so before any body is read); job status answers kept for a moment; ETags
-    # on what a route answers.
-    app.add_middleware(ConditionalGet)
+    # route (and so before any body is read); ETags on what a route answers; job status
+    # answers kept for a moment.
     app.add_middleware(StatusCache, seconds=settings.status_cache_seconds)
+    app.add_middleware(ConditionalGet)
     app.add_middleware(
         Authenticate,
         settings=settings,

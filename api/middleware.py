@@ -226,91 +226,61 @@ class StatusCache:
     answer, per tenant and job (a microcache): 200 dashboards polling one job once a
     second make one database query and one serialisation per interval, not 200. An
     answer is at most `seconds` old; a change made through this process (a cancel) drops
-    its job's entry at once. Sits inside authentication (the tenant is known and rate
-    limits apply) and outside ConditionalGet, whose ETag it keeps: a cached answer is a
-    304 to a poller whose If-None-Match names it. A request with `Cache-Control:
-    no-cache` (the Python client's get_job; the dashboard after an event said the job
-    changed) is answered fresh, and refreshes the entry. 0 seconds: off."""
+    its job's entry at once, and a request with `Cache-Control: no-cache` (the Python
+    client's get_job; the dashboard after an event said the job changed) is answered
+    fresh and refreshes the entry. Sits inside authentication (the tenant is known, rate
+    limits apply) and inside ConditionalGet, which tags and 304s a cached answer as any
+    other. 0 seconds: off."""
 
     def __init__(self, app: Any, seconds: float, max_entries: int = 10_000):
         self.app = app
         self.seconds = seconds
         self.max_entries = max_entries
-        # (tenant, job id) -> (expires, headers, body, etag, the route that made them)
-        self.entries: dict[tuple[str, str], tuple[float, list, bytes, str, Any]] = {}
+        # (tenant, job id) -> (expires, response start, body, the route that made them)
+        self.entries: dict[tuple[str, str], tuple[float, dict, bytes, Any]] = {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         caller = (scope.get("state") or {}).get("caller")
-        match = _JOB_PATH.fullmatch(scope.get("path", "")) if scope["type"] == "http" else None
-        if caller is None or self.seconds <= 0:
+        if scope["type"] != "http" or caller is None or self.seconds <= 0:
             await self.app(scope, receive, send)
             return
-        if scope["method"] != "GET":
-            if scope["path"].startswith("/v1/jobs/"):  # a cancel, say: the next GET is fresh
-                job = scope["path"].split("/")[3]
-                self.entries.pop((caller.tenant, job), None)
-            await self.app(scope, receive, send)
-            return
+        path = scope["path"]
+        match = _JOB_PATH.fullmatch(path) if scope["method"] == "GET" else None
         if match is None:
+            if scope["method"] != "GET" and path.startswith("/v1/jobs/"):
+                self.entries.pop((caller.tenant, path.split("/")[3]), None)  # a cancel, say
             await self.app(scope, receive, send)
             return
         key = (caller.tenant, match.group(1))
         logs.bind(job_id=key[1])  # on the access line, as the route would
-        headers = dict(scope.get("headers") or [])
-        wanted = headers.get(b"if-none-match", b"").decode("latin-1")
         entry = self.entries.get(key)
-        fresh = b"no-cache" in headers.get(b"cache-control", b"").lower()
-        if fresh or entry is None or entry[0] < time.monotonic():
-            entry = await self._fill(scope, receive, send, key)
-            if entry is None:  # not a cacheable answer: it was sent as it came
-                return
-        _, kept, body, etag, route = entry
-        scope["route"] = route  # the request metrics count it under the route's template
-        if etag_listed(wanted, etag):
-            await send({"type": "http.response.start", "status": 304, "headers": kept})
-            await send({"type": "http.response.body", "body": b""})
+        fresh = b"no-cache" in dict(scope.get("headers") or []).get(b"cache-control", b"").lower()
+        if entry is not None and not fresh and entry[0] >= time.monotonic():
+            _, start, body, scope["route"] = entry  # the route: for the request metrics
+            await send({**start, "headers": list(start["headers"])})
+            await send({"type": "http.response.body", "body": body})
             return
-        length = (b"content-length", str(len(body)).encode())
-        await send({"type": "http.response.start", "status": 200, "headers": [*kept, length]})
-        await send({"type": "http.response.body", "body": body})
+        await self._answer_and_keep(scope, receive, send, key)
 
-    async def _fill(
+    async def _answer_and_keep(
         self, scope: dict, receive: Any, send: Any, key: tuple[str, str]
-    ) -> tuple[float, list, bytes, str, Any] | None:
-        """Run the route without the caller's If-None-Match; keep a 200 with an ETag (and
-        return it for the caller's answer), pass anything else on as it is."""
-        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"if-none-match"]
+    ) -> None:
+        """Run the route, passing its answer on as it comes, and keep a 200."""
         start: dict | None = None
         chunks: list[bytes] = []
-        kept_entry = None
 
-        async def capture(message: dict) -> None:
-            nonlocal start, kept_entry
-            if message["type"] == "http.response.start":
-                tagged = any(k == b"etag" for k, _ in message.get("headers", []))
-                if message["status"] == 200 and tagged:
-                    start = message
-                    return
-                await send(message)
+        async def keep(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                start = {**message, "headers": list(message.get("headers", []))}
             elif message["type"] == "http.response.body" and start is not None:
                 chunks.append(message.get("body", b""))
-                if message.get("more_body"):
-                    return
-                kept = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-                etag = dict(kept)[b"etag"].decode("latin-1")
-                body = b"".join(chunks)
-                kept_entry = (time.monotonic() + self.seconds, kept, body, etag, inner.get("route"))
-            else:
-                await send(message)
+                if not message.get("more_body"):
+                    if len(self.entries) >= self.max_entries:
+                        self.entries.pop(next(iter(self.entries)))  # the oldest filled
+                    self.entries.pop(key, None)
+                    expires = time.monotonic() + self.seconds
+                    self.entries[key] = (expires, start, b"".join(chunks), scope.get("route"))
+            await send(message)
 
-        inner = {**scope, "headers": headers}
-        await self.app(inner, receive, capture)
-        if "route" in inner:
-            scope["route"] = inner["route"]
-        if kept_entry is None:
-            return None
-        if len(self.entries) >= self.max_entries:
-            self.entries.pop(next(iter(self.entries)))  # the oldest filled
-        self.entries.pop(key, None)
-        self.entries[key] = kept_entry
-        return kept_entry
+        await self.app(scope, receive, keep)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -231,11 +232,9 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         deadline = time.monotonic() + 60
         while True:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 if http.get("/healthz").status_code == 200:
                     break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
                 raise SystemExit("the API did not come up")
             time.sleep(0.2)
@@ -258,7 +257,10 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
         def step() -> tuple[float, int]:
             return time.monotonic(), http.get(path).json()["progress"]["step"]
 
+        deadline = time.monotonic() + 120
         while step()[1] < 5:
+            if time.monotonic() > deadline:
+                raise SystemExit("the job did not start training within 120 s")
             time.sleep(0.5)
 
         def alone() -> float:

@@ -77,3 +77,24 @@ class StopAfter(Events):
 
     def should_cancel(self) -> bool:
         return self.done >= self.steps
+
+
+def two_ranks(
+    wrapped, tok, method, params, forget, *, source: Path, work: Path, device=None, **data
+):
+    """core.engine.sharded.run_sharded over 2 ranks (gloo on the CPU, NCCL on CUDA) from
+    the weights at `source`; `data`: retain, contrast, events... as run_sharded takes."""
+    from core.engine.sharded import run_sharded
+
+    return run_sharded(
+        wrapped,
+        method,
+        params,
+        forget,
+        pad_id=tok.pad_token_id,
+        source=source,
+        processes=2,
+        device=device or torch.device("cpu"),
+        work_dir=work,
+        **data,
+    )

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from engine_setup import setup_run
+from engine_setup import setup_run, two_ranks
 
 from core.engine.losses import catnip_loss
 from core.engine.methods import METHODS
@@ -411,7 +411,6 @@ def test_two_gpu_sharded_run_follows_the_one_gpu_run(fixture_dir, tmp_path):
     bf16 weights), so the bound is bf16's: the trained weights agree to 1e-2 and every
     step's loss to 2%. Needs 2 GPUs (NCCL takes one rank per GPU); fails on fewer."""
     from core.engine.modeling import AdapterSpec
-    from core.engine.sharded import run_sharded
     from core.engine.train import run_unlearning
 
     assert torch.cuda.device_count() >= 2, "this test needs 2 GPUs"
@@ -425,16 +424,15 @@ def test_two_gpu_sharded_run_follows_the_one_gpu_run(fixture_dir, tmp_path):
     wrapped, tok, method, params, forget, _ = setup_run(
         fixture_dir, full, "catnip", device=CUDA, **hp
     )
-    two = run_sharded(
+    two = two_ranks(
         wrapped,
+        tok,
         method,
         params,
         forget,
-        pad_id=tok.pad_token_id,
         source=fixture_dir / "model",
-        processes=2,
+        work=tmp_path / "w",
         device=CUDA,
-        work_dir=tmp_path / "work",
     )
     assert [h.loss for h in two.history] == pytest.approx([h.loss for h in one.history], rel=2e-2)
     for name, tensor in wrapped.model.state_dict().items():

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from engine_setup import method_data, setup_run
+from engine_setup import method_data, setup_run, two_ranks
 from safetensors.torch import load_file
 
 from core.engine.events import Events
 from core.engine.modeling import AdapterSpec
-from core.engine.sharded import run_sharded
 from core.engine.spec import parse_spec
 from core.engine.train import run_unlearning
 from core.errors import JobCancelled, ModelError, SpecError
@@ -71,16 +70,14 @@ def test_two_ranks_give_one_process_weights(fixture_dir, tmp_path, method_id, hp
         if params.retain_loss != "none":
             data["retain"] = retain
         if sharded:
-            result = run_sharded(
+            result = two_ranks(
                 wrapped,
+                tok,
                 method,
                 params,
                 forget,
-                pad_id=tok.pad_token_id,
                 source=fixture_dir / "model",
-                processes=2,
-                device=torch.device("cpu"),
-                work_dir=tmp_path / "work",
+                work=tmp_path / "work",
                 **data,
             )
         else:
@@ -176,17 +173,8 @@ def test_a_killed_sharded_job_resumes_and_finishes(fixture_dir, tmp_path):
 
 
 def _two_ranks(wrapped, method, params, forget, tok, source, tmp_path, events=None):
-    return run_sharded(
-        wrapped,
-        method,
-        params,
-        forget,
-        pad_id=tok.pad_token_id,
-        source=source,
-        processes=2,
-        device=torch.device("cpu"),
-        work_dir=tmp_path / "work",
-        events=events,
+    return two_ranks(
+        wrapped, tok, method, params, forget, source=source, work=tmp_path / "work", events=events
     )
 
 

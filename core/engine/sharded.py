@@ -33,7 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -172,14 +171,18 @@ def _launch(work_dir: Path, processes: int, events: Events) -> None:
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        forwarded = 0
+        forwarded = 0  # bytes of rank 0's event log passed on
         try:
-            while process.poll() is None:
+            while True:
                 forwarded = _forward(work_dir / EVENTS, forwarded, events)
                 if events.should_cancel():
                     _stop(process)
                     raise JobCancelled("cancelled while the sharded ranks trained")
-                time.sleep(POLL_SECONDS)
+                try:
+                    process.wait(timeout=POLL_SECONDS)  # returns as soon as the ranks exit
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         except BaseException:
             _stop(process)
             raise
@@ -203,11 +206,15 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _forward(path: Path, done: int, events: Events) -> int:
-    """Pass on the complete lines of rank 0's event log after the first `done`."""
+    """Pass on the complete lines of rank 0's event log after its first `done` bytes;
+    returns the bytes passed on (a line still being written waits for the next call)."""
     if not path.is_file():
         return done
-    lines = path.read_text().split("\n")[:-1]  # the last is empty or still being written
-    for line in lines[done:]:
+    with path.open("rb") as handle:
+        handle.seek(done)
+        new = handle.read()
+    complete = new[: new.rfind(b"\n") + 1]
+    for line in complete.decode().splitlines():
         event = json.loads(line)
         kind = event.pop("kind")
         if kind == "step":
@@ -221,7 +228,7 @@ def _forward(path: Path, done: int, events: Events) -> int:
                 log.warning("checkpoint %s was pruned before it was passed on", event["path"])
         elif kind == "resumed":
             events.resumed(event["step"])
-    return len(lines)
+    return done + len(complete)
 
 
 def _rank_error(work_dir: Path, returncode: int) -> Exception:
