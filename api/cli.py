@@ -536,7 +536,11 @@ def serve(
     _prepare_embedded(settings)
     worker_process = None
     if with_worker:
-        env = {**os.environ, "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir)}
+        env = {
+            **os.environ,
+            "UNLEARN_DATA_DIR": str(settings.unlearn_data_dir),
+            "WORKER_THREADS": str(embedded_worker_threads(settings.worker_threads)),
+        }
         worker_process = subprocess.Popen(
             worker_command(settings), env=env, preexec_fn=_die_with_parent
         )
@@ -556,6 +560,17 @@ def serve(
                 worker_process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 worker_process.kill()
+
+
+def embedded_worker_threads(configured: int) -> int:
+    """Torch threads of the worker `unlearn serve` starts beside the API: WORKER_THREADS
+    where set, else every core this process may use but one, left to the API. A training
+    job on every core loses far more than a core's share whenever the API answers: each
+    parallel region waits for the thread the API's work descheduled (docs/performance.md,
+    "Dashboards polling a job that trains")."""
+    if configured:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _die_with_parent() -> None:

@@ -158,7 +158,10 @@ class Settings(BaseSettings):
         None, description="cpu, cuda, cuda:0; default cuda if present."
     )
     worker_threads: int = Field(
-        0, ge=0, description="torch threads per worker process; 0 = all cores."
+        0,
+        ge=0,
+        description="torch threads per worker process; 0 = all cores (the worker `unlearn "
+        "serve` starts beside the API: all but one).",
     )
     loss_backend: Literal["auto", "eager", "compiled", "triton"] = Field(
         "auto",

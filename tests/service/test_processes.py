@@ -80,6 +80,39 @@ def test_serve_stopped_stops_its_worker(tmp_path, stop):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_the_embedded_worker_leaves_the_api_a_core(tmp_path):
+    """With every core, the training job lost 28-31% of its speed to 200 dashboards polling
+    the API beside it (docs/performance.md); `unlearn serve`'s worker now takes all cores
+    but one unless WORKER_THREADS says otherwise."""
+    from api.cli import embedded_worker_threads
+
+    port = free_port()
+    env = {**os.environ, "UNLEARN_DATA_DIR": str(tmp_path / "state")}
+    env.pop("WORKER_THREADS", None)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", serve, timeout=90)
+        _wait(lambda: _children(serve.pid), 30, "serve started no worker")
+        [worker] = _children(serve.pid)
+        environ = dict(
+            item.split("=", 1)
+            for item in (Path("/proc") / str(worker) / "environ").read_text().split("\0")
+            if "=" in item
+        )
+        cores = len(os.sched_getaffinity(0))
+        assert environ["WORKER_THREADS"] == str(max(1, cores - 1))
+    finally:
+        serve.terminate()
+        serve.wait(60)
+    assert embedded_worker_threads(3) == 3  # set by the operator: kept
+
+
 def test_the_prefork_parent_never_imports_torch(tmp_path):
     """The reaper runs in the prefork parent; it set up the job runner there, which
     imported torch (through the loss backend), though a fork after torch's OpenMP
