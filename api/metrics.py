@@ -1,5 +1,6 @@
 """Prometheus metrics at /metrics (prometheus-client): the API's request latency by
-route template, method and status, and the jobs as the database knows them, read at
+route template, method and status, its open event streams and their feeds' polls, and
+the jobs as the database knows them, read at
 each scrape (the database is the truth about jobs, whichever worker ran them): jobs by
 status, failures by code, the age of the oldest queued job, and the seconds each stage
 of the last finished jobs took. With several API processes, set
@@ -16,6 +17,8 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
+    Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -33,6 +36,15 @@ REQUEST_SECONDS = Histogram(
     "Time to answer an API request, by route template, method and status.",
     ["route", "method", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EVENT_STREAMS = Gauge(
+    "unlearn_event_streams",
+    "Live event streams (/v1/jobs/{id}/events/stream) open.",
+    multiprocess_mode="livesum",
+)
+EVENT_FEED_POLLS = Counter(
+    "unlearn_event_feed_polls",
+    "Database polls for new events by the streams' shared per-job feeds.",
 )
 log = logging.getLogger(__name__)
 RECENT_JOBS = 100  # the finished jobs whose stage times the summary covers

@@ -11,8 +11,11 @@ embedded default or the Postgres stack of this machine, the load on the same cor
    the queue behind the first (so its answer does not change): the 200 path, then the
    304 path (If-None-Match of its ETag); requests per second and p99, the first job
    training meanwhile.
-5. `--streams` idle SSE streams on the job (`/events/stream`): the API's resident
-   memory before and while they are open, and (Postgres) the database connections.
+5. `--streams` SSE streams (`/events/stream`) read the job's events as it trains, as
+   open dashboards do: the job's steps per second against the job alone just before and
+   after.
+6. `--streams` idle SSE streams on the job: the API's resident memory before and while
+   they are open, and (Postgres) the database connections.
 
 The dashboards' client is a few lines of asyncio on raw keep-alive connections, so the
 load generator costs little beside the server; latency is from the send to the last
@@ -154,6 +157,34 @@ async def idle_streams(port: int, path: str, key: str, count: int) -> list:
     return opened
 
 
+async def following_streams(
+    port: int, path: str, key: str, count: int, seconds: float, measure
+) -> tuple[float, int]:
+    """`count` SSE streams reading a training job's events as a dashboard does, for
+    `seconds`: (what `measure` returned, meanwhile in a thread; events received)."""
+    received = [0]
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        try:
+            while line := await reader.readline():
+                received[0] += line.startswith(b"id:")
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    await asyncio.sleep(1.0)
+    result = await asyncio.to_thread(measure, seconds)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return result, received[0]
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -172,14 +203,23 @@ def main() -> None:
         default=[0.0, 1.0],
         help="STATUS_CACHE_SECONDS of each round (a fresh service each): default off, then on",
     )
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="WORKER_THREADS of each round (torch threads of the training job); 0 leaves "
+        "it unset: the service's default (embedded: all cores but one; a separate worker: all)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt install wrk)")
-    for seconds in args.status_cache:
-        run(args, seconds)
+    for threads in args.worker_threads:
+        for seconds in args.status_cache:
+            run(args, seconds, threads)
 
 
-def run(args: argparse.Namespace, status_cache: float) -> None:
+def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
 
     from sqlalchemy import create_engine, text
 
@@ -193,10 +233,12 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
         "RATE_LIMIT": "100000/second",  # the server is measured, not its limits
         "MAX_CONNECTIONS": "2000",
         "MAX_JOB_TOKENS": str(10**12),
-        "WORKER_THREADS": "2",
         "WORKER_DEVICE": "cpu",
         "STATUS_CACHE_SECONDS": str(status_cache),
     }
+    env.pop("WORKER_THREADS", None)
+    if threads:
+        env["WORKER_THREADS"] = str(threads)
     admin = None
     name = f"unlearn_dash_{uuid.uuid4().hex[:6]}"
     if args.stack == "postgres":
@@ -263,14 +305,15 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
                 raise SystemExit("the job did not start training within 120 s")
             time.sleep(0.5)
 
-        def alone() -> float:
+        def alone(seconds: float = args.seconds) -> float:
             (t0, s0) = step()
-            time.sleep(args.seconds)
+            time.sleep(seconds)
             (t1, s1) = step()
             return (s1 - s0) / (t1 - t0)
 
         print(
-            f"{args.stack}, STATUS_CACHE_SECONDS={status_cache:g}: {args.dashboards} dashboards, "
+            f"{args.stack}, STATUS_CACHE_SECONDS={status_cache:g}, WORKER_THREADS={threads or 'default'}: "
+            f"{args.dashboards} dashboards, "
             f"1 poll/s each, for {args.seconds:.0f} s"
         )
         quiet_before = alone()
@@ -288,6 +331,16 @@ def run(args: argparse.Namespace, status_cache: float) -> None:
         print(
             f"  training: {quiet_before:.2f} / {quiet_after:.2f} steps/s alone (before / after), "
             f"{loaded:.2f} with the dashboards ({loaded / quiet:.2f}x)"
+        )
+        followed, events = asyncio.run(
+            following_streams(port, path + "/events/stream", key, args.streams, args.seconds, alone)
+        )
+        quiet_again = alone()
+        quiet = (quiet_after + quiet_again) / 2
+        print(
+            f"  {args.streams} SSE streams following the job: training {followed:.2f} steps/s "
+            f"({followed / quiet:.2f}x of {quiet_after:.2f} / {quiet_again:.2f} alone), "
+            f"{events} events received"
         )
         waiting = http.post(
             "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}

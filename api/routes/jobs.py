@@ -3,12 +3,10 @@ cancel, events, metrics, artifacts."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -27,7 +25,7 @@ from api.schemas import ArtifactObject, EventObject, JobObject, ListResponse, Me
 from api.services import jobs
 from core.errors import SpecError
 from core.service import logs, repo
-from core.service.enums import TERMINAL_STATUSES, JobStatus
+from core.service.enums import JobStatus
 from core.service.metadata import metadata_filters
 from core.service.storage import iter_stream, media_type
 
@@ -160,23 +158,13 @@ def _last_seen(
 async def stream_events(
     job: JobDep,
     request: Request,
-    settings: SettingsDep,
     last: Annotated[int | None, Depends(_last_seen)],
 ) -> AsyncIterable[ServerSentEvent]:
-    sessions = request.app.state.sessions
-    while True:
-        events, job_status, more = await run_in_threadpool(
-            jobs.events_since, sessions, job.id, last
-        )
-        for event in events:
-            yield ServerSentEvent(id=event["id"], event=event["type"], data=event)
-            last = int(event["id"])
-        if more:
-            continue
-        if job_status in TERMINAL_STATUSES:
-            yield ServerSentEvent(event="end", data={"status": job_status})
-            return
-        await asyncio.sleep(settings.events_poll_seconds)
+    async for kind, item in request.app.state.feeds.follow(job.id, last):
+        if kind == "event":
+            yield ServerSentEvent(id=item["id"], event=item["type"], data=item)
+        else:
+            yield ServerSentEvent(event="end", data={"status": item})
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")

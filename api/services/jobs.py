@@ -216,6 +216,13 @@ def events_since(
         return [EventObject.of(r).model_dump(mode="json") for r in rows], status, more
 
 
+def last_event(sessions: Any, job_id: str) -> tuple[str, int]:
+    """(the job's status, the number of its last event; 0 before any) in one session."""
+    with sessions() as session:
+        status = repo.get_job(session, None, job_id).status
+        return status, repo.last_event_number(session, job_id)
+
+
 def certificate(session: Session, who: Who, job: Job) -> str:
     """The job's signed certificate (its download is recorded)."""
     if job.certificate is None:

@@ -369,6 +369,12 @@ def list_events(
     return list(rows[:limit]), len(rows) > limit
 
 
+def last_event_number(session: Session, job_id: str) -> int:
+    """The number of the job's last event (0 before any)."""
+    number = session.scalar(select(func.max(JobEvent.number)).where(JobEvent.job_id == job_id))
+    return number or 0
+
+
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(
         session.scalars(

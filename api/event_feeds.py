@@ -1,0 +1,171 @@
+"""Live event streams that cost one database poll per followed job, whatever the number
+of streams: each job followed in this process has one feed, a task that polls the job's
+new events every `EVENTS_POLL_SECONDS` into a bounded buffer, and every stream of that
+job reads from it. A stream that starts (or falls) behind the buffer reads what it missed
+from the database first, page by page, then joins the buffer; so each stream gets every
+event after its `Last-Event-ID` once, in order, as when each polled on its own.
+
+Event numbers are 1, 2, 3... within a job (`job_events.number`, unique per job), so the
+buffer is a run of consecutive numbers: (start, start + len]. The status is read before
+the events of the same poll (jobs.events_since), so a final status means no event will
+follow those: the feed stops polling and its streams end once they have read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from api.metrics import EVENT_FEED_POLLS, EVENT_STREAMS
+from api.services import jobs
+from core.errors import NotFound
+from core.service.enums import TERMINAL_STATUSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Feed:
+    job_id: str
+    start: int  # the buffer holds the events numbered start + 1 ... start + len(events)
+    status: str
+    events: deque[dict[str, Any]] = field(default_factory=deque)
+    followers: int = 0
+    gone: bool = False  # the job was deleted
+    news: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def last(self) -> int:
+        return self.start + len(self.events)
+
+    @property
+    def final(self) -> bool:
+        return self.gone or self.status in TERMINAL_STATUSES
+
+    def notify(self) -> None:
+        """Wake every stream waiting on this feed (they wait on the Event they read
+        before looking at the buffer, so none misses a notification)."""
+        news, self.news = self.news, asyncio.Event()
+        news.set()
+
+
+class EventFeeds:
+    """The feeds of this API process (app.state.feeds)."""
+
+    def __init__(self, sessions: Any, poll_seconds: float, keep: int = 1000) -> None:
+        self.sessions = sessions
+        self.poll_seconds = poll_seconds
+        self.keep = keep
+        self._feeds: dict[str, _Feed] = {}
+        self._starting: dict[str, asyncio.Future[_Feed]] = {}
+        self.polls = 0  # database polls made by the feeds (tests and metrics read it)
+
+    async def follow(self, job_id: str, after: int | None) -> AsyncIterator[tuple[str, Any]]:
+        """("event", the event as /events shows it) for each event after `after`, then
+        ("end", the final status) once the job has one; nothing more if it is deleted."""
+        last = after or 0
+        with EVENT_STREAMS.track_inprogress():
+            async for item in self._follow(job_id, last):
+                yield item
+
+    async def _follow(self, job_id: str, last: int) -> AsyncIterator[tuple[str, Any]]:
+        async with self._following(job_id) as feed:
+            while True:
+                if last < feed.start:  # behind the buffer: what it missed, from the database
+                    try:
+                        events, _, _ = await run_in_threadpool(
+                            jobs.events_since, self.sessions, job_id, last
+                        )
+                    except NotFound:  # the job was deleted meanwhile
+                        return
+                    for event in events:
+                        yield "event", event
+                        last = int(event["id"])
+                    continue  # the events up to feed.start exist: this ends
+                news = feed.news
+                # A copy: the feed's task may add to the buffer while a yield waits.
+                pending = [feed.events[i] for i in range(last - feed.start, len(feed.events))]
+                for event in pending:
+                    yield "event", event
+                    last = int(event["id"])
+                if feed.final and last >= feed.last:
+                    if not feed.gone:
+                        yield "end", feed.status
+                    return
+                if last >= feed.last:
+                    await news.wait()
+
+    @contextlib.asynccontextmanager
+    async def _following(self, job_id: str) -> AsyncIterator[_Feed]:
+        feed = self._feeds.get(job_id)
+        if feed is None:
+            feed = await self._start(job_id)
+        feed.followers += 1
+        try:
+            yield feed
+        finally:
+            feed.followers -= 1
+            if feed.followers == 0 and self._feeds.get(job_id) is feed:
+                del self._feeds[job_id]
+                if feed.task is not None:
+                    feed.task.cancel()
+
+    async def _start(self, job_id: str) -> _Feed:
+        """The job's feed, its buffer starting at the job's last event now; one start
+        for streams that arrive together."""
+        starting = self._starting.get(job_id)
+        if starting is not None:
+            return await asyncio.shield(starting)
+        future: asyncio.Future[_Feed] = asyncio.get_running_loop().create_future()
+        self._starting[job_id] = future
+        try:
+            status, number = await run_in_threadpool(jobs.last_event, self.sessions, job_id)
+            feed = _Feed(job_id=job_id, start=number, status=status)
+            if not feed.final:
+                feed.task = asyncio.create_task(self._poll(feed), name=f"feed {job_id}")
+            self._feeds[job_id] = feed
+            future.set_result(feed)
+            return feed
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            del self._starting[job_id]
+
+    async def _poll(self, feed: _Feed) -> None:
+        while not feed.final:
+            try:
+                self.polls += 1
+                EVENT_FEED_POLLS.inc()
+                events, status, more = await run_in_threadpool(
+                    jobs.events_since, self.sessions, feed.job_id, feed.last
+                )
+            except NotFound:
+                feed.gone = True
+                feed.notify()
+                return
+            except Exception:  # a database hiccup: the streams wait, the feed tries again
+                log.warning("polling the events of %s failed", feed.job_id, exc_info=True)
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            changed = bool(events) or status != feed.status
+            feed.events.extend(events)
+            # The oldest go beyond `keep`, never those of this poll: the streams that
+            # were up to date have not read them yet.
+            for _ in range(len(feed.events) - max(self.keep, len(events))):
+                feed.events.popleft()
+                feed.start += 1
+            feed.status = status
+            if changed:
+                feed.notify()
+            if not more and not feed.final:
+                await asyncio.sleep(self.poll_seconds)

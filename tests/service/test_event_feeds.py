@@ -1,0 +1,172 @@
+"""Live event streams share one poll per job (api.event_feeds): many streams of one job,
+some resuming from old events, one too slow for the buffer, each get every event after
+their own Last-Event-ID once and in order, then the final status; the database is
+polled per interval, not per stream. On SQLite and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+
+def _job(sessions, status: str = "running") -> str:
+    from core.service.db import File, Job
+
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    with sessions.begin() as session:
+        session.add(
+            File(
+                id=f"file-{job_id}",
+                tenant="t",
+                purpose="forget",
+                filename="f.jsonl",
+                bytes=1,
+                sha256="0" * 64,
+                status="valid",
+                storage_key="files/t/f.jsonl",
+            )
+        )
+        session.flush()
+        session.add(
+            Job(
+                id=job_id,
+                tenant="t",
+                status=status,
+                method="catnip",
+                base_model="m",
+                forget_file_id=f"file-{job_id}",
+                spec={},
+            )
+        )
+    return job_id
+
+
+def _add(sessions, job_id: str, count: int, status: str | None = None) -> None:
+    from sqlalchemy import update
+
+    from core.service import repo
+    from core.service.db import Job
+
+    with sessions.begin() as session:
+        for _ in range(count):
+            repo.add_event(session, job_id, "message", "m")
+        if status is not None:
+            repo.add_event(session, job_id, "status", status)
+            session.execute(update(Job).where(Job.id == job_id).values(status=status))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sessions(request, tmp_path):
+    from core.service.db import make_engine, make_sessionmaker
+    from core.service.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'feeds.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("migrated_pg")
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.mark.timeout(120)  # a stream that never ends fails, not hangs
+def test_streams_of_one_job_share_one_poll_and_each_gets_every_event_once(sessions):
+    from prometheus_client import REGISTRY
+    from sqlalchemy import event
+
+    from api.event_feeds import EventFeeds
+
+    job_id = _job(sessions)
+    _add(sessions, job_id, 5)
+    poll = 0.05
+    feeds = EventFeeds(sessions, poll_seconds=poll, keep=4)
+    queries: list[str] = []
+    event.listen(
+        sessions.kw["bind"],
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: (
+            queries.append(statement)
+            if statement.startswith("SELECT") and "ORDER BY job_events.number" in statement
+            else None
+        ),
+    )
+    afters = [None, 0, 2, 5, 40] * 8  # 40 streams; 40 is past every event the job will have
+
+    async def read(after: int | None, slow: bool) -> list:
+        seen = []
+        async for kind, item in feeds.follow(job_id, after):
+            seen.append((kind, item["id"] if kind == "event" else item))
+            if slow:
+                await asyncio.sleep(0.1)  # falls behind the 4 events the buffer keeps
+        return seen
+
+    def streams() -> float:  # the /metrics gauge
+        return REGISTRY.get_sample_value("unlearn_event_streams")
+
+    open_before = streams()
+
+    async def main() -> tuple[list[list], float]:
+        readers = [asyncio.create_task(read(a, False)) for a in afters]
+        readers.append(asyncio.create_task(read(None, True)))
+        await asyncio.sleep(0.3)
+        assert streams() == open_before + 41
+        started = time.monotonic()
+        for burst in (3, 12, 1, 6):
+            await asyncio.to_thread(_add, sessions, job_id, burst)
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(_add, sessions, job_id, 2, "succeeded")
+        seen = await asyncio.wait_for(asyncio.gather(*readers), 30)
+        return seen, time.monotonic() - started
+
+    queries.clear()
+    seen, elapsed = asyncio.run(main())
+    last = 5 + 3 + 12 + 1 + 6 + 2 + 1
+    for after, got in zip([*afters, None], seen, strict=True):
+        expected = [("event", str(n)) for n in range((after or 0) + 1, last + 1)]
+        assert got == [*expected, ("end", "succeeded")], after
+    # One feed polled about once per interval for 41 streams, where each stream polling
+    # on its own made 41 reads an interval. On top: one catch-up read by each of the 25
+    # streams that began before the feed's first event, and the slow stream's (at least
+    # one: the buffer had moved past it).
+    assert feeds.polls <= elapsed / poll + 10, (feeds.polls, elapsed)
+    catch_ups = len(queries) - feeds.polls - 25
+    assert 1 <= catch_ups <= 10, (len(queries), feeds.polls)
+    assert feeds._feeds == {}  # dropped with its last stream
+    assert streams() == open_before
+
+
+@pytest.mark.timeout(120)  # a stream that never ends fails, not hangs
+def test_a_stream_of_a_finished_or_deleted_job_ends(sessions):
+    from sqlalchemy import delete
+
+    from api.event_feeds import EventFeeds
+    from core.service.db import Job
+
+    feeds = EventFeeds(sessions, poll_seconds=0.05)
+    done = _job(sessions)
+    _add(sessions, done, 2, "failed")
+
+    async def read(job_id: str, after: int | None) -> list:
+        return [
+            (kind, item["id"] if kind == "event" else item)
+            async for kind, item in feeds.follow(job_id, after)
+        ]
+
+    assert asyncio.run(read(done, 1)) == [("event", "2"), ("event", "3"), ("end", "failed")]
+    assert feeds.polls == 0  # a finished job's feed never polls
+
+    gone = _job(sessions)
+    _add(sessions, gone, 1)
+
+    async def delete_while_followed() -> list:
+        reader = asyncio.create_task(read(gone, None))
+        await asyncio.sleep(0.2)
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id == gone))
+        return await asyncio.wait_for(reader, 10)
+
+    assert asyncio.run(delete_while_followed()) == [("event", "1")]
