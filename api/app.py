@@ -7,6 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
@@ -21,7 +22,7 @@ from api.schemas import ErrorEnvelope
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
 from core.service import logs
-from core.service.db import make_engine, make_sessionmaker
+from core.service.db import make_engine, make_sessionmaker, pool_capacity
 from core.service.metadata import MAX_KEY_CHARS, MAX_KEYS, MAX_VALUE_CHARS
 from core.service.settings import Settings, get_settings
 from core.service.storage import make_store
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = make_sessionmaker(engine)
+    app.state.session_gate = anyio.Semaphore(max(1, pool_capacity(engine) // 2))
     app.state.store = make_store(settings)
     app.state.queue = TaskQueue(settings)
     app.state.metrics_registry = registry_for(app.state.sessions)

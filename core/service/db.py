@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from core.service.enums import JobStatus
 
@@ -334,7 +335,10 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     foreign keys on; a writer waits up to `busy_timeout` seconds for another's lock)."""
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": busy_timeout}
+            url,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout},
+            pool_size=10,
+            max_overflow=30,  # a file's connections are cheap: one per API thread
         )
 
         @event.listens_for(engine, "connect")
@@ -348,6 +352,14 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def pool_capacity(engine: Engine) -> int:
+    """The most connections the engine's pool hands out at once (make_engine's pools)."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        raise TypeError(f"no bounded pool: {type(pool).__name__}")
+    return pool.size() + pool._max_overflow
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
