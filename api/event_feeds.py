@@ -107,39 +107,40 @@ class EventFeeds:
     async def _following(self, job_id: str) -> AsyncIterator[_Feed]:
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = await self._start(job_id)
+            starting = self._starting.get(job_id)
+            if starting is None:  # one start for the streams that arrive together
+                starting = asyncio.create_task(self._start(job_id))
+                self._starting[job_id] = starting
+                starting.add_done_callback(lambda task: self._started(job_id, task))
+            # Shielded: a stream that leaves meanwhile does not cancel the others' start.
+            feed = await asyncio.shield(starting)
         feed.followers += 1
         try:
             yield feed
         finally:
             feed.followers -= 1
-            if feed.followers == 0 and self._feeds.get(job_id) is feed:
-                del self._feeds[job_id]
-                if feed.task is not None:
-                    feed.task.cancel()
+            if feed.followers == 0:
+                self._drop(feed)
 
     async def _start(self, job_id: str) -> _Feed:
-        """The job's feed, its buffer starting at the job's last event now; one start
-        for streams that arrive together."""
-        starting = self._starting.get(job_id)
-        if starting is not None:
-            return await asyncio.shield(starting)
-        future: asyncio.Future[_Feed] = asyncio.get_running_loop().create_future()
-        self._starting[job_id] = future
-        try:
-            status, number = await run_in_threadpool(jobs.last_event, self.sessions, job_id)
-            feed = _Feed(job_id=job_id, start=number, status=status)
-            if not feed.final:
-                feed.task = asyncio.create_task(self._poll(feed), name=f"feed {job_id}")
+        """The job's feed, its buffer starting at the job's last event now."""
+        status, number = await run_in_threadpool(jobs.last_event, self.sessions, job_id)
+        feed = _Feed(job_id=job_id, start=number, status=status)
+        if not feed.final:  # a finished job's streams read the database once and end
+            feed.task = asyncio.create_task(self._poll(feed), name=f"feed {job_id}")
             self._feeds[job_id] = feed
-            future.set_result(feed)
-            return feed
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning without waiters
-            raise
-        finally:
-            del self._starting[job_id]
+        return feed
+
+    def _started(self, job_id: str, task: asyncio.Task[_Feed]) -> None:
+        del self._starting[job_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: its streams may all have left
+
+    def _drop(self, feed: _Feed) -> None:
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        if feed.task is not None:
+            feed.task.cancel()
 
     async def _poll(self, feed: _Feed) -> None:
         while not feed.final:
@@ -169,3 +170,7 @@ class EventFeeds:
                 feed.notify()
             if not more and not feed.final:
                 await asyncio.sleep(self.poll_seconds)
+                if feed.followers == 0:  # its streams left while it started
+                    if self._feeds.get(feed.job_id) is feed:
+                        del self._feeds[feed.job_id]
+                    return

@@ -170,3 +170,17 @@ def test_a_stream_of_a_finished_or_deleted_job_ends(sessions):
         return await asyncio.wait_for(reader, 10)
 
     assert asyncio.run(delete_while_followed()) == [("event", "1")]
+
+    running = _job(sessions)
+
+    async def leave_while_it_starts() -> tuple[int, int]:
+        reader = asyncio.create_task(read(running, None))
+        await asyncio.sleep(0.001)  # the feed's start is in flight
+        reader.cancel()
+        await asyncio.sleep(0.5)  # ten intervals
+        polls = feeds.polls
+        await asyncio.sleep(0.5)
+        return polls, feeds.polls
+
+    polls_then, polls_later = asyncio.run(leave_while_it_starts())
+    assert feeds._feeds == {} and polls_then == polls_later  # dropped, polling no more
