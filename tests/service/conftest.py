@@ -110,6 +110,31 @@ def stack_settings(database_url: str, broker_url: str, state: Path, name: str, *
     return settings, make_sessionmaker(make_engine(settings.db_url))
 
 
+def add_job_row(sessions: Any, job_id: str, **job: Any) -> str:
+    """A job row, and the forget file row it names, written straight to the database
+    (for tests of what reads or leases jobs); `job` sets or overrides its columns."""
+    from core.service.db import File, Job
+
+    file_id = "file-" + job_id.removeprefix("job-")
+    with sessions.begin() as session:
+        session.add(
+            File(
+                id=file_id,
+                tenant=job.get("tenant", "t"),
+                purpose="forget",
+                filename="f.jsonl",
+                bytes=1,
+                sha256="0" * 64,
+                status="valid",
+                storage_key="files/t/f.jsonl",
+            )
+        )
+        session.flush()
+        columns = {"tenant": "t", "status": "queued", "method": "catnip", "base_model": "m"}
+        session.add(Job(id=job_id, forget_file_id=file_id, spec={}, **(columns | job)))
+    return job_id
+
+
 def finish_with_adapter(settings: Any, sessions: Any, job_id: str, payload: bytes) -> str:
     """Make a queued job succeeded with `payload` stored as its adapter archive (what a
     worker leaves), without running it; returns the archive's sha256."""

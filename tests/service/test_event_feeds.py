@@ -11,37 +11,11 @@ import uuid
 
 import pytest
 
+from tests.service.conftest import add_job_row
+
 
 def _job(sessions, status: str = "running") -> str:
-    from core.service.db import File, Job
-
-    job_id = f"job-{uuid.uuid4().hex[:12]}"
-    with sessions.begin() as session:
-        session.add(
-            File(
-                id=f"file-{job_id}",
-                tenant="t",
-                purpose="forget",
-                filename="f.jsonl",
-                bytes=1,
-                sha256="0" * 64,
-                status="valid",
-                storage_key="files/t/f.jsonl",
-            )
-        )
-        session.flush()
-        session.add(
-            Job(
-                id=job_id,
-                tenant="t",
-                status=status,
-                method="catnip",
-                base_model="m",
-                forget_file_id=f"file-{job_id}",
-                spec={},
-            )
-        )
-    return job_id
+    return add_job_row(sessions, f"job-{uuid.uuid4().hex[:24]}", status=status)
 
 
 def _add(sessions, job_id: str, count: int, status: str | None = None) -> None:

@@ -8,6 +8,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from tests.service.conftest import add_job_row
+
 
 def _tables(url: str) -> set[str]:
     engine = create_engine(url)
@@ -73,37 +75,11 @@ def test_the_lease_lets_one_worker_in(migrated_pg, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from core.service import repo
-    from core.service.db import File, Job, make_engine, make_sessionmaker, new_id, utcnow
+    from core.service.db import Job, make_engine, make_sessionmaker, new_id, utcnow
 
     sessions = make_sessionmaker(make_engine(migrated_pg))
     job_id = new_id("job")
-    with sessions.begin() as session:
-        file = File(
-            id=new_id("file"),
-            tenant="t",
-            purpose="forget",
-            filename="f.jsonl",
-            bytes=1,
-            sha256="0" * 64,
-            status="valid",
-            storage_key="k",
-        )
-        session.add(file)
-        session.flush()
-        session.add(
-            Job(
-                id=job_id,
-                tenant="t",
-                method="catnip",
-                base_model="m",
-                forget_file_id=file.id,
-                spec={},
-                status="queued",
-                step=0,
-                attempts=0,
-                cancel_requested=False,
-            )
-        )
+    add_job_row(sessions, job_id, step=0, attempts=0, cancel_requested=False)
 
     def take(owner: str) -> bool:
         with sessions.begin() as session:

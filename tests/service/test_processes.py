@@ -3,16 +3,18 @@ supervisor or a container runtime stops it, and the prefork worker's parent proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import ROOT, free_port, wait_http
+from tests.service.conftest import ROOT, add_job_row, free_port, wait_http
 
 
 def _children(pid: int) -> list[int]:
@@ -47,17 +49,16 @@ def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-unty
     raise AssertionError(f"{what} within {timeout} s")
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_serve_stopped_stops_its_worker(tmp_path, stop):
-    """`kill PID` (SIGTERM) on `unlearn serve` left its Celery worker running as an
-    orphan, polling the embedded broker: uvicorn re-raised the signal after its own
-    shutdown and the process died before it could stop the worker. Killed outright, serve
-    cannot stop it; the worker is told by the kernel that its parent died."""
+@contextlib.contextmanager
+def _serving(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`unlearn serve` with its worker (on the default settings), up: (serve, the
+    worker's pid)."""
     port = free_port()
-    env = {**os.environ, "UNLEARN_DATA_DIR": str(tmp_path / "state")}
+    environ = {**os.environ, "UNLEARN_DATA_DIR": str(tmp_path / "state")}
+    environ.pop("WORKER_THREADS", None)
     serve = subprocess.Popen(
         [sys.executable, "-m", "api", "serve", "--port", str(port)],
-        env=env,
+        env=environ,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -66,13 +67,7 @@ def test_serve_stopped_stops_its_worker(tmp_path, stop):
         wait_http(f"http://127.0.0.1:{port}/readyz", serve, timeout=90)
         _wait(lambda: _children(serve.pid), 30, "serve started no worker")
         [worker] = _children(serve.pid)
-        serve.send_signal(stop)
-        serve.wait(60)
-        _wait(
-            lambda: not _alive(worker),
-            30,
-            f"the worker {worker} is still running after serve exited",
-        )
+        yield serve, worker
     finally:
         if serve.poll() is None:
             serve.kill()
@@ -80,36 +75,36 @@ def test_serve_stopped_stops_its_worker(tmp_path, stop):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_serve_stopped_stops_its_worker(tmp_path, stop):
+    """`kill PID` (SIGTERM) on `unlearn serve` left its Celery worker running as an
+    orphan, polling the embedded broker: uvicorn re-raised the signal after its own
+    shutdown and the process died before it could stop the worker. Killed outright, serve
+    cannot stop it; the worker is told by the kernel that its parent died."""
+    with _serving(tmp_path) as (serve, worker):
+        serve.send_signal(stop)
+        serve.wait(60)
+        _wait(
+            lambda: not _alive(worker),
+            30,
+            f"the worker {worker} is still running after serve exited",
+        )
+
+
 def test_the_embedded_worker_leaves_the_api_a_core(tmp_path):
-    """With every core, the training job lost 28-31% of its speed to 200 dashboards polling
-    the API beside it (docs/performance.md); `unlearn serve`'s worker now takes all cores
-    but one unless WORKER_THREADS says otherwise."""
+    """On every core, the training job lost a quarter or more of its speed to 200
+    dashboards polling the API beside it (docs/performance.md); `unlearn serve`'s worker
+    takes all cores but one unless WORKER_THREADS says otherwise."""
     from api.cli import embedded_worker_threads
 
-    port = free_port()
-    env = {**os.environ, "UNLEARN_DATA_DIR": str(tmp_path / "state")}
-    env.pop("WORKER_THREADS", None)
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "api", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", serve, timeout=90)
-        _wait(lambda: _children(serve.pid), 30, "serve started no worker")
-        [worker] = _children(serve.pid)
+    with _serving(tmp_path) as (_, worker):
         environ = dict(
             item.split("=", 1)
             for item in (Path("/proc") / str(worker) / "environ").read_text().split("\0")
             if "=" in item
         )
-        cores = len(os.sched_getaffinity(0))
-        assert environ["WORKER_THREADS"] == str(max(1, cores - 1))
-    finally:
-        serve.terminate()
-        serve.wait(60)
+    cores = len(os.sched_getaffinity(0))
+    assert environ["WORKER_THREADS"] == str(max(1, cores - 1))
     assert embedded_worker_threads(3) == 3  # set by the operator: kept
 
 
@@ -118,7 +113,7 @@ def test_the_prefork_parent_never_imports_torch(tmp_path):
     imported torch (through the loss backend), though a fork after torch's OpenMP
     started can hang the children. Checked in the parent's memory map once the reaper
     has re-sent an orphaned job."""
-    from core.service.db import File, Job, make_engine, make_sessionmaker, utcnow
+    from core.service.db import make_engine, make_sessionmaker, utcnow
     from core.service.migrate import upgrade
 
     state = tmp_path / "state"
@@ -127,33 +122,13 @@ def test_the_prefork_parent_never_imports_torch(tmp_path):
     url = f"sqlite:///{state / 'unlearn.db'}"
     upgrade(url)
     sessions = make_sessionmaker(make_engine(url))
-    with sessions.begin() as session:
-        session.add(
-            File(
-                id="file-orphan",
-                tenant="t",
-                purpose="forget",
-                filename="f.jsonl",
-                bytes=1,
-                sha256="0" * 64,
-                status="valid",
-                storage_key="files/t/f.jsonl",
-            )
-        )
-        session.flush()
-        session.add(
-            Job(
-                id="job-orphan",
-                tenant="t",
-                status="running",
-                method="catnip",
-                base_model="m",
-                forget_file_id="file-orphan",
-                spec={},
-                lease_owner="dead-host:1",
-                lease_expires_at=utcnow(),
-            )
-        )
+    add_job_row(
+        sessions,
+        "job-orphan",
+        status="running",
+        lease_owner="dead-host:1",
+        lease_expires_at=utcnow(),
+    )
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
