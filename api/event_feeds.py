@@ -65,8 +65,7 @@ class EventFeeds:
         self.poll_seconds = poll_seconds
         self.keep = keep
         self._feeds: dict[str, _Feed] = {}
-        self._starting: dict[str, asyncio.Future[_Feed]] = {}
-        self.polls = 0  # database polls made by the feeds (tests and metrics read it)
+        self._starting: dict[str, asyncio.Task[_Feed]] = {}
 
     async def follow(self, job_id: str, after: int | None) -> AsyncIterator[tuple[str, Any]]:
         """("event", the event as /events shows it) for each event after `after`, then
@@ -145,7 +144,6 @@ class EventFeeds:
     async def _poll(self, feed: _Feed) -> None:
         while not feed.final:
             try:
-                self.polls += 1
                 EVENT_FEED_POLLS.inc()
                 events, status, more = await run_in_threadpool(
                     jobs.events_since, self.sessions, feed.job_id, feed.last

@@ -33,7 +33,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_fairness import cli  # noqa: E402
-from tests.service.conftest import free_port  # noqa: E402
+from tests.service.conftest import free_port, stop_process_group  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:
@@ -383,12 +382,7 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
         http.post(f"{queued}/cancel")
     finally:
         for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            stop_process_group(process)
         if admin is not None:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -173,16 +173,13 @@ def _launch(work_dir: Path, processes: int, events: Events) -> None:
         )
         forwarded = 0  # bytes of rank 0's event log passed on
         try:
-            while True:
+            while process.poll() is None:
                 forwarded = _forward(work_dir / EVENTS, forwarded, events)
                 if events.should_cancel():
                     _stop(process)
                     raise JobCancelled("cancelled while the sharded ranks trained")
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=POLL_SECONDS)  # returns as soon as the ranks exit
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
         except BaseException:
             _stop(process)
             raise

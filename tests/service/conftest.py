@@ -5,6 +5,7 @@ A missing service is an error, not a skip: CI must have them."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,18 @@ def stack_settings(database_url: str, broker_url: str, state: Path, name: str, *
         **over,
     )
     return settings, make_sessionmaker(make_engine(settings.db_url))
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process started with a session of its own (a worker: the prefork parent and
+    its child) the way a supervisor does: SIGTERM, then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout)
 
 
 def add_job_row(sessions: Any, job_id: str, **job: Any) -> str:

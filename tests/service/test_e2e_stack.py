@@ -15,7 +15,7 @@ import time
 import pytest
 
 from api.client import Client
-from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.conftest import ROOT, cli, free_port, stop_process_group, wait_http
 from tests.service.flow import (
     check_evidence,
     check_sequential_job,
@@ -84,15 +84,6 @@ def start_worker(env: dict) -> subprocess.Popen:
     )
 
 
-def stop_worker(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-
-
 def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, tmp_path):
     from celery import Celery
 
@@ -133,7 +124,7 @@ def test_stack_end_to_end_with_s3_and_a_duplicate_delivery(stack, fixture_dir, t
             client, job, result["metrics"], fixture_dir, tmp_path / "second", model_cache="hit"
         )
     finally:
-        stop_worker(worker)
+        stop_process_group(worker)
 
 
 def test_a_sharded_full_weight_job_runs_under_the_prefork_worker(stack, fixture_dir, tmp_path):
@@ -176,7 +167,7 @@ def test_a_sharded_full_weight_job_runs_under_the_prefork_worker(stack, fixture_
         warnings = [e["message"] for e in client.events(job["id"]) if e["type"] == "warning"]
         assert any("stop rule does not run" in w for w in warnings), warnings
     finally:
-        stop_worker(worker)
+        stop_process_group(worker)
 
 
 def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
@@ -232,7 +223,7 @@ def test_sigkilled_worker_job_resumes_from_its_checkpoint(stack, fixture_dir):
         ]
         assert min(after_resume) > resumed
     finally:
-        stop_worker(worker)
+        stop_process_group(worker)
 
 
 def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture_dir, tmp_path):
@@ -264,7 +255,7 @@ def test_running_job_cancels_and_a_broken_model_fails_with_a_code(stack, fixture
         cancelled = client.wait(long["id"], timeout=60)
         assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] < 100000
     finally:
-        stop_worker(worker)
+        stop_process_group(worker)
 
 
 def test_a_lost_message_is_recovered_from_the_jobs_table(stack, fixture_dir, redis_url):
@@ -289,4 +280,4 @@ def test_a_lost_message_is_recovered_from_the_jobs_table(stack, fixture_dir, red
         done = client.wait(job["id"], timeout=120)
         assert done["status"] == "succeeded" and done["attempts"] == 1
     finally:
-        stop_worker(worker)
+        stop_process_group(worker)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import ROOT, add_job_row, free_port, wait_http
+from tests.service.conftest import ROOT, add_job_row, free_port, stop_process_group, wait_http
 
 
 def _children(pid: int) -> list[int]:
@@ -148,8 +148,4 @@ def test_the_prefork_parent_never_imports_torch(tmp_path):
         maps = (Path("/proc") / str(worker.pid) / "maps").read_text()
         assert "libtorch" not in maps, "the prefork parent loaded torch"
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_process_group(worker)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from api.client import APIError, Client
-from tests.service.conftest import ROOT, cli, free_port, wait_http
+from tests.service.conftest import ROOT, cli, free_port, stop_process_group, wait_http
 from tests.service.flow import upload
 
 pytestmark = pytest.mark.slow
@@ -104,5 +104,4 @@ def test_each_job_runs_on_a_worker_of_its_class(migrated_pg, redis_url, fixture_
         processes[0].send_signal(signal.SIGINT)
         processes[0].wait(30)
         for worker in processes[1:]:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
+            stop_process_group(worker)

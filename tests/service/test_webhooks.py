@@ -19,7 +19,13 @@ import pytest
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.service.conftest import ROOT, ThreadServer, free_port, stack_settings
+from tests.service.conftest import (
+    ROOT,
+    ThreadServer,
+    free_port,
+    stack_settings,
+    stop_process_group,
+)
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n'
 
@@ -314,8 +320,7 @@ def test_a_worker_killed_during_a_delivery_does_not_lose_it(service, tmp_path):
                 assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
                 time.sleep(0.3)
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
+            stop_process_group(worker)
             receiver.stop()
         [done] = deliveries(client, hook["id"])
         assert [a["status_code"] for a in done["attempts"]] == [204]
