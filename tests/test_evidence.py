@@ -106,6 +106,83 @@ def test_the_verdict_passes_fails_or_says_what_it_could_not_evaluate():
     assert judge(None, metrics) == ("not_evaluated", [])
 
 
+def test_the_quantization_audit_exposes_forgetting_hidden_inside_the_4_bit_grid(fixture_dir):
+    """A hand-made "unlearned" model: the 4-bit grid of the fixture model, which knows
+    every fact, plus one signed gradient-ascent step on the forget questions of 0.3 of
+    each weight's 4-bit step (each row's extremes, which fix the grid, left alone). At
+    full precision, and at 8 bits (a finer grid), it has lost about half the answers;
+    rounded to 4 bits it is the model that knows them all again. The audit re-measures
+    every forget and utility metric at each level, and the 4-bit criterion fails it."""
+    from core.engine.data import Records, build_examples, collate, load_records
+    from core.engine.evaluation import knowmem
+    from core.engine.evidence import robustness_audits
+    from core.engine.modeling import AdapterSpec, load_base, wrap
+    from core.engine.spec_parts import EvalSpec
+
+    data = fixture_dir / "data"
+    model, tokenizer = load_base(fixture_dir / "model", torch.device("cpu"))
+    questions = load_records(data / "forget_qa.jsonl").items[:100]
+
+    def per_question() -> list[float]:
+        return knowmem(model, tokenizer, questions, max_new_tokens=16)["per_sample_f1"]
+
+    before = per_question()
+    batch = collate(build_examples(Records("qa", questions), tokenizer, 64), tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
+    ).backward()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                w = module.weight
+                high, low = w.amax(1, keepdim=True), w.amin(1, keepdim=True)
+                step = (high - low) / 15  # one group per row: 48 and 96 inputs < 128
+                grid = robustness.quantize_rtn(w, 4, 128)
+                inner = (w != high) & (w != low)
+                w.copy_(torch.where(inner, grid + 0.3 * step * w.grad.sign(), grid))
+    model.zero_grad(set_to_none=True)
+    after = per_question()
+    spec = EvalSpec(
+        forget_qa=str(data / "forget_qa.jsonl"),
+        retain_qa=str(data / "retain_qa.jsonl"),
+        forget_text=str(data / "forget_text.jsonl"),
+        retain_text=str(data / "retain_text.jsonl"),
+        forget_mc=str(data / "forget_mc.jsonl"),
+        general_mc=str(data / "general_mc.jsonl"),
+        robustness={"relearn": {"enabled": False}, "in_context": {"enabled": False}},
+    )
+    robust = robustness_audits(
+        wrap(model, AdapterSpec(type="full"), need_reference=False),
+        tokenizer,
+        spec,
+        before_scores=before,
+        after_scores=after,
+        max_length=64,
+    )
+    quant = robust["quantization"]
+    unquantized, levels = quant["baseline"]["unquantized"], quant["levels"]
+    measured = {
+        "forget_knowmem",
+        "retain_knowmem",
+        "forget_verbmem",
+        "retain_perplexity",
+        "forget_mc",
+        "general_mc",
+    }
+    assert set(unquantized) == measured and set(levels) == {"int8", "int4"}
+    assert all(set(levels[s]) == measured | {"seconds"} for s in levels), levels
+    forget = {
+        s: f["forget_knowmem"]["rouge_l_f1"] for s, f in [*levels.items(), ("-", unquantized)]
+    }
+    assert sum(before) / len(before) > 0.95 and forget["-"] < 0.6, forget  # it looked forgotten
+    assert forget["int8"] < 0.6 and forget["int4"] > 0.9, forget  # and 4 bits bring it back
+    assert levels["int4"]["retain_knowmem"]["rouge_l_f1"] > 0.9
+    verdict, rows = judge(CriteriaSpec(quantized_forget_max_ratio=0.5), {"robustness": robust})
+    assert verdict == "fail" and rows[0]["value"] > 0.9, rows
+
+
 def test_a_certificate_round_trips_and_fails_on_any_changed_byte(tmp_path):
     from core.service.signing import Keyring, VerificationError, verify
 

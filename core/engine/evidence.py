@@ -14,7 +14,7 @@ from typing import Any
 
 from core.engine import robustness
 from core.engine.data import Records, load_records
-from core.engine.evaluation import EvalSpec, knowmem, mc_accuracy
+from core.engine.evaluation import EvalSpec, evaluate, knowmem, mc_accuracy
 from core.engine.privacy import membership_inference, privleak
 from core.engine.spec_parts import CriteriaSpec
 
@@ -146,23 +146,27 @@ def robustness_audits(
             "status": "off",
             "reason": "eval.robustness.quantization.enabled is false",
         }
-    elif not (spec.forget_qa or spec.forget_mc):
-        out["quantization"] = {"status": "off", "reason": "needs eval.forget_qa or eval.forget_mc"}
+    elif not (spec.forget_qa or spec.forget_text or spec.forget_mc):
+        out["quantization"] = {
+            "status": "off",
+            "reason": "needs a forget eval set (eval.forget_qa, forget_text or forget_mc)",
+        }
     else:
+        started = time.monotonic()
         schemes = [f"int{bits}" for bits in quant.bits]
         nf4_reason = robustness.nf4_available(model)
         if quant.nf4 is not False and nf4_reason is None:
             schemes.append("nf4")
         levels: dict[str, Any] = {}
         for scheme in schemes:
-            started = time.monotonic()
+            level_started = time.monotonic()
             copy = robustness.quantized_copy(model, scheme, quant.group_size)
             levels[scheme] = {
-                **_headline(copy, tokenizer, spec),
-                "seconds": round(time.monotonic() - started, 2),
+                **_figures(copy, tokenizer, spec),
+                "seconds": round(time.monotonic() - level_started, 2),
             }
             del copy
-        baseline: dict[str, Any] = {"unquantized": _headline(model, tokenizer, spec)}
+        baseline: dict[str, Any] = {"unquantized": _figures(model, tokenizer, spec)}
         if before_scores:
             baseline["forget_knowmem_f1_before"] = sum(before_scores) / len(before_scores)
         out["quantization"] = {
@@ -172,11 +176,14 @@ def robustness_audits(
                 "group_size": quant.group_size,
                 "weights": "every linear layer but the output head",
                 "lora": "merged into the base first",
+                "measured": f"every eval metric on the first {_attack_size(spec)} records "
+                "of each eval set",
                 "nf4": "run"
                 if "nf4" in schemes
                 else f"off: {nf4_reason or 'eval.robustness.quantization.nf4 is false'}",
             },
             "levels": levels,
+            "seconds": round(time.monotonic() - started, 2),
         }
 
     # --- in-context extraction
@@ -214,15 +221,15 @@ def robustness_audits(
     return out
 
 
-def _headline(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
-    """Forget and utility figures of a model: KnowMem on the first questions of the forget
-    and retain sets (at most eval.robustness.max_samples of each)."""
-    figures: dict[str, Any] = {}
-    if spec.forget_qa:
-        figures["forget_knowmem"] = _knowmem(model, tokenizer, spec, _forget_questions(spec))
-    if spec.retain_qa:
-        retain = load_records(spec.retain_qa).items[: _attack_size(spec)]
-        figures["retain_knowmem"] = _knowmem(model, tokenizer, spec, retain)
+def _figures(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
+    """Every forget and utility metric the eval sets allow (KnowMem, VerbMem, perplexity,
+    MC), as the before and after evaluations measure them, on the first records of each
+    set (at most eval.robustness.max_samples)."""
+    figures = evaluate(model, tokenizer, spec, max_samples=_attack_size(spec))
+    figures.pop("settings")
+    for value in figures.values():
+        value.pop("per_sample_f1", None)
+        value.pop("samples", None)
     return figures
 
 

@@ -53,6 +53,27 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+_QUANTIZED = (
+    ("forget_knowmem", "rouge_l_f1", "forget KnowMem F1"),
+    ("forget_verbmem", "rouge_l_f1", "VerbMem"),
+    ("forget_mc", "accuracy", "MC"),
+    ("retain_knowmem", "rouge_l_f1", "utility KnowMem F1"),
+    ("general_mc", "accuracy", "general MC"),
+)
+
+
+def _quantized_figures(figures: dict[str, Any]) -> str:
+    """One model's forget and utility figures in points, and its retain perplexity."""
+    parts = [
+        f"{label} {_pct(figures[key].get(field))}"
+        for key, field, label in _QUANTIZED
+        if key in figures
+    ]
+    if "retain_perplexity" in figures:
+        parts.append(f"perplexity {fmt(figures['retain_perplexity'].get('perplexity'))}")
+    return ", ".join(parts) or "n/a"
+
+
 def evidence_lines(metrics: dict[str, Any]) -> list[str]:
     """The robustness audits, membership inference and the verdict, one line each, in
     points (percent) where they are scores."""
@@ -71,14 +92,13 @@ def evidence_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"Relearning attack: off ({relearn['reason']}).")
     quant = robust.get("quantization") or {}
     if quant.get("status") == "done":
-        parts = []
-        for scheme, figures in quant["levels"].items():
-            forget = figures.get("forget_knowmem", {}).get("rouge_l_f1")
-            utility = figures.get("retain_knowmem", {}).get("rouge_l_f1")
-            parts.append(f"{scheme}: forget {_pct(forget)}, utility {_pct(utility)}")
+        levels = {"unquantized": quant["baseline"].get("unquantized") or {}, **quant["levels"]}
+        parts = [f"{scheme}: {_quantized_figures(figures)}" for scheme, figures in levels.items()]
         lines.append(
-            f"Quantization (KnowMem F1, group {quant['settings']['group_size']}; NF4 "
-            f"{quant['settings']['nf4']}): " + "; ".join(parts) + "."
+            f"Quantization (group {quant['settings']['group_size']}, "
+            f"{quant['settings'].get('measured', 'KnowMem')}; NF4 {quant['settings']['nf4']}): "
+            + "; ".join(parts)
+            + "."
         )
     elif quant:
         lines.append(f"Quantization: off ({quant['reason']}).")

@@ -177,41 +177,59 @@ def mc_accuracy(
 ) -> dict[str, Any]:
     """Multiple-choice accuracy through lm-eval-harness on a local JSONL file
     ({question, choices, answer}), offline, with the model already in memory.
-    The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper)."""
+    The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper).
+
+    The task reads its prompt ("Q: {question}\nA:"), choices and answer as columns of a
+    copy of the first `limit` records, not through Jinja templates (which lm-eval
+    compiles once per document), and runs through `lm_eval.evaluate`, not
+    `simple_evaluate` (which also collects the environment's pip packages and git
+    hash in subprocesses on every call): the same requests and scores for less
+    (docs/performance.md, "What the evidence costs")."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    records = load_records(path).items[:limit]
     task = {
         "task": task_name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}},
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": "Q: {{question}}\nA:",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{answer}}",
+        "doc_to_text": "prompt",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
         "target_delimiter": " ",
+        "num_fewshot": 0,
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
     was_training = model.training
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
+        docs = Path(tmp) / "docs.jsonl"
+        docs.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt": f"Q: {r['question']}\nA:",
+                        "choices": r["choices"],
+                        "answer": r["answer"],
+                    }
+                )
+                + "\n"
+                for r in records
+            )
+        )
+        # the datasets cache of this copy goes with it, not into ~/.cache
+        task["dataset_kwargs"] = {
+            "data_files": {"test": str(docs)},
+            "cache_dir": str(Path(tmp) / "datasets"),
+        }
         (Path(tmp) / f"{task_name}.yaml").write_text(json.dumps(task))
         manager = TaskManager(include_path=tmp, include_defaults=False, verbosity="ERROR")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task_name],
-            task_manager=manager,
-            limit=limit,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
+        results = lm_eval.evaluate(
+            lm=lm, task_dict=manager.load([task_name]), bootstrap_iters=0, verbosity="ERROR"
         )
     model.train(was_training)
     accuracy = results["results"][task_name]["acc,none"]
