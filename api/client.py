@@ -30,6 +30,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
+    retry_if_exception_type,
     stop_after_attempt,
     wait_exponential_jitter,
 )
@@ -586,17 +587,17 @@ class Client:
         out.mkdir(parents=True, exist_ok=True)
         archive = out / artifact["filename"]
         partial = archive.with_name(archive.name + ".part")
-        failures = 0
-        while True:
-            try:
+        resuming = Retrying(  # each try resumes where the last one's connection dropped
+            retry=retry_if_exception_type(httpx.TransportError),
+            wait=_WaitRetryAfter(self.max_wait),
+            stop=stop_after_attempt(self.retries + 1),
+            reraise=True,
+        )
+        for attempt in resuming:
+            with attempt:
                 self._fetch_to(job_id, artifact, partial)
-                break
-            except httpx.TransportError:
-                failures += 1
-                if failures > self.retries:
-                    raise
-                time.sleep(min(self.max_wait, 0.5 * 2**failures))
-        digest = _sha256(partial)
+        with partial.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if digest != artifact["sha256"]:
             partial.unlink()
             raise ChecksumError(
@@ -670,11 +671,3 @@ def problems_of(file: File, name: str | os.PathLike[str] | None = None) -> list[
     if hidden > 0:
         lines.append(f"{name}: and {hidden} more problems")
     return lines or [f"{name}: {validation['summary']}"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
