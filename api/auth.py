@@ -111,13 +111,13 @@ class RateLimiter:
             raise RateLimitUnavailable(str(exc.storage_error)) from exc
 
     async def _retry_after(self, limit: str, key: str) -> int | None:
-        items = self._items(limit)
-        for item in items:
-            if not await self.limiter.test(item, key):
+        """Each limit in turn takes the request (one atomic check-and-count, one Redis
+        round trip) until one refuses it, as Flask-Limiter does: a request that a later
+        limit refuses still counts in the earlier ones' windows."""
+        for item in self._items(limit):
+            if not await self.limiter.hit(item, key):
                 stats = await self.limiter.get_window_stats(item, key)
                 return max(1, math.ceil(stats.reset_time - time.time()))
-        for item in items:
-            await self.limiter.hit(item, key)
         return None
 
 

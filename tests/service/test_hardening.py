@@ -376,6 +376,43 @@ def test_rate_limits_answer_429_per_tenant_and_are_shared_by_api_processes(api):
         )
 
 
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_each_of_several_limits_refuses_with_its_own_retry_after(storage, redis_url):
+    """ "3/second;4/minute" on one key: three requests go through and the fourth is
+    refused by the second's window (Retry-After 1), not counted in the minute's; a second
+    later one goes through (the minute's fourth) and the next is refused by the minute's
+    window (Retry-After near 60). On Redis a request that goes through costs one script
+    call per limit (a test before each count would double them)."""
+    import asyncio
+
+    import redis
+
+    from api.auth import RateLimiter
+
+    limiter = RateLimiter("memory://" if storage == "memory" else redis_url)
+    key = f"tenant:{uuid.uuid4().hex}"
+    server = redis.Redis.from_url(redis_url)
+
+    def script_calls() -> int:
+        return int(server.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async def requests() -> tuple[list[int | None], int]:
+        await limiter.retry_after("3/second;4/minute", f"{key}-warm")  # scripts loaded
+        before = script_calls()
+        waits = [await limiter.retry_after("3/second;4/minute", key) for _ in range(3)]
+        calls = script_calls() - before
+        waits.append(await limiter.retry_after("3/second;4/minute", key))
+        await asyncio.sleep(1.1)
+        waits += [await limiter.retry_after("3/second;4/minute", key) for _ in range(2)]
+        return waits, calls
+
+    waits, calls = asyncio.run(requests())
+    assert waits[:3] == [None] * 3 and waits[3] == 1 and waits[4] is None, waits
+    assert waits[5] is not None and 55 <= waits[5] <= 60, waits
+    if storage == "redis":
+        assert calls == 3 * 2, calls
+
+
 # --- faults ---------------------------------------------------------------------------
 
 
