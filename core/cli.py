@@ -185,6 +185,14 @@ def bench(
         None, help="Forget samples per step, every run (default: the demo job's)."
     ),
     forget_eos: bool = typer.Option(False, help="Count each forget response's EOS as a target."),
+    forget_target: float | None = typer.Option(
+        None,
+        min=0.0,
+        max=1.0,
+        help="The stop rule's eval.forget_target, every run (default: the demo job's, 0.1: "
+        "stop once forget KnowMem is at 10% of before; 0: train on while the utility budget "
+        "allows, towards a model that never learned it).",
+    ),
     output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
     device: str | None = typer.Option(None),
 ) -> None:
@@ -215,6 +223,8 @@ def bench(
     base["hyperparameters"]["forget_eos"] = forget_eos
     if batch_size is not None:
         base["hyperparameters"]["batch_size"] = batch_size
+    if forget_target is not None:
+        base["eval"]["forget_target"] = forget_target
     run_bench(demo_dir, out, base, runs, device=device, echo=typer.echo)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"plot: {out / 'tradeoff.png'}")

@@ -74,5 +74,45 @@ def test_bench_writes_table_plot_and_the_runs_metrics(fixture_dir, tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| catnip@0.01 | forget |") == 1 and "| ga+kl@paper |" in table
     assert "| rmu@paper | forget + retain | 5e-05 |" in table
+    # The reference model under the same attacks: what fine-tuning on 20 forget answers
+    # teaches a model that never saw them (the test_evidence relearning test: < 0.5).
+    reference = next(line for line in table.splitlines() if line.startswith("| reference"))
+    cells = [c.strip() for c in reference.strip("|").split("|")]
+    recovery, four_bits = float(cells[12]), float(cells[13])
+    assert 0 <= recovery < 0.5 and four_bits < 10, reference
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
     assert len(lines) == 5
+
+
+def test_unlearn_bench_gives_every_run_its_settings(monkeypatch, tmp_path):
+    """`unlearn bench --steps --batch-size --forget-target` reach the spec every run starts
+    from; a forget target outside [0, 1] is refused before anything runs."""
+    from typer.testing import CliRunner
+
+    import core.demo.bench as bench
+    import core.demo.build as build
+    from core.cli import app
+
+    monkeypatch.setenv("UNLEARN_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "ensure_model", lambda *args, **kwargs: None)
+    seen: dict = {}
+
+    def run_bench(demo_dir, out, base, runs, **kwargs):
+        seen.update(base=base, runs=runs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("the table")
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    options = ["bench", "--methods", "catnip", "--lrs", "1e-4", "--retain-lr", "1e-4"]
+    options += ["--sam-methods", "none", "--steps", "7", "--batch-size", "16"]
+    result = CliRunner().invoke(app, [*options, "--forget-target", "0"])
+    assert result.exit_code == 0 and "the table" in result.output, result.output
+    assert seen["base"]["eval"]["forget_target"] == 0
+    assert seen["base"]["hyperparameters"]["max_steps"] == 7
+    assert seen["base"]["hyperparameters"]["batch_size"] == 16
+    assert [run.name for run in seen["runs"]] == ["catnip@0.0001", "catnip+kl@0.0001"]
+    seen.clear()
+    default = CliRunner().invoke(app, options)
+    assert default.exit_code == 0 and seen["base"]["eval"]["forget_target"] == 0.1
+    refused = CliRunner().invoke(app, [*options, "--forget-target", "1.5"])
+    assert refused.exit_code == 2 and "forget-target" in refused.output

@@ -137,12 +137,43 @@ def _evidence(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def reference_row(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The reference model's figures (a model that never saw the forget set), as a row."""
+def reference_attacks(raw: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """The robustness audits on the reference model, as on a job's output trained with
+    full weights: the starting model's answers are its "before" and its own its "after",
+    so its relearning recovery is the share of the forget answers that the attack's
+    fine-tuning teaches a model that never saw them."""
+    from core.engine.evidence import attack_question_scores, robustness_audits
+    from core.engine.modeling import AdapterSpec, load_base, pick_device, wrap
+    from core.engine.spec import parse_spec
+
+    spec = parse_spec(raw)
+    assert spec.eval is not None and spec.eval.reference_model is not None
+    where = pick_device(device)
+    start, tokenizer = load_base(spec.base_model, where)
+    before = attack_question_scores(start, tokenizer, spec.eval)
+    del start
+    reference, _ = load_base(spec.eval.reference_model, where)
+    after = attack_question_scores(reference, tokenizer, spec.eval)
+    return robustness_audits(
+        wrap(reference, AdapterSpec(type="full"), need_reference=False),
+        tokenizer,
+        spec.eval,
+        before_scores=before,
+        after_scores=after,
+        max_length=raw["hyperparameters"]["max_length"],
+    )
+
+
+def reference_row(
+    metrics: dict[str, Any], attacks: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The reference model's figures (a model that never saw the forget set), as a row;
+    with `attacks` (reference_attacks), its relearning recovery and 4-bit forget F1."""
     reference = metrics.get("reference")
     if not reference:
         return None
     privacy = (metrics.get("privacy") or {}).get("reference") or {}
+    attacked = _evidence({"robustness": attacks or {}})
     return {
         "run": "reference model (never saw the forget set)",
         "data": "retrained without it",
@@ -162,8 +193,8 @@ def reference_row(metrics: dict[str, Any]) -> dict[str, Any] | None:
         "delta_f": None,
         "delta_u": None,
         "delta_o": None,
-        "relearn_recovery": None,
-        "forget_f1_4bit": None,
+        "relearn_recovery": attacked["relearn_recovery"],
+        "forget_f1_4bit": attacked["forget_f1_4bit"],
         "mia_auc": privacy.get("min_k_plus_plus_auc"),
         "kept_step": None,
         "steps_done": None,
@@ -258,7 +289,8 @@ def run_bench(
         started = time.monotonic()
         result = run_job(spec, out_dir / "runs" / run.name, device=device)
         rows.append(row(run, result.metrics, time.monotonic() - started))
-        reference = reference or reference_row(result.metrics)
+        if index == 1 and raw["eval"].get("reference_model"):
+            reference = reference_row(result.metrics, reference_attacks(raw, device))
         r = rows[-1]
         echo(
             f"[{index}/{len(runs)}] {run.name}: forget F1 {r['forget_f1']:.1f} (recall {r['forget_recall']:.1f}), "
@@ -271,6 +303,7 @@ def run_bench(
     settings = (
         f"full weights, max_steps {hyper['max_steps']}, batch {hyper['batch_size']}, {eos}, stop rule every "
         f"{base['eval']['probe_every']} steps with a {base['eval']['utility_budget']:.0%} utility budget "
+        f"and a forget target of {base['eval']['forget_target']:.0%} of before "
         f"(the best state within it is kept; it watches the first "
         f"{base['eval']['probe_samples']} questions of each QA set, 'unwatched' = the next retain "
         f"questions), eval on {base['eval']['max_samples']} samples per set; "

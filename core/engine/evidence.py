@@ -33,6 +33,18 @@ def _forget_questions(spec: EvalSpec) -> list[dict[str, Any]]:
     return load_records(spec.forget_qa).items[: _attack_size(spec)] if spec.forget_qa else []
 
 
+def attack_question_scores(model: Any, tokenizer: Any, spec: EvalSpec) -> list[float]:
+    """Forget KnowMem F1 of each question the attacks use: a model's "before" or "after"
+    scores for robustness_audits where no job's evaluation measured them."""
+    return knowmem(
+        model,
+        tokenizer,
+        _forget_questions(spec),
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size,
+    )["per_sample_f1"]
+
+
 def _knowmem(
     model: Any, tokenizer: Any, spec: EvalSpec, records: list[dict[str, Any]]
 ) -> dict[str, float]:
@@ -355,4 +367,10 @@ def judge(
     return "not_evaluated", rows
 
 
-__all__ = ["judge", "privacy_audit", "robustness_audits", "with_privleak"]
+__all__ = [
+    "attack_question_scores",
+    "judge",
+    "privacy_audit",
+    "robustness_audits",
+    "with_privleak",
+]

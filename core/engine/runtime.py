@@ -15,6 +15,9 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import datasets  # lm-eval's MC sets: no "Generating test split" bar per evaluation
+
+    datasets.disable_progress_bars()
     for name in ("lm_eval", "datasets", "evaluate"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
