@@ -36,7 +36,7 @@ class _Feed:
     job_id: str
     start: int  # the buffer holds the events numbered start + 1 ... start + len(events)
     status: str
-    events: deque[dict[str, Any]] = field(default_factory=deque)
+    events: deque[jobs.StreamedEvent] = field(default_factory=deque)
     followers: int = 0
     gone: bool = False  # the job was deleted
     news: asyncio.Event = field(default_factory=asyncio.Event)

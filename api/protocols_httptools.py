@@ -1,5 +1,5 @@
 """api.protocols' header deadline on uvicorn's httptools protocol (the faster parser, which
-the API image installs with uvicorn[standard]); imported only where httptools is."""
+the api extra installs); imported only where httptools is."""
 
 from __future__ import annotations
 

@@ -1,20 +1,19 @@
 """Status dashboards against a job that trains: the issue's figures in one run, on the
 embedded default or the Postgres stack of this machine, the load on the same cores.
 
-1. The job trains alone (`--seconds`): its steps per second.
-2. `--dashboards` open connections each poll `GET /v1/jobs/{id}` once a second, as the
+1. `--dashboards` open connections each poll `GET /v1/jobs/{id}` once a second, as the
    dashboard does (If-None-Match with the last ETag, so an unchanged job is a 304),
-   while the job trains: latency p50/p99, the share of 304s, and the job's steps per
-   second against phase 1's (and phase 3's, the job alone again, for drift).
-3. The job alone again.
-4. Closed loop, wrk (apt install wrk), 50 connections, on a second job that waits in
+   while the job trains: latency p50/p99 and the share of 304s. The job's steps per
+   second are measured in turns of `--seconds`: alone, with the dashboards, alone, ...
+   (`--cycles` turns with them), and its mean speed with them set against its mean
+   speed alone, so the job's drift from turn to turn lands on both sides.
+2. `--streams` SSE streams (`/events/stream`) read the job's events as it trains, as
+   open dashboards do: the job's speed with them in the same turns as in 1.
+3. Closed loop, wrk (apt install wrk), 50 connections, on a second job that waits in
    the queue behind the first (so its answer does not change): the 200 path, then the
    304 path (If-None-Match of its ETag); requests per second and p99, the first job
    training meanwhile.
-5. `--streams` SSE streams (`/events/stream`) read the job's events as it trains, as
-   open dashboards do: the job's steps per second against the job alone just before and
-   after.
-6. `--streams` idle SSE streams on the job: the API's resident memory before and while
+4. `--streams` idle SSE streams on the job: the API's resident memory before and while
    they are open, and (Postgres) the database connections.
 
 The dashboards' client is a few lines of asyncio on raw keep-alive connections, so the
@@ -107,13 +106,20 @@ async def dashboard(
         writer.close()
 
 
-async def dashboards(port: int, path: str, key: str, count: int, seconds: float) -> dict:
+async def dashboards(
+    port: int, path: str, key: str, count: int, seconds: float
+) -> list[tuple[float, int]]:
+    """(latency, status) of each poll of `count` dashboards over `seconds`."""
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.5
     out: list[tuple[float, int]] = []
     await asyncio.gather(
         *(dashboard(port, path, key, start + i / count, start + seconds, out) for i in range(count))
     )
+    return out
+
+
+def summary(out: list[tuple[float, int]]) -> dict:
     latencies = sorted(latency for latency, _ in out)
     codes = [code for _, code in out]
     return {
@@ -184,6 +190,27 @@ async def following_streams(
     return result, received[0]
 
 
+def interleaved(loaded, alone, cycles: int, seconds: float, keep) -> tuple[str, float]:
+    """The job's speed alone and under a load in turns, `cycles` times, then alone once
+    more: (a line of the figures, the ratio of the mean loaded speed to the mean speed
+    alone). Turns of the same length, side by side, so the job's drift between phases
+    shows in both. `loaded(seconds)` returns (steps per second, what `keep` takes)."""
+    quiet, busy = [alone(seconds)], []
+    for _ in range(cycles):
+        speed, kept = loaded(seconds)
+        keep(kept)
+        busy.append(speed)
+        quiet.append(alone(seconds))
+    ratio = statistics.mean(busy) / statistics.mean(quiet)
+    turns = ", ".join(f"{b / ((quiet[i] + quiet[i + 1]) / 2):.2f}x" for i, b in enumerate(busy))
+    line = (
+        f"{statistics.mean(busy):.2f} steps/s under the load against {statistics.mean(quiet):.2f} "
+        f"alone ({ratio:.2f}x; each turn against the alone turns beside it: {turns}; alone "
+        f"{min(quiet):.2f}-{max(quiet):.2f})"
+    )
+    return line, ratio
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -192,7 +219,15 @@ def main() -> None:
     parser.add_argument("--stack", choices=["embedded", "postgres"], default="embedded")
     parser.add_argument("--dashboards", type=int, default=200)
     parser.add_argument("--streams", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--seconds", type=float, default=10, help="Each turn's length (and wrk's run)."
+    )
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="Turns of the job under each load, each between two turns of it alone.",
+    )
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument(
@@ -315,31 +350,32 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
             f"{args.dashboards} dashboards, "
             f"1 poll/s each, for {args.seconds:.0f} s"
         )
-        quiet_before = alone()
-        t0, s0 = step()
-        polled = asyncio.run(dashboards(port, path, key, args.dashboards, args.seconds))
-        t1, s1 = step()
-        loaded = (s1 - s0) / (t1 - t0)
-        quiet_after = alone()
+
+        def polled(seconds: float) -> tuple[float, list[tuple[float, int]]]:
+            t0, s0 = step()
+            out = asyncio.run(dashboards(port, path, key, args.dashboards, seconds))
+            t1, s1 = step()
+            return (s1 - s0) / (t1 - t0), out
+
+        def followed(seconds: float) -> tuple[float, int]:
+            return asyncio.run(
+                following_streams(port, path + "/events/stream", key, args.streams, seconds, alone)
+            )
+
+        polls: list[tuple[float, int]] = []
+        line, _ = interleaved(polled, alone, args.cycles, args.seconds, polls.extend)
+        measured = summary(polls)
         print(
-            f"  dashboards: {polled['requests']} requests, {polled['not_modified']:.0%} 304, "
-            f"{polled['errors']} errors, p50 {polled['p50_ms']:.1f} ms, "
-            f"p99 {polled['p99_ms']:.1f} ms"
+            f"  dashboards: {measured['requests']} requests, {measured['not_modified']:.0%} 304, "
+            f"{measured['errors']} errors, p50 {measured['p50_ms']:.1f} ms, "
+            f"p99 {measured['p99_ms']:.1f} ms"
         )
-        quiet = (quiet_before + quiet_after) / 2
+        print(f"  training with the dashboards: {line}")
+        events: list[int] = []
+        line, _ = interleaved(followed, alone, args.cycles, args.seconds, events.append)
         print(
-            f"  training: {quiet_before:.2f} / {quiet_after:.2f} steps/s alone (before / after), "
-            f"{loaded:.2f} with the dashboards ({loaded / quiet:.2f}x)"
-        )
-        followed, events = asyncio.run(
-            following_streams(port, path + "/events/stream", key, args.streams, args.seconds, alone)
-        )
-        quiet_again = alone()
-        quiet = (quiet_after + quiet_again) / 2
-        print(
-            f"  {args.streams} SSE streams following the job: training {followed:.2f} steps/s "
-            f"({followed / quiet:.2f}x of {quiet_after:.2f} / {quiet_again:.2f} alone), "
-            f"{events} events received"
+            f"  {args.streams} SSE streams following the job: training {line}, "
+            f"{sum(events)} events received"
         )
         waiting = http.post(
             "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}

@@ -162,7 +162,7 @@ async def stream_events(
 ) -> AsyncIterable[ServerSentEvent]:
     async for kind, item in request.app.state.feeds.follow(job.id, last):
         if kind == "event":
-            yield ServerSentEvent(id=item["id"], event=item["type"], data=item)
+            yield ServerSentEvent(id=item["id"], event=item["type"], raw_data=item.json)
         else:
             yield ServerSentEvent(event="end", data={"status": item})
 

@@ -202,9 +202,16 @@ def record_download(
     audit.record(session, who, "artifact.downloaded", job.id, data)
 
 
+class StreamedEvent(dict[str, Any]):
+    """An event as /events shows it, and `.json`, its JSON made once for every stream
+    that sends it (200 streams of a job would otherwise encode each event 200 times)."""
+
+    json: str
+
+
 def events_since(
     sessions: Any, job_id: str, after: int | None, limit: int = 500
-) -> tuple[list[dict[str, Any]], str, bool]:
+) -> tuple[list[StreamedEvent], str, bool]:
     """(the job's events after event `after`, as the API shows them; its status, read
     before them, so a final status means no event will follow those; whether more wait)
     in one short session: an event stream holds no connection between polls."""
@@ -213,7 +220,13 @@ def events_since(
     with sessions() as session:
         status = repo.get_job(session, None, job_id).status
         rows, more = repo.list_events(session, job_id, limit=limit, after=after)
-        return [EventObject.of(r).model_dump(mode="json") for r in rows], status, more
+        events = []
+        for row in rows:
+            shown = EventObject.of(row)
+            event = StreamedEvent(shown.model_dump(mode="json"))
+            event.json = shown.model_dump_json()
+            events.append(event)
+    return events, status, more
 
 
 def last_event(sessions: Any, job_id: str) -> tuple[str, int]:

@@ -194,6 +194,43 @@ def test_slow_clients_are_cut_off(api):
     assert b'"request_timeout"' in answer
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_header_deadline_holds_on_either_parser(parser):
+    """The server runs httptools' parser (the api extra installs it) and falls back to
+    h11's where it is missing: on each, a connection whose headers stop half-way, or that
+    sends nothing, is closed at the deadline, while a whole request is answered and its
+    keep-alive connection gets a new deadline for the next."""
+    from api.protocols import HeaderTimeoutH11
+    from api.protocols_httptools import HeaderTimeoutHttpTools
+
+    base = {"httptools": HeaderTimeoutHttpTools, "h11": HeaderTimeoutH11}[parser]
+    protocol = type(base.__name__, (base,), {"header_timeout": 1.0})
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with ThreadServer(app, http=protocol) as server:
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        whole = socket.create_connection(("127.0.0.1", server.port))
+        whole.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        for sock in (half, silent, whole):
+            sock.settimeout(5)
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nok"):
+            answer += whole.recv(1024)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert half.recv(1024) == b"" and silent.recv(1024) == b""
+        assert 0.8 < time.monotonic() - started < 3
+        assert whole.recv(1024) == b""  # idle after its answer: closed at its new deadline
+        for sock in (half, silent, whole):
+            sock.close()
+
+
 # --- what a spec and a request may hold ---------------------------------------------
 
 
