@@ -211,6 +211,19 @@ def interleaved(loaded, alone, cycles: int, seconds: float, keep) -> tuple[str, 
     return line, ratio
 
 
+def api_client(url: str, key: str) -> httpx.Client:
+    """A client of the API at `url` with `key`, once its /healthz answers (60 s at most)."""
+    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if http.get("/healthz").status_code == 200:
+                return http
+        if time.monotonic() > deadline:
+            raise SystemExit("the API did not come up")
+        time.sleep(0.2)
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -305,15 +318,7 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
         api = subprocess.Popen(serve, env=env, cwd=ROOT, start_new_session=True)
         processes.append(api)
         url = f"http://127.0.0.1:{port}"
-        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get("/healthz").status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("the API did not come up")
-            time.sleep(0.2)
+        http = api_client(url, key)
         forget = state / "fixture" / "data" / "forget_qa.jsonl"
         with forget.open("rb") as handle:
             file_id = http.post(

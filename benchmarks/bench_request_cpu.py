@@ -21,15 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_dashboards import pids_of, wrk  # noqa: E402
+from benchmarks.bench_dashboards import api_client, pids_of, wrk  # noqa: E402
 from benchmarks.bench_fairness import cli  # noqa: E402
 from tests.service.conftest import free_port, stop_process_group  # noqa: E402
 
@@ -83,15 +80,7 @@ def run(args: argparse.Namespace, storage: str, model: Path) -> None:
             start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
-        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get("/healthz").status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("the API did not come up")
-            time.sleep(0.2)
+        http = api_client(url, key)
         with (model / "data" / "forget_qa.jsonl").open("rb") as handle:
             file_id = http.post(
                 "/v1/files", data={"purpose": "forget"}, files={"file": handle}
