@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_fairness import cli  # noqa: E402
-from tests.service.conftest import free_port, stop_process_group  # noqa: E402
+from tests.service.conftest import free_port, stop_process_group, wait_http  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:
@@ -211,17 +210,10 @@ def interleaved(loaded, alone, cycles: int, seconds: float, keep) -> tuple[str, 
     return line, ratio
 
 
-def api_client(url: str, key: str) -> httpx.Client:
-    """A client of the API at `url` with `key`, once its /healthz answers (60 s at most)."""
-    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if http.get("/healthz").status_code == 200:
-                return http
-        if time.monotonic() > deadline:
-            raise SystemExit("the API did not come up")
-        time.sleep(0.2)
+def api_client(url: str, key: str, api: subprocess.Popen) -> httpx.Client:
+    """A client of the API process `api` at `url` with `key`, once its /healthz answers."""
+    wait_http(f"{url}/healthz", api)
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -318,7 +310,7 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
         api = subprocess.Popen(serve, env=env, cwd=ROOT, start_new_session=True)
         processes.append(api)
         url = f"http://127.0.0.1:{port}"
-        http = api_client(url, key)
+        http = api_client(url, key, api)
         forget = state / "fixture" / "data" / "forget_qa.jsonl"
         with forget.open("rb") as handle:
             file_id = http.post(

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, storage: str, model: Path) -> None:
             start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
-        http = api_client(url, key)
+        http = api_client(url, key, api)
         with (model / "data" / "forget_qa.jsonl").open("rb") as handle:
             file_id = http.post(
                 "/v1/files", data={"purpose": "forget"}, files={"file": handle}

@@ -30,7 +30,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.pool import QueuePool
 
 from core.service.enums import JobStatus
 
@@ -330,6 +329,11 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column()
 
 
+# Each engine's pool: POOL_SIZE connections kept, and up to the overflow more at once.
+# A SQLite file's connections are cheap: one per API thread.
+POOL_SIZE, OVERFLOW, SQLITE_OVERFLOW = 10, 20, 30
+
+
 def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     """An engine for Postgres (pooled, connections checked before use) or SQLite (WAL,
     foreign keys on; a writer waits up to `busy_timeout` seconds for another's lock)."""
@@ -337,8 +341,8 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": busy_timeout},
-            pool_size=10,
-            max_overflow=30,  # a file's connections are cheap: one per API thread
+            pool_size=POOL_SIZE,
+            max_overflow=SQLITE_OVERFLOW,
         )
 
         @event.listens_for(engine, "connect")
@@ -351,15 +355,12 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=OVERFLOW)
 
 
 def pool_capacity(engine: Engine) -> int:
-    """The most connections the engine's pool hands out at once (make_engine's pools)."""
-    pool = engine.pool
-    if not isinstance(pool, QueuePool):
-        raise TypeError(f"no bounded pool: {type(pool).__name__}")
-    return pool.size() + pool._max_overflow
+    """The most connections make_engine's pool for this engine hands out at once."""
+    return POOL_SIZE + (SQLITE_OVERFLOW if engine.url.get_backend_name() == "sqlite" else OVERFLOW)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
