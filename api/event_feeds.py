@@ -67,15 +67,21 @@ class EventFeeds:
         self._feeds: dict[str, _Feed] = {}
         self._starting: dict[str, asyncio.Task[_Feed]] = {}
 
-    async def follow(self, job_id: str, after: int | None) -> AsyncIterator[tuple[str, Any]]:
-        """("event", the event as /events shows it) for each event after `after`, then
-        ("end", the final status) once the job has one; nothing more if it is deleted."""
+    async def follow(
+        self, job_id: str, after: int | None, idle_seconds: float | None = None
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """("events", the events after `after` as /events shows them, oldest first: all
+        that are there when the stream reads, so a stream writes once per poll, not once
+        per event), then ("end", the final status) once the job has one; nothing more if
+        it is deleted. ("idle", None) after each `idle_seconds` without an event."""
         last = after or 0
         with EVENT_STREAMS.track_inprogress():
-            async for item in self._follow(job_id, last):
+            async for item in self._follow(job_id, last, idle_seconds):
                 yield item
 
-    async def _follow(self, job_id: str, last: int) -> AsyncIterator[tuple[str, Any]]:
+    async def _follow(
+        self, job_id: str, last: int, idle_seconds: float | None
+    ) -> AsyncIterator[tuple[str, Any]]:
         async with self._following(job_id) as feed:
             while True:
                 if last < feed.start:  # behind the buffer: what it missed, from the database
@@ -85,22 +91,27 @@ class EventFeeds:
                         )
                     except NotFound:  # the job was deleted meanwhile
                         return
-                    for event in events:
-                        yield "event", event
-                        last = int(event["id"])
-                    continue  # the events up to feed.start exist: this ends
+                    if events:
+                        yield "events", events
+                    # the events up to feed.start exist: this ends
+                    last = int(events[-1]["id"]) if events else feed.start
+                    continue
                 news = feed.news
                 # A copy: the feed's task may add to the buffer while a yield waits.
                 pending = [feed.events[i] for i in range(last - feed.start, len(feed.events))]
-                for event in pending:
-                    yield "event", event
-                    last = int(event["id"])
+                if pending:
+                    yield "events", pending
+                    last = int(pending[-1]["id"])
                 if feed.final and last >= feed.last:
                     if not feed.gone:
                         yield "end", feed.status
                     return
                 if last >= feed.last:
-                    await news.wait()
+                    try:
+                        async with asyncio.timeout(idle_seconds):
+                            await news.wait()
+                    except TimeoutError:
+                        yield "idle", None
 
     @contextlib.asynccontextmanager
     async def _following(self, job_id: str) -> AsyncIterator[_Feed]:

@@ -66,6 +66,38 @@ def pids_of(root: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system, all threads) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(loaded, pids: dict[str, list[int]], shares: list[dict[str, float]]):  # type: ignore[no-untyped-def]
+    """`loaded`, also appending to `shares` the cores each group of processes used
+    meanwhile (this process, the load generator, as "load generator")."""
+
+    def measured(seconds: float):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
+        generator = time.process_time()
+        result = loaded(seconds)
+        elapsed = time.monotonic() - started
+        share = {
+            name: (sum(map(cpu_seconds, group)) - before[name]) / elapsed
+            for name, group in pids.items()
+        }
+        share["load generator"] = (time.process_time() - generator) / elapsed
+        shares.append(share)
+        return result
+
+    return measured
+
+
+def cores(shares: list[dict[str, float]]) -> str:
+    """The mean cores each group used over the loaded turns, as a line."""
+    return ", ".join(f"{name} {statistics.mean(s[name] for s in shares):.2f}" for name in shares[0])
+
+
 # --- the dashboards -------------------------------------------------------------------
 
 
@@ -250,6 +282,12 @@ def main() -> None:
         help="WORKER_THREADS of each round (torch threads of the training job); 0 leaves "
         "it unset: the service's default (embedded: all cores but one; a separate worker: all)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Pin the API process to the first core and the worker to the others (the "
+        "load generator stays unpinned).",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt install wrk)")
@@ -359,7 +397,19 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
                 following_streams(port, path + "/events/stream", key, args.streams, seconds, alone)
             )
 
+        # the API's own process (its threads), and the training: the embedded worker is
+        # the API's child, the stack's worker a process of its own (and its children)
+        trainer = pids_of(processes[0].pid) if args.stack == "postgres" else pids_of(api.pid)[1:]
+        groups = {"API": [api.pid], "worker": trainer}
+        if args.pin:  # the API's threads on the first core, the worker's on the others
+            cpus = sorted(os.sched_getaffinity(0))
+            for pids, where in ((groups["API"], cpus[:1]), (trainer, cpus[1:])):
+                for pid in pids:
+                    for task in Path(f"/proc/{pid}/task").iterdir():
+                        os.sched_setaffinity(int(task.name), where)
         polls: list[tuple[float, int]] = []
+        shares: list[dict[str, float]] = []
+        polled = with_cpu(polled, groups, shares)
         line, _ = interleaved(polled, alone, args.cycles, args.seconds, polls.extend)
         measured = summary(polls)
         print(
@@ -368,12 +418,16 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
             f"p99 {measured['p99_ms']:.1f} ms"
         )
         print(f"  training with the dashboards: {line}")
+        print(f"  cores used meanwhile: {cores(shares)}")
         events: list[int] = []
+        shares.clear()
+        followed = with_cpu(followed, groups, shares)
         line, _ = interleaved(followed, alone, args.cycles, args.seconds, events.append)
         print(
             f"  {args.streams} SSE streams following the job: training {line}, "
             f"{sum(events)} events received"
         )
+        print(f"  cores used meanwhile: {cores(shares)}")
         waiting = http.post(
             "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}
         ).json()

@@ -3,12 +3,12 @@ cancel, events, metrics, artifacts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.deps import (
     CURSOR_PATTERN,
@@ -146,9 +146,13 @@ def _last_seen(
     return int(last_event_id)
 
 
+HEARTBEAT_SECONDS = 15.0  # a comment on a stream after this long without an event
+
+
 @router.get(
     "/{job_id}/events/stream",
-    response_class=EventSourceResponse,
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
     summary="The job's events, live, as Server-Sent Events",
     description="Each event is an SSE event: `id` its number, `event` its type, `data` the "
     "event object as in /events. A reconnecting client sends `Last-Event-ID` (or `after`) "
@@ -159,12 +163,26 @@ async def stream_events(
     job: JobDep,
     request: Request,
     last: Annotated[int | None, Depends(_last_seen)],
-) -> AsyncIterable[ServerSentEvent]:
-    async for kind, item in request.app.state.feeds.follow(job.id, last):
-        if kind == "event":
-            yield ServerSentEvent(id=item["id"], event=item["type"], raw_data=item.json)
+) -> StreamingResponse:
+    follow = request.app.state.feeds.follow(job.id, last, HEARTBEAT_SECONDS)
+    return StreamingResponse(
+        _sse(follow),
+        media_type="text/event-stream",
+        # not cached, and not buffered by a proxy (nginx) on the way
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(follow: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+    """The feed's items as SSE bytes: each batch of events in one write (made once per
+    event for all its streams), the end event, a comment for an idle spell."""
+    async for kind, item in follow:
+        if kind == "events":
+            yield b"".join(event.frame for event in item)
+        elif kind == "end":
+            yield jobs.sse_frame(json.dumps({"status": item}), event="end")
         else:
-            yield ServerSentEvent(event="end", data={"status": item})
+            yield b": ping\n\n"
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")

@@ -203,10 +203,17 @@ def record_download(
 
 
 class StreamedEvent(dict[str, Any]):
-    """An event as /events shows it, and `.json`, its JSON made once for every stream
-    that sends it (200 streams of a job would otherwise encode each event 200 times)."""
+    """An event as /events shows it, and `.frame`, its Server-Sent Event (id, type, the
+    event's JSON as data) made once for every stream that sends it (200 streams of a job
+    would otherwise encode each event 200 times)."""
 
-    json: str
+    frame: bytes
+
+
+def sse_frame(data: str, *, event: str, id: str | None = None) -> bytes:
+    """One Server-Sent Event: `data` is one line (JSON), `event` and `id` are ours."""
+    head = f"id: {id}\n" if id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n".encode()
 
 
 def events_since(
@@ -224,7 +231,7 @@ def events_since(
         for row in rows:
             shown = EventObject.of(row)
             event = StreamedEvent(shown.model_dump(mode="json"))
-            event.json = shown.model_dump_json()
+            event.frame = sse_frame(shown.model_dump_json(), event=event["type"], id=event["id"])
             events.append(event)
     return events, status, more
 

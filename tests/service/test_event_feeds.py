@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,14 @@ def sessions(request, tmp_path):
     engine.dispose()
 
 
+def flat(kind: str, item: Any) -> list[tuple[str, Any]]:
+    """A feed's item as ("event", id) for each event of a batch, or (kind, item)."""
+    if kind == "events":
+        assert item, "an empty batch"
+        return [("event", event["id"]) for event in item]
+    return [(kind, item)]
+
+
 @pytest.mark.timeout(120)  # a stream that never ends fails, not hangs
 def test_streams_of_one_job_share_one_poll_and_each_gets_every_event_once(sessions):
     from prometheus_client import REGISTRY
@@ -80,9 +89,9 @@ def test_streams_of_one_job_share_one_poll_and_each_gets_every_event_once(sessio
     async def read(after: int | None, slow: bool) -> list:
         seen = []
         async for kind, item in feeds.follow(job_id, after):
-            seen.append((kind, item["id"] if kind == "event" else item))
-            if slow:
-                await asyncio.sleep(0.1)  # falls behind the 4 events the buffer keeps
+            seen.extend(flat(kind, item))
+            if slow:  # falls behind the 4 events the buffer keeps
+                await asyncio.sleep(0.1 * len(item) if kind == "events" else 0.1)
         return seen
 
     def streams() -> float:  # the /metrics gauge
@@ -135,8 +144,7 @@ def test_a_stream_of_a_finished_or_deleted_job_ends(sessions):
 
     async def read(job_id: str, after: int | None) -> list:
         return [
-            (kind, item["id"] if kind == "event" else item)
-            async for kind, item in feeds.follow(job_id, after)
+            seen async for kind, item in feeds.follow(job_id, after) for seen in flat(kind, item)
         ]
 
     polls_before = _polls()
@@ -168,3 +176,59 @@ def test_a_stream_of_a_finished_or_deleted_job_ends(sessions):
 
     polls_then, polls_later = asyncio.run(leave_while_it_starts())
     assert feeds._feeds == {} and polls_then == polls_later  # dropped, polling no more
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_gets_a_poll_s_events_in_one_batch_and_idles_between(sessions):
+    """An up-to-date stream gets what one poll found as one batch (one write to its
+    client, not one per event), and ("idle", None) for each idle spell, which the route
+    sends as an SSE comment: the heartbeat that keeps a quiet connection open."""
+    from api.event_feeds import EventFeeds
+    from api.routes.jobs import _sse
+
+    job_id = _job(sessions)
+    feeds = EventFeeds(sessions, poll_seconds=0.05)
+
+    async def main() -> list[tuple[str, Any]]:
+        items: list[tuple[str, Any]] = []
+
+        async def read() -> None:
+            async for kind, item in feeds.follow(job_id, None, idle_seconds=0.1):
+                items.append((kind, [e["id"] for e in item] if kind == "events" else item))
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.35)  # quiet: about three idle spells
+        await asyncio.to_thread(_add, sessions, job_id, 12)  # one transaction: one poll
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(_add, sessions, job_id, 0, "succeeded")
+        await asyncio.wait_for(reader, 10)
+        return items
+
+    items = asyncio.run(main())
+    quiet = items[: next(i for i, item in enumerate(items) if item[0] == "events")]
+    assert 2 <= len(quiet) <= 4 and set(quiet) == {("idle", None)}, items
+    batches = [item for item in items if item[0] == "events"]
+    assert batches[0] == ("events", [str(n) for n in range(1, 13)]), items
+    assert batches[-1] == ("events", ["13"]) and items[-1] == ("end", "succeeded"), items
+
+    from api.services.jobs import StreamedEvent
+
+    def event(number: int) -> StreamedEvent:
+        shown = StreamedEvent(id=str(number), type="message")
+        shown.frame = f"id: {number}\nevent: message\ndata: {{}}\n\n".encode()
+        return shown
+
+    async def sent() -> bytes:
+        async def follow():  # what a feed yields, by hand
+            yield "events", [event(1), event(2)]
+            yield "idle", None
+            yield "end", "failed"
+
+        return b"".join([chunk async for chunk in _sse(follow())])
+
+    assert asyncio.run(sent()) == (
+        b"id: 1\nevent: message\ndata: {}\n\n"
+        b"id: 2\nevent: message\ndata: {}\n\n"
+        b": ping\n\n"
+        b'event: end\ndata: {"status": "failed"}\n\n'
+    )
