@@ -1,6 +1,7 @@
 """The worker's warm model cache (core.engine.model_cache): a later job on the same model
-gets a copy of it, so its "before" metrics equal a fresh load's, and nothing one job
-does (LoRA wrapping, full-weight training) reaches the cached model or the next job."""
+gets it from memory (a LoRA job shares the cached weights, a full-weight job copies
+them), so its "before" metrics equal a fresh load's, and nothing one job does (LoRA
+wrapping, full-weight training, a write to weights it shares) reaches the next job."""
 
 from __future__ import annotations
 
@@ -71,13 +72,20 @@ def test_jobs_on_a_warm_model_start_as_from_a_fresh_load(fixture_dir, tmp_path):
         "hit",
         "hit",
     ]
+    # LoRA jobs share the cached weights (they never write them); full-weight jobs copy
+    assert [r.metrics["model_cache"]["shared"] for r in (first, trained, third)] == [
+        True,
+        False,
+        True,
+    ]
     assert "model_cache" not in cold.metrics
     for result in (first, trained, third):
         assert differences(result.metrics["before"], cold.metrics["before"]) == []
     # the full-weight job did change its copy: the test would see a leak
     assert trained.metrics["after"] != trained.metrics["before"]
     fresh, _ = load_base(fixture_dir / "model", torch.device("cpu"))
-    [(cached, _, _)] = cache.entries.values()
+    [entry] = cache.entries.values()
+    cached = entry.model
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, cached.state_dict()[name]), name
     assert not any(name.startswith("base_model") for name in cached.state_dict())  # no LoRA
@@ -104,3 +112,33 @@ def test_a_model_over_the_budget_or_changed_on_disk_is_loaded_again(fixture_dir,
     cache.load(copy_dir, device)
     assert cache.last["cache"] == "miss" and len(cache.entries) == 1
     assert ModelCache(0).load(copy_dir, device) and True
+
+
+def test_a_write_to_shared_weights_never_reaches_the_next_job(fixture_dir, caplog):
+    """A shared hit's tensors are the cached ones (nothing copied); a private one's are
+    not. A dense write through a shared tensor the way peft merges an adapter
+    (`weight.data += delta`, which autograd's version counters do not see) is caught at
+    the next hit: that job gets the files' weights, not the written ones."""
+    path, cpu = fixture_dir / "model", torch.device("cpu")
+    cache = ModelCache(1 << 30)
+    first, _ = cache.load(path, cpu, shared=True)
+    second, _ = cache.load(path, cpu, shared=True)
+    private, _ = cache.load(path, cpu)
+    assert cache.last == {"cache": "hit", "shared": False, "seconds": cache.last["seconds"]}
+
+    def pointer(model: object, name: str = "model.layers.0.mlp.up_proj.weight") -> int:
+        return model.get_parameter(name).data_ptr()  # type: ignore[attr-defined]
+
+    assert pointer(first) == pointer(second) != pointer(private)
+    second.lm_head.requires_grad_(False)  # the copy's own attributes
+    assert first.lm_head.weight.requires_grad
+
+    weight = first.get_parameter("model.layers.0.mlp.up_proj.weight")
+    weight.data += 0.01 * torch.randn_like(weight)  # what peft's merge does
+    assert torch.equal(second.get_parameter("model.layers.0.mlp.up_proj.weight"), weight)
+    with caplog.at_level("WARNING", logger="core.engine.model_cache"):
+        third, _ = cache.load(path, cpu, shared=True)
+    assert cache.last["cache"] == "miss" and "were written to" in caplog.text
+    fresh, _ = load_base(path, cpu)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, third.state_dict()[name]), name

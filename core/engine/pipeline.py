@@ -123,14 +123,20 @@ def _start_identity(start: StartPoint | None, chain: list[dict[str, Any]] | None
 
 
 def _load_start(
-    base_model: str, start: StartPoint | None, device: Any, models: ModelCache | None
+    spec: JobSpec, start: StartPoint | None, device: Any, models: ModelCache | None
 ) -> tuple[Any, Any]:
     """(model, tokenizer) a job starts from: the base model (from the worker's warm cache
     where it has one); after a previous LoRA job, with that job's adapter merged in;
     after a full-weight job, that job's weights."""
     if start is not None and start.kind == "model":
         return load_base(start.path, device)
-    model, tokenizer = models.load(base_model, device) if models else load_base(base_model, device)
+    if models is None:
+        model, tokenizer = load_base(spec.base_model, device)
+    else:
+        # A LoRA job never writes its base (peft freezes it; merges are into copies), so
+        # it may share the cached weights; a merged start or full weights may not.
+        shared = spec.adapter.type == "lora" and start is None
+        model, tokenizer = models.load(spec.base_model, device, shared=shared)
     if start is not None:
         model = merge_start(model, start)
     return model, tokenizer
@@ -258,7 +264,7 @@ def run_job(
     if spec.adapter.quantize is not None:  # QLoRA: its own 4-bit load, never the cache
         model, tokenizer = load_base(spec.base_model, torch_device, quantize=spec.adapter.quantize)
     else:
-        model, tokenizer = _load_start(spec.base_model, start, torch_device, models)
+        model, tokenizer = _load_start(spec, start, torch_device, models)
     base_load = dict(models.last) if models is not None else None
     max_length, length_warning = fit_max_length(model, params.max_length)
     encoded = {
@@ -410,8 +416,10 @@ def run_job(
         }
         lap("audit_privacy")
         if spec.eval.reference_model is not None:
-            reference, _ = (models.load if models else load_base)(
-                spec.eval.reference_model, torch_device
+            reference, _ = (
+                models.load(spec.eval.reference_model, torch_device, shared=True)  # read only
+                if models
+                else load_base(spec.eval.reference_model, torch_device)
             )
             metrics["reference"] = evaluate(
                 reference, tokenizer, spec.eval, unwatched_from=unwatched_from

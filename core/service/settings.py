@@ -71,10 +71,11 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(
         0,
         ge=0,
-        description="Host memory a worker may keep base models in between jobs (a later job "
-        "on the same model copies them instead of loading its files). Off by default: "
-        "where the files fit the page cache, loading them (memory-mapped) is faster than "
-        "the copy (docs/performance.md); it pays on slow or network storage.",
+        description="Host memory a worker may keep base models in between jobs: a later "
+        "LoRA job on the same model shares the kept weights, a full-weight job copies them, "
+        "instead of loading the files. Off by default: where the files fit the page cache, "
+        "loading them (memory-mapped) is about as fast as a shared hit and faster than a "
+        "copy (docs/performance.md); it pays on slow or network storage.",
     )
     archive_gzip_max_bytes: int = Field(
         64 * 1024 * 1024,
