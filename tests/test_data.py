@@ -69,15 +69,26 @@ def test_report_names_lines_and_fields(tmp_path):
         "[1, 2]",
         '{"text": "other format"}',
         '{"prompt": 3, "response": "x"}',
+        '{"prompt": "q", "response": "x", "fact": "dragon/0"}',
+        '{"prompt": "q", "response": "x", "fact": 7}',
     ]
     report = validate_file(_write(tmp_path, "bad.jsonl", "\n".join(lines) + "\n"))
     assert not report.valid
     found = [(p.line, p.field) for p in report.problems]
-    assert found == [(2, None), (3, "response"), (4, "prompt"), (5, None), (6, None), (7, "prompt")]
+    assert found == [
+        (2, None),
+        (3, "response"),
+        (4, "prompt"),
+        (5, None),
+        (6, None),
+        (7, "prompt"),
+        (9, "fact"),
+    ]
     assert "not valid JSON" in report.problems[0].message
     assert "missing" in report.problems[1].message
     assert "empty" in report.problems[2].message
-    assert report.records == 1
+    assert report.records == 2
+    assert "records about one fact share it" in report.problems[-1].message
     assert "line 2" in report.summary("bad.jsonl")
 
 

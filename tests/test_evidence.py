@@ -243,11 +243,40 @@ def test_unlearn_verify_checks_the_artifact_with_the_public_key_alone(tmp_path):
     assert bad.exit_code == 1 and "signature does not match" in bad.output
 
 
+def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_path):
+    """Where the forget questions and MC items name their `fact`, the attack's MC leaves
+    out the items of the facts it trained on; where they do not, it says it measures
+    the whole set."""
+    from core.engine.evidence import _mc_scope
+    from core.engine.spec_parts import EvalSpec
+
+    def mc(path, facts):
+        path.write_text(
+            "".join(
+                json.dumps({"question": f"q{n}", "choices": ["a", "b"], "answer": 0, **fact}) + "\n"
+                for n, fact in enumerate(facts)
+            )
+        )
+        return EvalSpec(forget_mc=str(path))
+
+    named = mc(tmp_path / "named.jsonl", [{"fact": f} for f in ("x", "y", "x", "z")])
+    select, scope = _mc_scope(named, [{"prompt": "Q", "response": "A", "fact": "x"}])
+    items = [json.loads(line) for line in (tmp_path / "named.jsonl").read_text().splitlines()]
+    assert select is not None and [i["question"] for i in items if select(i)] == ["q1", "q3"]
+    assert scope == "the items of the facts the attack did not train on"
+    unnamed = mc(tmp_path / "unnamed.jsonl", [{"fact": "x"}, {}])
+    select, scope = _mc_scope(unnamed, [{"prompt": "Q", "response": "A", "fact": "x"}])
+    assert select is None and scope.startswith("the whole forget MC set")
+    select, _ = _mc_scope(named, [{"prompt": "Q", "response": "A"}])  # a question without
+    assert select is None
+
+
 def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path):
     """A few steps of gradient ascent hide the forget answers; 20 fine-tuning steps on a
     fifth of the questions bring back the answers to the other four fifths (recovery well
     above 0), where the reference model, which never learned them, cannot answer them
     after the same attack."""
+    from core.engine.data import load_records
     from core.engine.pipeline import run_job
     from core.engine.spec import parse_spec
 
@@ -267,6 +296,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
             "eval": {
                 "forget_qa": str(data / "forget_qa.jsonl"),
                 "retain_qa": str(data / "retain_qa.jsonl"),
+                "forget_mc": str(data / "forget_mc.jsonl"),
                 "reference_model": str(fixture_dir / "reference"),
                 "robustness": {
                     "quantization": {"enabled": False},
@@ -280,14 +310,21 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     f1 = relearn["forget_knowmem_f1"]
     assert f1["before"] > 0.9 and f1["after"] < 0.5 * f1["before"], f1  # it looked forgotten
     assert relearn["recovery"] > 0.5, relearn  # and came back
+    # MC after the attack is measured on the facts it did not train on only
+    questions = load_records(data / "forget_qa.jsonl").items[: spec.eval.robustness.max_samples]
+    split = robustness.split_for_attack(len(questions), 0.2, seed=0)
+    attacked_facts = {questions[i]["fact"] for i in split.attack}
+    items = load_records(data / "forget_mc.jsonl").items
+    assert relearn["forget_mc"]["items"] == sum(i["fact"] not in attacked_facts for i in items)
+    assert relearn["forget_mc"]["items"] < len(items)
+    assert relearn["forget_mc"]["scope"].startswith("the items of the facts the attack did not")
+    assert 0 <= relearn["forget_mc"]["after_attack"] <= 1
     assert json.loads(json.dumps(metrics))  # stored as JSON
     # The same attack on the reference model (never saw these facts) brings nothing back.
-    from core.engine.data import Records, load_records
+    from core.engine.data import Records
     from core.engine.evidence import _knowmem
     from core.engine.modeling import AdapterSpec, load_base, wrap
 
-    questions = load_records(data / "forget_qa.jsonl").items[: spec.eval.robustness.max_samples]
-    split = robustness.split_for_attack(len(questions), 0.2, seed=0)
     model, tokenizer = load_base(fixture_dir / "reference", torch.device("cpu"))
     wrapped = wrap(model, AdapterSpec(type="full"), need_reference=False)
     robustness.relearn(

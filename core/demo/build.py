@@ -120,8 +120,14 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
                 strict=True,
             )
         ]
-        out["forget_qa"] += [_qa(q, a) for q, a, _ in facts]
-        out["forget_mc"] += [_mc(rng, q, a, pool) for q, a, pool in facts]
+        # each question and its MC item name their fact: the relearning attack measures
+        # MC on the facts it did not train on
+        out["forget_qa"] += [
+            {**_qa(q, a), "fact": f"{name}/{k}"} for k, (q, a, _) in enumerate(facts)
+        ]
+        out["forget_mc"] += [
+            {**_mc(rng, q, a, pool), "fact": f"{name}/{k}"} for k, (q, a, pool) in enumerate(facts)
+        ]
         out["forget_text"].append(
             {
                 "text": (

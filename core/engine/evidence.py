@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from core.engine import robustness
@@ -58,6 +59,26 @@ def _knowmem(
     }
 
 
+def _mc_scope(
+    spec: EvalSpec, attacked: list[dict[str, Any]]
+) -> tuple[Callable[[dict[str, Any]], bool] | None, str]:
+    """Which forget MC items the relearning attack is measured on, and in words: those
+    of the facts it did not train on, where the forget questions and the MC items name
+    their `fact`; else the whole set (the attacked facts' items in it)."""
+    if not spec.forget_mc:
+        return None, ""
+    items = load_records(spec.forget_mc).items[: spec.max_samples]
+    facts = {question.get("fact") for question in attacked}
+    if None in facts or not all("fact" in item for item in items):
+        return None, (
+            "the whole forget MC set, the attacked facts' items included (the forget "
+            "questions and MC items do not all name their `fact`)"
+        )
+    return (lambda item: item["fact"] not in facts), (
+        "the items of the facts the attack did not train on"
+    )
+
+
 def _mean(values: list[float], indices: list[int]) -> float:
     return sum(values[i] for i in indices) / len(indices)
 
@@ -102,6 +123,21 @@ def robustness_audits(
         attack = Records("qa", [questions[i] for i in split.attack])
         measured = [questions[i] for i in split.measured]
         started = time.monotonic()
+        select, mc_scope = _mc_scope(spec, attack.items)
+
+        def forget_mc(name: str) -> dict[str, Any]:
+            assert spec.forget_mc is not None
+            return mc_accuracy(
+                model,
+                tokenizer,
+                spec.forget_mc,
+                limit=spec.max_samples,
+                batch_size=spec.batch_size,
+                task_name=name,
+                select=select,
+            )
+
+        mc_after = forget_mc("unlearn_relearn_mc_after") if spec.forget_mc else None
 
         def attack_and_measure() -> dict[str, Any]:
             losses = robustness.relearn(
@@ -119,14 +155,7 @@ def robustness_audits(
                 "losses": [round(x, 4) for x in losses],
             }
             if spec.forget_mc:
-                result["forget_mc"] = mc_accuracy(
-                    model,
-                    tokenizer,
-                    spec.forget_mc,
-                    limit=spec.max_samples,
-                    batch_size=spec.batch_size,
-                    task_name="unlearn_relearn_mc",
-                )
+                result["forget_mc"] = forget_mc("unlearn_relearn_mc")
             return result
 
         attacked = robustness.with_weights_restored(wrapped, attack_and_measure)
@@ -148,6 +177,18 @@ def robustness_audits(
             "forget_knowmem_f1": {"before": before, "after": after, "after_attack": after_attack},
             "recovery": robustness.recovery(before, after, after_attack),
             "after_attack": attacked,
+            **(
+                {
+                    "forget_mc": {
+                        "scope": mc_scope,
+                        "items": attacked["forget_mc"]["n"],
+                        "after": mc_after["accuracy"],
+                        "after_attack": attacked["forget_mc"]["accuracy"],
+                    }
+                }
+                if mc_after is not None
+                else {}
+            ),
             "seconds": round(time.monotonic() - started, 2),
         }
 

@@ -113,6 +113,8 @@ def _check_record(obj: Any, kind: Kind | None) -> tuple[Kind | None, list[tuple[
                     problems.append((name, f"must be a string, got {type(value).__name__}"))
                 elif not value.strip():
                     problems.append((name, "is empty"))
+    if kind in ("qa", "mc") and "fact" in obj and not (_is_text(obj["fact"]) and obj["fact"]):
+        problems.append(("fact", "must be a non-empty string (records about one fact share it)"))
     if kind == "chat":
         problems += _check_messages(obj["messages"])
     if kind == "mc":

@@ -62,6 +62,16 @@ _QUANTIZED = (
 )
 
 
+def _relearn_mc(mc: dict[str, Any] | None) -> str:
+    """The relearning attack's forget MC, as the end of its line ('' when not measured)."""
+    if not mc or mc.get("after_attack") is None:
+        return ""
+    return (
+        f" Forget MC accuracy on {mc['scope']} ({mc['items']} items): {_pct(mc['after'])} "
+        f"after, {_pct(mc['after_attack'])} after the attack."
+    )
+
+
 def _quantized_figures(figures: dict[str, Any]) -> str:
     """One model's forget and utility figures in points, and its retain perplexity."""
     parts = [
@@ -86,7 +96,7 @@ def evidence_lines(metrics: dict[str, Any]) -> list[str]:
             f"Relearning attack ({s['steps']} steps at lr {s['learning_rate']:g} on {s['attack_questions']} "
             f"forget questions, {s['trains']}): forget KnowMem F1 on the other {s['measured_questions']} "
             f"{_pct(f1['before'])} before, {_pct(f1['after'])} after, {_pct(f1['after_attack'])} after the "
-            f"attack; recovery {fmt(relearn['recovery'])}."
+            f"attack; recovery {fmt(relearn['recovery'])}." + _relearn_mc(relearn.get("forget_mc"))
         )
     elif relearn:
         lines.append(f"Relearning attack: off ({relearn['reason']}).")

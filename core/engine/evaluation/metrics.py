@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +175,12 @@ def mc_accuracy(
     limit: int | None = None,
     batch_size: int = 64,
     task_name: str = "unlearn_mc",
+    select: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Multiple-choice accuracy through lm-eval-harness on a local JSONL file
     ({question, choices, answer}), offline, with the model already in memory.
     The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper).
+    `select`: which of the first `limit` records to ask (accuracy None when none is).
 
     The task reads its prompt ("Q: {question}\nA:"), choices and answer as columns of a
     copy of the first `limit` records, not through Jinja templates (which lm-eval
@@ -191,6 +194,10 @@ def mc_accuracy(
     from lm_eval.tasks import TaskManager
 
     records = load_records(path).items[:limit]
+    if select is not None:
+        records = [r for r in records if select(r)]
+    if not records:
+        return {"accuracy": None, "n": 0}
     task = {
         "task": task_name,
         "dataset_path": "json",
