@@ -159,6 +159,7 @@ def robustness_audits(
             return result
 
         attacked = robustness.with_weights_restored(wrapped, attack_and_measure)
+        mc_attacked = attacked.pop("forget_mc", None)
         before = _mean(before_scores, split.measured)
         after = _mean(after_scores, split.measured)
         after_attack = attacked["forget_knowmem"]["rouge_l_f1"]
@@ -181,12 +182,12 @@ def robustness_audits(
                 {
                     "forget_mc": {
                         "scope": mc_scope,
-                        "items": attacked["forget_mc"]["n"],
+                        "items": mc_attacked["n"],
                         "after": mc_after["accuracy"],
-                        "after_attack": attacked["forget_mc"]["accuracy"],
+                        "after_attack": mc_attacked["accuracy"],
                     }
                 }
-                if mc_after is not None
+                if mc_after is not None and mc_attacked is not None
                 else {}
             ),
             "seconds": round(time.monotonic() - started, 2),
