@@ -126,7 +126,8 @@ class ModelCache:
         else:
             self.entries.move_to_end(key)
             outcome = "hit"
-        if key not in self.entries:
+        kept = key in self.entries
+        if not kept:
             model = entry.model  # not kept: the job's own
         elif shared or device.type != "cpu":  # on another device, .to() makes the copy
             model = sharing_copy(entry.model)
@@ -135,7 +136,7 @@ class ModelCache:
         model.to(device)
         self.last = {
             "cache": outcome,
-            "shared": shared,
+            "shared": kept and shared and device.type == "cpu",  # the job's are the cache's
             "seconds": round(time.monotonic() - started, 3),
         }
         log.info("model %s: %s (%.2f s)", path.name, outcome, self.last["seconds"])
