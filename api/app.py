@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         sessions=app.state.sessions,
         cache=KeyCache(settings.auth_cache_seconds),
-        limiter=RateLimiter(settings.rate_limit_storage),
+        limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit_wait_seconds),
     )
     app.add_middleware(
         RequestGuard,

@@ -73,9 +73,9 @@ class RateLimitUnavailable(Exception):
     """The rate limit's storage could not be reached (or no connection to it came free)."""
 
 
-# Connections from one API process to the rate limit's Redis, and how long a request
-# waits for one before it is a 503.
-RATE_LIMIT_CONNECTIONS, RATE_LIMIT_WAIT_SECONDS = 32, 5.0
+# Connections from one API process to the rate limit's Redis (a request waits
+# `rate_limit_wait_seconds` for one before it is a 503), and how long connecting may take.
+RATE_LIMIT_CONNECTIONS, RATE_LIMIT_CONNECT_SECONDS = 32, 5.0
 
 
 class RateLimiter:
@@ -83,7 +83,7 @@ class RateLimiter:
     request may go ahead (and counts it), else the seconds until it could;
     RateLimitUnavailable when the storage cannot answer."""
 
-    def __init__(self, storage_uri: str):
+    def __init__(self, storage_uri: str, wait_seconds: float = 5.0):
         async_uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
         options: dict[str, Any] = {"wrap_exceptions": True}
         if "redis" in async_uri.split("://")[0]:
@@ -92,8 +92,8 @@ class RateLimiter:
             pool = BlockingConnectionPool.from_url(
                 async_uri.removeprefix("async+"),
                 max_connections=RATE_LIMIT_CONNECTIONS,
-                timeout=RATE_LIMIT_WAIT_SECONDS,
-                socket_connect_timeout=RATE_LIMIT_WAIT_SECONDS,
+                timeout=wait_seconds,
+                socket_connect_timeout=RATE_LIMIT_CONNECT_SECONDS,
             )
             options.update(implementation="redispy", connection_pool=pool)
         self.limiter = MovingWindowRateLimiter(storage_from_string(async_uri, **options))

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     rate_limit_storage_url: str | None = Field(
         None, description="limits storage URI; default: the Redis broker, else in-process memory."
     )
+    rate_limit_wait_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How long a request waits for one of an API process's 32 connections "
+        "to the rate limit's Redis before it is a 503.",
+    )
     max_active_jobs: int = Field(4, ge=1, description="Queued or running jobs per tenant.")
     max_stored_bytes: int = Field(
         10 * 1024**3, ge=0, description="Bytes of uploaded files a tenant may keep."
