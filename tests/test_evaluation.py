@@ -44,7 +44,44 @@ def test_mc_accuracy_through_lm_eval_offline(fixture_dir, tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = mc_accuracy(model, tok, path)
-    assert result == {"accuracy": 0.5, "n": 20}
+    assert result == {"accuracy": 0.5, "n": 20, "per_item_correct": [True, False] * 10}
+
+
+def test_an_evaluation_on_its_first_records_is_a_narrower_evaluation(fixture_dir, tmp_path):
+    """`on_first(evaluate(30 records), 12)` gives what `evaluate(max_samples=12)` measures,
+    metric by metric (the quantization audit's unquantized figures come so from the after
+    evaluation). Every third answer key is wrong, and the last six, so the first 12 and
+    all 30 differ."""
+    from core.engine.evaluation import EvalSpec, evaluate, on_first, strip_per_record
+
+    model, tok = load_base(fixture_dir / "model", CPU)
+    data = fixture_dir / "data"
+    files = {}
+    for name in ("forget_qa", "retain_qa", "forget_text", "retain_text", "forget_mc", "general_mc"):
+        records = load_records(data / f"{name}.jsonl").items[:30]
+        for i, r in enumerate(records):
+            wrong = i % 3 == 1 or i >= 24
+            if wrong and "response" in r:
+                r["response"] = " nothing at all."
+            if wrong and "answer" in r:
+                r["answer"] = (r["answer"] + 1) % len(r["choices"])
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = EvalSpec(**{name: str(path) for name, path in files.items()})
+    wide = evaluate(model, tok, spec, max_samples=30)
+    narrow = strip_per_record(evaluate(model, tok, spec, max_samples=12))
+    narrow.pop("settings")
+    derived = on_first(wide, 12)
+    assert derived is not None and set(derived) == set(narrow)
+    for name, figures in narrow.items():
+        assert set(derived[name]) == set(figures), name
+        for field, value in figures.items():
+            assert derived[name][field] == pytest.approx(value, rel=1e-5), (name, field)
+    assert derived["forget_knowmem"]["rouge_l_f1"] != pytest.approx(
+        wide["forget_knowmem"]["rouge_l_f1"]
+    )
+    assert derived["general_mc"] == {"accuracy": pytest.approx(8 / 12), "n": 12}
+    assert on_first(strip_per_record(wide), 12) is None  # no per-record values: measure
 
 
 def test_tradeoff_points():

@@ -246,8 +246,9 @@ def test_unlearn_verify_checks_the_artifact_with_the_public_key_alone(tmp_path):
 def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_path):
     """Where the forget questions and MC items name their `fact`, the attack's MC leaves
     out the items of the facts it trained on; where they do not, it says it measures
-    the whole set."""
-    from core.engine.evidence import _mc_scope
+    the whole set. Its forget MC before the attack comes from the after evaluation's
+    answers to those items (measured instead when it has none for exactly them)."""
+    from core.engine.evidence import _mc_after, _mc_scope
     from core.engine.spec_parts import EvalSpec
 
     def mc(path, facts):
@@ -260,14 +261,18 @@ def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_
         return EvalSpec(forget_mc=str(path))
 
     named = mc(tmp_path / "named.jsonl", [{"fact": f} for f in ("x", "y", "x", "z")])
-    select, scope = _mc_scope(named, [{"prompt": "Q", "response": "A", "fact": "x"}])
-    items = [json.loads(line) for line in (tmp_path / "named.jsonl").read_text().splitlines()]
+    select, scope, items = _mc_scope(named, [{"prompt": "Q", "response": "A", "fact": "x"}])
     assert select is not None and [i["question"] for i in items if select(i)] == ["q1", "q3"]
     assert scope == "the items of the facts the attack did not train on"
+    after = {"forget_mc": {"accuracy": 0.5, "n": 4, "per_item_correct": [True, True, False, False]}}
+    assert _mc_after(after, items, select) == {"accuracy": 0.5, "n": 2}  # q1 right, q3 wrong
+    assert _mc_after(after, items, None) == {"accuracy": 0.5, "n": 4}
+    assert _mc_after(after, items[:3], select) is None  # answers for other items
+    assert _mc_after({"forget_mc": {"accuracy": 0.5, "n": 4}}, items, select) is None
     unnamed = mc(tmp_path / "unnamed.jsonl", [{"fact": "x"}, {}])
-    select, scope = _mc_scope(unnamed, [{"prompt": "Q", "response": "A", "fact": "x"}])
+    select, scope, _ = _mc_scope(unnamed, [{"prompt": "Q", "response": "A", "fact": "x"}])
     assert select is None and scope.startswith("the whole forget MC set")
-    select, _ = _mc_scope(named, [{"prompt": "Q", "response": "A"}])  # a question without
+    select, _, _ = _mc_scope(named, [{"prompt": "Q", "response": "A"}])  # a question without
     assert select is None
 
 

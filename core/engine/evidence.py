@@ -15,7 +15,14 @@ from typing import Any
 
 from core.engine import robustness
 from core.engine.data import Records, load_records
-from core.engine.evaluation import EvalSpec, evaluate, knowmem, mc_accuracy
+from core.engine.evaluation import (
+    EvalSpec,
+    evaluate,
+    knowmem,
+    mc_accuracy,
+    on_first,
+    strip_per_record,
+)
 from core.engine.privacy import membership_inference, privleak
 from core.engine.spec_parts import CriteriaSpec
 
@@ -61,22 +68,41 @@ def _knowmem(
 
 def _mc_scope(
     spec: EvalSpec, attacked: list[dict[str, Any]]
-) -> tuple[Callable[[dict[str, Any]], bool] | None, str]:
+) -> tuple[Callable[[dict[str, Any]], bool] | None, str, list[dict[str, Any]]]:
     """Which forget MC items the relearning attack is measured on, and in words: those
     of the facts it did not train on, where the forget questions and the MC items name
-    their `fact`; else the whole set (the attacked facts' items in it)."""
+    their `fact`; else the whole set (the attacked facts' items in it). With the items
+    the evaluations ask (the first max_samples)."""
     if not spec.forget_mc:
-        return None, ""
+        return None, "", []
     items = load_records(spec.forget_mc).items[: spec.max_samples]
     facts = {question.get("fact") for question in attacked}
     if None in facts or not all("fact" in item for item in items):
-        return None, (
+        return (
+            None,
             "the whole forget MC set, the attacked facts' items included (the forget "
-            "questions and MC items do not all name their `fact`)"
+            "questions and MC items do not all name their `fact`)",
+            items,
         )
-    return (lambda item: item["fact"] not in facts), (
-        "the items of the facts the attack did not train on"
+    return (
+        (lambda item: item["fact"] not in facts),
+        "the items of the facts the attack did not train on",
+        items,
     )
+
+
+def _mc_after(
+    after_evaluation: dict[str, Any] | None,
+    items: list[dict[str, Any]],
+    select: Callable[[dict[str, Any]], bool] | None,
+) -> dict[str, Any] | None:
+    """The after evaluation's forget MC accuracy on the selected items, from its answers
+    per item; None when it has none for exactly these items."""
+    correct = ((after_evaluation or {}).get("forget_mc") or {}).get("per_item_correct")
+    if correct is None or len(correct) != len(items):
+        return None
+    chosen = [ok for ok, item in zip(correct, items, strict=True) if select is None or select(item)]
+    return {"accuracy": sum(chosen) / len(chosen) if chosen else None, "n": len(chosen)}
 
 
 def _mean(values: list[float], indices: list[int]) -> float:
@@ -91,10 +117,14 @@ def robustness_audits(
     before_scores: list[float] | None,
     after_scores: list[float] | None,
     max_length: int,
+    after_evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The three attacks on the unlearned model (wrapped.model, left as it was found).
     `before_scores` / `after_scores`: per-question forget KnowMem F1 of the before and
-    after evaluations, for recovery on exactly the measured questions."""
+    after evaluations, for recovery on exactly the measured questions.
+    `after_evaluation`: the after evaluation of this model with its per-record values
+    (`evaluate`'s output), whose figures on the audited records stand for the unquantized
+    model and the forget MC before the attack instead of measuring them again."""
     settings = spec.robustness
     model = wrapped.model
     questions = _forget_questions(spec)
@@ -123,7 +153,7 @@ def robustness_audits(
         attack = Records("qa", [questions[i] for i in split.attack])
         measured = [questions[i] for i in split.measured]
         started = time.monotonic()
-        select, mc_scope = _mc_scope(spec, attack.items)
+        select, mc_scope, mc_items = _mc_scope(spec, attack.items)
 
         def forget_mc(name: str) -> dict[str, Any]:
             assert spec.forget_mc is not None
@@ -137,7 +167,11 @@ def robustness_audits(
                 select=select,
             )
 
-        mc_after = forget_mc("unlearn_relearn_mc_after") if spec.forget_mc else None
+        mc_after = (
+            (_mc_after(after_evaluation, mc_items, select) or forget_mc("unlearn_relearn_mc_after"))
+            if spec.forget_mc
+            else None
+        )
 
         def attack_and_measure() -> dict[str, Any]:
             losses = robustness.relearn(
@@ -220,7 +254,13 @@ def robustness_audits(
                 "seconds": round(time.monotonic() - level_started, 2),
             }
             del copy
-        baseline: dict[str, Any] = {"unquantized": _figures(model, tokenizer, spec)}
+        from_after = on_first(after_evaluation, _attack_size(spec)) if after_evaluation else None
+        baseline: dict[str, Any] = {
+            "unquantized": from_after or _figures(model, tokenizer, spec),
+            "unquantized_from": "the after evaluation, its figures on these records"
+            if from_after
+            else "measured here",
+        }
         if before_scores:
             baseline["forget_knowmem_f1_before"] = sum(before_scores) / len(before_scores)
         out["quantization"] = {
@@ -279,11 +319,8 @@ def _figures(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
     """Every forget and utility metric the eval sets allow (KnowMem, VerbMem, perplexity,
     MC), as the before and after evaluations measure them, on the first records of each
     set (at most eval.robustness.max_samples)."""
-    figures = evaluate(model, tokenizer, spec, max_samples=_attack_size(spec))
+    figures = strip_per_record(evaluate(model, tokenizer, spec, max_samples=_attack_size(spec)))
     figures.pop("settings")
-    for value in figures.values():
-        value.pop("per_sample_f1", None)
-        value.pop("samples", None)
     return figures
 
 

@@ -9,6 +9,7 @@ reproduces any job from its spec.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -22,7 +23,7 @@ from core.engine.checkpoint import ensure_resumable, run_fingerprint
 from core.engine.contrast import build_contrast
 from core.engine.contrast import contrast_records as contrast_set_records
 from core.engine.data import encode_records, load_records
-from core.engine.evaluation import EvalSpec, evaluate, tradeoff
+from core.engine.evaluation import PER_RECORD, EvalSpec, evaluate, tradeoff
 from core.engine.events import Events, Phase
 from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
@@ -156,11 +157,13 @@ def _sharded_source(spec: JobSpec, start: StartPoint | None, wrapped: Any, work:
 
 def _take_per_sample(evaluation: dict[str, Any]) -> list[float] | None:
     """The per-question forget KnowMem F1 of an evaluation (for the attacks' recovery on
-    exactly the questions they measure), removed with the others' from what is stored."""
-    forget = evaluation.get("forget_knowmem", {}).pop("per_sample_f1", None)
+    exactly the questions they measure), removed with every per-record value from what
+    is stored."""
+    forget = evaluation.get("forget_knowmem", {}).get("per_sample_f1")
     for value in evaluation.values():
         if isinstance(value, dict):
-            value.pop("per_sample_f1", None)
+            for key in PER_RECORD:
+                value.pop(key, None)
     return forget
 
 
@@ -392,6 +395,7 @@ def run_job(
         metrics["after"] = evaluate(
             wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
         )
+        after_evaluation = copy.deepcopy(metrics["after"])  # with its per-record values
         after_scores = _take_per_sample(metrics["after"])
         metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
     lap("evaluate_after")
@@ -405,6 +409,7 @@ def run_job(
             spec.eval,
             before_scores=before_scores,
             after_scores=after_scores,
+            after_evaluation=after_evaluation,
             max_length=max_length,
         )
         lap("audit_attacks")

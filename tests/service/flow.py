@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from api.client import TERMINAL, Client
+from core.engine.evaluation import PER_RECORD
 
 __all__ = ["TERMINAL"]
 
@@ -231,7 +232,10 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
     expected = "pass" if all(r["passed"] for r in metrics["criteria"]) else "fail"
     assert metrics["verdict"] == expected == client.get_job(job["id"])["metrics_summary"]["verdict"]
     assert metrics["robustness"]["relearn"]["status"] == "done"
-    assert metrics["robustness"]["quantization"]["status"] == "done"
+    quantization = metrics["robustness"]["quantization"]
+    assert quantization["status"] == "done"
+    assert quantization["baseline"]["unquantized_from"].startswith("the after evaluation")
+    assert not any(f'"{key}"' in json.dumps(metrics) for key in PER_RECORD)  # never stored
     assert (
         metrics["privacy"]["after"]["status"] == "done"
         and 0 <= metrics["privacy"]["after"]["min_k_auc"] <= 1

@@ -4,28 +4,34 @@ The attacks and membership inference are core.engine.robustness and core.engine.
 core.engine.evidence runs them after the "after" metrics."""
 
 from core.engine.evaluation.metrics import (
+    PER_RECORD,
     EvalSpec,
     evaluate,
     forget_score,
     greedy_generate,
     knowmem,
     mc_accuracy,
+    on_first,
     perplexity,
     rouge_l,
+    strip_per_record,
     tradeoff,
     utility_score,
     verbmem,
 )
 
 __all__ = [
+    "PER_RECORD",
     "EvalSpec",
     "evaluate",
     "forget_score",
     "greedy_generate",
     "knowmem",
     "mc_accuracy",
+    "on_first",
     "perplexity",
     "rouge_l",
+    "strip_per_record",
     "tradeoff",
     "utility_score",
     "verbmem",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from core.engine.data import Records, build_examples, collate, load_records
+from core.engine.data import Records, collate, encode_records, load_records
 from core.engine.modeling import context_length
 from core.engine.spec_parts import EvalSpec  # noqa: F401 - re-exported
 
@@ -104,6 +104,7 @@ def knowmem(
         "rouge_l_recall": sum(s[1] for s in scores) / n,
         "n": n,
         "per_sample_f1": [s[0] for s in scores],
+        "per_sample_recall": [s[1] for s in scores],
         "samples": [
             {"prompt": r["prompt"], "reference": r["response"], "answer": a}
             for r, a in list(zip(records, answers, strict=True))[:keep]
@@ -131,7 +132,7 @@ def verbmem(
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
     continuations = greedy_generate(model, tokenizer, prompts, max(1, longest), batch_size)
     f1 = [rouge_l(c, ref)[0] for c, ref in zip(continuations, references, strict=True)]
-    return {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1)}
+    return {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1), "per_sample_f1": f1}
 
 
 @torch.no_grad()
@@ -144,11 +145,13 @@ def perplexity(
     max_length: int = 512,
 ) -> dict[str, Any]:
     """exp(mean token NLL) over the text records, all tokens counted, in windows of
-    max_length tokens (at most the model's context)."""
+    max_length tokens (at most the model's context); with each record's summed NLL and
+    token count (`per_record_nll`, `per_record_tokens`)."""
     max_length = min(max_length, context_length(model) or max_length)
-    examples = build_examples(Records("text", records), tokenizer, max_length)
+    encoded = encode_records(Records("text", records), tokenizer, max_length)
+    examples, owners = encoded.examples, [line - 1 for line in encoded.example_lines]
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    record_nll, record_tokens = [0.0] * len(records), [0] * len(records)
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
@@ -159,12 +162,24 @@ def perplexity(
         ).logits
         labels = batch["labels"].to(device)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
         )
-        total_nll += float(nll)
-        total_tokens += int((labels != -100).sum())
+        rows = nll.reshape(labels.shape).sum(dim=1).tolist()
+        counts = (labels != -100).sum(dim=1).tolist()
+        for offset, (row_nll, row_tokens) in enumerate(zip(rows, counts, strict=True)):
+            record_nll[owners[start + offset]] += row_nll
+            record_tokens[owners[start + offset]] += row_tokens
     model.train(was_training)
-    return {"perplexity": math.exp(total_nll / max(1, total_tokens)), "tokens": total_tokens}
+    return {
+        **_perplexity_of(record_nll, record_tokens),
+        "per_record_nll": record_nll,
+        "per_record_tokens": record_tokens,
+    }
+
+
+def _perplexity_of(nll: list[float], tokens: list[int]) -> dict[str, Any]:
+    total_tokens = sum(tokens)
+    return {"perplexity": math.exp(sum(nll) / max(1, total_tokens)), "tokens": total_tokens}
 
 
 def mc_accuracy(
@@ -181,6 +196,7 @@ def mc_accuracy(
     ({question, choices, answer}), offline, with the model already in memory.
     The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper).
     `select`: which of the first `limit` records to ask (accuracy None when none is).
+    `per_item_correct`: whether each asked record was answered right, in file order.
 
     The task reads its prompt ("Q: {question}\nA:"), choices and answer as columns of a
     copy of the first `limit` records, not through Jinja templates (which lm-eval
@@ -197,7 +213,7 @@ def mc_accuracy(
     if select is not None:
         records = [r for r in records if select(r)]
     if not records:
-        return {"accuracy": None, "n": 0}
+        return {"accuracy": None, "n": 0, "per_item_correct": []}
     task = {
         "task": task_name,
         "dataset_path": "json",
@@ -236,12 +252,21 @@ def mc_accuracy(
         manager = TaskManager(include_path=tmp, include_defaults=False, verbosity="ERROR")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.evaluate(
-            lm=lm, task_dict=manager.load([task_name]), bootstrap_iters=0, verbosity="ERROR"
+            lm=lm,
+            task_dict=manager.load([task_name]),
+            bootstrap_iters=0,
+            log_samples=True,
+            verbosity="ERROR",
         )
     model.train(was_training)
     accuracy = results["results"][task_name]["acc,none"]
     n = results["n-samples"][task_name]["effective"]
-    return {"accuracy": float(accuracy), "n": int(n)}
+    samples = sorted(results["samples"][task_name], key=lambda sample: sample["doc_id"])
+    return {
+        "accuracy": float(accuracy),
+        "n": int(n),
+        "per_item_correct": [bool(sample["acc"]) for sample in samples],
+    }
 
 
 def evaluate(
@@ -312,6 +337,58 @@ def evaluate(
         "rouge": "rougeL (rouge-score, no stemmer)",
     }
     return metrics
+
+
+# what knowmem, verbmem, perplexity and mc_accuracy return per record, beside the figures
+PER_RECORD = (
+    "per_sample_f1",
+    "per_sample_recall",
+    "per_record_nll",
+    "per_record_tokens",
+    "per_item_correct",
+)
+
+
+def strip_per_record(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation without its per-record values and kept samples (what is stored of a
+    model's figures in the audits), in a copy."""
+    return {
+        name: {k: v for k, v in value.items() if k not in (*PER_RECORD, "samples")}
+        if isinstance(value, dict)
+        else value
+        for name, value in evaluation.items()
+    }
+
+
+def on_first(evaluation: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The figures `evaluate(..., max_samples=n)` gives (without its settings and kept
+    samples), from a wider evaluation of the same model: each metric over its first n
+    records. None when a metric lacks its per-record values."""
+    out: dict[str, Any] = {}
+    for name, value in evaluation.items():
+        if name in ("settings", "retain_knowmem_unwatched"):
+            continue
+        if name.endswith("_knowmem") and "per_sample_recall" in value:
+            f1, recall = value["per_sample_f1"][:n], value["per_sample_recall"][:n]
+            out[name] = {
+                "rouge_l_f1": sum(f1) / len(f1),
+                "rouge_l_recall": sum(recall) / len(recall),
+                "n": len(f1),
+            }
+        elif name.endswith("_verbmem") and "per_sample_f1" in value:
+            f1 = value["per_sample_f1"][:n]
+            out[name] = {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1)}
+        elif name.endswith("_perplexity") and "per_record_nll" in value:
+            out[name] = _perplexity_of(value["per_record_nll"][:n], value["per_record_tokens"][:n])
+        elif name.endswith("_mc") and "per_item_correct" in value:
+            correct = value["per_item_correct"][:n]
+            out[name] = {
+                "accuracy": sum(correct) / len(correct) if correct else None,
+                "n": len(correct),
+            }
+        else:
+            return None
+    return out
 
 
 def forget_score(metrics: dict[str, Any]) -> float | None:
