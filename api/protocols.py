@@ -1,6 +1,11 @@
-"""HTTP protocols for uvicorn with a deadline on request headers: uvicorn times out idle
-keep-alive connections, but a connection that trickles its request headers (or sends
-nothing at all) is held forever. These close it after HEADER_TIMEOUT_SECONDS."""
+"""HTTP protocols for uvicorn with a deadline on request headers, and one socket send per
+response.
+
+uvicorn times out idle keep-alive connections, but a connection that trickles its
+request headers (or sends nothing at all) is held forever: these close it after
+HEADER_TIMEOUT_SECONDS. uvicorn writes a response's head and its body as two transport
+writes, each a `send` on the socket (on loopback, each also runs the receiver's side of
+TCP); `CoalescingTransport` joins the writes of one turn of the event loop into one."""
 
 from __future__ import annotations
 
@@ -10,6 +15,53 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.service.settings import get_settings
+
+
+class CoalescingTransport:
+    """A transport whose writes are held until the end of the event loop's current turn
+    and then written as one: a response's head and body, written by uvicorn one after
+    the other without yielding, leave in one send. A later turn's writes are never
+    held back by more than that turn. `close` writes what is held first; everything
+    else is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._held:
+            self._loop.call_soon(self._flush)
+        self._held.append(data if isinstance(data, bytes) else bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _HeaderDeadline:
@@ -23,7 +75,7 @@ class _HeaderDeadline:
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[misc]
         self._arm()
 
     def on_response_complete(self) -> None:

@@ -231,6 +231,69 @@ def test_the_header_deadline_holds_on_either_parser(parser):
             sock.close()
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_response_leaves_in_one_send_and_a_stream_s_chunks_are_not_held(parser):
+    """uvicorn writes a response's head and body one after the other: they reach the
+    socket as one write (they were two sends). A streamed response's chunk written in a
+    later turn of the loop is sent then, not held for the next: the client reads the
+    first chunk before the app writes the second, which it does only once the client
+    has it."""
+    import asyncio
+    import threading
+
+    from api.protocols import HeaderTimeoutH11
+    from api.protocols_httptools import HeaderTimeoutHttpTools
+
+    writes: list[bytes] = []
+    first_read = threading.Event()
+
+    class Counting:
+        def __init__(self, transport):  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def write(self, data):  # type: ignore[no-untyped-def]
+            writes.append(bytes(data))
+            self.transport.write(data)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.transport, name)
+
+    base = {"httptools": HeaderTimeoutHttpTools, "h11": HeaderTimeoutH11}[parser]
+
+    class Counted(base):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            super().connection_made(Counting(transport))
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["path"] == "/whole":
+            headers = [(b"content-length", b"2")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        assert await asyncio.to_thread(first_read.wait, 10)
+        await send({"type": "http.response.body", "body": b"second"})
+
+    with ThreadServer(app, http=Counted) as server:
+        whole = raw_request(
+            server.port, b"GET /whole HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert whole.startswith(b"HTTP/1.1 200") and whole.endswith(b"\r\n\r\nok")
+        assert writes == [whole]
+        writes.clear()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b"first" not in answer:
+                answer += sock.recv(1024)
+            first_read.set()
+            while not answer.endswith(b"0\r\n\r\n"):
+                answer += sock.recv(1024)
+        assert answer.startswith(b"HTTP/1.1 200") and b"second" in answer
+        assert len(writes) == 2 and writes[0].endswith(b"first\r\n"), writes
+
+
 # --- what a spec and a request may hold ---------------------------------------------
 
 
