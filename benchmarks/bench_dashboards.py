@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -67,23 +68,34 @@ def pids_of(root: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time (user + system, all threads) process `pid` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """The CPU time (user + system, all threads) process `pid` has used (0 once gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def with_cpu(loaded, pids: dict[str, list[int]], shares: list[dict[str, float]]):  # type: ignore[no-untyped-def]
+def processes_named(name: str) -> list[int]:
+    """Every process whose command line holds `name` (pgrep -f)."""
+    found = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
+def with_cpu(loaded, pids: dict[str, Callable[[], list[int]]], shares: list[dict[str, float]]):  # type: ignore[no-untyped-def]
     """`loaded`, also appending to `shares` the cores each group of processes used
-    meanwhile (this process, the load generator, as "load generator")."""
+    meanwhile (this process, the load generator, as "load generator"). Each group is
+    listed before and after (a database's backends come and go): a process that ended
+    meanwhile is not counted."""
 
     def measured(seconds: float):  # type: ignore[no-untyped-def]
         started = time.monotonic()
-        before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
+        before = {name: {p: cpu_seconds(p) for p in group()} for name, group in pids.items()}
         generator = time.process_time()
         result = loaded(seconds)
         elapsed = time.monotonic() - started
         share = {
-            name: (sum(map(cpu_seconds, group)) - before[name]) / elapsed
+            name: sum(cpu_seconds(p) - before[name].get(p, 0.0) for p in group()) / elapsed
             for name, group in pids.items()
         }
         share["load generator"] = (time.process_time() - generator) / elapsed
@@ -400,10 +412,15 @@ def run(args: argparse.Namespace, status_cache: float, threads: int) -> None:
         # the API's own process (its threads), and the training: the embedded worker is
         # the API's child, the stack's worker a process of its own (and its children)
         trainer = pids_of(processes[0].pid) if args.stack == "postgres" else pids_of(api.pid)[1:]
-        groups = {"API": [api.pid], "worker": trainer}
+        groups = {"API": lambda: [api.pid], "worker": lambda: trainer}
+        if args.stack == "postgres":  # the servers the stack's requests and events go through
+            groups |= {
+                "Postgres": lambda: processes_named("postgres"),
+                "Redis": lambda: processes_named("redis-server"),
+            }
         if args.pin:  # the API's threads on the first core, the worker's on the others
             cpus = sorted(os.sched_getaffinity(0))
-            for pids, where in ((groups["API"], cpus[:1]), (trainer, cpus[1:])):
+            for pids, where in (([api.pid], cpus[:1]), (trainer, cpus[1:])):
                 for pid in pids:
                     for task in Path(f"/proc/{pid}/task").iterdir():
                         os.sched_setaffinity(int(task.name), where)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_dashboards import api_client, pids_of, wrk  # noqa: E402
+from benchmarks.bench_dashboards import api_client, pids_of, processes_named, wrk  # noqa: E402
 from benchmarks.bench_fairness import cli  # noqa: E402
 from tests.service.conftest import free_port, stop_process_group  # noqa: E402
 
@@ -39,11 +39,6 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def processes_named(name: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split()]
 
 
 def run(args: argparse.Namespace, storage: str, model: Path) -> None:
