@@ -363,11 +363,13 @@ def strip_per_record(evaluation: dict[str, Any]) -> dict[str, Any]:
 def on_first(evaluation: dict[str, Any], n: int) -> dict[str, Any] | None:
     """The figures `evaluate(..., max_samples=n)` gives (without its settings and kept
     samples), from a wider evaluation of the same model: each metric over its first n
-    records. None when a metric lacks its per-record values."""
+    records. None when a metric lacks its per-record values (or has none)."""
     out: dict[str, Any] = {}
     for name, value in evaluation.items():
         if name in ("settings", "retain_knowmem_unwatched"):
             continue
+        if not value.get("n", value.get("tokens")):
+            return None
         if name.endswith("_knowmem") and "per_sample_recall" in value:
             f1, recall = value["per_sample_f1"][:n], value["per_sample_recall"][:n]
             out[name] = {
