@@ -21,18 +21,27 @@ class CoalescingTransport:
     """A transport whose writes are held until the end of the event loop's current turn
     and then written as one: a response's head and body, written by uvicorn one after
     the other without yielding, leave in one send. A later turn's writes are never
-    held back by more than that turn. `close` writes what is held first; everything
-    else is the wrapped transport's."""
+    held back by more than that turn, and once HOLD_BYTES are held they are written at
+    once, so a response that writes chunk after chunk without yielding still meets the
+    transport's flow control (uvicorn waits for the buffer to drain when it is full).
+    `close` writes what is held first; everything else is the wrapped transport's."""
+
+    HOLD_BYTES = 64 * 1024
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] = []
+        self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._held:
             self._loop.call_soon(self._flush)
-        self._held.append(data if isinstance(data, bytes) else bytes(data))
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        if self._held_bytes >= self.HOLD_BYTES:
+            self._flush()
 
     def writelines(self, lines: Any) -> None:
         for data in lines:
@@ -42,11 +51,12 @@ class CoalescingTransport:
         if self._held:
             data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
             self._held.clear()
+            self._held_bytes = 0
             if not self._transport.is_closing():
                 self._transport.write(data)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+        return self._transport.get_write_buffer_size() + self._held_bytes
 
     def write_eof(self) -> None:
         self._flush()
@@ -58,6 +68,7 @@ class CoalescingTransport:
 
     def abort(self) -> None:
         self._held.clear()
+        self._held_bytes = 0
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:

@@ -294,6 +294,45 @@ def test_a_response_leaves_in_one_send_and_a_stream_s_chunks_are_not_held(parser
         assert len(writes) == 2 and writes[0].endswith(b"first\r\n"), writes
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_response_written_without_yielding_still_waits_for_a_slow_reader(parser):
+    """A response that writes 1 MiB chunks one after another without yielding to the
+    loop, to a client that reads nothing yet: the writes reach the socket as they come
+    past 64 KiB held, so the server's flow control stops the app once the socket's
+    buffers are full (holding the whole turn's writes, it wrote all 256 MiB into
+    memory at once)."""
+    import threading
+
+    from api.protocols import HeaderTimeoutH11
+    from api.protocols_httptools import HeaderTimeoutHttpTools
+
+    chunks, total = [0], 256
+    done = threading.Event()
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(total):
+            await send({"type": "http.response.body", "body": bytes(2**20), "more_body": True})
+            chunks[0] += 1
+        await send({"type": "http.response.body", "body": b""})
+        done.set()
+
+    protocol = {"httptools": HeaderTimeoutHttpTools, "h11": HeaderTimeoutH11}[parser]
+    with (
+        ThreadServer(app, http=protocol) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
+    ):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.0)  # the client reads nothing yet
+        assert chunks[0] < total // 4, chunks  # the app waits for the reader
+        received, tail = 0, b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+            data = sock.recv(2**20)
+            assert data, "closed before the end"
+            received, tail = received + len(data), (tail + data)[-16:]
+        assert done.is_set() and chunks[0] == total and received > total * 2**20
+
+
 # --- what a spec and a request may hold ---------------------------------------------
 
 
