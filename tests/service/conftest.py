@@ -262,10 +262,12 @@ def wait_http(url: str, process: subprocess.Popen | None = None, timeout: float 
 
 class TcpProxy:
     """A TCP proxy to a local port, on a free port of its own, that can be cut: `stop()`
-    drops every connection and refuses new ones, as a database host going away would."""
+    drops every connection and refuses new ones, as a database host going away would.
+    `delay`: seconds each chunk from the client waits before it goes on (a slow host)."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, delay: float = 0.0):
         self.target_port = target_port
+        self.delay = delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.open: list[socket.socket] = []
@@ -283,13 +285,14 @@ class TcpProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, upstream, self.delay), (upstream, client, 0.0)):
+                threading.Thread(target=self._pipe, args=(a, b, delay), daemon=True).start()
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, delay: float) -> None:
         try:
             while data := source.recv(65536):
+                time.sleep(delay)
                 sink.sendall(data)
         except OSError:
             pass

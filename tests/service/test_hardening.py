@@ -621,7 +621,9 @@ def test_a_rate_limit_store_that_is_down_or_busy_is_503_not_500(api, redis_url):
     request with a valid key and one without are 503 with Retry-After (every route
     answered 500: redis.ConnectionError escaped). The wait for a connection is long here
     (on a busy two-core host, a burst through this Python proxy took over the default 5 s
-    for a few requests, which were then, as designed, 503)."""
+    for a few requests, which were then, as designed, 503). With Redis a second slow and a
+    wait of 50 ms (RATE_LIMIT_WAIT_SECONDS), a burst is answered in part and the rest,
+    which found every connection taken, are 503 with Retry-After."""
     from api.auth import RATE_LIMIT_CONNECTIONS
 
     proxy = TcpProxy(6379)
@@ -650,6 +652,32 @@ def test_a_rate_limit_store_that_is_down_or_busy_is_503_not_500(api, redis_url):
                 assert int(response.headers["Retry-After"]) > 0
     finally:
         proxy.close()
+    # busy: Redis answers a second late, so the pool's connections are all taken, and a
+    # request waits 50 ms for one: those that get none are 503, the others answered
+    slow = TcpProxy(6379, delay=1.0)
+    busy = settings.model_copy(
+        update={
+            "rate_limit_storage_url": redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{slow.port}"),
+            "rate_limit_wait_seconds": 0.05,
+        }
+    )
+    try:
+        with serve(busy) as server, ThreadPoolExecutor(100) as pool:
+            auth = {"Authorization": f"Bearer {key}"}
+            burst = list(
+                pool.map(
+                    lambda _: httpx.get(f"{server.url}/v1/nowhere", headers=auth, timeout=60),
+                    range(100),
+                )
+            )
+        codes = [r.status_code for r in burst]
+        assert set(codes) == {404, 503}, codes
+        for response in burst:
+            if response.status_code == 503:
+                error_of(response, 503, "rate_limit_unavailable")
+                assert int(response.headers["Retry-After"]) > 0
+    finally:
+        slow.close()
 
 
 def test_hundreds_of_concurrent_requests_all_get_their_answer(api):
