@@ -20,6 +20,7 @@ from core.engine.evaluation import (
     evaluate,
     knowmem,
     mc_accuracy,
+    mc_figures,
     on_first,
     strip_per_record,
 )
@@ -101,8 +102,9 @@ def _mc_after(
     correct = ((after_evaluation or {}).get("forget_mc") or {}).get("per_item_correct")
     if correct is None or len(correct) != len(items):
         return None
-    chosen = [ok for ok, item in zip(correct, items, strict=True) if select is None or select(item)]
-    return {"accuracy": sum(chosen) / len(chosen) if chosen else None, "n": len(chosen)}
+    return mc_figures(
+        [ok for ok, item in zip(correct, items, strict=True) if select is None or select(item)]
+    )
 
 
 def _mean(values: list[float], indices: list[int]) -> float:
@@ -321,6 +323,8 @@ def _figures(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
     set (at most eval.robustness.max_samples)."""
     figures = strip_per_record(evaluate(model, tokenizer, spec, max_samples=_attack_size(spec)))
     figures.pop("settings")
+    for value in figures.values():
+        value.pop("samples", None)
     return figures
 
 

@@ -9,7 +9,6 @@ reproduces any job from its spec.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -23,7 +22,7 @@ from core.engine.checkpoint import ensure_resumable, run_fingerprint
 from core.engine.contrast import build_contrast
 from core.engine.contrast import contrast_records as contrast_set_records
 from core.engine.data import encode_records, load_records
-from core.engine.evaluation import PER_RECORD, EvalSpec, evaluate, tradeoff
+from core.engine.evaluation import EvalSpec, evaluate, strip_per_record, tradeoff
 from core.engine.events import Events, Phase
 from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.formats import check_file
@@ -155,16 +154,10 @@ def _sharded_source(spec: JobSpec, start: StartPoint | None, wrapped: Any, work:
     return work / "start"
 
 
-def _take_per_sample(evaluation: dict[str, Any]) -> list[float] | None:
-    """The per-question forget KnowMem F1 of an evaluation (for the attacks' recovery on
-    exactly the questions they measure), removed with every per-record value from what
-    is stored."""
-    forget = evaluation.get("forget_knowmem", {}).get("per_sample_f1")
-    for value in evaluation.values():
-        if isinstance(value, dict):
-            for key in PER_RECORD:
-                value.pop(key, None)
-    return forget
+def _forget_scores(evaluation: dict[str, Any]) -> list[float] | None:
+    """The per-question forget KnowMem F1 of an evaluation, for the attacks' recovery on
+    exactly the questions they measure."""
+    return evaluation.get("forget_knowmem", {}).get("per_sample_f1")
 
 
 def _check_length(
@@ -335,10 +328,11 @@ def run_job(
     before_scores = after_scores = privacy_before = None
     if spec.eval is not None:
         events.phase(Phase.EVALUATING_BEFORE)
-        metrics["before"] = evaluate(
+        before_evaluation = evaluate(
             wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
         )
-        before_scores = _take_per_sample(metrics["before"])
+        metrics["before"] = strip_per_record(before_evaluation)
+        before_scores = _forget_scores(before_evaluation)
         lap("evaluate_before")
         privacy_before = privacy_audit(
             wrapped.model, tokenizer, spec.eval, forget_records, max_length=max_length
@@ -392,11 +386,11 @@ def run_job(
     token_view_after = report.token_probabilities(wrapped.model, tokenizer, forget[:samples])
     if spec.eval is not None:
         events.phase(Phase.EVALUATING_AFTER)
-        metrics["after"] = evaluate(
+        after_evaluation = evaluate(  # its per-record values serve the audits too
             wrapped.model, tokenizer, spec.eval, keep_samples=5, unwatched_from=unwatched_from
         )
-        after_evaluation = copy.deepcopy(metrics["after"])  # with its per-record values
-        after_scores = _take_per_sample(metrics["after"])
+        metrics["after"] = strip_per_record(after_evaluation)
+        after_scores = _forget_scores(after_evaluation)
         metrics["tradeoff"] = tradeoff(metrics["before"], metrics["after"])
     lap("evaluate_after")
 
@@ -426,10 +420,9 @@ def run_job(
                 if models
                 else load_base(spec.eval.reference_model, torch_device)
             )
-            metrics["reference"] = evaluate(
-                reference, tokenizer, spec.eval, unwatched_from=unwatched_from
+            metrics["reference"] = strip_per_record(
+                evaluate(reference, tokenizer, spec.eval, unwatched_from=unwatched_from)
             )
-            _take_per_sample(metrics["reference"])
             privacy["reference"] = privacy_audit(
                 reference, tokenizer, spec.eval, forget_records, max_length=max_length
             )

@@ -323,7 +323,12 @@ def test_a_response_written_without_yielding_still_waits_for_a_slow_reader(parse
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
     ):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(1.0)  # the client reads nothing yet
+        # the client reads nothing yet; wait until the app has stopped writing (10 s at most)
+        seen, still_since, deadline = -1, time.monotonic(), time.monotonic() + 10
+        while time.monotonic() < deadline and time.monotonic() - still_since < 0.3:
+            if chunks[0] != seen:
+                seen, still_since = chunks[0], time.monotonic()
+            time.sleep(0.01)
         assert chunks[0] < total // 4, chunks  # the app waits for the reader
         received, tail = 0, b""
         while not tail.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end

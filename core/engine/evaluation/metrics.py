@@ -98,13 +98,11 @@ def knowmem(
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in records]
     answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     scores = [rouge_l(a, r["response"]) for a, r in zip(answers, records, strict=True)]
-    n = len(scores)
+    f1, recall = [s[0] for s in scores], [s[1] for s in scores]
     return {
-        "rouge_l_f1": sum(s[0] for s in scores) / n,
-        "rouge_l_recall": sum(s[1] for s in scores) / n,
-        "n": n,
-        "per_sample_f1": [s[0] for s in scores],
-        "per_sample_recall": [s[1] for s in scores],
+        **_rouge_figures(f1, recall),
+        "per_sample_f1": f1,
+        "per_sample_recall": recall,
         "samples": [
             {"prompt": r["prompt"], "reference": r["response"], "answer": a}
             for r, a in list(zip(records, answers, strict=True))[:keep]
@@ -132,7 +130,20 @@ def verbmem(
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
     continuations = greedy_generate(model, tokenizer, prompts, max(1, longest), batch_size)
     f1 = [rouge_l(c, ref)[0] for c, ref in zip(continuations, references, strict=True)]
-    return {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1), "per_sample_f1": f1}
+    return {**_rouge_figures(f1), "per_sample_f1": f1}
+
+
+def _rouge_figures(f1: list[float], recall: list[float] | None = None) -> dict[str, Any]:
+    """Mean ROUGE-L F1 (and recall) over the records scored."""
+    figures: dict[str, Any] = {"rouge_l_f1": sum(f1) / len(f1)}
+    if recall is not None:
+        figures["rouge_l_recall"] = sum(recall) / len(recall)
+    return {**figures, "n": len(f1)}
+
+
+def mc_figures(correct: list[bool]) -> dict[str, Any]:
+    """MC accuracy over the items asked, from whether each was answered right."""
+    return {"accuracy": sum(correct) / len(correct) if correct else None, "n": len(correct)}
 
 
 @torch.no_grad()
@@ -350,10 +361,9 @@ PER_RECORD = (
 
 
 def strip_per_record(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation without its per-record values and kept samples (what is stored of a
-    model's figures in the audits), in a copy."""
+    """An evaluation without its per-record values (what is stored of it), in a copy."""
     return {
-        name: {k: v for k, v in value.items() if k not in (*PER_RECORD, "samples")}
+        name: {k: v for k, v in value.items() if k not in PER_RECORD}
         if isinstance(value, dict)
         else value
         for name, value in evaluation.items()
@@ -370,24 +380,14 @@ def on_first(evaluation: dict[str, Any], n: int) -> dict[str, Any] | None:
             continue
         if not value.get("n", value.get("tokens")):
             return None
-        if name.endswith("_knowmem") and "per_sample_recall" in value:
-            f1, recall = value["per_sample_f1"][:n], value["per_sample_recall"][:n]
-            out[name] = {
-                "rouge_l_f1": sum(f1) / len(f1),
-                "rouge_l_recall": sum(recall) / len(recall),
-                "n": len(f1),
-            }
-        elif name.endswith("_verbmem") and "per_sample_f1" in value:
-            f1 = value["per_sample_f1"][:n]
-            out[name] = {"rouge_l_f1": sum(f1) / len(f1), "n": len(f1)}
-        elif name.endswith("_perplexity") and "per_record_nll" in value:
+        if "per_sample_recall" in value:  # KnowMem
+            out[name] = _rouge_figures(value["per_sample_f1"][:n], value["per_sample_recall"][:n])
+        elif "per_sample_f1" in value:  # VerbMem
+            out[name] = _rouge_figures(value["per_sample_f1"][:n])
+        elif "per_record_nll" in value:
             out[name] = _perplexity_of(value["per_record_nll"][:n], value["per_record_tokens"][:n])
-        elif name.endswith("_mc") and "per_item_correct" in value:
-            correct = value["per_item_correct"][:n]
-            out[name] = {
-                "accuracy": sum(correct) / len(correct) if correct else None,
-                "n": len(correct),
-            }
+        elif "per_item_correct" in value:
+            out[name] = mc_figures(value["per_item_correct"][:n])
         else:
             return None
     return out
