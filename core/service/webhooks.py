@@ -10,13 +10,17 @@ UPDATE, so a sender that dies mid-request leaves it to another once the lease ex
 (at-least-once: a receiver dedupes by `webhook-id`). Failures are retried on a schedule
 of about a day, with jitter, and every attempt is recorded.
 
-Targets on loopback, private, link-local or otherwise non-public addresses are refused
-(at registration and again before every request, against DNS rebinding) unless the
-operator allows them (WEBHOOK_ALLOW_PRIVATE)."""
+Targets on loopback, private, link-local, site-local or otherwise non-public addresses,
+and IPv6 forms of such IPv4 addresses (NAT64, 6to4, Teredo, mapped, compatible), are
+refused unless the operator allows them (WEBHOOK_ALLOW_PRIVATE): at registration, and
+before every attempt, when the name is resolved once, checked, and the connection made
+to the address checked (the Host header and TLS server name stay the name's), so a
+second DNS answer cannot turn a request to a private address (DNS rebinding)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import logging
@@ -26,7 +30,7 @@ import socket
 import time
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import or_, select, update
@@ -61,27 +65,88 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
-def check_target(url: str, *, allow_private: bool) -> None:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 prefixes whose addresses carry an IPv4 address in their low 32 bits: the RFC 6052
+# NAT64 prefix, IPv4-mapped, IPv4-translated (RFC 2765) and IPv4-compatible (deprecated).
+_LOW_32_BITS_IPV4 = tuple(
+    ipaddress.IPv6Network(prefix)
+    for prefix in ("64:ff9b::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "::/96")
+)
+# NAT64 for a local network (RFC 8215): the embedded address's place is the operator's.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches through: NAT64, mapped, translated,
+    compatible, 6to4 (2002::/16) and Teredo (2001::/32, its server and its client)."""
+    if any(address in network for network in _LOW_32_BITS_IPV4):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    return []
+
+
+def refusal(address: Address) -> str | None:
+    """Why `address` is no target for a webhook, or None where it is public. An IPv6
+    address that embeds an IPv4 one is as public as that address, whatever
+    `ipaddress.is_global` says of the IPv6 form."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "a site-local address"
+        if address in _LOCAL_NAT64:
+            return "a local-use NAT64 address"
+        if not address.is_global:
+            return "a loopback, private or reserved address"
+        for inner in embedded_ipv4(address):
+            reason = refusal(inner)
+            if reason is not None:
+                return f"an IPv6 form of {inner}, {reason}"
+    if not address.is_global:
+        return "a loopback, private or reserved address"
+    return None
+
+
+def check_target(url: str, *, allow_private: bool) -> list[Address]:
     """Raise UnsafeTarget unless `url` is http(s) to a host whose every address is
-    public (or the operator allows private ones)."""
+    public (or the operator allows private ones). Returns the addresses checked, in the
+    resolver's order (none where private targets are allowed: nothing was resolved), so
+    the caller connects to what was checked rather than resolving the name again."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise UnsafeTarget(f"{url!r} is not an http(s) URL with a host")
     if parts.username or parts.password:
         raise UnsafeTarget("the URL may not carry credentials; sign with the secret instead")
     if allow_private:
-        return
+        return []
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise UnsafeTarget(f"{parts.hostname!r} does not resolve: {exc.strerror}") from None
+    addresses: list[Address] = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
+        reason = refusal(address)
+        if reason is not None:
             raise UnsafeTarget(
-                f"{parts.hostname!r} resolves to {address}, a loopback, private or reserved "
-                "address; the operator must allow such targets (WEBHOOK_ALLOW_PRIVATE)"
+                f"{parts.hostname!r} resolves to {address}, {reason}; the operator must "
+                "allow such targets (WEBHOOK_ALLOW_PRIVATE)"
             )
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def pinned(url: str, address: Address) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """`url` with its host replaced by `address`, the Host header it had, and (https) the
+    TLS server name and certificate check of its host name: a connection to the address
+    that was checked, which a second DNS answer cannot redirect."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if address.version == 6 else str(address)
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"host": parts.netloc}, extensions
 
 
 def enqueue(session: Session, tenant: str, event_type: str, data: dict[str, Any]) -> int:
@@ -161,16 +226,35 @@ def signed_request(delivery: WebhookDelivery, hook: Webhook) -> tuple[bytes, dic
     }
 
 
+def _post(url: str, body: bytes, headers: dict[str, str], addresses: list[Address]) -> int:
+    """POST to `url`, connecting to the first of `addresses` that accepts (to the name's
+    own resolution where none were checked); the status code."""
+    with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
+
+        def post_to(address: Address) -> int:
+            target, host, extensions = pinned(url, address)
+            request = client.build_request(
+                "POST", target, content=body, headers={**headers, **host}, extensions=extensions
+            )
+            return client.send(request).status_code
+
+        if not addresses:
+            return client.post(url, content=body, headers=headers).status_code
+        for address in addresses[:-1]:
+            with contextlib.suppress(httpx.ConnectError):
+                return post_to(address)
+        return post_to(addresses[-1])
+
+
 def _send(settings: Settings, url: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
     started = time.monotonic()
     record: dict[str, Any] = {"at": utcnow().isoformat(), "status_code": None, "error": None}
     try:
-        check_target(url, allow_private=settings.webhook_allow_private)
-        with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
-            response = client.post(url, content=body, headers=headers)
-        record["status_code"] = response.status_code
-        if not 200 <= response.status_code < 300:
-            record["error"] = f"the endpoint answered {response.status_code}"
+        addresses = check_target(url, allow_private=settings.webhook_allow_private)
+        status_code = _post(url, body, headers, addresses)
+        record["status_code"] = status_code
+        if not 200 <= status_code < 300:
+            record["error"] = f"the endpoint answered {status_code}"
     except UnsafeTarget as exc:
         record["error"] = f"refused: {exc}"
     except httpx.HTTPError as exc:

@@ -34,8 +34,9 @@ class Receiver:
     """An endpoint that records what it is sent. `hang` holds the first request until
     released (a sender that dies while waiting); it can be started and stopped."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port()
         self.received: list[dict] = []
         self.hang = False
         self.release = threading.Event()
@@ -44,7 +45,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
+        return f"http://{self.host}:{self.port}/hooks"
 
     def start(self) -> Receiver:
         receiver = self
@@ -62,7 +63,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer((self.host, self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -153,6 +154,116 @@ def test_targets_on_private_addresses_are_refused_unless_allowed(service):
     error = refused.json()["error"]
     assert error["code"] == "unsafe_webhook_url" and error["param"] == "url"
     assert "WEBHOOK_ALLOW_PRIVATE" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254 (cloud metadata)
+        "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+        "http://[64:ff9b:1::a00:1]/",  # local-use NAT64 (RFC 8215)
+        "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+        "http://[2002:a9fe:a9fe::1]/",  # 6to4 of 169.254.169.254
+        "http://[::127.0.0.1]/",  # IPv4-compatible
+        "http://[::ffff:127.0.0.1]/",  # IPv4-mapped
+        "http://[::ffff:0:a00:1]/",  # IPv4-translated 10.0.0.1
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",  # Teredo, client 192.0.2.45
+        "http://[fec0::1]/",  # site-local
+        "http://[fe80::1]/",  # link-local
+        "http://[fc00::1]/",  # unique local
+        "http://[::1]/",
+        "http://[::]/",
+        "http://0.0.0.0/",
+        "http://100.64.0.1/",  # carrier-grade NAT
+        "http://169.254.169.254/latest/meta-data",
+    ],
+)
+def test_every_form_of_a_non_public_target_is_refused(url):
+    from core.service.webhooks import UnsafeTarget, check_target
+
+    with pytest.raises(UnsafeTarget, match="WEBHOOK_ALLOW_PRIVATE"):
+        check_target(url, allow_private=False)
+    assert check_target(url, allow_private=True) == []  # allowed, and nothing resolved
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[64:ff9b::5db8:d822]/",  # NAT64 of 93.184.216.34
+        "http://[2002:5db8:d822::1]/",  # 6to4 of 93.184.216.34
+        "https://[2606:4700::1111]/",
+        "https://93.184.216.34/hook",
+    ],
+)
+def test_public_targets_and_ipv6_forms_of_public_addresses_are_accepted(url):
+    from core.service.webhooks import check_target
+
+    assert [str(a) for a in check_target(url, allow_private=False)] == [
+        url.split("//")[1].split("/")[0].strip("[]")
+    ]
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_followed(monkeypatch):
+    """A resolver that answers a public address to the check and loopback to any later
+    look-up (DNS rebinding with a short TTL): the request goes to the checked address,
+    with the name's Host header, and nothing connects to loopback. 127.0.0.2 stands for
+    the public address (no traffic may leave this machine), so `refusal` takes it as
+    public; 127.0.0.1 stays loopback."""
+    import ipaddress
+    import socket
+
+    from core.service import webhooks
+
+    real_getaddrinfo, real_refusal = socket.getaddrinfo, webhooks.refusal
+    public = ipaddress.ip_address("127.0.0.2")
+    monkeypatch.setattr(
+        webhooks, "refusal", lambda address: None if address == public else real_refusal(address)
+    )
+    answers: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host != "hooks.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        answers.append("127.0.0.2" if not answers else "127.0.0.1")
+        return real_getaddrinfo(answers[-1], port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    checked = Receiver("127.0.0.2").start()
+    loopback = Receiver("127.0.0.1", checked.port).start()
+    try:
+        settings = type("S", (), {"webhook_allow_private": False})()
+        url = f"http://hooks.rebind.test:{checked.port}/hooks"
+        record = webhooks._send(settings, url, b"{}", {"content-type": "application/json"})
+        assert record["error"] is None and record["status_code"] == 204, record
+        assert answers == ["127.0.0.2"]  # resolved once, by the check
+        assert len(checked.received) == 1 and loopback.received == []
+        sent = {name.lower(): value for name, value in checked.received[0]["headers"].items()}
+        assert sent["host"] == f"hooks.rebind.test:{checked.port}"
+        # The resolver would have sent a second look-up to loopback.
+        assert socket.getaddrinfo("hooks.rebind.test", 80)[0][4][0] == "127.0.0.1"
+    finally:
+        checked.stop()
+        loopback.stop()
+
+
+def test_a_pinned_https_request_keeps_the_name_for_tls():
+    """An https target is connected to by address, with the name as the TLS server name
+    (so the certificate is checked against the name) and as the Host header."""
+    import ipaddress
+
+    from core.service.webhooks import pinned
+
+    url, headers, extensions = pinned(
+        "https://hooks.example.com:8443/in?x=1", ipaddress.ip_address("2606:4700::1111")
+    )
+    assert url == "https://[2606:4700::1111]:8443/in?x=1"
+    assert headers == {"host": "hooks.example.com:8443"}
+    assert extensions == {"sni_hostname": "hooks.example.com"}
+    assert pinned("http://h.example/x", ipaddress.ip_address("93.184.216.34")) == (
+        "http://93.184.216.34/x",
+        {"host": "h.example"},
+        {},
+    )
 
 
 def test_registration_the_secret_once_and_tenancy(service):
