@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import errors
 from api.auth import PROTECTED_PREFIXES, PUBLIC_PATHS, Authenticate, KeyCache, RateLimiter
-from api.event_feeds import EventFeeds
+from api.event_feeds import EventFeeds, StreamSlots
 from api.metrics import registry_for
 from api.middleware import ConditionalGet, RequestGuard, RequestId, StatusCache
 from api.queue import TaskQueue
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = TaskQueue(settings)
     app.state.metrics_registry = registry_for(app.state.sessions)
     app.state.feeds = EventFeeds(app.state.sessions, settings.events_poll_seconds)
+    app.state.streams = StreamSlots(settings.max_streams_per_tenant)
     errors.install(app)
     # Outermost first: a request id on everything; the guard bounds the body and checks
     # the path before anything reads them; authentication and rate limits before any

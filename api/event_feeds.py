@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from api.metrics import EVENT_FEED_POLLS, EVENT_STREAMS
+from api.metrics import EVENT_FEED_POLLS, EVENT_STREAMS, EVENT_STREAMS_REFUSED
 from api.services import jobs
-from core.errors import NotFound
+from core.errors import LimitExceeded, NotFound
 from core.service.enums import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EventFeeds:
 
     async def follow(
         self, job_id: str, after: int | None, idle_seconds: float | None = None
-    ) -> AsyncIterator[tuple[str, Any]]:
+    ) -> AsyncGenerator[tuple[str, Any], None]:
         """("events", the events after `after` as /events shows them, oldest first: all
         that are there when the stream reads, so a stream writes once per poll, not once
         per event), then ("end", the final status) once the job has one; nothing more if
@@ -183,3 +183,33 @@ class EventFeeds:
                     if self._feeds.get(feed.job_id) is feed:
                         del self._feeds[feed.job_id]
                     return
+
+
+class StreamSlots:
+    """The event streams each tenant holds open in this API process (app.state.streams),
+    at most `per_tenant` at once: one tenant's streams cannot fill the process's
+    connections. The event loop is the only writer, so no lock is needed."""
+
+    RETRY_AFTER_SECONDS = 10
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self.open: Counter[str] = Counter()
+
+    def take(self, tenant: str) -> None:
+        """One more stream for `tenant`, or LimitExceeded (429) at its limit."""
+        if self.open[tenant] >= self.per_tenant:
+            EVENT_STREAMS_REFUSED.inc()
+            raise LimitExceeded(
+                f"tenant {tenant!r} has {self.open[tenant]} event streams open, its limit "
+                f"(MAX_STREAMS_PER_TENANT={self.per_tenant}); close one, or poll "
+                "/v1/jobs/{id}/events",
+                code="too_many_streams",
+                retry_after=self.RETRY_AFTER_SECONDS,
+            )
+        self.open[tenant] += 1
+
+    def give_back(self, tenant: str) -> None:
+        self.open[tenant] -= 1
+        if self.open[tenant] <= 0:
+            del self.open[tenant]

@@ -42,6 +42,10 @@ EVENT_STREAMS = Gauge(
     "Live event streams (/v1/jobs/{id}/events/stream) open.",
     multiprocess_mode="livesum",
 )
+EVENT_STREAMS_REFUSED = Counter(
+    "unlearn_event_streams_refused",
+    "Event streams refused (429) because the tenant held MAX_STREAMS_PER_TENANT already.",
+)
 EVENT_FEED_POLLS = Counter(
     "unlearn_event_feed_polls",
     "Database polls for new events by the streams' shared per-job feeds.",

@@ -112,9 +112,12 @@ class RequestGuard:
             return
         deadline = time.monotonic() + (self.upload_timeout if upload else self.body_timeout)
         received = 0
+        body_done = False
 
         async def guarded() -> dict:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # waiting for the client to leave (a stream, a download): no deadline
+                return await receive()
             remaining = deadline - time.monotonic()
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
@@ -128,6 +131,7 @@ class RequestGuard:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise CodedHTTPException(413, too_large, _too_large(upload, shown))
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, guarded, send)

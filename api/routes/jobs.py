@@ -3,8 +3,10 @@ cancel, events, metrics, artifacts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
@@ -149,6 +151,23 @@ def _last_seen(
 HEARTBEAT_SECONDS = 15.0  # a comment on a stream after this long without an event
 
 
+class _HeldStream(StreamingResponse):
+    """A stream that gives its tenant's slot back however it ends: finished, closed by
+    the client, or never started (a client gone before the first byte)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        # not cached, and not buffered by a proxy (nginx) on the way
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
@@ -157,32 +176,44 @@ HEARTBEAT_SECONDS = 15.0  # a comment on a stream after this long without an eve
     description="Each event is an SSE event: `id` its number, `event` its type, `data` the "
     "event object as in /events. A reconnecting client sends `Last-Event-ID` (or `after`) "
     "and gets what followed it; a comment every 15 s keeps idle connections open; after "
-    "a final status the stream ends with an `end` event carrying it.",
+    "a final status the stream ends with an `end` event carrying it. A stream that carried "
+    "no event for STREAM_IDLE_SECONDS (default 300) is closed: reconnect with "
+    "`Last-Event-ID`. A tenant holds at most MAX_STREAMS_PER_TENANT streams (default 20) "
+    "per API process: 429 `too_many_streams` with Retry-After beyond.",
 )
 async def stream_events(
     job: JobDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
     request: Request,
     last: Annotated[int | None, Depends(_last_seen)],
 ) -> StreamingResponse:
-    follow = request.app.state.feeds.follow(job.id, last, HEARTBEAT_SECONDS)
-    return StreamingResponse(
-        _sse(follow),
-        media_type="text/event-stream",
-        # not cached, and not buffered by a proxy (nginx) on the way
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    slots = request.app.state.streams
+    slots.take(tenant)
+    idle_close = settings.stream_idle_seconds
+    follow = request.app.state.feeds.follow(job.id, last, min(HEARTBEAT_SECONDS, idle_close))
+    return _HeldStream(_sse(follow, idle_close), lambda: slots.give_back(tenant))
 
 
-async def _sse(follow: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+async def _sse(
+    follow: AsyncGenerator[tuple[str, Any], None], idle_close: float
+) -> AsyncIterator[bytes]:
     """The feed's items as SSE bytes: each batch of events in one write (made once per
-    event for all its streams), the end event, a comment for an idle spell."""
-    async for kind, item in follow:
-        if kind == "events":
-            yield b"".join(event.frame for event in item)
-        elif kind == "end":
-            yield jobs.sse_frame(json.dumps({"status": item}), event="end")
-        else:
-            yield b": ping\n\n"
+    event for all its streams), the end event, a comment for an idle spell; after
+    `idle_close` seconds without an event, a comment saying so, and the stream ends."""
+    quiet_since = time.monotonic()
+    async with contextlib.aclosing(follow) as items:
+        async for kind, item in items:
+            if kind == "events":
+                quiet_since = time.monotonic()
+                yield b"".join(event.frame for event in item)
+            elif kind == "end":
+                yield jobs.sse_frame(json.dumps({"status": item}), event="end")
+            elif time.monotonic() - quiet_since >= idle_close:
+                yield f": no event for {idle_close:g} s: reconnect with Last-Event-ID\n\n".encode()
+                return
+            else:
+                yield b": ping\n\n"
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsObject, summary="Before/after metrics")

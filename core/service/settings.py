@@ -140,6 +140,18 @@ class Settings(BaseSettings):
         description="How often an event stream looks for a job's new events (one short "
         "query each time; no connection is held between).",
     )
+    max_streams_per_tenant: int = Field(
+        20,
+        ge=1,
+        description="Event streams (/events/stream) one tenant may hold open in one API "
+        "process; 429 with Retry-After beyond (poll /events instead, or close one).",
+    )
+    stream_idle_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="An event stream that has carried no event for this long is closed "
+        "(a comment says so); the client reconnects with Last-Event-ID and misses nothing.",
+    )
     max_chain_jobs: int = Field(
         16,
         ge=1,

@@ -1,7 +1,8 @@
 """Hostile and careless input, faults and fair sharing, over real HTTP on the embedded
-default (SQLite, the SQLite queue) and on Postgres + Redis. Each test names what broke
-before: a 500, a tenant broken for good, a body read before authentication, a slow
-client held forever, unbounded work, a race the database did not close, a leak."""
+default (SQLite, the SQLite queue) and on Postgres + Redis. Each test checks that one
+thing does not happen: a 500, a tenant broken for good, a body read before
+authentication, a slow client held forever, unbounded work, a race the database leaves
+open, a leak."""
 
 from __future__ import annotations
 
@@ -134,8 +135,9 @@ def raw_request(port: int, head: bytes, body: bytes = b"", wait: float = 5.0) ->
 
 
 def test_no_body_is_read_for_a_caller_without_a_valid_key(api):
-    """POST /v1/jobs read and parsed its whole body before the 401 (four 200 MB bodies
-    took the API to 2 GB). The 401 now comes while the body is still on its way."""
+    """A caller without a valid key gets its 401 while the body is still on its way:
+    POST /v1/jobs answers after 12 bytes of a declared 60,000, without waiting for the
+    rest."""
     head = (
         b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer ul_wrong\r\nContent-Length: 60000\r\n\r\n"
@@ -147,7 +149,8 @@ def test_no_body_is_read_for_a_caller_without_a_valid_key(api):
 
 
 def test_request_bodies_are_capped_declared_or_streamed(api):
-    """Only uploads capped their body; any JSON body was read whole."""
+    """A JSON body is capped as an upload is: one declared past the cap and one streamed
+    past it in chunks are both a 413 (request_too_large)."""
     big = json.dumps({"method": "catnip", "padding": "x" * 100_000}).encode()
     with client_for(api) as client:
         error_of(
@@ -168,9 +171,9 @@ def test_request_bodies_are_capped_declared_or_streamed(api):
 
 
 def test_slow_clients_are_cut_off(api):
-    """400 slowloris connections stayed open for good. A connection whose headers do not
-    arrive within HEADER_TIMEOUT_SECONDS is closed; a body that trickles past
-    BODY_TIMEOUT_SECONDS is a 408."""
+    """A connection whose headers do not arrive within HEADER_TIMEOUT_SECONDS is closed
+    (50 slowloris connections and one that sends nothing, all within 4 s); a body that
+    trickles past BODY_TIMEOUT_SECONDS is a 408."""
     socks = []
     for _ in range(50):
         sock = socket.create_connection(("127.0.0.1", api["port"]))
@@ -234,7 +237,7 @@ def test_the_header_deadline_holds_on_either_parser(parser):
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_a_response_leaves_in_one_send_and_a_stream_s_chunks_are_not_held(parser):
     """uvicorn writes a response's head and body one after the other: they reach the
-    socket as one write (they were two sends). A streamed response's chunk written in a
+    socket as one write, not two sends. A streamed response's chunk written in a
     later turn of the loop is sent then, not held for the next: the client reads the
     first chunk before the app writes the second, which it does only once the client
     has it."""
@@ -299,8 +302,8 @@ def test_a_response_written_without_yielding_still_waits_for_a_slow_reader(parse
     """A response that writes 1 MiB chunks one after another without yielding to the
     loop, to a client that reads nothing yet: the writes reach the socket as they come
     past 64 KiB held, so the server's flow control stops the app once the socket's
-    buffers are full (holding the whole turn's writes, it wrote all 256 MiB into
-    memory at once)."""
+    buffers are full: it has written less than a quarter of its 256 MiB when it stops,
+    not all of them into memory at once."""
     import threading
 
     from api.protocols import HeaderTimeoutH11
@@ -344,9 +347,9 @@ def test_a_response_written_without_yielding_still_waits_for_a_slow_reader(parse
 @pytest.mark.parametrize(
     "raw, param",
     [
-        # a lone surrogate was committed, answered 500, and every later GET /v1/jobs was a 500
+        # a lone surrogate is refused, not stored: stored, it would break the tenant's list
         (b'"adapter": {"target_modules": ["\\ud800"]}', "adapter.target_modules.0"),
-        # infinity was stored on SQLite and a 500 on Postgres
+        # infinity and NaN are refused on SQLite and on Postgres alike
         (b'"hyperparameters": {"max_grad_norm": 1e999}', "hyperparameters.max_grad_norm"),
         (b'"hyperparameters": {"max_grad_norm": NaN}', "hyperparameters.max_grad_norm"),
         (b'"hyperparameters": {"seed": 100000000000000000000000000000}', "hyperparameters.seed"),
@@ -374,8 +377,9 @@ def test_spec_values_that_are_no_text_or_no_finite_number_are_422(api, raw, para
 
 
 def test_empty_and_malformed_references_are_422_not_500(api):
-    """forget_file "" was a foreign-key failure (500), or with an Idempotency-Key a
-    misleading idempotency_key_reused."""
+    """An empty or malformed forget_file is a 422 (invalid_spec or file_not_found), with
+    or without an Idempotency-Key (not idempotency_key_reused); so are a NUL in
+    base_model and an unknown one."""
     with client_for(api) as client:
         error_of(client.post("/v1/jobs", json=job_body("")), 422, "invalid_spec")
         error_of(
@@ -399,8 +403,9 @@ def test_empty_and_malformed_references_are_422_not_500(api):
 
 
 def test_nul_and_overflows_in_paths_and_queries_are_4xx(api):
-    """A NUL in a path id, a cursor or a file name, and an event cursor past 2^63, were
-    500s on Postgres."""
+    """A NUL in a path id or a cursor, and an event cursor or a limit past what the
+    database holds (2^63 and up), are 4xx on SQLite and Postgres alike; a file name's
+    NUL and control characters are dropped."""
     with client_for(api) as client:
         for url in (
             "/v1/jobs/job-%00",
@@ -437,8 +442,10 @@ def test_nul_and_overflows_in_paths_and_queries_are_4xx(api):
 
 
 def test_the_work_of_a_job_is_bounded(api):
-    """1000 epochs over a 90k-record file was accepted as 91.7 million steps (and a larger
-    one overflowed total_steps with raw SQL in the message)."""
+    """A job's work is bounded at submission: 1000 epochs over a text file is a 422
+    job_too_large naming max_steps, and a job past the tenant's MAX_JOB_TOKENS one naming
+    that budget; once the operator raises the tenant's budget, the same job is
+    accepted."""
     from core.service import repo
 
     tenant = f"t-{uuid.uuid4().hex[:8]}"
@@ -478,8 +485,9 @@ def test_the_work_of_a_job_is_bounded(api):
 
 
 def test_active_jobs_and_stored_bytes_are_limited_per_tenant(api):
-    """No limit on active jobs, and 1.6 GB uploaded in 20 s: one tenant could fill the
-    queue and the disk."""
+    """One tenant cannot fill the queue or the disk: past MAX_ACTIVE_JOBS a job is a 429
+    with Retry-After while another tenant's is accepted, and an upload past
+    MAX_STORED_BYTES is a 413 that leaves nothing in the store."""
     with client_for(api) as client, client_for(api) as other:
         forget = file_id(client)
         for _ in range(3):
@@ -497,8 +505,9 @@ def test_active_jobs_and_stored_bytes_are_limited_per_tenant(api):
 
 
 def test_rate_limits_answer_429_per_tenant_and_are_shared_by_api_processes(api):
-    """300 requests from one key were all 200. With the stack's Redis, two API processes
-    count one tenant's requests together."""
+    """RATE_LIMIT 10/minute: a key's first 10 requests are 200 and the next are 429 with
+    Retry-After, while another key still gets a 200. With the stack's Redis, two API
+    processes count one tenant's requests together."""
     settings = api["settings"].model_copy(update={"rate_limit": "10/minute"})
     noisy, quiet = new_key(api), new_key(api)
     with serve(settings) as first, serve(settings) as second:
@@ -518,6 +527,73 @@ def test_rate_limits_answer_429_per_tenant_and_are_shared_by_api_processes(api):
             ).status_code
             == 200
         )
+
+
+def test_a_tenant_holds_at_most_its_share_of_event_streams(api):
+    """MAX_STREAMS_PER_TENANT 2: a tenant's third open stream is a 429 `too_many_streams`
+    with Retry-After, counted in the metric, while another tenant opens one; a stream
+    that ends (the client leaves) gives its slot back."""
+    import contextlib
+
+    from prometheus_client import REGISTRY
+
+    settings = api["settings"].model_copy(update={"max_streams_per_tenant": 2})
+    refused_before = REGISTRY.get_sample_value("unlearn_event_streams_refused_total") or 0
+    with serve(settings) as server, contextlib.ExitStack() as open_streams:
+        key, other_key = new_key(api), new_key(api)
+        client = open_streams.enter_context(client_for(api, key))
+        other = open_streams.enter_context(client_for(api, other_key))
+        client.base_url = other.base_url = httpx.URL(server.url)
+        job = client.post("/v1/jobs", json=job_body(file_id(client))).json()
+        url = f"/v1/jobs/{job['id']}/events/stream"
+        for _ in range(2):
+            response = open_streams.enter_context(client.stream("GET", url))
+            assert response.status_code == 200
+        refused = client.get(url)
+        error = error_of(refused, 429, "too_many_streams")
+        assert "MAX_STREAMS_PER_TENANT=2" in error["message"]
+        assert int(refused.headers["Retry-After"]) > 0
+        refused_now = REGISTRY.get_sample_value("unlearn_event_streams_refused_total")
+        assert refused_now == refused_before + 1
+        other_job = other.post("/v1/jobs", json=job_body(file_id(other))).json()
+        with other.stream("GET", f"/v1/jobs/{other_job['id']}/events/stream") as theirs:
+            assert theirs.status_code == 200
+        open_streams.close()  # the tenant's two streams end
+    with serve(settings) as server, client_for(api, key) as client:
+        client.base_url = httpx.URL(server.url)
+        with client.stream("GET", url) as first, client.stream("GET", url) as second:
+            assert first.status_code == second.status_code == 200
+
+
+def test_a_stream_without_events_is_closed_at_its_idle_lifetime_and_resumes(api):
+    """STREAM_IDLE_SECONDS 1.5: a stream of a queued job carries its first event, then a
+    ping, and is closed with a comment once 1.5 s passed without an event; its slot is
+    free again, and a client that reconnects with Last-Event-ID gets what followed. The
+    stream outlives BODY_TIMEOUT_SECONDS (1 s here): that deadline is for the request's
+    body, not for the wait for a client to leave."""
+    from core.service import repo
+    from tests.service.flow import sse_events
+
+    settings = api["settings"].model_copy(
+        update={"stream_idle_seconds": 1.5, "max_streams_per_tenant": 1}
+    )
+    with serve(settings) as server, client_for(api) as client:
+        client.base_url = httpx.URL(server.url)
+        job = client.post("/v1/jobs", json=job_body(file_id(client))).json()
+        url = f"/v1/jobs/{job['id']}/events/stream"
+        started = time.monotonic()
+        with client.stream("GET", url) as response:
+            lines = list(response.iter_lines())
+        lasted = time.monotonic() - started
+        assert 1.5 <= lasted < 6, lasted
+        assert lines[0] == "id: 1" and "event: status" in lines
+        assert lines[-2] == ": no event for 1.5 s: reconnect with Last-Event-ID", lines
+        with api["sessions"].begin() as session:
+            repo.add_event(session, job["id"], "message", "later", {})
+        with client.stream("GET", url, headers={"Last-Event-ID": "1"}) as response:
+            assert response.status_code == 200  # the closed stream's slot was given back
+            resumed = sse_events(response)
+        assert [(e["id"], e["event"]) for e in resumed] == [("2", "message")]
 
 
 @pytest.mark.parametrize("storage", ["memory", "redis"])
@@ -561,8 +637,9 @@ def test_each_of_several_limits_refuses_with_its_own_retry_after(storage, redis_
 
 
 def test_a_database_that_is_down_is_503_with_retry_after(api, tmp_path, redis_url):
-    """Every route answered 500 with the database down, and /readyz told anonymous
-    callers the database's host, port and driver messages."""
+    """With the database down, reads and writes (with a cached key or an unknown one)
+    are 503 database_unavailable with Retry-After, and /readyz says the database is
+    unavailable without naming its host, port or driver messages."""
     if api["backend"] == "postgres":
         proxy = TcpProxy(5432)
         url = api["settings"].database_url
@@ -622,11 +699,10 @@ def test_a_rate_limit_store_that_is_down_or_busy_is_503_not_500(api, redis_url):
     """The rate limit's Redis behind a proxy: up, a burst of 150 concurrent requests on one
     process (more than its pool of Redis connections; on a path that needs the key and
     the limit but no database) all get their answer, a 404, waiting for a connection
-    (they got 500s: the pool raised "Too many connections" past 100); with Redis gone, a
-    request with a valid key and one without are 503 with Retry-After (every route
-    answered 500: redis.ConnectionError escaped). The wait for a connection is long here
-    (on a busy two-core host, a burst through this Python proxy took over the default 5 s
-    for a few requests, which were then, as designed, 503). With Redis a second slow and a
+    rather than failing when the pool is empty; with Redis gone, a request with a valid
+    key and one without are 503 with Retry-After. The wait for a connection is long here
+    (on a busy two-core host, a burst through this Python proxy can take over the default
+    5 s for a few requests, which are then, as designed, 503). With Redis a second slow and a
     wait of 50 ms (RATE_LIMIT_WAIT_SECONDS), a burst is answered in part and the rest,
     which found every connection taken, are 503 with Retry-After."""
     from api.auth import RATE_LIMIT_CONNECTIONS
@@ -687,12 +763,11 @@ def test_a_rate_limit_store_that_is_down_or_busy_is_503_not_500(api, redis_url):
 
 def test_hundreds_of_concurrent_requests_all_get_their_answer(api):
     """400 requests at once, on routes whose session is used by a dependency (the file)
-    and by the route (the list): each request held its session's connection while it
-    waited for a thread, and once every connection was so held, with every thread
-    waiting for one, nothing moved until the pool's wait ran out (15 answers, 115 503s
-    and 270 client timeouts out of 400 on SQLite). Now all are answered. (A server of
-    its own: this module's cuts off a request whose head takes over a second to read,
-    which 400 at once on a busy machine may.)"""
+    and by the route (the list), are all answered 200: the requests waiting for one of
+    the API's threads cannot hold every connection of the pool (with every thread then
+    waiting for a connection, nothing would move until the pool's wait ran out). (A
+    server of its own: this module's cuts off a request whose head takes over a second
+    to read, which 400 at once on a busy machine may.)"""
     import asyncio
 
     key = new_key(api)
@@ -713,8 +788,10 @@ def test_hundreds_of_concurrent_requests_all_get_their_answer(api):
 
 
 def test_a_broker_that_is_down_never_yields_an_id_that_vanishes(api):
-    """With the broker down, a retry carrying the same Idempotency-Key in the two seconds
-    before the row was removed answered 200 with a job id that then 404ed."""
+    """With the broker down, a retry carrying the same Idempotency-Key while the first
+    request still waits on the broker is a 409 request_in_progress with Retry-After (never a job
+    id that then 404s), the first is a 503, no job is listed, and once the broker is back
+    the same key creates the job."""
     from api.app import create_app
     from api.queue import TaskQueue
 
@@ -757,8 +834,9 @@ def test_a_broker_that_is_down_never_yields_an_id_that_vanishes(api):
 
 
 def test_deleting_a_file_while_a_job_naming_it_is_created(api):
-    """7 of 40 rounds were a 500 and in 4 both succeeded (the job failed later). Now
-    exactly one of them wins, in the database."""
+    """20 rounds of a job created at the same moment as its forget file is deleted: never
+    a 500, and exactly one of them wins, in the database (a 201 and a 409 file_in_use, or
+    the delete and a 422 file_not_found)."""
     with client_for(api) as client:
         for _ in range(20):
             forget = file_id(client)
@@ -782,7 +860,9 @@ def test_deleting_a_file_while_a_job_naming_it_is_created(api):
 
 
 def test_concurrent_cancels_record_one_event(api):
-    """On SQLite, ten concurrent cancels of one job recorded up to five 'job cancelled'."""
+    """Ten concurrent cancels of one job, queued or running, record its 'job cancelled'
+    or 'cancel requested' event once, on SQLite as on Postgres; each answer is a 200 or
+    a 409."""
     from core.service.db import Job
 
     with client_for(api) as client:
@@ -815,8 +895,8 @@ def test_concurrent_cancels_record_one_event(api):
 
 
 def test_eval_files_of_finished_jobs_stay_as_tombstones(api):
-    """Deleting an eval file a finished job used removed its row entirely, where forget
-    and retain files kept a tombstone."""
+    """Deleting an eval file a finished job used leaves a tombstone, as forget and retain
+    files do: hidden from the API (404), its row kept as deleted with its sha256."""
     from core.service.db import File, Job
 
     with client_for(api) as client:
@@ -834,7 +914,8 @@ def test_eval_files_of_finished_jobs_stay_as_tombstones(api):
 
 
 def test_event_ids_are_numbered_per_job(api):
-    """Event ids were one sequence across every tenant: a tenant could count everyone's."""
+    """Event ids are numbered per job (1, 2, ... for each), not one sequence across
+    every tenant, so a tenant cannot count everyone's."""
     with client_for(api) as first, client_for(api) as second:
         jobs = []
         for client in (first, second, first):
@@ -847,8 +928,9 @@ def test_event_ids_are_numbered_per_job(api):
 
 
 def test_failure_messages_name_no_paths_sql_or_hosts(tmp_path):
-    """A failed job's message could carry raw SQL with its parameters, or the store's
-    absolute path; the running event named the worker's host:pid."""
+    """A failed job's message carries no raw SQL or parameters and no local path (a
+    registered model's directory shows as its name, any other path as <path>), and the
+    worker's host:pid is not among what it shows."""
     from sqlalchemy.exc import IntegrityError
 
     from core.service.settings import Settings
