@@ -38,7 +38,7 @@ class DatabaseEvents(Events):
         settings: Settings,
         lease_lost: Callable[[], bool],
         store: Store | None = None,
-    ):
+    ) -> None:
         self.sessions, self.job_id, self.settings = sessions, job_id, settings
         self.lease_lost, self.store = lease_lost, store
         self._last_step_write = 0.0

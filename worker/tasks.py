@@ -102,7 +102,7 @@ def _start_reaper(sender: object = None, **_: object) -> None:
         while True:
             try:
                 reap_orphans()
-            except Exception:  # noqa: BLE001 - the DB may be briefly away; try again later
+            except Exception:  # the DB may be briefly away: try again later
                 log.exception("reaper failed")
             if _reaper_stop.wait(settings.reap_every_seconds):
                 return
@@ -119,7 +119,7 @@ def _send_webhooks(settings: Settings) -> None:
     while True:
         try:
             webhooks.deliver_due(_reaper_sessions(), settings, owner)
-        except Exception:  # noqa: BLE001 - the DB may be briefly away; try again later
+        except Exception:  # the DB may be briefly away: try again later
             log.exception("webhook delivery failed")
         if _reaper_stop.wait(settings.webhook_poll_seconds):
             return

@@ -934,6 +934,7 @@ def test_failure_messages_name_no_paths_sql_or_hosts(tmp_path):
     from sqlalchemy.exc import IntegrityError
 
     from core.service.settings import Settings
+    from worker.redaction import Redactions
     from worker.runner import JobRunner, _unexpected
 
     sql = IntegrityError(
@@ -944,8 +945,8 @@ def test_failure_messages_name_no_paths_sql_or_hosts(tmp_path):
     code, message = _unexpected(sql)
     assert code == "database_error" and "INSERT" not in message and "acme-secret" not in message
     runner = JobRunner(Settings(unlearn_data_dir=tmp_path), None, None, owner="host-9:123")  # type: ignore[arg-type]
-    runner._redactions = {"/srv/models/llama": "model 'llama'"}
-    shown = runner._redact(
+    redactions = Redactions(runner.settings.work_dir, {"/srv/models/llama": "model 'llama'"})
+    shown = redactions.redact(
         "cannot load /srv/models/llama/config.json; FileNotFoundError: "
         f"'{tmp_path}/store/jobs/job-1/checkpoint.tar' and '/var/cache/hf/x.bin'"
     )
