@@ -22,7 +22,7 @@ class _SGD(torch.optim.SGD):
 def _gradient(wrapped, method, params, batch, retain_batch=None):
     """The loss gradient (forget; + retain KL when a retain batch is given) at the
     model's current weights, by hand."""
-    from core.engine.train import _forget_loss, _forward_logits, _retain_term
+    from core.engine.train_step import _forget_loss, _forward_logits, _retain_term
 
     model = wrapped.model
     model.zero_grad(set_to_none=True)
