@@ -42,6 +42,10 @@ EVENT_STREAMS = Gauge(
     "Live event streams (/v1/jobs/{id}/events/stream) open.",
     multiprocess_mode="livesum",
 )
+CONNECTIONS_REFUSED = Counter(
+    "unlearn_connections_refused",
+    "Connections answered 503 and closed: their address held MAX_CONNECTIONS_PER_CLIENT.",
+)
 EVENT_STREAMS_REFUSED = Counter(
     "unlearn_event_streams_refused",
     "Event streams refused (429) because the tenant held MAX_STREAMS_PER_TENANT already.",

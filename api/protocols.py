@@ -5,16 +5,32 @@ uvicorn times out idle keep-alive connections, but a connection that trickles it
 request headers (or sends nothing at all) is held forever: these close it after
 HEADER_TIMEOUT_SECONDS. uvicorn writes a response's head and its body as two transport
 writes, each a `send` on the socket (on loopback, each also runs the receiver's side of
-TCP); `CoalescingTransport` joins the writes of one turn of the event loop into one."""
+TCP); `CoalescingTransport` joins the writes of one turn of the event loop into one.
+
+uvicorn's `limit_concurrency` counts every open connection, idle ones too, so one client
+holding a thousand half-sent requests made every tenant's request a 503: a connection
+beyond MAX_CONNECTIONS_PER_CLIENT open from one address is answered 503 and closed before
+it counts, and the others' requests go on being served. The 503 comes after a hold of a
+couple of seconds, unread, so a client that reconnects whenever it is closed costs the
+server a few connections a second, not thousands."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import Counter
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from api.metrics import CONNECTIONS_REFUSED
 from core.service.settings import get_settings
+
+_REFUSAL = b"too many connections from this address (MAX_CONNECTIONS_PER_CLIENT); retry later\n"
+REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"retry-after: 5\r\nconnection: close\r\n"
+    b"content-length: " + str(len(_REFUSAL)).encode() + b"\r\n\r\n" + _REFUSAL
+)
 
 
 class CoalescingTransport:
@@ -77,17 +93,64 @@ class CoalescingTransport:
 
 class _HeaderDeadline:
     """Closes the connection unless a request's headers are complete within the timeout of
-    the connection opening, or of the previous response ending (keep-alive). Mixed in
-    before a uvicorn protocol, which calls `_disarm` where its parser has the headers."""
+    the connection opening, or of the previous response ending (keep-alive), and refuses a
+    connection beyond the per-client cap. Mixed in before a uvicorn protocol, which calls
+    `_disarm` where its parser has the headers."""
 
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     header_timeout: float | None = None  # None: HEADER_TIMEOUT_SECONDS of the environment
+    # None: MAX_CONNECTIONS_PER_CLIENT of the environment; 0: no cap
+    per_client: int | None = None
+    # The connections open per client address, of the server this class serves (the
+    # event loop's thread is the only one to change it).
+    open_by_client: ClassVar[Counter[str]] = Counter()
+    # Refused connections held before their 503, so a client that reconnects at once
+    # does so a few times a second, not thousands; at most `max_held` of them.
+    held: ClassVar[set[asyncio.BaseTransport]] = set()
+    max_held: ClassVar[int] = 1000
+    HOLD_SECONDS: ClassVar[float] = 2.0
     _header_timer: asyncio.TimerHandle | None = None
+    _client_host: str | None = None
+    _refused: asyncio.Transport | None = None
+    _refusal_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else None
+        cap = self.per_client
+        if cap is None:
+            cap = get_settings().max_connections_per_client
+        if host is not None and cap and self.open_by_client[host] >= cap:
+            self._refuse(transport)
+            return
+        self._client_host = host
+        if host is not None:
+            self.open_by_client[host] += 1
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[misc]
         self._arm()
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        """Answer 503 and close, after HOLD_SECONDS unread where fewer than `max_held`
+        are held: never counted by uvicorn, never parsed."""
+        CONNECTIONS_REFUSED.inc()
+        self._refused = transport
+        if len(self.held) >= self.max_held:
+            self._send_refusal()
+            return
+        transport.pause_reading()
+        self.held.add(transport)
+        self._refusal_timer = self.loop.call_later(self.HOLD_SECONDS, self._send_refusal)
+
+    def _send_refusal(self) -> None:
+        self._refusal_timer = None
+        if self._refused is not None and not self._refused.is_closing():
+            self._refused.write(REFUSED)
+            self._refused.close()  # after the write
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None:  # not a refused connection
+            super().data_received(data)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -95,7 +158,16 @@ class _HeaderDeadline:
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused is not None:  # uvicorn never saw it
+            self.held.discard(self._refused)
+            if self._refusal_timer is not None:
+                self._refusal_timer.cancel()
+            return
         self._disarm()
+        if self._client_host is not None:
+            self.open_by_client[self._client_host] -= 1
+            if self.open_by_client[self._client_host] <= 0:
+                del self.open_by_client[self._client_host]
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:

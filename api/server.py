@@ -1,13 +1,15 @@
 """The HTTP server: uvicorn, with what it lacks against slow clients. uvicorn times out
 idle keep-alive connections, but a connection that trickles its request headers (or
-sends nothing at all) is held forever: HEADER_TIMEOUT_SECONDS closes it. Concurrent
-connections beyond MAX_CONNECTIONS are answered 503. Bodies are bounded in size and
+sends nothing at all) is held forever: HEADER_TIMEOUT_SECONDS closes it. Connections
+from one address beyond MAX_CONNECTIONS_PER_CLIENT are answered 503 and closed before
+they count; concurrent connections beyond MAX_CONNECTIONS are answered 503. Bodies are bounded in size and
 time by api.middleware.RequestGuard.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from typing import Any
 
 import uvicorn
@@ -27,7 +29,17 @@ def _protocol(settings: Settings | None) -> Any:
         base = HeaderTimeoutHttpTools
     if settings is None:
         return f"{base.__module__}:{base.__name__}"
-    return type(base.__name__, (base,), {"header_timeout": settings.header_timeout_seconds})
+    return type(
+        base.__name__,
+        (base,),
+        {
+            "header_timeout": settings.header_timeout_seconds,
+            "per_client": settings.max_connections_per_client,
+            "open_by_client": Counter(),  # this server's own count
+            "held": set(),
+            "max_held": settings.max_connections,
+        },
+    )
 
 
 def options(settings: Settings, *, in_process: bool = True) -> dict[str, Any]:

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=1, description="Concurrent connections per API process; 503 beyond."
     )
+    max_connections_per_client: int = Field(
+        64,
+        ge=0,
+        description="Connections one client address may hold open to one API process; "
+        "beyond, a connection is answered 503 and closed before it counts towards "
+        "MAX_CONNECTIONS. 0: no cap (behind a reverse proxy, whose address all share: "
+        "the proxy caps per client instead).",
+    )
 
     # Fair sharing, per tenant: defaults an operator overrides per tenant
     # (`unlearn tenants set TENANT ...`). Rate limits are `limits` strings such as

@@ -316,3 +316,75 @@ class TcpProxy:
 
     def close(self) -> None:
         self.stop()
+
+
+class IdleFlood:
+    """One client holding idle connections: `connections` sockets from `source` (a
+    loopback address of its own, so the server sees one client apart from the tenant's
+    127.0.0.1), each sending a request line and half its headers and then nothing,
+    reconnecting at once whenever the server closes it, until stopped. A thread with one
+    selector: what a small script on a single machine does."""
+
+    HALF_REQUEST = b"GET /v1/jobs HTTP/1.1\r\nHost: api\r\nX-Waiting: "
+
+    def __init__(self, port: int, connections: int, source: str = "127.0.0.2") -> None:
+        import selectors
+
+        self.port, self.connections, self.source = port, connections, source
+        self.selector = selectors.DefaultSelector()
+        self.stopping = threading.Event()
+        self.opened = 0  # connections made, reconnections included
+        self.closed_by_server = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> IdleFlood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(30)
+
+    def _open(self) -> None:
+        import selectors
+
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((self.source, 0))
+        sock.connect_ex(("127.0.0.1", self.port))
+        self.opened += 1
+        self.selector.register(sock, selectors.EVENT_WRITE, "connecting")
+
+    def _run(self) -> None:
+        import selectors
+
+        for _ in range(self.connections):
+            self._open()
+        while not self.stopping.is_set():
+            for key, _ in self.selector.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if key.data == "connecting":
+                    try:
+                        sock.send(self.HALF_REQUEST)
+                    except OSError:
+                        self._reopen(sock)
+                        continue
+                    self.selector.modify(sock, selectors.EVENT_READ, "waiting")
+                    continue
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                if not data or data.startswith(b"HTTP/1.1 503"):  # closed: come back
+                    self._reopen(sock)
+        for key in list(self.selector.get_map().values()):
+            self.selector.unregister(key.fileobj)
+            key.fileobj.close()  # type: ignore[union-attr]
+        self.selector.close()
+
+    def _reopen(self, sock: socket.socket) -> None:
+        self.closed_by_server += 1
+        self.selector.unregister(sock)
+        sock.close()
+        self._open()

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.service.conftest import TcpProxy, ThreadServer
+from tests.service.conftest import IdleFlood, TcpProxy, ThreadServer
 
 QA = b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n' * 3
 LIMITS = {"rate_limit": "1000/second", "anonymous_rate_limit": "1000/second"}
@@ -594,6 +594,43 @@ def test_a_stream_without_events_is_closed_at_its_idle_lifetime_and_resumes(api)
             assert response.status_code == 200  # the closed stream's slot was given back
             resumed = sse_events(response)
         assert [(e["id"], e["event"]) for e in resumed] == [("2", "message")]
+
+
+@pytest.mark.parametrize("per_client", [64, 0], ids=["capped", "uncapped"])
+def test_one_client_s_idle_connections_do_not_take_the_api_down(api, per_client):
+    """1,000 connections from one address (127.0.0.2), each a request line and half its
+    headers, reconnecting whenever closed, against the server's own options
+    (MAX_CONNECTIONS 1000): with MAX_CONNECTIONS_PER_CLIENT 64 a tenant's authenticated
+    requests from another address all answer 200 (their latency is printed); without
+    the cap (0) the same flood makes them 503, uvicorn's answer at MAX_CONNECTIONS."""
+    settings = api["settings"].model_copy(
+        update={"header_timeout_seconds": 10.0, "max_connections_per_client": per_client}
+    )
+    with serve(settings) as server, client_for(api) as client:
+        client.base_url = httpx.URL(server.url)
+        assert client.get("/v1/jobs").status_code == 200
+        with IdleFlood(server.port, 1000) as flood:
+            time.sleep(1.5)  # the flood's connections are open (or refused and back)
+            statuses, seconds = [], []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                statuses.append(client.get("/v1/jobs").status_code)
+                seconds.append(time.monotonic() - started)
+                time.sleep(0.02)
+        assert flood.opened >= 1000
+    if per_client:
+        assert statuses == [200] * len(statuses), sorted(set(statuses))
+        assert flood.closed_by_server > 0  # the connections past 64 were turned away
+        ordered = sorted(seconds)
+        print(
+            f"[{api['backend']}] {len(seconds)} requests under the flood: p50 "
+            f"{ordered[len(ordered) // 2] * 1000:.1f} ms, p99 "
+            f"{ordered[int(len(ordered) * 0.99)] * 1000:.1f} ms; the flood opened "
+            f"{flood.opened} connections"
+        )
+    else:
+        assert statuses.count(503) > len(statuses) / 2, statuses
 
 
 @pytest.mark.parametrize("storage", ["memory", "redis"])
