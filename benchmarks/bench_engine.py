@@ -343,9 +343,10 @@ def one_step_config(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.engine.data import Example
+    from core.engine.events import Events
     from core.engine.methods import METHODS, parse_params
     from core.engine.modeling import AdapterSpec, wrap
-    from core.engine.train import Hooks, run_unlearning
+    from core.engine.train import run_unlearning
 
     config = LlamaConfig(vocab_size=32000, **STEP_MODELS[model_name])
     generator = torch.Generator().manual_seed(0)
@@ -368,18 +369,18 @@ def one_step_config(
     else:
         base = _reset_cpu_peak()
 
-    class StepClock(Hooks):
+    class StepClock(Events):
         """Records when each optimizer step ended."""
 
         def __init__(self) -> None:
             self.ends: list[float] = []
 
-        def on_step(self, info) -> None:
+        def step(self, info) -> None:
             sync(device)
             self.ends.append(time.perf_counter())
 
     clock = StepClock()
-    run_unlearning(wrapped, METHODS[method_id], params, examples, pad_id=0, hooks=clock)
+    run_unlearning(wrapped, METHODS[method_id], params, examples, pad_id=0, events=clock)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
