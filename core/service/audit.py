@@ -6,8 +6,9 @@ The operator's own actions (models registered) are the chain of tenant `_operato
 Rows are only ever inserted (the database also refuses UPDATE and DELETE on the table:
 migration 0003's triggers). Appending takes the tenant's row lock, so one tenant's
 entries are numbered 1, 2, 3... without gaps. A deleted *last* entry leaves no gap:
-compare the head with one recorded earlier (`unlearn audit verify --head`; every
-certificate records the head at its issue).
+check that the chain still contains a head recorded earlier (`unlearn audit verify
+--head`; every certificate records the head at its issue); entries after it are the log
+growing.
 """
 
 from __future__ import annotations
@@ -123,9 +124,13 @@ def verify_chain(
     """Every way `entries` (one tenant's, as stored, in the order read) is not the chain
     that was written: a gap in the numbers (a deleted entry), an entry out of order, a
     hash that does not match its content (an edit), a link that does not match the
-    entry before it; and, given `head`, a chain that ends elsewhere (a deleted tail)."""
+    entry before it; and, given `head` (the head recorded at some point, such as a
+    certificate's `audit_head`), a chain that does not pass through it: its entries up to
+    that point were removed. Entries appended after the head are the log growing, not a
+    problem."""
     problems = []
     previous_hash, expected = GENESIS, 1
+    seen = {GENESIS}
     for entry in entries:
         number = entry["number"]
         if number != expected:
@@ -139,13 +144,15 @@ def verify_chain(
         if recomputed != entry["hash"]:
             problems.append(Problem(tenant, number, "its content does not match its hash (edited)"))
         previous_hash, expected = entry["hash"], number + 1
-    if head is not None and previous_hash != head:
+        seen.add(previous_hash)
+    if head is not None and head not in seen:
         problems.append(
             Problem(
                 tenant,
                 None,
-                "it does not end at the expected head (entries were "
-                "removed from its end, or it is another chain)",
+                f"it does not contain the expected head {head[:16]}... (entries up to it "
+                f"were removed from its end, or it is another chain; it ends at entry "
+                f"{expected - 1})",
             )
         )
     return problems

@@ -135,7 +135,24 @@ def test_a_removed_tail_is_detected_against_a_recorded_head(sessions):
     try:
         assert _verify(maker, tenant) == []  # the chain alone cannot see a removed tail
         problems = _verify(maker, tenant, head)
-        assert any("does not end at the expected head" in p for p in problems), problems
+        assert any("does not contain the expected head" in p for p in problems), problems
     finally:
         with maker.begin() as session:
             _restore(session, backend)
+
+
+def test_a_recorded_head_is_a_point_the_chain_passes_not_its_end(sessions):
+    """The log grows after a certificate records its head (downloads, later jobs): a head
+    the chain passes through, unaltered, verifies; the genesis head too; an unknown head
+    does not."""
+    _, maker = sessions
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    _chain(maker, tenant)
+    with maker() as session:
+        with_three = [audit.as_dict(e) for e in audit.entries_of(session, tenant)[:3]]
+        earlier = with_three[-1]["hash"]
+    _chain(maker, tenant)  # more entries after the recorded head
+    assert _verify(maker, tenant, earlier) == []
+    assert _verify(maker, tenant, audit.GENESIS) == []
+    problems = _verify(maker, tenant, "f" * 64)
+    assert any("does not contain the expected head" in p for p in problems), problems
