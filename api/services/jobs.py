@@ -11,9 +11,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
+from core.engine.contrast import check_pairing
+from core.engine.methods import METHODS
 from core.engine.spec import JobSpec, parse_spec
 from core.errors import (
     Conflict,
+    DataError,
     LimitExceeded,
     NotFound,
     SpecError,
@@ -94,6 +97,7 @@ def create(
     slots = _file_slots(spec)
     repo.lock_files(session, set(slots.values()))
     files = _check_files(session, tenant, slots)
+    _check_contrast(spec, files)
     check_work(
         spec,
         estimated_examples(files["forget_file"], spec.hyperparameters.max_length),
@@ -362,6 +366,24 @@ def _file_slots(spec: JobSpec) -> dict[str, str]:
                 code="file_not_found",
             )
     return slots
+
+
+def _check_contrast(spec: JobSpec, files: dict[str, File]) -> None:
+    """A method that reads contrast responses (FLAT) gets a contrast set that fits its
+    forget set, as far as the files' kinds and record counts show: refused here, not
+    when the job runs."""
+    if not METHODS[spec.method].uses_contrast:
+        return
+    forget, contrast = files["forget_file"], files.get("contrast_file")
+    try:
+        check_pairing(
+            forget.kind or "",
+            forget.records or 0,
+            contrast.kind if contrast is not None else None,
+            contrast.records if contrast is not None else None,
+        )
+    except DataError as exc:
+        raise SpecError(exc.message, param="contrast_file", code="contrast_mismatch") from None
 
 
 def _check_files(session: Session, tenant: str, slots: dict[str, str]) -> dict[str, File]:

@@ -71,34 +71,53 @@ def _answered(record: dict[str, Any], kind: str, response: str) -> dict[str, Any
     return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": response}]}
 
 
-def contrast_records(forget: Records, contrast: Records | None, seed: int) -> Records:
-    """The contrast records, checked against the forget set: paired line by line for a
-    qa/chat forget set (refusals where `contrast` is None), as given for a text one."""
-    if forget.kind == "text":
-        if contrast is None:
+def check_pairing(
+    forget_kind: str, forget_count: int, contrast_kind: str | None, contrast_count: int | None
+) -> None:
+    """What the kinds and record counts alone show of a contrast set (the API checks it
+    at submission from the files' validation, the engine again on the records): a text
+    forget set needs a contrast_file; a qa/chat one's answers its prompts line by line,
+    in its format. `contrast_kind` None: no contrast_file."""
+    if forget_kind == "text":
+        if contrast_kind is None:
             raise DataError(
                 "method flat on a text forget set needs a contrast_file: the built-in "
                 "refusals answer prompts, and text records have none",
                 param="contrast_file",
             )
+        return
+    if contrast_kind is None:
+        return
+    if contrast_kind != forget_kind:
+        raise DataError(
+            f"contrast_file holds {contrast_kind} records and the forget set {forget_kind}: "
+            "it gives the expected response to each forget prompt, in the same format",
+            param="contrast_file",
+        )
+    if contrast_count != forget_count:
+        raise DataError(
+            f"contrast_file has {contrast_count} records and the forget set "
+            f"{forget_count}: it gives, line by line, the expected response to each "
+            "forget prompt",
+            param="contrast_file",
+        )
+
+
+def contrast_records(forget: Records, contrast: Records | None, seed: int) -> Records:
+    """The contrast records, checked against the forget set: paired line by line for a
+    qa/chat forget set (refusals where `contrast` is None), as given for a text one."""
+    check_pairing(
+        forget.kind,
+        len(forget.items),
+        contrast.kind if contrast is not None else None,
+        len(contrast.items) if contrast is not None else None,
+    )
+    if forget.kind == "text" and contrast is not None:  # (without one: refused above)
         return contrast
     if contrast is None:
         rng = random.Random(seed)
         items = [_answered(r, forget.kind, rng.choice(REFUSALS)) for r in forget.items]
         return Records(forget.kind, items, [forget.line_of(i) for i in range(len(items))])
-    if contrast.kind != forget.kind:
-        raise DataError(
-            f"contrast_file holds {contrast.kind} records and the forget set {forget.kind}: "
-            "it gives the expected response to each forget prompt, in the same format",
-            param="contrast_file",
-        )
-    if len(contrast.items) != len(forget.items):
-        raise DataError(
-            f"contrast_file has {len(contrast.items)} records and the forget set "
-            f"{len(forget.items)}: it gives, line by line, the expected response to each "
-            "forget prompt",
-            param="contrast_file",
-        )
     for index, (mine, theirs) in enumerate(zip(forget.items, contrast.items, strict=True)):
         if _prompt(mine, forget.kind) != _prompt(theirs, forget.kind):
             raise DataError(

@@ -153,8 +153,9 @@ def test_large_upload_is_validated_in_the_background(client):
 
 
 def test_a_validator_fault_makes_the_file_invalid_not_a_500_or_stuck(client, monkeypatch):
-    """A bug in the validator (deep JSON raised RecursionError out of it) answered 500 on
-    a small upload and left a large one in `validating` for good."""
+    """A bug in the validator (here: it raises RecursionError) makes the file `invalid`
+    with a problem that names the error, for a small upload as for a large one validated
+    in the background: never a 500, never a file left in `validating` for good."""
     import api.services.files
 
     def broken(*args, **kwargs):
@@ -392,6 +393,40 @@ def test_job_refuses_invalid_and_wrong_purpose_files(client):
     created = client.post("/v1/jobs", json=job_body(forget, method="flat", contrast_file=contrast))
     assert created.status_code == 201, created.text
     assert created.json()["contrast_file"] == contrast
+
+
+def test_a_contrast_set_that_cannot_fit_is_refused_at_submission(client):
+    """What the files' validation shows of FLAT's contrast set is refused before the job
+    exists (a 422 naming contrast_file), not when it runs: a text forget set without a
+    contrast_file, a contrast set in another format, or with another number of records.
+    Other methods do not read one."""
+    text = valid_file(client, content=b'{"text": "Ona rides Vex over the hills."}\n')
+    assert_error(
+        client.post("/v1/jobs", json=job_body(text, method="flat")),
+        422,
+        "contrast_mismatch",
+        param="contrast_file",
+        contains="needs a contrast_file",
+    )
+    qa = valid_file(client)  # 3 records
+    two = valid_file(client, purpose="contrast", content=(QA.split(b"\n")[0] + b"\n") * 2)
+    chat = valid_file(
+        client,
+        purpose="contrast",
+        content=b'{"messages": [{"role": "user", "content": "Who rides Vex?"}, '
+        b'{"role": "assistant", "content": "I do not know."}]}\n' * 3,
+    )
+    for contrast, words in ((two, "2 records"), (chat, "holds chat records")):
+        assert_error(
+            client.post("/v1/jobs", json=job_body(qa, method="flat", contrast_file=contrast)),
+            422,
+            "contrast_mismatch",
+            param="contrast_file",
+            contains=words,
+        )
+    for method in ("catnip", "npo", "ga"):
+        assert client.post("/v1/jobs", json=job_body(text, method=method)).status_code == 201
+    assert client.post("/v1/jobs", json=job_body(qa, method="flat")).status_code == 201
 
 
 def test_create_get_cancel_and_events(client):
