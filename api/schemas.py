@@ -196,6 +196,11 @@ class JobObject(BaseModel):
     metrics_summary: dict[str, Any] | None = Field(
         description="forget and utility scores before/after and the trade-off (full set: /metrics)."
     )
+    verdict: str | None = Field(
+        description="The evidence's verdict on the criteria of eval.criteria: pass | fail | "
+        "not_evaluated; null until the job has succeeded. A succeeded job may fail its "
+        "criteria: `succeeded` says the job ran, `verdict` what its evidence shows."
+    )
     error: JobError | None = Field(description="Set when status is failed.")
     worker_class: str | None = Field(
         description="The class of worker it is routed to (WORKER_CLASSES); null: one queue."
@@ -247,6 +252,7 @@ class JobObject(BaseModel):
                 resumed_from_step=row.resumed_from_step,
             ),
             metrics_summary=summary,
+            verdict=(row.metrics or {}).get("verdict") if row.status == "succeeded" else None,
             error=JobError(code=row.error_code, message=row.error_message or "")
             if row.error_code
             else None,

@@ -239,7 +239,7 @@ function jobsView(params) {
     h("table", { "aria-describedby": "jobs-caption" },
       h("caption", { id: "jobs-caption", class: "muted", style: "text-align:left" },
         "Newest first; statuses update live."),
-      h("thead", {}, h("tr", {}, ["Job", "Status", "Method", "Model", "Progress", "Metadata", "Submitted"]
+      h("thead", {}, h("tr", {}, ["Job", "Status", "Verdict", "Method", "Model", "Progress", "Metadata", "Submitted"]
         .map((t) => h("th", { scope: "col" }, t)))),
       body));
   return every(2000, async () => {
@@ -258,11 +258,12 @@ function jobsView(params) {
     body.replaceChildren(...(page.data.length ? page.data.map((job) => h("tr", {},
       h("td", {}, h("a", { href: `#/jobs/${job.id}`, class: "mono" }, job.id)),
       h("td", {}, badge(job.status)),
+      h("td", {}, job.verdict ? badge(job.verdict) : "–"),
       h("td", {}, job.method),
       h("td", {}, job.base_model),
       h("td", { class: "num" }, `${job.progress.step}/${job.progress.total_steps ?? "?"}`),
       h("td", {}, metadataText(job.metadata)),
-      h("td", {}, when(job.created_at)))) : [h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No jobs."))]));
+      h("td", {}, when(job.created_at)))) : [h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No jobs."))]));
   });
 }
 
@@ -381,7 +382,8 @@ async function jobView(id) {
   function renderJob() {
     const job = state.job;
     statusLine.replaceChildren("Status: ", badge(job.status),
-      job.cancel_requested && ACTIVE.includes(job.status) ? " (cancel requested)" : "");
+      job.cancel_requested && ACTIVE.includes(job.status) ? " (cancel requested)" : "",
+      ...(job.verdict ? [" · verdict: ", badge(job.verdict)] : []));
     facts.replaceChildren(...[
       ["Method", job.method], ["Base model", job.base_model],
       ["Forget set", job.forget_file], ["Retain set", job.retain_file || "–"],

@@ -166,6 +166,8 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     assert "forget_knowmem_max_ratio" in criteria
     assert page.locator("svg.chart").nth(1).locator("polyline").count() == 2  # forget, utility
     assert page.get_by_text("Verdict:").first.is_visible()
+    # the status line says the verdict too: a succeeded job may fail its criteria
+    assert page.locator("#job-status .badge.pass, #job-status .badge.fail").count() == 1
     assert page.get_by_text("Membership inference").first.is_visible()
     page.get_by_role("heading", name="Token probabilities on forget answers").wait_for()
     assert page.locator(".tokens span[title]").count() > 4
@@ -185,6 +187,9 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     page.get_by_role("link", name="Jobs").click()
     row = page.get_by_role("row").filter(has_text=job_id)
     row.get_by_text("succeeded").wait_for()
+    verdict = httpx.get(f"{url}/v1/jobs/{job_id}", headers=key).json()["verdict"]
+    assert verdict in ("pass", "fail")
+    assert row.locator(f".badge.{verdict}").inner_text() == verdict  # beside the status
     page.screenshot(path=str(shots / "dashboard-jobs.png"), full_page=True)
     page.locator("#filter-metadata").fill("ticket=nope")
     page.get_by_role("button", name="Filter").click()
