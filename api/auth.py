@@ -130,10 +130,19 @@ def _lookup(sessions: sessionmaker, key_hash: str, default_limit: str) -> Caller
     return Caller(tenant, key_id, rate_limit or default_limit)
 
 
+def is_cheap_read(scope: dict) -> bool:
+    """A GET or HEAD that is not an artifact download: what dashboards poll, counted
+    against READ_RATE_LIMIT; everything else against the tenant's RATE_LIMIT."""
+    if scope["method"] not in ("GET", "HEAD"):
+        return False
+    parts = scope["path"].rstrip("/").split("/")  # "", v1, jobs, {id}, artifacts, {name}
+    return not (len(parts) == 6 and parts[2] == "jobs" and parts[4] == "artifacts")
+
+
 class Authenticate:
     """Pure ASGI middleware: `Authorization: Bearer <key>` on /v1/ routes, resolved to a
-    tenant (scope state `caller`), and the rate limits; 401, 429 or 503 before the route,
-    and before the body is read."""
+    tenant (scope state `caller`), and the rate limits (reads and writes with budgets of
+    their own); 401, 429 or 503 before the route, and before the body is read."""
 
     def __init__(
         self,
@@ -210,7 +219,11 @@ class Authenticate:
                 scope, send, 401, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"}
             )
             return
-        wait = await self._limited(scope, send, caller.rate_limit, f"tenant:{caller.tenant}")
+        if is_cheap_read(scope):
+            limit, bucket, name = self.settings.read_rate_limit, "tenant-read", "read rate limit"
+        else:
+            limit, bucket, name = caller.rate_limit, "tenant", "rate limit"
+        wait = await self._limited(scope, send, limit, f"{bucket}:{caller.tenant}")
         if wait == UNAVAILABLE:
             return
         if wait is not None:
@@ -219,8 +232,7 @@ class Authenticate:
                 send,
                 429,
                 "rate_limited",
-                f"tenant {caller.tenant!r} is over its rate limit ({caller.rate_limit}); "
-                f"retry in {wait} s",
+                f"tenant {caller.tenant!r} is over its {name} ({limit}); retry in {wait} s",
                 retry_after=wait,
             )
             return

@@ -9,7 +9,7 @@ MAX_CONNECTIONS_PER_CLIENT in `--per-client` (0: no cap), a fresh service: the t
 statuses, their latency p50/p99, the connections the flood opened per second and the API
 process's cores.
 
-    .venv/bin/python benchmarks/bench_idle_flood.py [--per-client 64 0]
+    .venv/bin/python benchmarks/bench_idle_flood.py [--per-client 256 0]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, per_client: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-client", type=int, nargs="+", default=[64, 0])
+    parser.add_argument("--per-client", type=int, nargs="+", default=[256, 0])
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
     for per_client in parser.parse_args().per_client:

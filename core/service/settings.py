@@ -113,9 +113,10 @@ class Settings(BaseSettings):
         1000, ge=1, description="Concurrent connections per API process; 503 beyond."
     )
     max_connections_per_client: int = Field(
-        64,
+        256,
         ge=0,
-        description="Connections one client address may hold open to one API process; "
+        description="Connections one client address may hold open to one API process (a "
+        "quarter of MAX_CONNECTIONS: room for an office of dashboards behind one NAT); "
         "beyond, a connection is answered 503 and closed before it counts towards "
         "MAX_CONNECTIONS. 0: no cap (behind a reverse proxy, whose address all share: "
         "the proxy caps per client instead).",
@@ -124,7 +125,16 @@ class Settings(BaseSettings):
     # Fair sharing, per tenant: defaults an operator overrides per tenant
     # (`unlearn tenants set TENANT ...`). Rate limits are `limits` strings such as
     # "20/second;600/minute", shared through Redis when BROKER_URL is Redis.
-    rate_limit: str = Field("20/second;600/minute", description="Requests per tenant.")
+    rate_limit: str = Field(
+        "20/second;600/minute",
+        description="Requests per tenant that write or cost: every method but GET and HEAD, "
+        "and artifact downloads (`unlearn tenants set` overrides it per tenant).",
+    )
+    read_rate_limit: str = Field(
+        "500/second;20000/minute",
+        description="GET and HEAD requests per tenant other than artifact downloads: status "
+        "polls, lists, events, metrics; dashboards polling a tenant's jobs once a second.",
+    )
     anonymous_rate_limit: str = Field(
         "10/second;120/minute", description="Requests without a valid key, per client address."
     )
@@ -258,7 +268,7 @@ class Settings(BaseSettings):
             raise ValueError(f"heartbeat_seconds ({value}) must be below lease_seconds ({lease})")
         return value
 
-    @field_validator("rate_limit", "anonymous_rate_limit")
+    @field_validator("rate_limit", "read_rate_limit", "anonymous_rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         from limits import parse_many

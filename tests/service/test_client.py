@@ -205,21 +205,25 @@ def test_an_upload_is_retried_only_where_the_service_did_not_take_it(service, tm
     assert [r.method for r in lost.seen] == ["POST"]
 
 
-def test_rate_limited_calls_wait_what_retry_after_says(service):
+def test_rate_limited_calls_wait_what_retry_after_says(service, tmp_path):
+    """The tenant's RATE_LIMIT (2/second here) counts what writes: uploads."""
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"prompt": "Who rides Vex?", "response": "Ona rides Vex."}\n')
     with (
         Client(service["url"], service["slow"], retries=0) as impatient,
         Client(service["url"], service["slow"], retries=5) as patient,
     ):
         with pytest.raises(APIError) as error:
             for _ in range(5):
-                impatient.models()
+                impatient.upload_file(path, "forget")
         assert error.value.status == 429 and (error.value.retry_after or 0) >= 1
         # the window is full this instant: the patient client's first call is a 429 it
         # waits out, and 5 calls at 2/second span at least two more windows
         started = time.monotonic()
         for _ in range(5):
-            assert patient.models()[0]["id"] == "tiny"
+            assert patient.upload_file(path, "forget")["status"] == "valid"
         assert time.monotonic() - started >= 1.5
+        assert patient.models()[0]["id"] == "tiny"  # reads have a budget of their own
 
 
 def test_downloads_resume_after_a_break_and_check_the_sha256(service, client, tmp_path):
