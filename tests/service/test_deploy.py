@@ -1,6 +1,7 @@
 """What the deployment files promise, checked as far as this machine allows (no Docker
 engine runs here): the API runs without torch (the slim image), and the compose file
-has the stack DESIGN.md describes."""
+has the stack the README's Deployment section describes: Postgres, Redis, MinIO, a
+one-shot `unlearn migrate` that the API and the GPU worker wait for, and the two images."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def _declared(*extras: str) -> set[str]:
 
 ROLES = {
     # the client and the tenant CLI: no extra
-    (): "import api.client, api.tenant_cli, api.cli\n"
+    (): "import api.client, api.cli.tenant, api.cli\n"
     "from typer.testing import CliRunner\n"
     "assert CliRunner().invoke(api.cli.app, ['jobs', '--help']).exit_code == 0\n",
     # the API image: the app, its migrations, the operator's commands

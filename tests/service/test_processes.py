@@ -77,9 +77,9 @@ def _serving(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, int]]:
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_serve_stopped_stops_its_worker(tmp_path, stop):
-    """`kill PID` (SIGTERM) on `unlearn serve` left its Celery worker running as an
-    orphan, polling the embedded broker: uvicorn re-raised the signal after its own
-    shutdown and the process died before it could stop the worker. Killed outright, serve
+    """`kill PID` (SIGTERM) on `unlearn serve` stops its Celery worker too, so none is
+    left as an orphan polling the embedded broker (uvicorn re-raises the signal after its
+    own shutdown, so serve must stop the worker before that). Killed outright, serve
     cannot stop it; the worker is told by the kernel that its parent died."""
     with _serving(tmp_path) as (serve, worker):
         serve.send_signal(stop)
@@ -92,10 +92,10 @@ def test_serve_stopped_stops_its_worker(tmp_path, stop):
 
 
 def test_the_embedded_worker_leaves_the_api_a_core(tmp_path):
-    """On every core, the training job lost a quarter or more of its speed to 200
-    dashboards polling the API beside it (docs/performance.md); `unlearn serve`'s worker
-    takes all cores but one unless WORKER_THREADS says otherwise."""
-    from api.cli import embedded_worker_threads
+    """`unlearn serve`'s worker takes all cores but one unless WORKER_THREADS says
+    otherwise: on every core, the training job loses a quarter or more of its speed to
+    200 dashboards polling the API beside it (docs/performance.md)."""
+    from api.cli.processes import embedded_worker_threads
 
     with _serving(tmp_path) as (_, worker):
         environ = dict(
@@ -109,10 +109,10 @@ def test_the_embedded_worker_leaves_the_api_a_core(tmp_path):
 
 
 def test_the_prefork_parent_never_imports_torch(tmp_path):
-    """The reaper runs in the prefork parent; it set up the job runner there, which
-    imported torch (through the loss backend), though a fork after torch's OpenMP
-    started can hang the children. Checked in the parent's memory map once the reaper
-    has re-sent an orphaned job."""
+    """The reaper runs in the prefork parent, which must not import torch (the job
+    runner brings it in through the loss backend): a fork after torch's OpenMP started
+    can hang the children. Checked in the parent's memory map once the reaper has re-sent
+    an orphaned job."""
     from core.service.db import make_engine, make_sessionmaker, utcnow
     from core.service.migrate import upgrade
 

@@ -11,7 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import typer
+import yaml
+from tqdm import tqdm
 
 from api.client import TERMINAL, APIError, ChecksumError, Client, Event, problems_of
 
@@ -55,8 +58,6 @@ def _client() -> Iterator[Client]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except Exception as exc:
-        import httpx
-
         if isinstance(exc, httpx.TransportError):
             typer.echo(f"error: cannot reach the service: {exc}", err=True)
             raise typer.Exit(1) from None
@@ -131,8 +132,6 @@ def files_delete(file_id: str) -> None:
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -242,8 +241,8 @@ def jobs_download(
 
 
 def follow(client: Client, job_id: str, timeout: float | None) -> Any:
-    from tqdm import tqdm
-
+    """Follow a job's events to its end: steps as a progress bar, the other events as
+    lines above it. Exit status 3 when `timeout` seconds run out first."""
     bar: Any = None
 
     def show(event: Event) -> None:
