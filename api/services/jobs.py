@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
-from core.engine.contrast import check_pairing
+from core.engine.formats import check_pairing
 from core.engine.methods import METHODS
 from core.engine.spec import JobSpec, parse_spec
 from core.errors import (

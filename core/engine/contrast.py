@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.engine.data import Encoded, Example, encode_records, line_list
-from core.engine.formats import Records
+from core.engine.formats import Records, check_pairing
 from core.errors import DataError
 
 # Expected answers to a question the model should no longer answer: plain statements
@@ -69,38 +69,6 @@ def _answered(record: dict[str, Any], kind: str, response: str) -> dict[str, Any
     if kind == "qa":
         return {"prompt": record["prompt"], "response": response}
     return {"messages": [*record["messages"][:-1], {"role": "assistant", "content": response}]}
-
-
-def check_pairing(
-    forget_kind: str, forget_count: int, contrast_kind: str | None, contrast_count: int | None
-) -> None:
-    """What the kinds and record counts alone show of a contrast set (the API checks it
-    at submission from the files' validation, the engine again on the records): a text
-    forget set needs a contrast_file; a qa/chat one's answers its prompts line by line,
-    in its format. `contrast_kind` None: no contrast_file."""
-    if forget_kind == "text":
-        if contrast_kind is None:
-            raise DataError(
-                "method flat on a text forget set needs a contrast_file: the built-in "
-                "refusals answer prompts, and text records have none",
-                param="contrast_file",
-            )
-        return
-    if contrast_kind is None:
-        return
-    if contrast_kind != forget_kind:
-        raise DataError(
-            f"contrast_file holds {contrast_kind} records and the forget set {forget_kind}: "
-            "it gives the expected response to each forget prompt, in the same format",
-            param="contrast_file",
-        )
-    if contrast_count != forget_count:
-        raise DataError(
-            f"contrast_file has {contrast_count} records and the forget set "
-            f"{forget_count}: it gives, line by line, the expected response to each "
-            "forget prompt",
-            param="contrast_file",
-        )
 
 
 def contrast_records(forget: Records, contrast: Records | None, seed: int) -> Records:

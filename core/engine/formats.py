@@ -320,3 +320,35 @@ def load_records(path: str | Path, *, allowed_kinds: tuple[Kind, ...] | None = N
                 items.append(json.loads(line))
                 lines.append(lineno)
     return Records(kind, items, lines)
+
+
+def check_pairing(
+    forget_kind: str, forget_count: int, contrast_kind: str | None, contrast_count: int | None
+) -> None:
+    """What the kinds and record counts alone show of a contrast set (the API checks it
+    at submission from the files' validation, the engine again on the records): a text
+    forget set needs a contrast_file; a qa/chat one's answers its prompts line by line,
+    in its format. `contrast_kind` None: no contrast_file."""
+    if forget_kind == "text":
+        if contrast_kind is None:
+            raise DataError(
+                "method flat on a text forget set needs a contrast_file: the built-in "
+                "refusals answer prompts, and text records have none",
+                param="contrast_file",
+            )
+        return
+    if contrast_kind is None:
+        return
+    if contrast_kind != forget_kind:
+        raise DataError(
+            f"contrast_file holds {contrast_kind} records and the forget set {forget_kind}: "
+            "it gives the expected response to each forget prompt, in the same format",
+            param="contrast_file",
+        )
+    if contrast_count != forget_count:
+        raise DataError(
+            f"contrast_file has {contrast_count} records and the forget set "
+            f"{forget_count}: it gives, line by line, the expected response to each "
+            "forget prompt",
+            param="contrast_file",
+        )
