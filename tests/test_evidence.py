@@ -248,7 +248,7 @@ def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_
     out the items of the facts it trained on; where they do not, it says it measures
     the whole set. Its forget MC before the attack comes from the after evaluation's
     answers to those items (measured instead when it has none for exactly them)."""
-    from core.engine.evidence import _mc_after, _mc_scope
+    from core.engine.evaluation.attacks.relearn import _mc_after, _mc_scope
     from core.engine.spec_parts import EvalSpec
 
     def mc(path, facts):
@@ -327,7 +327,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     assert json.loads(json.dumps(metrics))  # stored as JSON
     # The same attack on the reference model (never saw these facts) brings nothing back.
     from core.engine.data import Records
-    from core.engine.evidence import _knowmem
+    from core.engine.evaluation.attacks.context import knowmem_figures as _knowmem
     from core.engine.modeling import AdapterSpec, load_base, wrap
 
     model, tokenizer = load_base(fixture_dir / "reference", torch.device("cpu"))
