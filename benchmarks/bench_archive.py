@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.service.storage import make_archive  # noqa: E402
+from core.service.storage import make_archive
 
 
 def directory_of(root: Path, name: str, dtype: torch.dtype, megabytes: float) -> Path:

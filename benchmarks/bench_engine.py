@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.engine.losses import (  # noqa: E402
+from core.engine.losses import (
     catnip_loss,
     get_cpu_threads,
     kl_retain_loss,

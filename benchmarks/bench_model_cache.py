@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.demo.build import build_model  # noqa: E402
-from core.engine.model_cache import ModelCache, model_bytes  # noqa: E402
-from core.engine.modeling import load_base  # noqa: E402
+from core.demo.build import build_model
+from core.engine.model_cache import ModelCache, model_bytes
+from core.engine.modeling import load_base
 
 
 def random_llama(directory: Path, params: float) -> int:

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.demo.build import build_model  # noqa: E402
-from core.engine.data import build_examples, load_records  # noqa: E402
-from core.engine.methods import METHODS, parse_params  # noqa: E402
-from core.engine.modeling import AdapterSpec, load_base, wrap  # noqa: E402
-from core.engine.train import run_unlearning  # noqa: E402
+from core.demo.build import build_model
+from core.engine.data import build_examples, load_records
+from core.engine.methods import METHODS, parse_params
+from core.engine.modeling import AdapterSpec, load_base, wrap
+from core.engine.train import run_unlearning
 
 RUNS = (
     ("fp32", torch.float32, True),

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_model_cache import random_llama  # noqa: E402
-from core.engine.data import Example  # noqa: E402
-from core.engine.methods import METHODS, parse_params  # noqa: E402
-from core.engine.modeling import AdapterSpec, load_base, peak_memory, pick_device, wrap  # noqa: E402
-from core.engine.sharded import run_sharded  # noqa: E402
-from core.engine.train import run_unlearning  # noqa: E402
+from benchmarks.bench_model_cache import random_llama
+from core.engine.data import Example
+from core.engine.methods import METHODS, parse_params
+from core.engine.modeling import AdapterSpec, load_base, peak_memory, pick_device, wrap
+from core.engine.sharded import run_sharded
+from core.engine.train import run_unlearning
 
 
 def examples(count: int, length: int, vocab: int) -> list[Example]:

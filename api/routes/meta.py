@@ -79,7 +79,7 @@ def readyz(request: Request) -> JSONResponse:
         try:
             probe()
             checks[name] = "ok"
-        except Exception as exc:  # noqa: BLE001 - report, do not raise
+        except Exception as exc:  # report, do not raise
             # The details (host, port, driver messages) are for the operator's log; an
             # anonymous caller learns which dependency is down, not where it lives.
             log.warning("readyz: %s: %s", name, exc)

@@ -183,7 +183,7 @@ def validation_report(
             max_record_chars=settings.max_record_chars,
             allowed_kinds=PURPOSE_KINDS[purpose],
         )
-    except Exception as exc:  # noqa: BLE001 - a validator fault is reported on the file
+    except Exception as exc:  # a validator fault is reported on the file
         log.exception("validating %s failed", filename)
         problem = Problem(
             line=None,

@@ -198,7 +198,7 @@ def write_corpus(corpus: dict[str, list[dict[str, Any]]], directory: Path) -> di
     return paths
 
 
-def train_tokenizer(texts: list[str]):
+def train_tokenizer(texts: list[str]) -> Any:
     """A word-level tokenizer over the corpus: every word and punctuation mark one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -226,7 +226,7 @@ def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def answer_accuracy(
-    model, tokenizer, records: list[dict[str, str]], batch_size: int = 256
+    model: Any, tokenizer: Any, records: list[dict[str, str]], batch_size: int = 256
 ) -> float:
     """Share of QA records whose every response token is the model's greedy choice
     (teacher-forced argmax equals greedy decoding when all tokens match)."""

@@ -71,8 +71,8 @@ def save_checkpoint(
     root: Path,
     step: int,
     weights: dict[str, torch.Tensor],
-    optimizer,
-    scheduler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     stop_reason: str | None = None,
     fingerprint: str | None = None,
     extra: Callable[[Path], None] | None = None,
@@ -150,8 +150,8 @@ def ensure_resumable(root: Path | None, fingerprint: str, *, sharded: bool = Fal
 def load_checkpoint(
     path: Path,
     weights: dict[str, torch.Tensor],
-    optimizer,
-    scheduler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: str | None = None,
 ) -> tuple[int, str | None]:
     """Restore a checkpoint written by save_checkpoint; returns its step and stop reason.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def _losses():
+def _losses() -> ModuleType:
     """core.engine.losses (torch) is imported when a loss runs, not when the API validates a spec."""
     from core.engine import losses
 
@@ -97,7 +98,7 @@ class Method(Generic[P]):
         return self.uses_reference or params.retain_loss == "kl"
 
 
-def _steps():
+def _steps() -> ModuleType:
     """core.engine.steps (torch), imported when a step runs."""
     from core.engine import steps
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from core.engine.spec_parts import AdapterSpec  # noqa: F401 - re-exported
+from core.engine.spec_parts import AdapterSpec
 from core.errors import DeviceError, ModelError, SpecError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def load_base(
     dtype: torch.dtype | None = None,
     *,
     quantize: str | None = None,
-):
+) -> tuple[Any, Any]:
     """(model, tokenizer) from a local Hugging Face directory; ModelError if it cannot load.
     `quantize="nf4"`: the weights in 4-bit NF4 on the CUDA device (QLoRA's base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

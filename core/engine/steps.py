@@ -177,7 +177,9 @@ class _Captured(Exception):
     """Raised once the steered layer has run: what comes after it is not needed."""
 
 
-def hidden_states_at(model: Any, stack: torch.nn.ModuleList, index: int, batch: Batch):
+def hidden_states_at(
+    model: Any, stack: torch.nn.ModuleList, index: int, batch: Batch
+) -> torch.Tensor:
     """[B, T, H]: the output of decoder layer `index` of `stack` when `model` runs on
     `batch`. The forward stops right after it, at the next layer's input (or the
     vocabulary projection's, after the last layer): what is above it, often most of the

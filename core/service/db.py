@@ -346,7 +346,7 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
         )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             # WAL lets the API read while the worker writes; foreign keys are off by default.
             cursor.execute("PRAGMA journal_mode=WAL")

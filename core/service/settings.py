@@ -13,7 +13,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -262,7 +262,7 @@ class Settings(BaseSettings):
 
     @field_validator("heartbeat_seconds")
     @classmethod
-    def _heartbeat_below_lease(cls, value: float, info) -> float:
+    def _heartbeat_below_lease(cls, value: float, info: ValidationInfo) -> float:
         lease = info.data.get("lease_seconds")
         if lease is not None and value >= lease:
             raise ValueError(f"heartbeat_seconds ({value}) must be below lease_seconds ({lease})")

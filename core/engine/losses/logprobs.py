@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,9 @@ def _row_grad(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _chunked_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+def _chunked_forward(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager forward: [R, V], [N], [N] -> (logp, log1m, lse_all), each [N] in the
     accumulation dtype (float32; float64 for float64 logits). Rows are processed in
     chunks, so the scratch memory is one fp32 chunk whatever the batch size."""
@@ -203,7 +206,9 @@ def _gathered_backward(
     return grad
 
 
-def _rows_forward(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
+def _rows_forward(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """_chunked_forward's maths on whole rows, functional (for torch.compile, which fuses
     the gather, the target exclusion and the reduction, so nothing [N, V] is kept)."""
     x = logits.index_select(0, rows).to(_acc_dtype(logits))
@@ -260,7 +265,9 @@ class _TokenLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, targets):
+    def forward(
+        ctx: Any, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         forward, ctx.backward_kernel = _kernels()
         # the eager row loops run on the losses' CPU threads; compiled code is fused
         ctx.threads = cpu_threads if forward is _chunked_forward else _process_threads
@@ -271,7 +278,9 @@ class _TokenLogProbs(torch.autograd.Function):
         return logp, log1m
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_log1m):
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, _grad_log1m: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
         logits, rows, targets, lse = ctx.saved_tensors
         with ctx.threads(logits.device):
             grad = ctx.backward_kernel(logits, rows, targets, lse, grad_logp.to(lse.dtype))
@@ -289,14 +298,18 @@ class _RetainKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, rows):
+    def forward(
+        ctx: Any, logits: torch.Tensor, ref_logits: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         with cpu_threads(logits.device):
             kl = _RetainKL._forward(logits, ref_logits, rows)
         ctx.save_for_backward(logits, ref_logits, rows, kl)
         return kl
 
     @staticmethod
-    def _forward(logits, ref_logits, rows):
+    def _forward(
+        logits: torch.Tensor, ref_logits: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         acc = _acc_dtype(logits)
         kl = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
         step = _row_chunk(logits)
@@ -309,13 +322,19 @@ class _RetainKL(torch.autograd.Function):
         return kl
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, ref_logits, rows, kl = ctx.saved_tensors
         with cpu_threads(logits.device):
             return _RetainKL._backward(logits, ref_logits, rows, kl, grad_kl)
 
     @staticmethod
-    def _backward(logits, ref_logits, rows, kl, grad_kl):
+    def _backward(
+        logits: torch.Tensor,
+        ref_logits: torch.Tensor,
+        rows: torch.Tensor,
+        kl: torch.Tensor,
+        grad_kl: torch.Tensor,
+    ) -> tuple[torch.Tensor, None, None]:
         grad_kl = grad_kl.to(kl.dtype)
         grad = _row_grad(logits, rows)
         step = _row_chunk(logits)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 import triton
@@ -368,7 +369,7 @@ _DIRECT = (
 )
 
 
-def _specialisation(arg) -> tuple:
+def _specialisation(arg: Any) -> tuple:
     """What Triton compiles a kernel for, of one argument (at least as fine as its rules):
     a tensor's dtype, device and 16-byte alignment; an integer's width, whether it is 1
     and whether it divides by 16; a float is a float."""
@@ -388,7 +389,7 @@ def _launch_hooks() -> bool:
     return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
-def _launch(kernel, rows: int, args: tuple, constants: dict, num_warps: int) -> None:
+def _launch(kernel: Any, rows: int, args: tuple, constants: dict, num_warps: int) -> None:
     """kernel[(rows,)](*args, **constants, num_warps=num_warps): through Triton's launcher
     the first time for each specialisation (it compiles or finds the kernel), directly
     after that. `constants` are the kernel's constexpr parameters, its last ones, in order."""
@@ -409,7 +410,9 @@ def _launch(kernel, rows: int, args: tuple, constants: dict, num_warps: int) -> 
     run(rows, 1, 1, stream, function, metadata, None, None, None, *args, *values)
 
 
-def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+def forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [R, V] (last dimension contiguous), labels [R] -> (logp, log1m, lse) [R],
     float32; rows with the ignore index give 0, 0, +inf."""
     rows, vocab = logits.shape
@@ -428,7 +431,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
 
 
 def _rows_then_mean(
-    rows_kernel,
+    rows_kernel: Any,
     args: tuple,
     constants: dict,
     out: torch.Tensor,
@@ -599,14 +602,18 @@ class _TokenLogProbs(torch.autograd.Function):
     (the caller's tensor), the labels and lse [R]."""
 
     @staticmethod
-    def forward(ctx, logits, labels):
+    def forward(
+        ctx: Any, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logp, log1m, lse = forward(logits, labels, IGNORE_INDEX)
         ctx.save_for_backward(logits, labels, lse)
         ctx.mark_non_differentiable(log1m)
         return logp, log1m
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_log1m):
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, _grad_log1m: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
         logits, labels, lse = ctx.saved_tensors
         return backward(logits, labels, lse, grad_logp.float(), IGNORE_INDEX), None
 
@@ -618,13 +625,15 @@ class _Catnip(torch.autograd.Function):
     the loss and each row's weighted derivative), so the backward is one kernel."""
 
     @staticmethod
-    def forward(ctx, logits, labels, token_stride, beta):
+    def forward(
+        ctx: Any, logits: torch.Tensor, labels: torch.Tensor, token_stride: int, beta: float
+    ) -> torch.Tensor:
         loss, dlogp, lse = catnip_forward(logits, labels, beta, token_stride, IGNORE_INDEX)
         ctx.save_for_backward(logits, labels, lse, dlogp)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits, labels, lse, dlogp = ctx.saved_tensors
         grad = backward(logits, labels.view(-1), lse, dlogp, IGNORE_INDEX, scale=grad_loss)
         return grad, None, None, None
@@ -637,13 +646,15 @@ class _RetainKL(torch.autograd.Function):
     the loss and each row's weight; the backward is one kernel."""
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels):
+    def forward(
+        ctx: Any, logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         loss, out = retain_kl_forward(logits, ref_logits, labels, IGNORE_INDEX)
         ctx.save_for_backward(logits, ref_logits, labels, out)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, ref_logits, labels, out = ctx.saved_tensors
         grad = retain_kl_backward(logits, ref_logits, labels.view(-1), out, grad_loss, IGNORE_INDEX)
         return grad, None, None
