@@ -1,10 +1,10 @@
 """The engine on causal LMs other than the demo's Llama: "any local Hugging Face
-causal-LM directory" (DESIGN). Each architecture is a tiny random model built from its
-config with the fixture's tokenizer and saved as a model directory, so it loads the way a
-downloaded one would. The families differ where the engine could assume Llama: the name
-of the decoder stack (GPT-2, Falcon and BLOOM: `transformer.h`; OPT:
-`model.decoder.layers`), Conv1D instead of Linear projections (GPT-2), fused projections
-(Falcon, Phi-3), absolute positions (GPT-2, OPT) and ALiBi (BLOOM)."""
+causal-LM directory" (the README's CLI section). Each architecture is a tiny random
+model built from its config with the fixture's tokenizer and saved as a model directory,
+so it loads the way a downloaded one would. The families differ where the engine could
+assume Llama: the name of the decoder stack (GPT-2, Falcon and BLOOM: `transformer.h`;
+OPT: `model.decoder.layers`), Conv1D instead of Linear projections (GPT-2), fused
+projections (Falcon, Phi-3), absolute positions (GPT-2, OPT) and ALiBi (BLOOM)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _train(model_dir: Path, fixture_dir: Path, adapter: AdapterSpec, method_id: 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_full_weights_of_chosen_layers(arch_dirs, fixture_dir, arch):
     """adapter {type: full, layers: [1]} trains exactly decoder layer 1, whatever the stack
-    is called (it trained nothing, and the optimizer failed, on GPT-2, Falcon and BLOOM)."""
+    is called (`transformer.h` on GPT-2, Falcon and BLOOM, not only Llama's layers)."""
     model, _ = load_base(arch_dirs[arch], CPU)
     stack = decoder_layers(model)
     assert len(stack) == 3
@@ -142,9 +142,9 @@ def test_empty_layer_list_is_refused():
 
 
 def test_max_length_beyond_the_context_is_cut_to_it(arch_dirs, tmp_path):
-    """GPT-2 has a table of 128 learned positions here: 256-token windows failed with an
-    IndexError deep in the model (a device-side assert on a GPU). They are cut at 128,
-    with a warning, and metrics.json records the length used."""
+    """GPT-2 has a table of 128 learned positions here: 256-token windows would index
+    past it (an IndexError deep in the model, a device-side assert on a GPU). They are
+    cut at 128, with a warning, and metrics.json records the length used."""
     import json
 
     import yaml
@@ -178,7 +178,7 @@ def test_max_length_beyond_the_context_is_cut_to_it(arch_dirs, tmp_path):
 
 def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
     """A KnowMem prompt longer than the context keeps its end (the question); VerbMem and
-    perplexity windows are cut at the context. GPT-2 (128 positions) failed on each."""
+    perplexity windows are cut at the context. Checked on GPT-2 (128 positions)."""
     from core.engine.evaluation import knowmem, perplexity, verbmem
 
     model, tokenizer = load_base(arch_dirs["gpt2"], CPU)
@@ -200,8 +200,8 @@ def test_evaluation_fits_long_inputs_into_the_context(arch_dirs):
 
 
 def test_a_tokenizer_without_pad_or_eos_still_pads(arch_dirs, fixture_dir, tmp_path):
-    """Padding is masked out, so any token will do: EOS, else UNK, else BOS. With neither
-    pad nor EOS the pad id was None and collation failed."""
+    """Padding is masked out, so any token will do: EOS, else UNK, else BOS. A tokenizer
+    with neither pad nor EOS gets UNK as its pad, and its batches collate and run."""
     import json
     import shutil
 

@@ -115,10 +115,10 @@ def test_unlearn_run_reports_records_that_max_length_leaves_out(fixture_dir, tmp
 def test_unlearn_run_checks_eval_files_and_the_device_before_loading(
     fixture_dir, tmp_path, monkeypatch
 ):
-    """Each eval file must hold its slot's kind (a QA file as forget_mc failed inside
-    lm-eval, after the model was loaded); a device that is not there, or a loss backend
-    that cannot run on the job's device, is an error with a code (it was an
-    AssertionError from torch)."""
+    """Each eval file must hold its slot's kind (a QA file as forget_mc is an
+    invalid_file error before the model loads, not a failure inside lm-eval); a device
+    that is not there, or a loss backend that cannot run on the job's device, is an error
+    with a code, not an AssertionError from torch."""
     shutil.copytree(fixture_dir / "data", tmp_path / "data")
     base = {
         "method": "catnip",
@@ -205,8 +205,8 @@ def test_rerun_with_an_edited_spec_is_refused_before_the_evaluation(fixture_dir,
 def test_a_run_stopped_early_and_resumed_keeps_its_best_state(fixture_dir, tmp_path):
     """The stop rule ends the run at step 2 (utility below the floor) and keeps step 1.
     A rerun resumes at the end (as a service job killed while evaluating or uploading
-    does) and must keep step 1 too: it restored the initial model, because the rule's best
-    state was not in the checkpoint."""
+    does) and must keep step 1 too, not the initial model: the rule's best state is in
+    the checkpoint."""
     import json
 
     from safetensors.torch import load_file
@@ -254,9 +254,9 @@ def test_a_run_stopped_early_and_resumed_keeps_its_best_state(fixture_dir, tmp_p
 
 
 def test_build_demo_shows_its_progress(tmp_path):
-    """`unlearn build-demo` (and the demo, which builds the model first) trained for
-    minutes with nothing on the terminal: it now shows a bar over the epochs and each
-    accuracy check, then the build's summary."""
+    """`unlearn build-demo` (and the demo, which builds the model first) trains for
+    minutes: it shows a bar over the epochs and each accuracy check on the terminal, then
+    the build's summary."""
     import json
     import subprocess
     import sys

@@ -114,8 +114,9 @@ def test_bad_utf8_binary_empty_and_limits(tmp_path):
 def test_bom_deep_nesting_and_lone_surrogates(tmp_path):
     """A UTF-8 BOM (Windows editors write one) is not part of the first record. JSON
     nested too deeply to parse, and a lone surrogate escape (valid JSON, no character: the
-    tokenizer fails on it), are problems of their line; before, the first raised
-    RecursionError out of the validator and the second failed the job at tokenization."""
+    tokenizer fails on it), are problems of their line: the first raises no
+    RecursionError out of the validator, the second does not fail the job at
+    tokenization."""
     bom = _write(tmp_path, "bom.jsonl", b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n', "wb")
     assert validate_file(bom).valid and load_records(bom).items == [
         {"prompt": "a", "response": "b"}
@@ -215,7 +216,7 @@ def test_chat_context_gets_one_bos(fixture_dir):
         "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
     )
     prompt = prompt_and_target(tok)
-    assert prompt[0] == "<s>" and prompt.count("<s>") == 1  # was ["<s>", "<s>", ...]
+    assert prompt[0] == "<s>" and prompt.count("<s>") == 1  # not ["<s>", "<s>", ...]
     assert (
         prompt[-3:-1] == ["</s>", tok.unk_token] and prompt[-1] == ":"
     )  # "assistant" is not a word here

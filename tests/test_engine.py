@@ -97,7 +97,7 @@ def test_chosen_layers_reference_copies_only_those_layers(fixture_dir):
     )  # 1 of 2 layers, no embeddings
     initial = copy.deepcopy(wrapped.model).eval().requires_grad_(False)
     whole, *_ = setup_run(fixture_dir, adapter, "npo", max_steps=4)
-    whole = Wrapped(whole.model, adapter, reference=initial)  # the way it was: a whole copy
+    whole = Wrapped(whole.model, adapter, reference=initial)  # a whole-model copy instead
 
     swapped = run_unlearning(wrapped, method, params, forget, pad_id=tok.pad_token_id)
     copied_run = run_unlearning(whole, method, params, forget, pad_id=tok.pad_token_id)
@@ -157,8 +157,8 @@ def test_resume_equals_uninterrupted(fixture_dir, tmp_path, adapter_type):
 
 def test_a_checkpoint_resumes_only_its_own_run(fixture_dir, tmp_path):
     """Rerunning into the same checkpoint directory with another learning rate, method,
-    adapter or forget set is refused before anything is restored (it resumed the other
-    run's weights, or failed with a KeyError on other parameter names). What leaves the
+    adapter or forget set is refused before anything is restored (neither the other
+    run's weights resumed nor a KeyError on other parameter names). What leaves the
     maths alone (checkpoint_every, gradient checkpointing) may change."""
     from core.errors import SpecError
 
@@ -377,10 +377,10 @@ def test_gradient_checkpointing_is_switched_off_after_a_cancel(fixture_dir):
 
 
 def test_the_lora_reference_pass_has_no_dropout(fixture_dir):
-    """The reference of a LoRA job (the model with its adapter disabled) ran in train
-    mode, so on models with dropout (GPT-2, OPT) NPO, catnip_ref and the retain KL saw a
-    different, noisy reference on every pass; a full-weight reference is a frozen copy
-    in eval mode. Now both are deterministic, and the model's mode is restored."""
+    """The reference of a LoRA job (the model with its adapter disabled) runs in eval
+    mode, as a full-weight reference (a frozen copy) does: on models with dropout (GPT-2,
+    OPT) NPO, catnip_ref and the retain KL see the same reference on every pass, not a
+    noisy one, and the model's mode is restored after it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fixture_dir / "model")
@@ -411,8 +411,9 @@ def test_the_lora_reference_pass_has_no_dropout(fixture_dir):
 
 
 def test_simnpo_normalises_in_the_log_probs_precision():
-    """SimNPO divided beta by integer lengths, which torch does in float32 whatever the
-    log-probs' dtype: in float64 the loss was off by ~1e-8 relative."""
+    """SimNPO divides beta by the lengths in the log-probs' dtype (torch divides by
+    integer lengths in float32, ~1e-8 relative off in float64): in float64 the loss equals
+    the formula's to 1e-13."""
     from core.engine import losses
 
     logp = torch.full((1, 3), -10.0, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""The job spec: the same fields as `POST /v1/jobs` (DESIGN.md), typed and validated.
+"""The job spec: the same fields as `POST /v1/jobs` (the README's API and CLI sections),
+typed and validated.
 
 `unlearn run SPEC` reads it from YAML/JSON with local paths; the API validates the same
 model (with file ids and registered model names) before a job row exists.
