@@ -238,9 +238,31 @@ def test_unlearn_verify_checks_the_artifact_with_the_public_key_alone(tmp_path):
         app, ["verify", str(certificate), "--keys", str(public), "--artifact", str(artifact)]
     )
     assert bad.exit_code == 1 and "is not an artifact this certificate lists" in bad.output
+    assert f"signed by key {keyring.active_id()}" in ok.output  # the key it checked with
     certificate.write_text(certificate.read_text().replace('"job-1"', '"job-2"'))
     bad = CliRunner().invoke(app, ["verify", str(certificate), "--keys", str(public)])
     assert bad.exit_code == 1 and "signature does not match" in bad.output
+
+
+def test_unlearn_verify_that_cannot_check_says_so_and_never_reads_as_invalid(tmp_path, monkeypatch):
+    """No key source, a key file or a certificate that cannot be read: exit 2, "not
+    checked", with what to pass; exit 1 (INVALID) is kept for a certificate that was
+    checked and failed."""
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    monkeypatch.delenv("UNLEARN_API_URL", raising=False)
+    certificate = tmp_path / "cert.json"
+    certificate.write_text("{}")
+    none = CliRunner().invoke(app, ["verify", str(certificate)])
+    assert none.exit_code == 2, none.output
+    assert "pass --keys" in none.output and "UNLEARN_API_URL" in none.output
+    assert "INVALID" not in none.output and "not checked" in none.output
+    missing = CliRunner().invoke(app, ["verify", str(certificate), "--keys", "nowhere.json"])
+    assert missing.exit_code == 2 and "cannot read the public keys from nowhere.json" in (
+        missing.output
+    )
 
 
 def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_path):

@@ -280,13 +280,14 @@ def audit_verify(
     tenant: str | None = typer.Option(None, help="One tenant's chain (default: every chain)."),
     head: str | None = typer.Option(
         None,
-        help="The hash the chain must end at (with --tenant): "
-        "one recorded earlier, e.g. in a certificate's audit_head.",
+        help="A hash the chain must contain, unaltered (with --tenant): one recorded "
+        "earlier, e.g. a certificate's audit_head; entries after it are the log growing.",
     ),
 ) -> None:
     """Check the audit log's hash chains in the database: an edited, deleted or reordered
-    entry fails, and so does a chain that does not end at --head."""
-    from core.service import audit
+    entry fails, and so does a chain that does not contain --head. Exit 1: broken; 2: no
+    such tenant."""
+    from core.service import audit, repo
 
     if head is not None and tenant is None:
         raise typer.BadParameter("--head needs --tenant")
@@ -294,6 +295,9 @@ def audit_verify(
     prepare_embedded(settings)
     with sessions(settings)() as session:
         count, problems = audit.verify_all(session, tenant)
+        if tenant is not None and count == 0 and repo.get_tenant(session, tenant) is None:
+            typer.echo(f"error: no tenant {tenant!r} (`unlearn tenants list`)", err=True)
+            raise typer.Exit(2)
         if head is not None and tenant is not None:
             entries = [audit.as_dict(e) for e in audit.entries_of(session, tenant)]
             problems += [p for p in audit.verify_chain(tenant, entries, head) if p.number is None]

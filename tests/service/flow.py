@@ -293,6 +293,13 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
     assert intact.returncode == 0 and "audit log intact" in intact.stdout, (
         intact.stdout + intact.stderr
     )
+    # The certificate's head, recorded before the downloads: the log grew past it.
+    at_issue = json.loads(certificate)["audit_head"]
+    assert at_issue != entries[-1]["hash"]
+    grown = unlearn("audit", "verify", "--tenant", tenant, "--head", at_issue)
+    assert grown.returncode == 0 and "audit log intact" in grown.stdout, grown.stderr
+    nobody = unlearn("audit", "verify", "--tenant", "nobody-at-all")
+    assert nobody.returncode == 2 and "no tenant 'nobody-at-all'" in nobody.stderr
     return metrics
 
 
