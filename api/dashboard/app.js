@@ -518,22 +518,18 @@ async function renderResults(id, job, into) {
         onclick: () => download(`/v1/jobs/${id}/certificate`, `${id}-certificate.json`).catch((e) => toast(e.message)) },
       "certificate"), " signed (Ed25519); check it offline with ", h("code", {}, "unlearn verify"))));
     const report = artifacts.find((a) => a.name === "report");
-    if (report) parts.push(await tokenView(id, report));
+    if (report) parts.push(await tokenView(id));
   }
   into.replaceChildren(...parts);
 }
 
-async function tokenView(id, report) {
-  // The report archive's token_probabilities.json (paper Fig. 2): pi(y_i | x, y_<i) of
-  // sample forget answers, before and after, read from the .tar(.gz) in the browser.
+async function tokenView(id) {
+  // The report's token probabilities (paper Fig. 2): pi(y_i | x, y_<i) of sample forget
+  // answers, before and after; a read for display, which the audit log does not record.
   const section = h("section", { "aria-labelledby": "tokens-title" },
     h("h2", { id: "tokens-title" }, "Token probabilities on forget answers"));
   try {
-    const response = await fetch(`/v1/jobs/${id}/artifacts/report`, { headers: authHeaders() });
-    let stream = response.body;
-    if (report.filename.endsWith(".gz")) stream = stream.pipeThrough(new DecompressionStream("gzip"));
-    const bytes = new Uint8Array(await new Response(stream).arrayBuffer());
-    const view = JSON.parse(new TextDecoder().decode(tarMember(bytes, "token_probabilities.json")));
+    const view = await api(`/v1/jobs/${id}/token-probabilities`);
     const shade = (p) => `rgba(11, 92, 173, ${Math.max(0.05, p).toFixed(2)})`;
     const ink = (p) => (p > 0.55 ? "#fff" : "#1d232a");
     view.before.slice(0, 3).forEach((sample, i) => {
@@ -552,20 +548,6 @@ async function tokenView(id, report) {
     section.append(h("p", { class: "muted" }, `Not shown: ${err.message}`));
   }
   return section;
-}
-
-function tarMember(bytes, name) {
-  const text = (start, length) => new TextDecoder().decode(bytes.subarray(start, start + length)).replace(/\0.*$/s, "");
-  for (let offset = 0; offset + 512 <= bytes.length;) {
-    const member = text(offset, 100);
-    if (!member) break;
-    const size = parseInt(text(offset + 124, 12).trim() || "0", 8);
-    const type = String.fromCharCode(bytes[offset + 156]);
-    const start = offset + 512;
-    if (member === name && (type === "0" || type === "\0")) return bytes.subarray(start, start + size);
-    offset = start + Math.ceil(size / 512) * 512;
-  }
-  throw new Error(`${name} is not in the report`);
 }
 
 // ---------------------------------------------------------------------------- files

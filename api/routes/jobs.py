@@ -232,6 +232,17 @@ def list_artifacts(job: JobDep, session: SessionDep) -> ListResponse[ArtifactObj
 
 
 @router.get(
+    "/{job_id}/token-probabilities",
+    summary="The report's per-token probabilities before and after (paper Fig. 2), as JSON",
+    description="What the dashboard's token view shows: for sample forget answers, each "
+    "token's probability under the model before and after. A read for display: unlike a "
+    "download of the report archive, it adds no `artifact.downloaded` audit entry.",
+)
+def get_token_probabilities(job: JobDep, session: SessionDep, store: StoreDep) -> dict[str, Any]:
+    return jobs.token_probabilities(session, store, job)
+
+
+@router.get(
     "/{job_id}/artifacts/{name}",
     summary="Download an artifact (.tar.gz, or .tar for weights; files at its root)",
     response_class=StreamingResponse,

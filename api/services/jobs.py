@@ -3,8 +3,10 @@ committed, then its id enqueued), cancellation, and what a download may serve.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tarfile
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +39,7 @@ from core.service.enums import (
 from core.service.metadata import parse_metadata
 from core.service.quotas import check_work, estimated_examples, limits_for
 from core.service.settings import Settings
+from core.service.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,31 @@ def downloadable(session: Session, job: Job, name: str) -> Artifact:
             code="job_not_finished",
         )
     return repo.get_artifact(session, job.id, name)
+
+
+TOKEN_VIEW = "token_probabilities.json"
+TOKEN_VIEW_MAX_BYTES = 8 * 1024 * 1024
+
+
+def token_probabilities(session: Session, store: Store, job: Job) -> dict[str, Any]:
+    """The report's per-token probabilities (paper Fig. 2), read from its archive in the
+    store for a page to show: a read for display, not a download, so no audit entry."""
+    artifact = downloadable(session, job, "report")
+    with contextlib.closing(store.open(artifact.storage_key)) as stream:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if member.name.lstrip("./") == TOKEN_VIEW and member.isfile():
+                    if member.size > TOKEN_VIEW_MAX_BYTES:
+                        break
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        data: dict[str, Any] = json.loads(handle.read())
+                        return data
+    raise NotFound(
+        f"job {job.id}'s report has no {TOKEN_VIEW} (a job without forget QA to show)",
+        param="job_id",
+        code="token_probabilities_not_found",
+    )
 
 
 def record_download(

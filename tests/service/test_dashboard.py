@@ -171,6 +171,19 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     assert page.get_by_text("Membership inference").first.is_visible()
     page.get_by_role("heading", name="Token probabilities on forget answers").wait_for()
     assert page.locator(".tokens span[title]").count() > 4
+
+    # Viewing the page read the report for display: no download in the audit log, and a
+    # second view adds nothing to it.
+    def audit_log() -> list[dict]:
+        answer = httpx.get(f"{url}/v1/audit?limit=100", headers=key)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+
+    viewed = audit_log()
+    assert not [e for e in viewed if e["action"] == "artifact.downloaded"], viewed
+    page.reload()
+    page.locator(".tokens span[title]").first.wait_for()
+    assert audit_log() == viewed
     page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
 
     with page.expect_download() as download_info:
