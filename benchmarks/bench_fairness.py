@@ -49,6 +49,33 @@ def cli(env: dict, *args: str) -> str:
     ).stdout
 
 
+def serve_api(env: dict, **popen: object) -> tuple[subprocess.Popen, str]:
+    """`unlearn serve --no-with-worker` on a free port, in a session of its own (stop it
+    with tests.service.conftest.stop_process_group): the process and its URL."""
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        **popen,
+    )
+    return api, f"http://127.0.0.1:{port}"
+
+
+def queued_job(http: httpx.Client, model: Path) -> dict:
+    """A CATNIP job on the fixture model `tiny`, its forget set uploaded from `model`."""
+    with (model / "data" / "forget_qa.jsonl").open("rb") as handle:
+        file_id = http.post("/v1/files", data={"purpose": "forget"}, files={"file": handle}).json()[
+            "id"
+        ]
+    return http.post(
+        "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}
+    ).json()
+
+
 def upload(client: httpx.Client, path: Path) -> str:
     with path.open("rb") as handle:
         response = client.post(

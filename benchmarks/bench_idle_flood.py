@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_dashboards import api_client, pids_of  # noqa: E402
-from benchmarks.bench_fairness import cli  # noqa: E402
+from benchmarks.bench_fairness import cli, serve_api  # noqa: E402
 from benchmarks.bench_request_cpu import cpu_seconds  # noqa: E402
-from tests.service.conftest import IdleFlood, free_port, stop_process_group  # noqa: E402
+from tests.service.conftest import IdleFlood, stop_process_group  # noqa: E402
 
 
 def run(args: argparse.Namespace, per_client: int) -> None:
@@ -45,15 +45,9 @@ def run(args: argparse.Namespace, per_client: int) -> None:
     try:
         cli(env, "migrate")
         key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
-        port = free_port()
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-            stderr=subprocess.DEVNULL,
-        )
-        http = api_client(f"http://127.0.0.1:{port}", key, api)
+        api, url = serve_api(env, stderr=subprocess.DEVNULL)
+        port = int(url.rsplit(":", 1)[1])
+        http = api_client(url, key, api)
         assert http.get("/v1/jobs").status_code == 200
         statuses: collections.Counter[int] = collections.Counter()
         seconds: list[float] = []

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_dashboards import api_client  # noqa: E402
-from benchmarks.bench_fairness import cli  # noqa: E402
-from tests.service.conftest import free_port, stop_process_group  # noqa: E402
+from benchmarks.bench_fairness import cli, queued_job, serve_api  # noqa: E402
+from tests.service.conftest import stop_process_group  # noqa: E402
 
 
 async def poll(url: str, key: str, path: str, seconds: float, offset: float) -> list:
@@ -84,22 +83,8 @@ def main() -> None:
         cli(env, "migrate")
         cli(env, "models", "add", "tiny", str(state / "fixture" / "model"))
         key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
-        port = free_port()
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        http = api_client(url, key, api)
-        with (state / "fixture" / "data" / "forget_qa.jsonl").open("rb") as handle:
-            file_id = http.post(
-                "/v1/files", data={"purpose": "forget"}, files={"file": handle}
-            ).json()["id"]
-        job = http.post(
-            "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}
-        ).json()
+        api, url = serve_api(env)
+        job = queued_job(api_client(url, key, api), state / "fixture")
         asyncio.run(load(url, key, f"/v1/jobs/{job['id']}", args))
     finally:
         if api is not None:

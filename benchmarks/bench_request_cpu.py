@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -27,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_dashboards import api_client, pids_of, processes_named, wrk  # noqa: E402
-from benchmarks.bench_fairness import cli  # noqa: E402
-from tests.service.conftest import free_port, stop_process_group  # noqa: E402
+from benchmarks.bench_fairness import cli, queued_job, serve_api  # noqa: E402
+from tests.service.conftest import stop_process_group  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -67,22 +66,9 @@ def run(args: argparse.Namespace, storage: str, model: Path) -> None:
         cli(env, "migrate")
         cli(env, "models", "add", "tiny", str(model / "model"))
         key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
-        port = free_port()
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api", "serve", "--port", str(port), "--no-with-worker"],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
+        api, url = serve_api(env)
         http = api_client(url, key, api)
-        with (model / "data" / "forget_qa.jsonl").open("rb") as handle:
-            file_id = http.post(
-                "/v1/files", data={"purpose": "forget"}, files={"file": handle}
-            ).json()["id"]
-        job = http.post(
-            "/v1/jobs", json={"method": "catnip", "base_model": "tiny", "forget_file": file_id}
-        ).json()
+        job = queued_job(http, model)
         path = f"/v1/jobs/{job['id']}"
         etag = http.get(path).headers["etag"]
         measured = {
