@@ -224,7 +224,7 @@ def test_a_stream_gets_a_poll_s_events_in_one_batch_and_idles_between(sessions):
             yield "idle", None
             yield "end", "failed"
 
-        return b"".join([chunk async for chunk in _sse(follow())])
+        return b"".join([chunk async for chunk in _sse(follow(), idle_close=300.0)])
 
     assert asyncio.run(sent()) == (
         b"id: 1\nevent: message\ndata: {}\n\n"
