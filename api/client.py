@@ -120,6 +120,7 @@ class Job(TypedDict):
     eval: dict[str, Any] | None
     progress: Progress
     metrics_summary: dict[str, Any] | None
+    verdict: str | None
     error: JobError | None
     cancel_requested: bool
     attempts: int

@@ -282,3 +282,33 @@ def test_build_demo_shows_its_progress(tmp_path):
     assert "step/s" in result.stderr or "s/step" in result.stderr  # tqdm's bar over the epochs
     info = json.loads(result.stdout)
     assert info["epochs"] >= 10 and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_jobs_list_shows_a_succeeded_job_s_verdict_beside_its_status():
+    """A succeeded job may fail its criteria: the list says so where it says succeeded."""
+    from api.cli.tenant import job_line
+
+    job = {
+        "id": "job-1",
+        "status": "succeeded",
+        "verdict": "fail",
+        "method": "catnip",
+        "base_model": "tiny",
+        "progress": {"step": 14, "total_steps": 60},
+        "created_at": "2026-12-07T00:00:00Z",
+    }
+    assert job_line(job).split("\t") == [
+        "job-1",
+        "succeeded (verdict fail)",
+        "catnip",
+        "tiny",
+        "14/60",
+        "2026-12-07T00:00:00Z",
+    ]
+    queued = {
+        **job,
+        "status": "queued",
+        "verdict": None,
+        "progress": {"step": 0, "total_steps": None},
+    }
+    assert job_line(queued).split("\t")[1:5] == ["queued", "catnip", "tiny", "0/?"]

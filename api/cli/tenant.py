@@ -16,7 +16,7 @@ import typer
 import yaml
 from tqdm import tqdm
 
-from api.client import TERMINAL, APIError, ChecksumError, Client, Event, problems_of
+from api.client import TERMINAL, APIError, ChecksumError, Client, Event, Job, problems_of
 
 files_app = typer.Typer(
     help="Your files on the service (UNLEARN_API_URL, UNLEARN_API_KEY).", no_args_is_help=True
@@ -174,18 +174,28 @@ def jobs_list(
     limit: int = typer.Option(20, min=1),
     as_json: bool = typer.Option(False, "--json", help="The API's objects, as JSON."),
 ) -> None:
-    """Your jobs, newest first: id, status, method, model, step, created."""
+    """Your jobs, newest first: id, status (with the verdict once succeeded), method, model,
+    step, created."""
     with _client() as client:
         jobs = list(client.list_jobs(status=status, metadata=_metadata(metadata), limit=limit))
     if as_json:
         _print_json(jobs)
         return
     for j in jobs:
-        p = j["progress"]
-        steps = f"{p['step']}/{p['total_steps'] or '?'}"
-        typer.echo(
-            f"{j['id']}\t{j['status']}\t{j['method']}\t{j['base_model']}\t{steps}\t{j['created_at']}"
-        )
+        typer.echo(job_line(j))
+
+
+def job_line(job: Job) -> str:
+    """One job of `jobs list`, tab-separated; a succeeded job's status carries its verdict
+    (a succeeded job may fail its criteria)."""
+    progress = job["progress"]
+    steps = f"{progress['step']}/{progress['total_steps'] or '?'}"
+    status = job["status"]
+    if job.get("verdict"):
+        status += f" (verdict {job.get('verdict')})"
+    return "\t".join(
+        (job["id"], status, job["method"], job["base_model"], steps, str(job["created_at"]))
+    )
 
 
 @jobs_app.command("get")
