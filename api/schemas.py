@@ -19,7 +19,7 @@ from core.service.db import (
     Webhook,
     WebhookDelivery,
 )
-from core.service.enums import EventType, FileStatus, JobStatus, Purpose
+from core.service.enums import TERMINAL_STATUSES, EventType, FileStatus, JobStatus, Purpose
 
 T = TypeVar("T")
 
@@ -147,7 +147,7 @@ class MethodObject(BaseModel):
 class Progress(BaseModel):
     phase: str | None = Field(
         description="validating, loading, evaluating_before, unlearning, "
-        "evaluating_after, saving, uploading"
+        "evaluating_after, auditing, saving, uploading; null once the job has a final status"
     )
     step: int = Field(description="Optimizer steps done.")
     total_steps: int | None = Field(description="Steps planned (the stop rule may end sooner).")
@@ -244,7 +244,7 @@ class JobObject(BaseModel):
             hyperparameters=spec.get("hyperparameters") or {},
             eval=spec.get("eval"),
             progress=Progress(
-                phase=row.phase,
+                phase=None if row.status in TERMINAL_STATUSES else row.phase,
                 step=row.step,
                 total_steps=row.total_steps,
                 fraction=fraction,

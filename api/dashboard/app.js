@@ -393,8 +393,9 @@ async function jobView(id) {
       ["Finished", when(job.finished_at)], ["Attempts", job.attempts],
     ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     const p = job.progress;
-    progress.max = p.total_steps || 1;
-    progress.value = p.step;
+    // A succeeded job is done, also where its stop rule ended it before the planned steps.
+    progress.max = job.status === "succeeded" ? 1 : p.total_steps || 1;
+    progress.value = job.status === "succeeded" ? 1 : p.step;
     const loss = p.loss === null || p.loss === undefined ? "" : ` · loss ${p.loss.toFixed(4)}`;
     const eta = ACTIVE.includes(job.status) && state.eta !== null ? ` · about ${duration(state.eta)} left in this phase` : "";
     const stop = job.metrics_summary?.stop_rule;

@@ -154,6 +154,10 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     page.screenshot(path=str(shots / "dashboard-job-running.png"), full_page=True)
     page.locator("#job-status .badge.succeeded").wait_for(timeout=300_000)
     page.get_by_role("heading", name="Before and after").wait_for(timeout=30_000)
+    # done: the bar is full even where the stop rule ended the job before its planned steps
+    assert page.evaluate(
+        "() => { const p = document.querySelector('#job-progress'); return p.value === p.max; }"
+    )
     table = page.get_by_role("table", name="Before and after").inner_text()
     assert "Forget KnowMem ROUGE-L F1" in table and "Retain KnowMem ROUGE-L F1" in table
     key = {"Authorization": f"Bearer {served['keys']['acme']}"}
@@ -200,8 +204,10 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     page.get_by_role("link", name="Jobs").click()
     row = page.get_by_role("row").filter(has_text=job_id)
     row.get_by_text("succeeded").wait_for()
-    verdict = httpx.get(f"{url}/v1/jobs/{job_id}", headers=key).json()["verdict"]
+    done = httpx.get(f"{url}/v1/jobs/{job_id}", headers=key).json()
+    verdict = done["verdict"]
     assert verdict in ("pass", "fail")
+    assert done["progress"]["phase"] is None  # no phase once finished
     assert row.locator(f".badge.{verdict}").inner_text() == verdict  # beside the status
     page.screenshot(path=str(shots / "dashboard-jobs.png"), full_page=True)
     page.locator("#filter-metadata").fill("ticket=nope")
