@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, per_client: int) -> None:
         statuses: collections.Counter[int] = collections.Counter()
         seconds: list[float] = []
         with IdleFlood(port, args.connections) as flood:
-            time.sleep(1.5)
+            flood.wait_sent()
             opened, cpu, begun = flood.opened, cpu_seconds(pids_of(api.pid)), time.monotonic()
             while time.monotonic() - begun < args.seconds:
                 started = time.monotonic()

@@ -334,6 +334,7 @@ class IdleFlood:
         self.selector = selectors.DefaultSelector()
         self.stopping = threading.Event()
         self.opened = 0  # connections made, reconnections included
+        self.sent = 0  # half requests sent
         self.closed_by_server = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -344,6 +345,15 @@ class IdleFlood:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self.thread.join(30)
+
+    def wait_sent(self, timeout: float = 30) -> None:
+        """Until every connection has sent its half request once (the server holds them,
+        or has turned them away and they came back)."""
+        deadline = time.monotonic() + timeout
+        while self.sent < self.connections:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the flood sent {self.sent} of {self.connections} requests")
+            time.sleep(0.01)
 
     def _open(self) -> None:
         import selectors
@@ -370,6 +380,7 @@ class IdleFlood:
                     except OSError:
                         self._reopen(sock)
                         continue
+                    self.sent += 1
                     self.selector.modify(sock, selectors.EVENT_READ, "waiting")
                     continue
                 try:

@@ -646,7 +646,7 @@ def test_one_client_s_idle_connections_do_not_take_the_api_down(api, per_client)
         client.base_url = httpx.URL(server.url)
         assert client.get("/v1/jobs").status_code == 200
         with IdleFlood(server.port, 1000) as flood:
-            time.sleep(1.5)  # the flood's connections are open (or refused and back)
+            flood.wait_sent()
             statuses, seconds = [], []
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
