@@ -20,8 +20,8 @@ from api.middleware import ConditionalGet, RequestGuard, RequestId, StatusCache
 from api.queue import TaskQueue
 from api.routes import dashboard, evidence, files, jobs, meta, webhooks
 from api.schemas import ErrorEnvelope
-from core.engine.methods import METHODS
 from core.engine.spec import JobSpec
+from core.engine.spec.methods import METHODS
 from core.service import logs
 from core.service.db import make_engine, make_sessionmaker, pool_capacity
 from core.service.metadata import MAX_KEY_CHARS, MAX_KEYS, MAX_VALUE_CHARS

@@ -317,7 +317,7 @@ class MetricsObject(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> MetricsObject:
-        from core.engine.summary import before_after_rows, evidence_lines
+        from core.engine.evaluation.summary import before_after_rows, evidence_lines
 
         summary = None
         if job.metrics:

@@ -344,8 +344,8 @@ def one_step_config(
 
     from core.engine.data import Example
     from core.engine.events import Events
-    from core.engine.methods import METHODS, parse_params
     from core.engine.modeling import AdapterSpec, wrap
+    from core.engine.spec.methods import METHODS, parse_params
     from core.engine.train import run_unlearning
 
     config = LlamaConfig(vocab_size=32000, **STEP_MODELS[model_name])

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.demo.build import build_model
 from core.engine.data import build_examples, load_records
-from core.engine.methods import METHODS, parse_params
 from core.engine.modeling import AdapterSpec, load_base, wrap
+from core.engine.spec.methods import METHODS, parse_params
 from core.engine.train import run_unlearning
 
 RUNS = (

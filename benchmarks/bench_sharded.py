@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_model_cache import random_llama
 from core.engine.data import Example
-from core.engine.methods import METHODS, parse_params
 from core.engine.modeling import AdapterSpec, load_base, peak_memory, pick_device, wrap
 from core.engine.sharded import run_sharded
+from core.engine.spec.methods import METHODS, parse_params
 from core.engine.train import run_unlearning
 
 

@@ -81,7 +81,7 @@ def _print_table(metrics: dict) -> None:
     the trade-off, and the evidence: attacks, membership inference, the verdict."""
     import textwrap
 
-    from core.engine.summary import before_after_rows, evidence_lines
+    from core.engine.evaluation.summary import before_after_rows, evidence_lines
 
     rows = before_after_rows(metrics)
     if rows:

@@ -9,8 +9,8 @@ import torch
 
 from core.engine.data import build_examples, load_records
 from core.engine.events import Events
-from core.engine.methods import METHODS, parse_params, prepare
 from core.engine.modeling import AdapterSpec, load_base, wrap
+from core.engine.spec.methods import METHODS, parse_params, prepare
 
 
 def setup_run(

@@ -14,10 +14,10 @@ from core.demo.build import contrast_file
 from core.engine import losses
 from core.engine.contrast import BUILT_IN, REFUSALS, build_contrast, contrast_records
 from core.engine.data import encode_records, load_records
-from core.engine.methods import METHODS, parse_params
 from core.engine.modeling import AdapterSpec, decoder_layers
 from core.engine.pipeline import run_job
 from core.engine.spec import parse_spec
+from core.engine.spec.methods import METHODS, parse_params
 from core.engine.steps import StepInputs, hidden_states_at, rmu_layers, rmu_step
 from core.engine.train import run_unlearning
 from core.errors import DataError, SpecError

@@ -9,8 +9,8 @@ import torch
 from engine_setup import StopAfter, setup_run, train
 
 from core.engine.events import Events
-from core.engine.methods import METHODS
 from core.engine.modeling import AdapterSpec, load_base, save_output, wrap
+from core.engine.spec.methods import METHODS
 from core.engine.train import run_unlearning
 
 CPU = torch.device("cpu")

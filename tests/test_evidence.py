@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from core.engine import robustness
-from core.engine.evidence import judge
-from core.engine.privacy import auc, min_k_scores, privleak
-from core.engine.spec_parts import CriteriaSpec
+from core.engine.evaluation import robustness
+from core.engine.evaluation.evidence import judge
+from core.engine.evaluation.privacy import auc, min_k_scores, privleak
+from core.engine.spec.parts import CriteriaSpec
 
 
 def test_quantize_rtn_on_a_known_tensor():
@@ -115,9 +115,9 @@ def test_the_quantization_audit_exposes_forgetting_hidden_inside_the_4_bit_grid(
     every forget and utility metric at each level, and the 4-bit criterion fails it."""
     from core.engine.data import Records, build_examples, collate, load_records
     from core.engine.evaluation import knowmem
-    from core.engine.evidence import robustness_audits
+    from core.engine.evaluation.evidence import robustness_audits
     from core.engine.modeling import AdapterSpec, load_base, wrap
-    from core.engine.spec_parts import EvalSpec
+    from core.engine.spec.parts import EvalSpec
 
     data = fixture_dir / "data"
     model, tokenizer = load_base(fixture_dir / "model", torch.device("cpu"))
@@ -271,7 +271,7 @@ def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_
     the whole set. Its forget MC before the attack comes from the after evaluation's
     answers to those items (measured instead when it has none for exactly them)."""
     from core.engine.evaluation.attacks.relearn import _mc_after, _mc_scope
-    from core.engine.spec_parts import EvalSpec
+    from core.engine.spec.parts import EvalSpec
 
     def mc(path, facts):
         path.write_text(

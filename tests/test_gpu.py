@@ -10,7 +10,7 @@ import torch
 from engine_setup import setup_run, two_ranks
 
 from core.engine.losses import catnip_loss
-from core.engine.methods import METHODS
+from core.engine.spec.methods import METHODS
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

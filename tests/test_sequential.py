@@ -12,11 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from core.engine.checkpoint import run_fingerprint
-from core.engine.methods import METHODS, parse_params
 from core.engine.modeling import AdapterSpec, load_base, wrap
 from core.engine.pipeline import run_job
 from core.engine.sequential import StartPoint, stack_adapters, start_digest, start_point
 from core.engine.spec import load_spec, parse_spec
+from core.engine.spec.methods import METHODS, parse_params
 from core.errors import DataError, ModelError, SpecError
 
 

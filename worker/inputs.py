@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.engine.spec_parts import EVAL_FILE_FIELDS, spec_file_ids
+from core.engine.spec.parts import EVAL_FILE_FIELDS, spec_file_ids
 from core.errors import UnlearnError
 from core.service import repo
 from core.service.db import Artifact, File, Job, RegisteredModel

@@ -43,7 +43,7 @@ def list_models(
     summary="The unlearning methods, with their hyperparameters' schema and defaults",
 )
 def list_methods(_tenant: TenantDep) -> ListResponse[MethodObject]:
-    from core.engine.methods import METHODS
+    from core.engine.spec.methods import METHODS
 
     return ListResponse.page([MethodObject.of(m) for m in METHODS.values()], False)
 

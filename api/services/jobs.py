@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
 from core.engine.formats import check_pairing
-from core.engine.methods import METHODS
 from core.engine.spec import JobSpec, parse_spec
+from core.engine.spec.methods import METHODS
 from core.errors import (
     Conflict,
     DataError,

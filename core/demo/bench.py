@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.engine.methods import METHODS
+from core.engine.spec.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def reference_attacks(raw: dict[str, Any], device: str | None) -> dict[str, Any]
     full weights: the starting model's answers are its "before" and its own its "after",
     so its relearning recovery is the share of the forget answers that the attack's
     fine-tuning teaches a model that never saw them."""
-    from core.engine.evidence import attack_question_scores, robustness_audits
+    from core.engine.evaluation.evidence import attack_question_scores, robustness_audits
     from core.engine.modeling import AdapterSpec, load_base, pick_device, wrap
     from core.engine.spec import parse_spec
 

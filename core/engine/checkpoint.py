@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.engine.data import Example
-from core.engine.methods import Method, TrainingParams
 from core.engine.modeling import Wrapped
+from core.engine.spec.methods import Method, TrainingParams
 from core.errors import SpecError
 
 CHECKPOINTS_KEPT = 2

@@ -23,7 +23,6 @@ from core.engine.data import Encoded, Example, Records, encode_records, load_rec
 from core.engine.evaluation import EvalSpec
 from core.engine.events import Events, Phase
 from core.engine.formats import check_file
-from core.engine.methods import MAX_STEPS, Method, TrainingParams, get_method, prepare
 from core.engine.model_cache import ModelCache
 from core.engine.modeling import (
     Wrapped,
@@ -43,7 +42,8 @@ from core.engine.sequential import (
 )
 from core.engine.sharded import check_devices
 from core.engine.spec import JobSpec
-from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
+from core.engine.spec.methods import MAX_STEPS, Method, TrainingParams, get_method, prepare
+from core.engine.spec.parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 from core.engine.train import LoopResult, total_steps
 from core.errors import DataError, DeviceError, SpecError
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from core.engine.spec_parts import AdapterSpec
+from core.engine.spec.parts import AdapterSpec
 from core.errors import DeviceError, ModelError, SpecError
 
 log = logging.getLogger(__name__)

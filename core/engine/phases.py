@@ -16,8 +16,8 @@ from typing import Any
 
 from core.engine import report
 from core.engine.evaluation import evaluate, strip_per_record, tradeoff
+from core.engine.evaluation.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.events import Phase
-from core.engine.evidence import judge, privacy_audit, robustness_audits, with_privleak
 from core.engine.job import JobContext
 from core.engine.modeling import load_base, peak_memory, save_output
 from core.engine.sequential import chain_of, stack_adapters

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from core.engine.data import LEFT_OUT, Example, collate, line_list
+from core.engine.evaluation.summary import before_after_rows, evidence_lines, fmt
 from core.engine.losses import token_logprobs
-from core.engine.summary import before_after_rows, evidence_lines, fmt
 
 
 @torch.no_grad()

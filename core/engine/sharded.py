@@ -44,8 +44,8 @@ from core import errors
 from core.engine.checkpoint import CHECKPOINTS_KEPT, _checked_state, _checkpoint_dirs
 from core.engine.data import Example
 from core.engine.events import Events, StepInfo
-from core.engine.methods import Method, TrainingParams
 from core.engine.modeling import Wrapped
+from core.engine.spec.methods import Method, TrainingParams
 from core.engine.train import LoopResult
 from core.errors import DeviceError, JobCancelled
 
@@ -393,9 +393,9 @@ def _rank_main(work_dir: Path) -> None:
 
     from core.engine import losses
     from core.engine.data import Example
-    from core.engine.methods import get_method, parse_params, prepare
     from core.engine.modeling import AdapterSpec, load_base, peak_memory, wrap
     from core.engine.runtime import quiet_libraries
+    from core.engine.spec.methods import get_method, parse_params, prepare
     from core.engine.train import run_unlearning
 
     _die_with_parent(signal.SIGKILL)

@@ -4,7 +4,7 @@ the model, and of the frozen model on retain data) and trains only chosen weight
 
 A method of this form gives `Method.step_loss(StepInputs, params) -> (loss, terms)` and,
 where it needs one, `Method.setup(wrapped, params) -> state`, run once per model before
-the optimizer exists (core.engine.methods.prepare): RMU's restricts what trains and draws its direction.
+the optimizer exists (core.engine.spec.methods.prepare): RMU's restricts what trains and draws its direction.
 The tensor maths is in core.engine.losses.objectives (flat_tv_from_logprobs, hidden_mse).
 """
 
@@ -21,7 +21,7 @@ from core.engine.modeling import Wrapped, decoder_layers
 from core.errors import SpecError
 
 if TYPE_CHECKING:
-    from core.engine.params import FLATParams, RMUParams
+    from core.engine.spec.params import FLATParams, RMUParams
 
 Batch = dict[str, torch.Tensor]
 

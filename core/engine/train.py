@@ -31,8 +31,8 @@ from core.engine.checkpoint import (
 )
 from core.engine.data import Example
 from core.engine.events import Events, StepInfo
-from core.engine.methods import Method, TrainingParams, prepare
 from core.engine.modeling import Wrapped
+from core.engine.spec.methods import Method, TrainingParams, prepare
 from core.engine.train_step import (
     BatchStream,
     MicroBatches,

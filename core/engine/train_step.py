@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from core.engine import losses
 from core.engine.data import Example, collate
-from core.engine.methods import ForgetTerms, Method, TrainingParams
 from core.engine.modeling import Wrapped
+from core.engine.spec.methods import ForgetTerms, Method, TrainingParams
 from core.engine.steps import Batch, StepInputs
 
 # --- micro-batches and their losses --------------------------------------------
@@ -57,7 +57,7 @@ class MicroBatches:
     wrapped: Wrapped
     method: Method
     params: TrainingParams
-    state: Any  # what the method's setup returned (core.engine.methods.prepare)
+    state: Any  # what the method's setup returned (core.engine.spec.methods.prepare)
     device: torch.device
     forget: BatchStream
     retain: BatchStream | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from core.engine.formats import Kind
-from core.engine.spec_parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
+from core.engine.spec.parts import EVAL_FILE_KINDS, TRAIN_FILE_KINDS
 
 
 class JobStatus(StrEnum):
@@ -50,7 +50,7 @@ PURPOSE_KINDS: dict[Purpose, tuple[Kind, ...]] = {
 }
 
 # Each file slot of a job: the purpose its file must have been uploaded with, and the
-# kinds it accepts (the engine's, core.engine.spec_parts).
+# kinds it accepts (the engine's, core.engine.spec.parts).
 FILE_SLOTS: dict[str, tuple[Purpose, tuple[Kind, ...]]] = {
     "forget_file": (Purpose.FORGET, TRAIN_FILE_KINDS),
     "retain_file": (Purpose.RETAIN, TRAIN_FILE_KINDS),

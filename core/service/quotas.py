@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.engine.methods import MAX_STEPS
 from core.engine.spec import JobSpec
+from core.engine.spec.methods import MAX_STEPS
 from core.errors import LimitExceeded, SpecError
 from core.service.db import File, Tenant
 from core.service.settings import Settings

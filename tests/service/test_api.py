@@ -888,7 +888,7 @@ def test_metrics_show_what_workers_measured_of_finished_jobs(client, service):
 def test_methods_are_listed_with_their_hyperparameters_schema(client):
     """What the dashboard's form is built from: every method of the registry, what data
     it needs, and its hyperparameters' JSON Schema with the defaults a job gets."""
-    from core.engine.methods import METHODS
+    from core.engine.spec.methods import METHODS
 
     listed = {m["id"]: m for m in client.get("/v1/methods").json()["data"]}
     assert set(listed) == set(METHODS)

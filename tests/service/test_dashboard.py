@@ -106,7 +106,7 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     # The form is built from /v1/methods: catnip's defaults are there; every field has a label.
     page.get_by_role("link", name="New job").click()
     page.locator("#hyperparameters-beta").wait_for()
-    from core.engine.params import CatnipParams
+    from core.engine.spec.params import CatnipParams
 
     assert float(page.locator("#hyperparameters-beta").input_value()) == CatnipParams().beta
     unlabelled = page.evaluate(

@@ -146,8 +146,8 @@ ROLES = {
     "assert TestClient(app).get('/metrics').status_code == 200\n",
     # the worker image, `unlearn run`, `unlearn demo`: the engine, every stage
     ("worker",): "import worker.tasks, worker.runner, core.engine.pipeline, core.demo.bench\n"
-    "import core.engine.evaluation.metrics, core.engine.report, core.engine.evidence\n"
-    "import core.engine.robustness, core.engine.privacy, core.engine.losses.backend\n",
+    "import core.engine.evaluation.metrics, core.engine.report, core.engine.evaluation.evidence\n"
+    "import core.engine.evaluation.robustness, core.engine.evaluation.privacy, core.engine.losses.backend\n",
 }
 
 # Run in a fresh interpreter: it records each package the project's own modules import

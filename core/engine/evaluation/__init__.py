@@ -1,7 +1,7 @@
 """Before/after evidence: what the model still knows, and what unlearning cost
 (`metrics`: KnowMem, VerbMem, MC through lm-eval-harness, perplexity, the trade-off).
-The attacks and membership inference are core.engine.robustness and core.engine.privacy;
-core.engine.evidence runs them after the "after" metrics."""
+The attacks and membership inference are core.engine.evaluation.robustness and core.engine.evaluation.privacy;
+core.engine.evaluation.evidence runs them after the "after" metrics."""
 
 from core.engine.evaluation.metrics import (
     PER_RECORD,

@@ -25,7 +25,7 @@ import torch
 
 from core.engine.data import Records, collate, encode_records, load_records
 from core.engine.modeling import context_length
-from core.engine.spec_parts import EvalSpec
+from core.engine.spec.parts import EvalSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The robustness audits, in the order they run and report: each an `Audit` (its
 settings in, its figures and the settings it used out), so a new attack is one function
-and one entry in AUDITS. core.engine.evidence runs them on the unlearned model."""
+and one entry in AUDITS. core.engine.evaluation.evidence runs them on the unlearned model."""
 
 from core.engine.evaluation.attacks.context import (
     Audit,

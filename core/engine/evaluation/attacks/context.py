@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from core.engine import robustness
 from core.engine.data import load_records
+from core.engine.evaluation import robustness
 from core.engine.evaluation.metrics import knowmem
 from core.engine.modeling import Wrapped
-from core.engine.spec_parts import EvalSpec, RobustnessSpec
+from core.engine.spec.parts import EvalSpec, RobustnessSpec
 
 MIN_ATTACK_QUESTIONS = 5  # below this the split leaves too little to attack or to measure
 

@@ -1,14 +1,14 @@
 """The in-context extraction attack: ask the measured forget questions after a few
 forget-set QA pairs of the attack split as demonstrations
-(core.engine.robustness.in_context_prompts), and measure what the context brings back."""
+(core.engine.evaluation.robustness.in_context_prompts), and measure what the context brings back."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from core.engine import robustness
+from core.engine.evaluation import robustness
 from core.engine.evaluation.attacks.context import AuditContext, knowmem_figures
-from core.engine.spec_parts import InContextSpec
+from core.engine.spec.parts import InContextSpec
 
 
 def in_context_audit(ctx: AuditContext, settings: InContextSpec) -> dict[str, Any]:

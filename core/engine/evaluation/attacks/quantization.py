@@ -1,5 +1,5 @@
 """The quantization audit: every forget and utility metric re-measured on copies of the
-unlearned model rounded to fewer bits (core.engine.robustness.quantized_copy), where a
+unlearned model rounded to fewer bits (core.engine.evaluation.robustness.quantized_copy), where a
 change too small for the grid disappears and what looked forgotten can come back."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from core.engine import robustness
+from core.engine.evaluation import robustness
 from core.engine.evaluation.attacks.context import AuditContext, attack_size
 from core.engine.evaluation.metrics import evaluate, on_first, strip_per_record
-from core.engine.spec_parts import EvalSpec, QuantizationSpec
+from core.engine.spec.parts import EvalSpec, QuantizationSpec
 
 
 def _figures(model: Any, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:

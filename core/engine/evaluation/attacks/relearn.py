@@ -1,5 +1,5 @@
 """The relearning attack: fine-tune the unlearned model on some forget questions and
-measure how much of the others comes back (core.engine.robustness.relearn), on forget
+measure how much of the others comes back (core.engine.evaluation.robustness.relearn), on forget
 KnowMem and, where there is one, the forget MC set."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from core.engine import robustness
 from core.engine.data import Records, load_records
+from core.engine.evaluation import robustness
 from core.engine.evaluation.attacks.context import AuditContext, QuestionSplit, knowmem_figures
 from core.engine.evaluation.metrics import mc_accuracy, mc_figures
-from core.engine.spec_parts import EvalSpec, RelearnSpec
+from core.engine.spec.parts import EvalSpec, RelearnSpec
 
 Select = Callable[[dict[str, Any]], bool]
 

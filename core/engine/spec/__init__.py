@@ -14,8 +14,13 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-from core.engine.methods import TrainingParams, format_validation_error, get_method, parse_params
-from core.engine.spec_parts import AdapterSpec, EvalSpec, ResourcesSpec
+from core.engine.spec.methods import (
+    TrainingParams,
+    format_validation_error,
+    get_method,
+    parse_params,
+)
+from core.engine.spec.parts import AdapterSpec, EvalSpec, ResourcesSpec
 from core.errors import SpecError
 
 # A name, an id or a path in a spec: non-empty, of a sane length.

@@ -1,5 +1,5 @@
 """Evidence that holds, after the "after" metrics: robustness audits (the attacks of
-core.engine.evaluation.attacks), membership inference (core.engine.privacy), a reference
+core.engine.evaluation.attacks), membership inference (core.engine.evaluation.privacy), a reference
 model's figures, and the criteria the user declared, with a verdict. A failed verdict is
 not a failed job.
 
@@ -15,9 +15,9 @@ from typing import Any
 from core.engine.data import Records, load_records
 from core.engine.evaluation import EvalSpec, knowmem
 from core.engine.evaluation.attacks import AUDITS, audit_context, forget_questions
+from core.engine.evaluation.privacy import membership_inference, privleak
 from core.engine.modeling import Wrapped
-from core.engine.privacy import membership_inference, privleak
-from core.engine.spec_parts import CriteriaSpec
+from core.engine.spec.parts import CriteriaSpec
 
 log = logging.getLogger(__name__)
 

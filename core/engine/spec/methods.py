@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import ValidationError
 
-from core.engine.params import (  # noqa: F401 - re-exported: the registry's parameters
+from core.engine.spec.params import (  # noqa: F401 - re-exported: the registry's parameters
     MAX_STEPS,
     CatnipParams,
     FLATParams,
