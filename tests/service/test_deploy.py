@@ -1,7 +1,8 @@
-"""What the deployment files promise, checked as far as this machine allows (no Docker
-engine runs here): the API runs without torch (the slim image), and the compose file
-has the stack the README's Deployment section describes: Postgres, Redis, MinIO, a
-one-shot `unlearn migrate` that the API and the GPU worker wait for, and the two images."""
+"""What the deployment files promise, checked without a container engine (the images are
+built and the stack run in tests/service/test_stack.py): the API runs without torch (the
+slim image), and the compose file has the stack the README's Deployment section
+describes: Postgres, Redis, MinIO, a one-shot `unlearn migrate` that the API and the GPU
+worker wait for, and the two images; the local override replaces every public image."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from api.app import create_app
 from core.service.settings import Settings
 from core.engine.spec import parse_spec
 from core.errors import SpecError
+from core.engine.evaluation.summary import forget_standing  # a job object with metrics
 app = create_app(Settings(unlearn_data_dir={str(tmp_path)!r}))
 assert TestClient(app).get("/healthz").json() == {{"status": "ok"}}
 assert "JobCreate" in app.openapi()["components"]["schemas"]
@@ -68,8 +70,12 @@ def test_compose_has_the_production_stack():
     # own (copied before the source), and the API image's extra holds no ML package.
     for dockerfile, extra in (("api.Dockerfile", "api"), ("worker.Dockerfile", "worker")):
         text = (ROOT / "docker" / dockerfile).read_text()
-        assert f'pip install -c constraints.txt ".[{extra}]"' in text
+        assert f'-c constraints.txt ".[{extra}]"' in text
         assert text.index("COPY pyproject.toml") < text.index("COPY core core")
+        # Built anywhere: the base and the package source are build arguments.
+        assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
+        assert '${WHEELHOUSE_URL:+--no-index --find-links "$WHEELHOUSE_URL"}' in text
+        assert "org.opencontainers.image.revision" in text and "HEALTHCHECK" in text
     api = {_name(r) for r in _project()["optional-dependencies"]["api"]}
     assert "fastapi" in api and not {"torch", "transformers", "peft", "lm-eval"} & api
     ignored = (ROOT / ".dockerignore").read_text().split()
@@ -288,3 +294,19 @@ def test_the_stack_scrapes_the_api_and_the_dashboard_reads_what_it_exposes(tmp_p
         for name in re.findall(r"unlearn_[a-z_]+", target["expr"])
     }
     assert queried and queried <= exposed, queried - exposed
+
+
+def test_the_local_override_replaces_every_public_image():
+    """docker/compose.local.yml (hosts without a registry): each service of the stack runs
+    on an image built here; the GPU worker is left to its profile, a CPU worker runs."""
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    local = yaml.safe_load((ROOT / "docker" / "compose.local.yml").read_text())["services"]
+    for name, service in base.items():
+        if name == "worker":
+            assert local[name]["profiles"] == ["gpu"]
+            continue
+        image = local.get(name, {}).get("image", service.get("image", ""))
+        assert image.startswith("unlearn-"), f"{name} would pull {image}"
+    assert local["cpu-worker"]["image"].startswith("unlearn-worker:")
+    assert local["cpu-worker"]["environment"]["WORKER_DEVICE"] == "cpu"
+    assert "--build-arg TORCH=cpu" in (ROOT / "scripts" / "stack.sh").read_text()
