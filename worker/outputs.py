@@ -1,6 +1,8 @@
 """A job's outputs: each artifact directory the pipeline wrote is archived, uploaded to
-the store and recorded as one of the job's artifact rows; a succeeded job is certified
-(its signed certificate is kept on its row)."""
+the store and recorded as one of the job's artifact rows (a model directory, the adapter
+or full weights, signed first with OpenSSF model signing: its `model.sig` travels in the
+archive); a succeeded job is certified (its signed in-toto attestation is kept on its
+row)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.service import certificates, repo
+from core.service import attestation, certificates, repo
 from core.service.db import Artifact, Job
 from core.service.enums import ArtifactKind
 from core.service.settings import Settings
@@ -33,8 +35,11 @@ def store_artifacts(
     """Archive each of `artifacts` (name: directory) under `archives`, upload it to the
     store under jobs/<job id>/, and make the archives the job's artifact rows."""
     archives.mkdir(parents=True, exist_ok=True)
+    keyring = Keyring(settings.keyring_dir)
     rows = []
     for name, directory in artifacts.items():
+        if name in certificates.MODEL_ARTIFACTS:
+            attestation.sign_model(directory, keyring)
         suffix = archive_suffix(directory, settings.archive_gzip_max_bytes)
         archive = archives / f"{name}.{suffix}"
         sha256 = make_archive(directory, archive)

@@ -17,7 +17,8 @@ router = APIRouter()
     "/v1/signing-keys",
     response_model=ListResponse[SigningKeyObject],
     tags=["evidence"],
-    summary="The Ed25519 public keys that sign certificates, by key id (old keys included)",
+    summary="The public keys that sign certificates (Ed25519) and output models (ECDSA P-256), "
+    "by key id (old keys included)",
 )
 def list_signing_keys(session: SessionDep) -> ListResponse[SigningKeyObject]:
     rows = certificates.public_keys(session)

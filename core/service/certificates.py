@@ -1,6 +1,8 @@
 """The unlearning certificate of a succeeded job: what was asked, of which model, with
-which inputs, what came out, what was measured and whether the declared criteria held,
-signed (core.service.signing) so anyone can check it offline with the public key."""
+which inputs, what came out, what was measured and whether the declared criteria held.
+It is an in-toto Statement v1 in a DSSE envelope (core.service.attestation): its subjects
+the sha256 of each artifact archive, its predicate this unlearning record, signed with
+the published Ed25519 keys so anyone can check it offline with the public key."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.service import audit, repo
+from core.service import attestation, audit, repo
 from core.service.db import Job, SigningKey, utcnow
 from core.service.signing import Keyring, public_pem
 
-CERTIFICATE_TYPE = "unlearning-certificate"
+# The artifacts that are model directories, signed in place with OpenSSF model signing.
+MODEL_ARTIFACTS = ("adapter", "model")
 
 
 @functools.cache
@@ -46,9 +49,11 @@ def code_version() -> str:
 
 
 def publish(session: Session, keyring: Keyring) -> str:
-    """Make sure the keyring's active key exists and its public half is published."""
+    """Make sure the keyring's active keys exist and their public halves are published
+    (Ed25519 for certificates, ECDSA P-256 for model signatures)."""
     kid = keyring.ensure()
-    for known, public in keyring.public_keys().items():
+    published: dict[str, Any] = {**keyring.public_keys(), **keyring.model_public_keys()}
+    for known, public in published.items():
         if session.get(SigningKey, known) is None:
             session.add(SigningKey(id=known, public_key_pem=public_pem(public)))
     session.flush()
@@ -63,8 +68,9 @@ def _when(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def content(session: Session, job: Job) -> dict[str, Any]:
-    """The certificate's content for a finished job (its artifacts and metrics stored)."""
+def content(session: Session, job: Job, keyring: Keyring) -> dict[str, Any]:
+    """The unlearning record of a finished job (its artifacts and metrics stored): the
+    predicate of its certificate."""
     model = repo.get_model(session, job.base_model)
     spec = dict(job.spec)
     slots = repo.job_file_slots(session, job.id)
@@ -72,9 +78,9 @@ def content(session: Session, job: Job) -> dict[str, Any]:
     reference_name = (spec.get("eval") or {}).get("reference_model")
     reference = repo.find_model(session, reference_name) if reference_name else None
     metrics = job.metrics or {}
+    artifacts = repo.list_artifacts(session, job.id)
+    signed = [a.name for a in artifacts if a.name in MODEL_ARTIFACTS]
     return {
-        "type": CERTIFICATE_TYPE,
-        "version": 1,
         "issued_at": utcnow().isoformat(),
         "job": {
             "id": job.id,
@@ -104,8 +110,19 @@ def content(session: Session, job: Job) -> dict[str, Any]:
         "code_version": code_version(),
         "artifacts": {
             a.name: {"filename": a.filename, "bytes": a.bytes, "sha256": a.sha256}
-            for a in repo.list_artifacts(session, job.id)
+            for a in artifacts
         },
+        "model_signature": (
+            {
+                "artifacts": signed,
+                "file": attestation.MODEL_SIGNATURE,
+                "format": "OpenSSF model signing (Sigstore bundle, DSSE, ECDSA P-256)",
+                "key_id": keyring.model_key()[0],
+            }
+            if signed
+            else None
+        ),
+        "audits": audits(spec, metrics),
         "metrics": metrics,
         "criteria": metrics.get("criteria", []),
         "verdict": metrics.get("verdict", "not_evaluated"),
@@ -132,9 +149,56 @@ def _starts_from(session: Session, job: Job) -> dict[str, Any] | None:
     }
 
 
+def audits(spec: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every audit the job's metrics hold, with its status, its settings where it ran
+    and why where it did not: the record claims only what was run."""
+    if spec.get("eval") is None:
+        why = "the spec has no eval section"
+        return [
+            {"audit": name, "status": "off", "reason": why} for name in ("robustness", "privacy")
+        ]
+    declared = spec["eval"]
+    rows = [
+        _audit(f"robustness.{name}", result, (declared.get("robustness") or {}).get(name))
+        for name, result in sorted((metrics.get("robustness") or {}).items())
+    ]
+    privacy = metrics.get("privacy") or {}
+    rows += [
+        _audit(f"privacy.{when}", privacy[when], declared.get("privacy"))
+        for when in ("before", "after", "reference")
+        if when in privacy
+    ]
+    return rows or [{"audit": "all", "status": "off", "reason": "no audit in the job's metrics"}]
+
+
+_CELL_KEYS = ("cell", "data", "learning_rate", "steps", "status", "recovery", "reason")
+
+
+def _audit(name: str, result: Any, declared: Any) -> dict[str, Any]:
+    """One audit's row: its status; the settings it ran with (as measured, else as the
+    spec declared them) or the reason it did not run."""
+    if not isinstance(result, dict) or "status" not in result:
+        return {"audit": name, "status": "unknown", "reason": "no status recorded"}
+    row = {"audit": name, "status": result["status"]}
+    if result["status"] == "done":
+        row["settings"] = result.get("settings", declared)
+        if "cells" in result:  # a sweep (the relearning attack): every cell it ran
+            row["cells"] = [
+                {key: cell.get(key) for key in _CELL_KEYS if key in cell}
+                for cell in result["cells"]
+            ]
+            row["worst_cell"] = result.get("worst_cell")
+    else:
+        row["reason"] = result.get("reason") or "none recorded"
+    return row
+
+
 def issue(session: Session, job: Job, keyring: Keyring) -> bytes:
-    """Sign the job's certificate and keep it on the job's row."""
+    """Sign the job's certificate (a DSSE envelope of its in-toto statement) and keep it
+    on the job's row."""
     publish(session, keyring)
-    certificate = keyring.sign(content(session, job))
+    record = content(session, job, keyring)
+    subjects = {a["filename"]: a["sha256"] for a in record["artifacts"].values()}
+    certificate = attestation.sign_statement(keyring, attestation.statement(subjects, record))
     job.certificate = certificate.decode()
     return certificate

@@ -12,6 +12,11 @@ when the directory has none (the embedded default's first start); rotating adds 
 and makes it active, and the old public keys stay published, so old certificates stay
 verifiable. Key ids are `ed25519-` and the first 16 hex digits of the sha256 of the raw
 public key.
+
+Beside each Ed25519 key the keyring holds an ECDSA P-256 key that signs output model
+directories with OpenSSF model signing (core.service.attestation), which takes only
+NIST curves: `ecdsa-p256-` and 16 hex digits of the sha256 of the uncompressed point,
+active as named in `active-model`, rotated with the Ed25519 key and published with it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from typing import Any
 import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALGORITHM = "Ed25519"
+MODEL_ALGORITHM = "ECDSA-P256"
+MODEL_KEY_PREFIX = "ecdsa-p256-"
 
 
 def canonical(document: Any) -> bytes:
@@ -41,7 +49,30 @@ def key_id(public: Ed25519PublicKey) -> str:
     return "ed25519-" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-def public_pem(public: Ed25519PublicKey) -> str:
+def model_key_id(public: ec.EllipticCurvePublicKey) -> str:
+    point = public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return MODEL_KEY_PREFIX + hashlib.sha256(point).hexdigest()[:16]
+
+
+def algorithm_of(kid: str) -> str:
+    """The algorithm a published key id names."""
+    return MODEL_ALGORITHM if kid.startswith(MODEL_KEY_PREFIX) else ALGORITHM
+
+
+def _write_private(path: Path, private: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def public_pem(public: Ed25519PublicKey | ec.EllipticCurvePublicKey) -> str:
     return public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
@@ -55,27 +86,53 @@ class Keyring:
         return sorted(self.directory.glob("ed25519-*.pem")) if self.directory.is_dir() else []
 
     def ensure(self) -> str:
-        """The active key id, generating a first key where there is none."""
+        """The active key id, generating a first key where there is none (and a model
+        signing key beside a keyring that has none)."""
         if not self._private_files():
             return self.rotate()
+        if not self._model_files():
+            self._rotate_model_key()
         return self.active_id()
 
     def rotate(self) -> str:
-        """A new key, made active; the old ones stay (their certificates stay verifiable)."""
+        """A new key, made active, and a new model signing key; the old ones stay (their
+        certificates and model signatures stay verifiable)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         private = Ed25519PrivateKey.generate()
         kid = key_id(private.public_key())
-        path = self.directory / f"{kid}.pem"
-        path.write_bytes(
-            private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        path.chmod(0o600)
+        _write_private(self.directory / f"{kid}.pem", private)
         (self.directory / "active").write_text(kid + "\n")
+        self._rotate_model_key()
         return kid
+
+    def _model_files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob(f"{MODEL_KEY_PREFIX}*.pem"))
+
+    def _rotate_model_key(self) -> str:
+        private = ec.generate_private_key(ec.SECP256R1())
+        kid = model_key_id(private.public_key())
+        _write_private(self.directory / f"{kid}.pem", private)
+        (self.directory / "active-model").write_text(kid + "\n")
+        return kid
+
+    def model_key(self) -> tuple[str, Path]:
+        """The active model signing key: its id and its private key file (PEM, PKCS#8),
+        which OpenSSF model signing reads."""
+        self.ensure()
+        marker = self.directory / "active-model"
+        kid = marker.read_text().strip() if marker.is_file() else self._model_files()[-1].stem
+        return kid, self.directory / f"{kid}.pem"
+
+    def model_public_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        keys = {}
+        for path in self._model_files():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{path.stem}: not an ECDSA key")
+            keys[path.stem] = key.public_key()
+        return keys
 
     def active_id(self) -> str:
         marker = self.directory / "active"
@@ -98,7 +155,8 @@ class Keyring:
         return {path.stem: self.private(path.stem).public_key() for path in self._private_files()}
 
     def sign(self, content: dict[str, Any]) -> bytes:
-        """The certificate, canonical JSON bytes: `content` plus its signature member."""
+        """A JSON certificate (the format `verify` checks beside in-toto envelopes):
+        canonical JSON bytes, `content` plus its signature member."""
         if "signature" in content:
             raise ValueError("the content has a member named signature already")
         kid = self.ensure()
@@ -146,22 +204,42 @@ def verify(certificate: bytes, public_keys: dict[str, Ed25519PublicKey]) -> dict
 
 
 def load_public_keys(text: str) -> dict[str, Ed25519PublicKey]:
-    """Public keys from `GET /v1/signing-keys` JSON, or from one PEM public key."""
+    """The Ed25519 public keys from `GET /v1/signing-keys` JSON, or from one PEM public
+    key."""
+    return {kid: key for kid, key in _published(text).items() if isinstance(key, Ed25519PublicKey)}
+
+
+def load_model_public_keys(text: str) -> dict[str, ec.EllipticCurvePublicKey]:
+    """The ECDSA P-256 model signing keys from the same sources."""
+    return {
+        kid: key
+        for kid, key in _published(text).items()
+        if isinstance(key, ec.EllipticCurvePublicKey)
+    }
+
+
+def _published(text: str) -> dict[str, Ed25519PublicKey | ec.EllipticCurvePublicKey]:
     if text.lstrip().startswith("-----BEGIN"):
-        key = serialization.load_pem_public_key(text.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        return {key_id(key): key}
+        key = _public_key(text)
+        return {key_id(key) if isinstance(key, Ed25519PublicKey) else model_key_id(key): key}
     listing = json.loads(text)
-    keys = {}
+    keys: dict[str, Ed25519PublicKey | ec.EllipticCurvePublicKey] = {}
     for entry in listing.get("data", listing if isinstance(listing, list) else []):
-        key = serialization.load_pem_public_key(entry["public_key_pem"].encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"{entry.get('id')}: not an Ed25519 public key")
-        if key_id(key) != entry["id"]:
+        key = _public_key(entry["public_key_pem"], entry.get("id"))
+        derived = key_id(key) if isinstance(key, Ed25519PublicKey) else model_key_id(key)
+        if derived != entry["id"]:
             raise ValueError(f"{entry['id']}: the key id does not match the key")
         keys[entry["id"]] = key
     return keys
+
+
+def _public_key(pem: str, kid: str | None = None) -> Ed25519PublicKey | ec.EllipticCurvePublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        return key
+    raise ValueError(f"{kid or 'the key'}: neither an Ed25519 nor an ECDSA P-256 public key")
 
 
 def file_digest(path: Path) -> str:

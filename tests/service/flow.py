@@ -15,6 +15,14 @@ from core.engine.evaluation import PER_RECORD
 __all__ = ["TERMINAL"]
 
 
+def record_of(certificate: bytes) -> dict:
+    """The unlearning record a certificate carries: the predicate of the in-toto statement
+    in its DSSE envelope (read, not verified: `unlearn verify` verifies)."""
+    import base64
+
+    return json.loads(base64.b64decode(json.loads(certificate)["payload"]))["predicate"]
+
+
 def upload(client: Client, path: Path, purpose: str) -> str:
     file = client.upload_file(path, purpose)
     assert file["status"] == "valid", file
@@ -205,8 +213,7 @@ def check_sequential_job(
         measured = knowmem(loaded, tokenizer, questions)["rouge_l_f1"]
     assert measured == pytest.approx(metrics["after"]["forget_knowmem"]["rouge_l_f1"], abs=0.01)
 
-    certificate = json.loads(client.certificate(second["id"]))
-    starts = certificate["starts_from"]
+    starts = record_of(client.certificate(second["id"]))["starts_from"]
     assert starts["job"] == first["id"] and starts["chain"] == [first["id"]]
     assert starts["artifacts"]["adapter"] == first_adapter
     first_certificate = client.certificate(first["id"])
@@ -218,6 +225,7 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
     declared criteria, the attacks and membership inference run, the certificate
     verified offline with the published key (and the downloaded adapter against it),
     and the tenant's audit trail, whose chain `unlearn audit verify` finds intact."""
+    import base64
     import subprocess
     import sys
 
@@ -248,7 +256,7 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
     assert keys.status_code == 200 and keys.json()["data"] == client.signing_keys(), keys.text
     (out / "keys.json").write_text(keys.text)
     adapter = client.download_artifact(job["id"], "adapter", out, unpack=False)
-    content = json.loads(certificate)
+    content = record_of(certificate)
     assert content["job"]["id"] == job["id"] and content["verdict"] == metrics["verdict"]
     assert content["base_model"]["name"] == "tiny" and content["base_model"]["digest"].startswith(
         "sha256:"
@@ -273,7 +281,22 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
         str(adapter),
     )
     assert ok.returncode == 0 and f"valid: job {job['id']}" in ok.stdout, ok.stdout + ok.stderr
-    tampered = certificate.replace(b'"verdict":"', b'"verdict":"x')
+    assert "in-toto attestation" in ok.stdout, ok.stdout
+    # the unpacked adapter against its model signature (model.sig, OpenSSF model signing)
+    unpacked = client.download_artifact(job["id"], "adapter", out / "unpacked")
+    signed = unlearn(
+        "verify",
+        str(out / "certificate.json"),
+        "--keys",
+        str(out / "keys.json"),
+        "--model-dir",
+        str(unpacked),
+    )
+    assert signed.returncode == 0 and "every file as signed" in signed.stdout, signed.stderr
+    envelope = json.loads(certificate)
+    payload = base64.b64decode(envelope["payload"]).replace(b'"verdict":"', b'"verdict":"x')
+    envelope["payload"] = base64.b64encode(payload).decode()
+    tampered = json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
     (out / "tampered.json").write_bytes(tampered)
     bad = unlearn("verify", str(out / "tampered.json"), "--keys", str(out / "keys.json"))
     assert bad.returncode == 1 and "INVALID" in bad.stderr, bad.stderr
@@ -294,7 +317,7 @@ def check_evidence(client: Client, job: Any, out: Path, env: dict, tenant: str) 
         intact.stdout + intact.stderr
     )
     # The certificate's head, recorded before the downloads: the log grew past it.
-    at_issue = json.loads(certificate)["audit_head"]
+    at_issue = content["audit_head"]
     assert at_issue != entries[-1]["hash"]
     grown = unlearn("audit", "verify", "--tenant", tenant, "--head", at_issue)
     assert grown.returncode == 0 and "audit log intact" in grown.stdout, grown.stderr
