@@ -32,6 +32,7 @@ from core.engine.checkpoint import (
 from core.engine.data import Example
 from core.engine.events import Events, StepInfo
 from core.engine.modeling import Wrapped
+from core.engine.robust.gradients import robust_gradients
 from core.engine.spec.methods import Method, TrainingParams, prepare
 from core.engine.train_step import (
     BatchStream,
@@ -184,6 +185,14 @@ def _check_inputs(
         raise ValueError("paired contrast examples must be as many as the forget examples")
     if shard is not None and stop_rule is not None:
         raise ValueError("the stop rule does not run in a sharded loop")
+    robust = params.selective is not None or params.attack_in_loop is not None
+    if robust and (method.step_loss is not None or shard is not None):
+        raise ValueError(
+            "selective and attack_in_loop need a method whose loss is its forget term "
+            f"({method.id} has a step loss of its own) on one device"
+        )
+    if params.selective is not None and not retain:
+        raise ValueError("selective updates need retain examples")
 
 
 def _micro_batches(
@@ -211,7 +220,23 @@ def _micro_batches(
         contrast=(
             BatchStream(contrast, params.batch_size, contrast_seed, pad_id) if contrast else None
         ),
+        attack=_attack_stream(params, forget, pad_id),
     )
+
+
+def _attack_stream(
+    params: TrainingParams, forget: list[Example], pad_id: int
+) -> BatchStream | None:
+    """The attack in the loop's split: a fixed share of the forget set, drawn with the
+    run's seed, as a stream of its own."""
+    if params.attack_in_loop is None:
+        return None
+    share = params.attack_in_loop.split
+    count = max(1, math.ceil(share * len(forget)))
+    generator = torch.Generator().manual_seed(params.seed * 100_003 + 7)
+    chosen = torch.randperm(len(forget), generator=generator)[:count].tolist()
+    split = [forget[i] for i in sorted(chosen)]
+    return BatchStream(split, params.batch_size, params.seed + 3, pad_id)
 
 
 def _train_step(
@@ -230,7 +255,10 @@ def _train_step(
     clock.tokens_seen += batches.forget_tokens(indices)  # every rank's, for the run's throughput
     if shard is not None:
         indices = shard.mine(indices)
-    loss, terms = step_gradients(batches, indices, trained.weights.named, params)
+    if params.selective is not None or params.attack_in_loop is not None:
+        loss, terms = robust_gradients(batches, indices, trained.weights.named, params, step)
+    else:
+        loss, terms = step_gradients(batches, indices, trained.weights.named, params)
     if shard is not None:
         loss, terms = shard.total(loss, terms)
     learning_rate = apply_update(trained, params.max_grad_norm)

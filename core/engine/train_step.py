@@ -62,6 +62,7 @@ class MicroBatches:
     forget: BatchStream
     retain: BatchStream | None
     contrast: BatchStream | None
+    attack: BatchStream | None = None  # the attack in the loop's split of the forget set
 
     def forget_tokens(self, indices: list[int]) -> int:
         """The real (unpadded) tokens in these forget micro-batches."""
@@ -91,6 +92,22 @@ class MicroBatches:
         term = _retain_term(self.wrapped, self.params, self.retain.batch(index), self.device)
         return term, {f"retain_{self.params.retain_loss}": float(term.detach())}
 
+    def retain_batch(self, index: int) -> Batch:
+        """Retain micro-batch `index` on the device (selective updates read it)."""
+        if self.retain is None:
+            raise ValueError("selective updates need retain examples")
+        return _on(self.device, self.retain.batch(index))
+
+    def retain_nll(self, index: int) -> torch.Tensor:
+        """NLL of the model on retain micro-batch `index`, a scalar."""
+        return _nll(self.wrapped.model, self.retain_batch(index))
+
+    def attack_loss(self, index: int) -> torch.Tensor:
+        """The simulated attacker's loss: NLL on its micro-batch `index` of the forget split."""
+        if self.attack is None:
+            raise ValueError("the attack in the loop has no forget split")
+        return _nll(self.wrapped.model, _on(self.device, self.attack.batch(index)))
+
 
 def _on(device: torch.device, batch: Batch) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
@@ -99,6 +116,11 @@ def _on(device: torch.device, batch: Batch) -> Batch:
 def _forward_logits(model: Any, batch: Batch) -> torch.Tensor:
     """Logits [B, T, V], aligned with batch['labels'] [B, T] (collate shifts the labels)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _nll(model: Any, batch: Batch) -> torch.Tensor:
+    logp, _ = losses.token_logprobs(_forward_logits(model, batch), batch["labels"])
+    return losses.nll_from_logprobs(logp, batch["labels"] != losses.IGNORE_INDEX)
 
 
 def _forget_loss(
@@ -137,7 +159,7 @@ def _retain_term(
 
 
 @dataclass
-class _StepMean:
+class StepMean:
     """The step's loss and named terms, as means over its `accumulation` micro-batches."""
 
     accumulation: int
@@ -157,8 +179,9 @@ def step_gradients(
     params: TrainingParams,
 ) -> tuple[float, dict[str, float]]:
     """Backpropagate the step's micro-batches `indices` into the .grad of `named` (the
-    model's trainable parameters); returns the step's mean loss and terms."""
-    mean = _StepMean(params.gradient_accumulation_steps)
+    model's trainable parameters); returns the step's mean loss and terms. (With the
+    robust options, core.engine.robust.gradients builds the step's gradient instead.)"""
+    mean = StepMean(params.gradient_accumulation_steps)
     if params.sam_rho > 0:
         _sam_gradients(batches, indices, named, params, mean)
     else:
@@ -167,7 +190,7 @@ def step_gradients(
 
 
 def _plain_gradients(
-    batches: MicroBatches, indices: list[int], params: TrainingParams, mean: _StepMean
+    batches: MicroBatches, indices: list[int], params: TrainingParams, mean: StepMean
 ) -> None:
     """The gradient of forget + retain_weight * retain at the weights."""
     for index in indices:
@@ -185,7 +208,7 @@ def _sam_gradients(
     indices: list[int],
     named: dict[str, torch.nn.Parameter],
     params: TrainingParams,
-    mean: _StepMean,
+    mean: StepMean,
 ) -> None:
     """The forget loss's gradient at the worst-case neighbour of the weights, plus
     retain_weight times the retain term's at the weights themselves (_sam_perturbed)."""

@@ -33,6 +33,7 @@ class Purpose(StrEnum):
     FORGET = "forget"
     RETAIN = "retain"
     CONTRAST = "contrast"
+    DISTILL = "distill"  # robustify's distillation set: retain and general text
     EVAL = "eval"
 
 
@@ -42,6 +43,7 @@ PURPOSE_KINDS: dict[Purpose, tuple[Kind, ...]] = {
     Purpose.FORGET: TRAIN_FILE_KINDS,
     Purpose.RETAIN: TRAIN_FILE_KINDS,
     Purpose.CONTRAST: TRAIN_FILE_KINDS,
+    Purpose.DISTILL: TRAIN_FILE_KINDS,
     Purpose.EVAL: tuple(
         dict.fromkeys(
             [*TRAIN_FILE_KINDS, *(k for kinds in EVAL_FILE_KINDS.values() for k in kinds)]
@@ -55,6 +57,7 @@ FILE_SLOTS: dict[str, tuple[Purpose, tuple[Kind, ...]]] = {
     "forget_file": (Purpose.FORGET, TRAIN_FILE_KINDS),
     "retain_file": (Purpose.RETAIN, TRAIN_FILE_KINDS),
     "contrast_file": (Purpose.CONTRAST, TRAIN_FILE_KINDS),
+    "distill_file": (Purpose.DISTILL, TRAIN_FILE_KINDS),
     **{f"eval.{name}": (Purpose.EVAL, kinds) for name, kinds in EVAL_FILE_KINDS.items()},
 }
 

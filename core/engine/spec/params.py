@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.engine.spec.robust import AttackLoopParams, SelectiveParams
 
 # The most optimizer steps a job may run, whether it asks by max_steps or by epochs.
 MAX_STEPS = 1_000_000
@@ -73,6 +75,26 @@ class TrainingParams(BaseModel):
         "every domain ends with it, and pushing it down teaches the model not to stop, "
         "which damages all answers (measured on the demo benchmark: docs/evaluation.md).",
     )
+    selective: SelectiveParams | None = Field(
+        None,
+        description="Selective updates: the forget gradient projected off the retain data's "
+        "principal directions (CIR) and/or masked by sign agreement with the retain "
+        "gradient (MUDMAN). Needs a retain_file. Null: off.",
+    )
+    attack_in_loop: AttackLoopParams | None = Field(
+        None,
+        description="Every K steps, the forget gradient is taken after a simulated relearning "
+        "step on a split of the forget set (first-order meta-unlearning). Null: off.",
+    )
+
+    @model_validator(mode="after")
+    def _one_gradient_rule(self) -> TrainingParams:
+        if self.sam_rho > 0 and (self.selective is not None or self.attack_in_loop is not None):
+            raise ValueError(
+                "sam_rho > 0 does not combine with selective or attack_in_loop: choose one "
+                "rule for the forget gradient"
+            )
+        return self
 
 
 class CatnipParams(TrainingParams):
