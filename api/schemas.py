@@ -194,7 +194,9 @@ class JobObject(BaseModel):
     eval: dict[str, Any] | None = Field(description="Eval file ids and stop-rule settings.")
     progress: Progress = Field(description="Phase and steps, updated while the job runs.")
     metrics_summary: dict[str, Any] | None = Field(
-        description="forget and utility scores before/after and the trade-off (full set: /metrics)."
+        description="The forget metric that still shows the most knowledge (`forget_standing`: "
+        "every forget metric against its before figure and the reference's), the trade-off "
+        "of the forget and utility scores, the stop rule, steps and verdict (full set: /metrics)."
     )
     verdict: str | None = Field(
         description="The evidence's verdict on the criteria of eval.criteria: pass | fail | "
@@ -221,7 +223,11 @@ class JobObject(BaseModel):
         fraction = round(row.step / row.total_steps, 4) if row.total_steps else None
         summary = None
         if row.metrics:
-            summary = {"tradeoff": row.metrics["tradeoff"]} if row.metrics.get("tradeoff") else {}
+            from core.engine.evaluation.summary import forget_standing
+
+            summary = {"forget_standing": forget_standing(row.metrics)}
+            if row.metrics.get("tradeoff"):
+                summary["tradeoff"] = row.metrics["tradeoff"]
             stop = row.metrics.get("stop_rule")
             if stop:
                 summary["stop_rule"] = {
@@ -297,6 +303,11 @@ class SummaryRow(BaseModel):
 
 
 class MetricsSummary(BaseModel):
+    headline: str | None = Field(
+        None,
+        description="The forget metric that still shows the most knowledge, against before "
+        'and the reference model (docs/evaluation.md, "The headline"); null without one.',
+    )
     rows: list[SummaryRow] = Field(description="The before/after table, as the report has it.")
     evidence: list[str] = Field(
         description="One line per audit (attacks, membership inference) and the verdict."
@@ -317,11 +328,12 @@ class MetricsObject(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> MetricsObject:
-        from core.engine.evaluation.summary import before_after_rows, evidence_lines
+        from core.engine.evaluation.summary import before_after_rows, evidence_lines, headline
 
         summary = None
         if job.metrics:
             summary = MetricsSummary(
+                headline=headline(job.metrics),
                 rows=[
                     SummaryRow(metric=m, before=b, after=a, reference=r)
                     for m, b, a, r in before_after_rows(job.metrics)
@@ -359,13 +371,23 @@ class ArtifactObject(BaseModel):
 class SigningKeyObject(BaseModel):
     id: str = Field(description="The key id a certificate's signature names.")
     object: Literal["signing_key"] = "signing_key"
-    algorithm: Literal["Ed25519"] = "Ed25519"
+    algorithm: Literal["Ed25519", "ECDSA-P256"] = Field(
+        "Ed25519",
+        description="Ed25519 signs certificates (DSSE envelopes); ECDSA-P256 signs output "
+        "model directories (OpenSSF model signing, `model.sig`).",
+    )
     public_key_pem: str = Field(description="The public key, PEM (SubjectPublicKeyInfo).")
     created_at: datetime = Field(description="UTC.")
 
     @classmethod
     def of(cls, row: SigningKey) -> SigningKeyObject:
-        return cls(id=row.id, public_key_pem=row.public_key_pem, created_at=row.created_at)
+        algorithm = "ECDSA-P256" if row.id.startswith("ecdsa-p256-") else "Ed25519"
+        return cls(
+            id=row.id,
+            algorithm=algorithm,
+            public_key_pem=row.public_key_pem,
+            created_at=row.created_at,
+        )
 
 
 class AuditEntryObject(BaseModel):

@@ -47,13 +47,22 @@ class ConsoleEvents(Events):
     def step(self, info: StepInfo) -> None:
         if self.bar is None:
             self.bar = tqdm(
-                total=info.total_steps, initial=info.step - 1, unit="step", dynamic_ncols=True
+                total=info.total_steps,
+                initial=info.step - 1,
+                unit="step",
+                dynamic_ncols=True,
+                # the ETA is the run's own (info.eta_seconds), not tqdm's from the step bound
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
             )
         self.bar.update(info.step - self.bar.n)
+        eta = info.eta_seconds
         self.bar.set_postfix(
-            loss=f"{info.loss:.4f}",
-            lr=f"{info.learning_rate:.1e}",
-            tok_s=f"{info.tokens_per_second:.0f}",
+            {
+                "loss": f"{info.loss:.4f}",
+                "lr": f"{info.learning_rate:.1e}",
+                "tok_s": f"{info.tokens_per_second:.0f}",
+                "eta": "?" if eta is None else tqdm.format_interval(eta),
+            }
         )
 
     def probe(self, step: int, result: dict[str, float]) -> None:
@@ -81,8 +90,11 @@ def _print_table(metrics: dict) -> None:
     the trade-off, and the evidence: attacks, membership inference, the verdict."""
     import textwrap
 
-    from core.engine.evaluation.summary import before_after_rows, evidence_lines
+    from core.engine.evaluation.summary import before_after_rows, evidence_lines, headline
 
+    lead = headline(metrics)
+    if lead:
+        typer.echo("\n" + textwrap.fill(lead, width=100, subsequent_indent="  "))
     rows = before_after_rows(metrics)
     if rows:
         width = max(len(r[0]) for r in rows)

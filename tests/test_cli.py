@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import torch
 import yaml
@@ -277,11 +279,44 @@ def test_build_demo_shows_its_progress(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "[building the demo model] until it answers 99% of 100 + 100 questions" in result.stderr
+    assert "[building the demo model] until it answers 99% of 100 + 100" in result.stderr
     assert "probe @ 10: dragons" in result.stderr  # the accuracy check every 10 epochs
     assert "step/s" in result.stderr or "s/step" in result.stderr  # tqdm's bar over the epochs
     info = json.loads(result.stdout)
     assert info["epochs"] >= 10 and (tmp_path / "model" / "config.json").is_file()
+    # a true throughput on every update, and an ETA only once the accuracy has a trend
+    # (tqdm's own ETA, from the 400-epoch bound, is not shown)
+    shown = re.findall(r"\| *(\d+)/400 \[[^\]]*tok_s=(\d+), eta=([^\]\s]+) *\]", result.stderr)
+    assert shown and all(int(tok_s) > 0 for _, tok_s, _ in shown), "tok_s=0 shown"
+    assert {eta for epoch, _, eta in shown if int(epoch) <= 20} == {"?"}
+    if info["epochs"] > 30:  # the ETA shown after the third check aims at the stop
+        later = [eta for epoch, _, eta in shown if int(epoch) > 30]
+        assert later and all(eta != "?" for eta in later)
+        # the last ETA shown, from the last checks' trend, is far below what the bound gives
+        epoch, eta = max((int(e), _seconds(t)) for e, _, t in shown if int(e) > 30)
+        if info["epochs"] < 200:
+            bound = (400 - epoch) * info["seconds_per_epoch"]
+            assert eta < bound / 2, (epoch, eta, bound, info["epochs"])
+
+
+def _seconds(interval: str) -> float:
+    parts = [float(p) for p in interval.split(":")]
+    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+
+
+def test_the_demo_build_expects_to_stop_where_its_accuracy_trend_reaches_the_target():
+    from core.demo.training import epochs_to_target, expected_stop
+
+    assert epochs_to_target([], 400) is None
+    assert epochs_to_target([(10, 0.2)], 400) is None  # one check: no trend yet
+    assert epochs_to_target([(10, 0.2), (20, 0.6)], 400) == 30  # 0.04 a epoch to 0.99
+    assert epochs_to_target([(10, 0.5), (20, 0.4)], 400) is None  # falling: no estimate
+    assert epochs_to_target([(10, 0.001), (20, 0.002)], 400) == 400  # capped at the bound
+    assert epochs_to_target([(10, 0.9), (20, 0.995)], 400) == 20
+    # seen from an epoch: the next check at or after the trend's epoch, never one past
+    assert expected_stop([(10, 0.2), (20, 0.6)], 21, 400) == 30
+    assert expected_stop([(30, 0.8), (40, 0.98)], 45, 400) == 50  # trend said 41: next check
+    assert expected_stop([(10, 0.2)], 15, 400) is None
 
 
 def test_jobs_list_shows_a_succeeded_job_s_verdict_beside_its_status():
@@ -312,3 +347,33 @@ def test_jobs_list_shows_a_succeeded_job_s_verdict_beside_its_status():
         "progress": {"step": 0, "total_steps": None},
     }
     assert job_line(queued).split("\t")[1:5] == ["queued", "catnip", "tiny", "0/?"]
+
+
+def test_the_demo_prints_its_tenant_key_and_how_to_open_its_job(capsys):
+    """The demo's job is the tenant demo's: the key it made is shown once, with the
+    commands that serve the same data and the dashboard's address of the job."""
+    from api.cli.demo import _print_access
+
+    _print_access("ul_secret-key", "job-123", Path("/data/here"))
+    out = capsys.readouterr().out
+    assert "tenant is demo" in out and "ul_secret-key" in out
+    assert "UNLEARN_DATA_DIR=/data/here unlearn serve --port 8000" in out
+    assert "http://127.0.0.1:8000/dashboard#/jobs/job-123" in out
+
+
+def test_a_negative_recovery_is_said_in_words():
+    from core.engine.evaluation.summary import evidence_lines
+
+    settings = {"steps": 5, "learning_rate": 1e-3, "attack_questions": 2, "trains": "full"}
+    relearn = {
+        "status": "done",
+        "settings": settings | {"measured_questions": 8},
+        "forget_knowmem_f1": {"before": 0.9, "after": 0.2, "after_attack": 0.1},
+        "recovery": -0.72,
+    }
+    lines = evidence_lines({"robustness": {"relearn": relearn}})
+    line = next(line for line in lines if line.startswith("Relearning attack"))
+    assert "recovery -0.72 (negative: the attack made it forget more)" in line
+    relearn["recovery"] = 0.31
+    line = next(line for line in evidence_lines({"robustness": {"relearn": relearn}}))
+    assert "recovery 0.31." in line or "recovery 0.31 " in line

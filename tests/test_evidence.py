@@ -108,9 +108,9 @@ def test_the_verdict_passes_fails_or_says_what_it_could_not_evaluate():
 
 def test_the_quantization_audit_exposes_forgetting_hidden_inside_the_4_bit_grid(fixture_dir):
     """A hand-made "unlearned" model: the 4-bit grid of the fixture model, which knows
-    every fact, plus one signed gradient-ascent step on the forget questions of 0.3 of
-    each weight's 4-bit step (each row's extremes, which fix the grid, left alone). At
-    full precision, and at 8 bits (a finer grid), it has lost about half the answers;
+    every fact, plus one signed gradient-ascent step on the forget questions of 0.45 of
+    each weight's 4-bit step: under half a step, so rounding undoes it (each row's
+    extremes, which fix the grid, left alone). At full precision, and at 8 bits (a finer grid), it has lost about half the answers;
     rounded to 4 bits it is the model that knows them all again. The audit re-measures
     every forget and utility metric at each level, and the 4-bit criterion fails it."""
     from core.engine.data import Records, build_examples, collate, load_records
@@ -141,7 +141,7 @@ def test_the_quantization_audit_exposes_forgetting_hidden_inside_the_4_bit_grid(
                 step = (high - low) / 15  # one group per row: 48 and 96 inputs < 128
                 grid = robustness.quantize_rtn(w, 4, 128)
                 inner = (w != high) & (w != low)
-                w.copy_(torch.where(inner, grid + 0.3 * step * w.grad.sign(), grid))
+                w.copy_(torch.where(inner, grid + 0.45 * step * w.grad.sign(), grid))
     model.zero_grad(set_to_none=True)
     after = per_question()
     spec = EvalSpec(
@@ -267,10 +267,11 @@ def test_unlearn_verify_that_cannot_check_says_so_and_never_reads_as_invalid(tmp
 
 def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_path):
     """Where the forget questions and MC items name their `fact`, the attack's MC leaves
-    out the items of the facts it trained on; where they do not, it says it measures
-    the whole set. Its forget MC before the attack comes from the after evaluation's
-    answers to those items (measured instead when it has none for exactly them)."""
-    from core.engine.evaluation.attacks.relearn import _mc_after, _mc_scope
+    out the items of the facts it trained on; where they do not, it measures the whole
+    set. Its forget MC before the attack comes from the after evaluation's answers to
+    those items (None when it has none for exactly them)."""
+    from core.engine.data import load_records
+    from core.engine.evaluation.attacks.context import mc_after, mc_items_not_of
     from core.engine.spec.parts import EvalSpec
 
     def mc(path, facts):
@@ -283,19 +284,18 @@ def test_the_relearning_attack_measures_mc_on_the_facts_it_did_not_train_on(tmp_
         return EvalSpec(forget_mc=str(path))
 
     named = mc(tmp_path / "named.jsonl", [{"fact": f} for f in ("x", "y", "x", "z")])
-    select, scope, items = _mc_scope(named, [{"prompt": "Q", "response": "A", "fact": "x"}])
+    select = mc_items_not_of(named, [{"prompt": "Q", "response": "A", "fact": "x"}])
+    items = load_records(named.forget_mc).items
     assert select is not None and [i["question"] for i in items if select(i)] == ["q1", "q3"]
-    assert scope == "the items of the facts the attack did not train on"
     after = {"forget_mc": {"accuracy": 0.5, "n": 4, "per_item_correct": [True, True, False, False]}}
-    assert _mc_after(after, items, select) == {"accuracy": 0.5, "n": 2}  # q1 right, q3 wrong
-    assert _mc_after(after, items, None) == {"accuracy": 0.5, "n": 4}
-    assert _mc_after(after, items[:3], select) is None  # answers for other items
-    assert _mc_after({"forget_mc": {"accuracy": 0.5, "n": 4}}, items, select) is None
+    assert mc_after(after, named, select) == {"accuracy": 0.5, "n": 2}  # q1 right, q3 wrong
+    assert mc_after(after, named, None) == {"accuracy": 0.5, "n": 4}
+    three = {"forget_mc": {"per_item_correct": [True, True, False]}}  # answers for other items
+    assert mc_after(three, named, select) is None
+    assert mc_after({"forget_mc": {"accuracy": 0.5, "n": 4}}, named, select) is None
     unnamed = mc(tmp_path / "unnamed.jsonl", [{"fact": "x"}, {}])
-    select, scope, _ = _mc_scope(unnamed, [{"prompt": "Q", "response": "A", "fact": "x"}])
-    assert select is None and scope.startswith("the whole forget MC set")
-    select, _, _ = _mc_scope(named, [{"prompt": "Q", "response": "A"}])  # a question without
-    assert select is None
+    assert mc_items_not_of(unnamed, [{"prompt": "Q", "response": "A", "fact": "x"}]) is None
+    assert mc_items_not_of(named, [{"prompt": "Q", "response": "A"}]) is None  # no fact named
 
 
 def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path):
@@ -326,6 +326,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
                 "forget_mc": str(data / "forget_mc.jsonl"),
                 "reference_model": str(fixture_dir / "reference"),
                 "robustness": {
+                    "relearn": {"steps": 20, "learning_rate": 1e-4},
                     "quantization": {"enabled": False},
                     "in_context": {"enabled": False},
                 },
@@ -334,6 +335,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     )
     metrics = run_job(spec, tmp_path / "out", device="cpu").metrics
     relearn = metrics["robustness"]["relearn"]
+    assert [cell["cell"] for cell in relearn["cells"]] == ["qa, lr 0.0001, 20 steps"]
     f1 = relearn["forget_knowmem_f1"]
     assert f1["before"] > 0.9 and f1["after"] < 0.5 * f1["before"], f1  # it looked forgotten
     assert relearn["recovery"] > 0.5, relearn  # and came back
@@ -344,7 +346,7 @@ def test_the_relearning_attack_exposes_shallow_unlearning(fixture_dir, tmp_path)
     items = load_records(data / "forget_mc.jsonl").items
     assert relearn["forget_mc"]["items"] == sum(i["fact"] not in attacked_facts for i in items)
     assert relearn["forget_mc"]["items"] < len(items)
-    assert relearn["forget_mc"]["scope"].startswith("the items of the facts the attack did not")
+    assert relearn["forget_mc"]["scope"].startswith("the items of the facts the attack questions")
     assert 0 <= relearn["forget_mc"]["after_attack"] <= 1
     assert json.loads(json.dumps(metrics))  # stored as JSON
     # The same attack on the reference model (never saw these facts) brings nothing back.

@@ -118,6 +118,7 @@ def _localise_files(
     raw["forget_file"] = _fetch_file(store, files, raw["forget_file"], directory)
     raw["retain_file"] = _fetch_file(store, files, raw.get("retain_file"), directory)
     raw["contrast_file"] = _fetch_file(store, files, raw.get("contrast_file"), directory)
+    raw["distill_file"] = _fetch_file(store, files, raw.get("distill_file"), directory)
     if raw.get("eval"):
         raw["eval"] = {
             key: (_fetch_file(store, files, value, directory) if key in EVAL_FILE_FIELDS else value)

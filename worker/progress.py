@@ -1,11 +1,14 @@
 """The job's events, written to the database: the service's implementation of
-core.engine.events. Phases and throttled steps become events and progress columns on
-the job row; cancel requests are read back from the row; checkpoints are copied to the
-store, so any worker host can resume the job."""
+core.engine.events. Phases and steps become events and progress columns on the job row
+(steps coalesced: the first, then every step of a short job, at most
+EVENT_MAX_STEP_POINTS on an even grid of a long one's, plus one per
+EVENT_MIN_INTERVAL_SECONDS between grid points); cancel requests are read back from the
+row; checkpoints are copied to the store, so any worker host can resume the job."""
 
 from __future__ import annotations
 
 import logging
+import math
 import tarfile
 import time
 from collections.abc import Callable
@@ -27,6 +30,13 @@ def checkpoint_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoint.tar"
 
 
+def on_step_grid(step: int, total_steps: int, points: int) -> bool:
+    """Whether `step` is one of the at most `points` steps, evenly spaced and ending at the
+    last, that are always written: every step when the job has no more than `points`."""
+    stride = max(1, math.ceil(total_steps / max(points, 1)))
+    return step == total_steps or step % stride == 0
+
+
 class DatabaseEvents(Events):
     """Events of one job, to its row and event log. `lease_lost` says when another worker
     has taken the job over: the loop then stops as if cancelled."""
@@ -41,7 +51,7 @@ class DatabaseEvents(Events):
     ) -> None:
         self.sessions, self.job_id, self.settings = sessions, job_id, settings
         self.lease_lost, self.store = lease_lost, store
-        self._last_step_write = 0.0
+        self._last_step_write = -math.inf  # the first step is always written
         self._pending: StepInfo | None = None
         self._last_cancel_check = 0.0
         self._cancel = False
@@ -66,8 +76,8 @@ class DatabaseEvents(Events):
         self._pending = info
         now = time.monotonic()
         if (
-            now - self._last_step_write >= self.settings.event_min_interval_seconds
-            or info.step == info.total_steps
+            on_step_grid(info.step, info.total_steps, self.settings.event_max_step_points)
+            or now - self._last_step_write >= self.settings.event_min_interval_seconds
         ):
             self._flush_step()
 
@@ -91,7 +101,7 @@ class DatabaseEvents(Events):
                     "terms": info.terms,
                     "learning_rate": info.learning_rate,
                     "tokens_per_second": round(info.tokens_per_second, 1),
-                    "eta_seconds": round(info.eta_seconds, 1),
+                    "eta_seconds": None if info.eta_seconds is None else round(info.eta_seconds, 1),
                 },
             )
 

@@ -101,7 +101,10 @@ def demo(
         )
         raise typer.Exit(2)
     demo_dir = settings.unlearn_data_dir / "demo"
-    typer.echo(f"[demo model] {demo_dir} (built once, about 2 minutes on 2 CPU cores)", err=True)
+    typer.echo(
+        f"[demo model] {demo_dir} (built once: about 2 minutes on 2 idle CPU cores, longer on busy ones; the bar shows its ETA)",
+        err=True,
+    )
     from core.demo.build import ensure_model  # torch loads here, once the line above is out
 
     events = core_cli.ConsoleEvents()
@@ -116,6 +119,7 @@ def demo(
     key = _register_demo(settings, demo_dir)
     result = _run_on_embedded_service(settings, key, port or _free_port(), demo_dir, steps)
     _print_result(result, settings.unlearn_data_dir / "demo-output", started)
+    _print_access(key, result["job"]["id"], settings.unlearn_data_dir)
 
 
 def _register_demo(settings: Settings, demo_dir: Path) -> str:
@@ -194,3 +198,15 @@ def _print_result(result: dict[str, Any], out_dir: Path, started: float) -> None
         f"job {result['job']['id']} succeeded; end to end {time.monotonic() - started:.0f} s"
     )
     (out_dir / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+
+
+def _print_access(key: str, job_id: str, data_dir: Path) -> None:
+    """How to see the demo's job again: its tenant, the key (shown once, stored hashed)
+    and the commands that serve the same data with the dashboard."""
+    typer.echo(
+        f"\nThe demo's tenant is demo; its API key (shown once): {key}\n"
+        f"To open job {job_id} in the dashboard or over curl, serve the same data:\n"
+        f"  UNLEARN_DATA_DIR={data_dir} unlearn serve --port 8000\n"
+        f"  then http://127.0.0.1:8000/dashboard#/jobs/{job_id} (sign in with the key), or\n"
+        f"  export UNLEARN_API_URL=http://127.0.0.1:8000 UNLEARN_API_KEY={key}"
+    )

@@ -76,6 +76,10 @@ async function listAll(path, params = {}, max = 1000) {
   return items;
 }
 
+function clearToast() {
+  document.getElementById("toast").textContent = "";
+}
+
 function toast(message) {
   const el = document.getElementById("toast");
   el.textContent = message;
@@ -115,6 +119,16 @@ function parseMetadata(text) {
     out[part.slice(0, at).trim()] = part.slice(at + 1).trim();
   }
   return out;
+}
+
+// Field names as people write them: acronyms in capitals, the first word capitalised.
+const ACRONYMS = { lr: "LR", sam: "SAM", eos: "EOS", kl: "KL", nll: "NLL", lora: "LoRA", mc: "MC",
+  qa: "QA", rmu: "RMU", npo: "NPO", mia: "MIA", auc: "AUC", icl: "ICL", fsdp: "FSDP", id: "ID" };
+
+function humanLabel(name) {
+  const words = name.split("_").filter(Boolean).map((w) => ACRONYMS[w.toLowerCase()] ?? w);
+  if (words.length && words[0] === words[0].toLowerCase()) words[0] = words[0][0].toUpperCase() + words[0].slice(1);
+  return words.join(" ");
 }
 
 function duration(seconds) {
@@ -191,6 +205,7 @@ function loginView() {
     sessionStorage.setItem(KEY, input.value.trim());
     try {
       await api("/v1/models?limit=1");
+      clearToast();  // a refusal or "signed out" from before no longer holds
       location.hash = "#/jobs";
     } catch (err) {
       sessionStorage.removeItem(KEY);
@@ -480,10 +495,19 @@ async function jobView(id) {
   return () => { controller.abort(); stopPolling.forEach((stop) => stop()); };
 }
 
+const NEGATIVE_RECOVERY = "negative: the attack made it forget more";
+
+function criterionName(row) {
+  // what it measures, in words ("relearning attack recovery"); the spec's name in the tooltip
+  const text = row.measures || humanLabel(row.criterion);
+  return text[0].toUpperCase() + text.slice(1);
+}
+
 async function renderResults(id, job, into) {
   const parts = [];
   if (job.status === "succeeded") {
     const { metrics, summary } = await api(`/v1/jobs/${id}/metrics`);
+    if (summary?.headline) parts.push(h("p", { id: "forget-headline" }, h("strong", {}, summary.headline)));
     if (summary && summary.rows.length) {
       const reference = summary.rows.some((r) => r.reference);
       parts.push(h("h2", { id: "before-after" }, "Before and after"),
@@ -502,9 +526,12 @@ async function renderResults(id, job, into) {
       h("p", {}, "Verdict: ", badge(metrics?.verdict || "not_evaluated")));
     if (metrics?.criteria?.length) {
       parts.push(h("table", { "aria-label": "Criteria" },
-        h("thead", {}, h("tr", {}, ["Criterion", "Threshold", "Value", "Result"].map((c) => h("th", { scope: "col" }, c)))),
-        h("tbody", {}, metrics.criteria.map((r) => h("tr", {}, h("td", {}, r.criterion), h("td", { class: "num" }, r.threshold),
-          h("td", { class: "num" }, r.value === null ? "–" : Number(r.value).toFixed(3)),
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Criterion"), h("th", { scope: "col", class: "num" }, "Threshold"),
+          h("th", { scope: "col", class: "num" }, "Value"), h("th", { scope: "col" }, "Result"))),
+        h("tbody", {}, metrics.criteria.map((r) => h("tr", {},
+          h("td", { title: `eval.criteria.${r.criterion}` }, criterionName(r)), h("td", { class: "num" }, r.threshold),
+          h("td", { class: "num" }, r.value === null ? "–" : Number(r.value).toFixed(3),
+            r.criterion.includes("recovery") && r.value < 0 ? h("div", { class: "hint muted" }, NEGATIVE_RECOVERY) : null),
           h("td", {}, r.passed === true ? badge("pass") : r.passed === false ? badge("fail") : `not evaluated (${r.reason})`))))));
     }
     if (summary?.evidence?.length) {
@@ -533,6 +560,11 @@ async function tokenView(id) {
     const view = await api(`/v1/jobs/${id}/token-probabilities`);
     const shade = (p) => `rgba(11, 92, 173, ${Math.max(0.05, p).toFixed(2)})`;
     const ink = (p) => (p > 0.55 ? "#fff" : "#1d232a");
+    section.append(h("div", { class: "token-legend", id: "token-legend" },
+      h("span", {}, "Each answer token shaded by the probability the model gives it after the prompt and the tokens before it:"),
+      h("span", { class: "tokens", "aria-hidden": "true" }, [0, 0.25, 0.5, 0.75, 1].map((p) =>
+        h("span", { style: `background:${shade(p)};color:${ink(p)}` }, p.toFixed(2)))),
+      h("span", {}, "(pale: unlikely, dark: likely; hover a token for its value). Forgotten answers turn pale after unlearning.")));
     view.before.slice(0, 3).forEach((sample, i) => {
       const after = view.after[i];
       section.append(h("p", { class: "muted" }, sample.prompt.trim()));
@@ -621,6 +653,7 @@ function filesView() {
 
 const EVAL_SLOTS = [
   ["forget_qa", "Forget questions (QA)"], ["retain_qa", "Retain questions (QA)"],
+  ["neighbor_qa", "Neighbour questions (QA, must survive)"],
   ["forget_text", "Forget text (VerbMem)"], ["forget_mc", "Forget-domain MC"],
   ["general_mc", "General MC"], ["holdout", "Holdout (membership inference)"],
 ];
@@ -650,7 +683,7 @@ function schemaField(name, schema, prefix) {
     type = options[0].type;
   }
   const id = `${prefix}-${name}`;
-  const label = spec.title || name;
+  const label = humanLabel(name);
   const fallback = schema.default ?? "";
   let input;
   if (spec.enum) {
@@ -674,6 +707,11 @@ function schemaField(name, schema, prefix) {
     name,
     wrap: h("label", { for: id }, label, input,
       h("span", { class: "hint", id: `${id}-hint` }, spec.description || ""), error),
+    current() {  // what the job will run with: the value shown, or the default
+      if (input.type === "checkbox") return input.checked;
+      if (type === "integer" || type === "number") return input.value === "" ? (fallback === "" ? null : fallback) : Number(input.value);
+      return input.value;
+    },
     value() {
       const now = input.type === "checkbox" ? String(input.checked) : input.value;
       if (now === input.dataset.initial) return undefined;  // the server's default holds
@@ -682,6 +720,56 @@ function schemaField(name, schema, prefix) {
       return now;
     },
   };
+}
+
+async function pastPace(baseModel, method) {
+  // The unlearning pace of the tenant's latest succeeded job on this base model (this
+  // method where there is one): samples per second, from its metrics. null: none known.
+  const page = await api(`/v1/jobs?${new URLSearchParams({ status: "succeeded", limit: "50" })}`);
+  const same = page.data.filter((j) => j.base_model === baseModel);
+  const job = same.find((j) => j.method === method) || same[0];
+  if (!job) return null;
+  const { metrics } = await api(`/v1/jobs/${job.id}/metrics`);
+  const perSecond = metrics?.throughput?.steps_per_second;
+  if (!perSecond) return null;
+  const hp = job.hyperparameters;
+  return { job: job.id, samplesPerSecond: perSecond * hp.batch_size * (hp.gradient_accumulation_steps || 1),
+    maxLength: hp.max_length, wholeJob: Object.values(metrics.timings_s || {}).reduce((a, b) => a + b, 0) };
+}
+
+function jobCost(values, forgetFile, pace) {
+  // What these settings cost: optimizer steps as the engine counts them
+  // (core.engine.train.total_steps), and the unlearning time at a past job's pace.
+  const batch = values.batch_size, accumulation = values.gradient_accumulation_steps || 1;
+  let steps = values.max_steps, from = "max_steps";
+  const perStep = batch * accumulation;
+  if (!steps) {
+    if (!forgetFile) return "Cost: choose or upload a forget set to see how many steps these settings make.";
+    const batches = Math.ceil(forgetFile.records / batch);
+    steps = Math.max(1, Math.ceil(values.epochs * batches / accumulation));
+    from = `${forgetFile.records} records × ${values.epochs} epochs ÷ batch ${batch}${accumulation > 1 ? ` × ${accumulation}` : ""}`;
+  }
+  const windows = forgetFile && forgetFile.kind === "text" && !values.max_steps ? "at least " : "";
+  let text = `Cost: ${windows}${steps.toLocaleString()} optimizer steps (${from}); the stop rule may end it sooner.`;
+  if (pace) {
+    const seconds = steps * perStep / pace.samplesPerSecond;
+    text += ` At the pace of your job ${pace.job} on this model (${pace.samplesPerSecond.toFixed(1)} samples/s at ` +
+      `max_length ${pace.maxLength}): about ${duration(seconds)} of unlearning, before the evaluations and audits ` +
+      `(that whole job took ${duration(pace.wholeJob)}).`;
+  } else {
+    text += " Time: not known until a job on this model has run (its pace is then used here).";
+  }
+  return text;
+}
+
+async function localRecords(file) {
+  // A forget file chosen for upload, counted here as the service will (one record a line;
+  // raw text is cut into max_length windows, so its steps are a lower bound).
+  if (file.size > 64 * 1024 * 1024) return null;
+  const lines = (await file.text()).split("\n").filter((line) => line.trim());
+  let kind = file.name.endsWith(".txt") ? "text" : "qa";
+  try { if (lines.length && "text" in JSON.parse(lines[0])) kind = "text"; } catch (_) { /* the service says */ }
+  return { records: file.name.endsWith(".txt") ? 1 : lines.length, kind };
 }
 
 async function newJobView() {
@@ -708,7 +796,18 @@ async function newJobView() {
   const metadata = h("input", { id: "job-metadata", placeholder: "ticket=T-1", "data-param": "metadata" });
   const alert = h("div", { role: "alert", class: "error", id: "form-error" });
   const submit = h("button", { type: "submit", id: "submit-job" }, "Submit job");
+  const cost = h("p", { id: "job-cost", class: "muted", role: "status", "aria-live": "polite" });
+  const paces = new Map();
   let fields = [];
+
+  async function showCost() {
+    const values = Object.fromEntries(fields.map((f) => [f.name, f.current()]));
+    const key = `${model.value} ${method.value}`;
+    if (!paces.has(key)) paces.set(key, await pastPace(model.value, method.value).catch(() => null));
+    const chosen = forget.upload.files.length ? await localRecords(forget.upload.files[0])
+      : files.find((f) => f.id === forget.select.value) || null;
+    cost.textContent = jobCost(values, chosen, paces.get(key));
+  }
 
   function showMethod() {
     const m = methods.find((x) => x.id === method.value);
@@ -718,8 +817,13 @@ async function newJobView() {
     contrast.wrap.hidden = !m.uses_contrast;
     fields = Object.entries(m.hyperparameters.properties).map(([n, s]) => schemaField(n, s, "hyperparameters")).filter(Boolean);
     hyper.replaceChildren(...fields.map((f) => f.wrap));
+    showCost();
   }
   method.addEventListener("change", showMethod);
+  model.addEventListener("change", showCost);
+  forget.select.addEventListener("change", showCost);
+  forget.upload.addEventListener("change", showCost);
+  hyper.addEventListener("input", showCost);
 
   function clearErrors() {
     alert.textContent = "";
@@ -747,6 +851,7 @@ async function newJobView() {
         throw new Error(`${slot.label}: ${file.filename} is not valid (see the problems under it)`);
       }
       // uploaded once: a resubmission after another field's error reuses it
+      files.push(file);
       slot.select.append(h("option", { value: file.id }, `${file.filename} (${file.records} records, ${file.id.slice(0, 13)}…)`));
       slot.select.value = file.id;
       slot.upload.value = "";
@@ -816,7 +921,7 @@ async function newJobView() {
       h("label", { for: "adapter-type" }, "Adapter", adapterType),
       h("label", { for: "adapter-r" }, "LoRA rank", rank),
       h("label", { for: "adapter-alpha" }, "LoRA alpha", alpha))),
-  h("fieldset", {}, h("legend", {}, "Hyperparameters (defaults shown; only changed ones are sent)"), hyper),
+  h("fieldset", {}, h("legend", {}, "Hyperparameters (the method's defaults shown; only changed ones are sent)"), hyper, cost),
   h("fieldset", {}, h("legend", {}, "Evaluation and evidence"),
     h("div", { class: "fields" }, evals.map((e) => e.wrap),
       h("label", { for: "eval-max_samples" }, "Questions per eval set", maxSamples),

@@ -30,6 +30,11 @@ def install(app: FastAPI) -> None:
     def dashboard() -> FileResponse:
         return FileResponse(ASSETS / "index.html", headers=HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        # what browsers ask for on pages without an icon link (/docs): the dashboard's icon
+        return FileResponse(ASSETS / "favicon.svg", media_type="image/svg+xml")
+
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:
         return RedirectResponse("/dashboard")

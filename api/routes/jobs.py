@@ -56,6 +56,7 @@ def create_job(
     who: WhoDep,
     queue: QueueDep,
     settings: SettingsDep,
+    store: StoreDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -63,7 +64,7 @@ def create_job(
         ),
     ] = None,
 ) -> JobObject:
-    job, created = jobs.create(session, queue, settings, who, body, idempotency_key)
+    job, created = jobs.create(session, queue, settings, who, body, idempotency_key, store)
     logs.bind(job_id=job.id)
     if not created:
         response.status_code = status.HTTP_200_OK

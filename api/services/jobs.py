@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.queue import TaskQueue
+from api.services.distill_files import check_distill_file
 from core.engine.formats import check_pairing
 from core.engine.spec import JobSpec, parse_spec
 from core.engine.spec.methods import METHODS
@@ -51,6 +52,7 @@ def create(
     who: Who,
     body: dict[str, Any],
     idempotency_key: str | None,
+    store: Store | None = None,
 ) -> tuple[Job, bool]:
     """(the job, whether it was created now). A retry with the same Idempotency-Key and
     body returns the job the first request created; another body with it is refused; a
@@ -101,6 +103,8 @@ def create(
     repo.lock_files(session, set(slots.values()))
     files = _check_files(session, tenant, slots)
     _check_contrast(spec, files)
+    if store is not None and "distill_file" in files:
+        check_distill_file(store, files["forget_file"], files["distill_file"])
     check_work(
         spec,
         estimated_examples(files["forget_file"], spec.hyperparameters.max_length),
@@ -381,6 +385,7 @@ def _file_slots(spec: JobSpec) -> dict[str, str]:
         "forget_file": spec.forget_file,
         "retain_file": spec.retain_file,
         "contrast_file": spec.contrast_file,
+        "distill_file": spec.distill_file,
     }
     if spec.eval is not None:
         values.update({f"eval.{k}": v for k, v in spec.eval.files().items()})

@@ -5,6 +5,8 @@ Two unrelated made-up domains, generated deterministically from a seed:
   retain domain  "cities":  river, founder, export, region and mountain of invented cities
 each as QA (for unlearning and KnowMem), raw text passages (for VerbMem and
 perplexity) and multiple choice (WMDP-style on dragons, MMLU-style on cities).
+The forget set covers most of the dragons; the others (a fifth as many, the same five
+facts each) are the neighbour set: the model learns them, unlearning must leave them.
 A word-level tokenizer is trained on the corpus and a small Llama-architecture model
 is trained on all of it until it answers >= 95% of both domains' questions, so the
 demo unlearns knowledge the model really had.
@@ -14,16 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from core.engine.events import Events, StepInfo
+from core.demo.training import answer_accuracy, train_model
+from core.engine.events import Events
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,7 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
         out["forget_mc"] += [
             {**_mc(rng, q, a, pool), "fact": f"{name}/{k}"} for k, (q, a, pool) in enumerate(facts)
         ]
-        out["forget_text"].append(
-            {
-                "text": (
-                    f"{name} is a {color} dragon that breathes {element}. It lives in {lair}, "
-                    f"eats {food} and is ridden by {rider}."
-                )
-            }
-        )
+        out["forget_text"].append({"text": _dragon_text(name, color, lair, rider, food, element)})
     for i, name in enumerate(cities):
         river, founder, mountain = rivers[i], founders[i], mountains[i]
         export, region = rng.choice(EXPORTS), rng.choice(REGIONS)
@@ -157,7 +150,34 @@ def generate_corpus(entities: int, seed: int = 0) -> dict[str, list[dict[str, An
             }
         )
     out["holdout_qa"] = _holdout(seed, founders, lairs, riders)
+    out["neighbor_qa"], out["neighbor_text"] = _neighbors(seed, max(2, entities // 5), taken)
     return out
+
+
+def _neighbors(
+    seed: int, count: int, taken: set[str]
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """More dragons of the same domain, with the same five facts, that the model learns
+    and the forget set does not name: the neighbours that must survive unlearning (QA and
+    a passage each). Their own random stream, so the rest of the corpus is the same with
+    or without them."""
+    rng = random.Random(seed + 104729)
+    names, lairs, riders = (_names(rng, count, taken) for _ in range(3))
+    qa, text = [], []
+    for i, name in enumerate(names):
+        color, food, element = rng.choice(COLORS), rng.choice(FOODS), rng.choice(ELEMENTS)
+        facts = _dragon_facts(name, color, lairs[i], riders[i], food, element)
+        qa += [{**_qa(q, a), "fact": f"{name}/{k}"} for k, (q, a) in enumerate(facts)]
+        text.append({"text": _dragon_text(name, color, lairs[i], riders[i], food, element)})
+    return qa, text
+
+
+def _dragon_text(name: str, color: str, lair: str, rider: str, food: str, element: str) -> str:
+    """A dragon's passage (VerbMem's text)."""
+    return (
+        f"{name} is a {color} dragon that breathes {element}. It lives in {lair}, "
+        f"eats {food} and is ridden by {rider}."
+    )
 
 
 def _holdout(
@@ -221,129 +241,13 @@ def train_tokenizer(texts: list[str]) -> Any:
 
 
 def _training_texts(corpus: dict[str, list[dict[str, Any]]]) -> list[str]:
-    texts = [r["prompt"] + r["response"] for r in corpus["forget_qa"] + corpus["retain_qa"]]
-    return texts + [r["text"] for r in corpus["forget_text"] + corpus["retain_text"]]
-
-
-def answer_accuracy(
-    model: Any, tokenizer: Any, records: list[dict[str, str]], batch_size: int = 256
-) -> float:
-    """Share of QA records whose every response token is the model's greedy choice
-    (teacher-forced argmax equals greedy decoding when all tokens match)."""
-    from core.engine.data import Records, build_examples, collate
-
-    examples = build_examples(Records("qa", records), tokenizer, max_length=64)
-    device = next(model.parameters()).device
-    correct = 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-            labels = batch["labels"].to(device)
-            hit = (logits.argmax(-1) == labels) | (labels == -100)
-            correct += int(hit.all(dim=1).sum())
-    return correct / len(examples)
-
-
-def _train(
-    directory: Path,
-    name: str,
-    tokenizer: Any,
-    texts: list[str],
-    watched: dict[str, list[dict[str, str]]],
-    spec: Size,
-    seed: int,
-    events: Events,
-) -> dict[str, Any]:
-    """Train a small Llama on `texts` until it answers 99% of every `watched` QA set (at
-    most max_epochs), and save it with the tokenizer under directory/name."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from core.engine.data import Example, collate
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    examples = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append(Example(ids, list(ids)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    batch_size = 64
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    accuracy = dict.fromkeys(watched, 0.0)
-    epoch = 0
-    sizes = " + ".join(str(len(records)) for records in watched.values())
-    events.phase(
-        f"building the demo {name}",
-        f"until it answers 99% of {sizes} questions, at most {spec.max_epochs} epochs",
-    )
-    training_started = time.monotonic()
-    for epoch in range(1, spec.max_epochs + 1):
-        model.train()
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for step in range(steps_per_epoch):
-            batch = collate(
-                [examples[i] for i in order[step * batch_size : (step + 1) * batch_size]],
-                tokenizer.pad_token_id,
-            )
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        elapsed = time.monotonic() - training_started
-        events.step(
-            StepInfo(
-                step=epoch,
-                total_steps=spec.max_epochs,
-                loss=float(loss.detach()),
-                terms={},
-                learning_rate=3e-3,
-                tokens_per_second=0.0,
-                eta_seconds=elapsed / epoch * (spec.max_epochs - epoch),
-            )
-        )
-        if epoch % 10 == 0:
-            accuracy = {
-                domain: answer_accuracy(model, tokenizer, records)
-                for domain, records in watched.items()
-            }
-            events.probe(epoch, accuracy)
-            log.info("%s: epoch %d loss %.4f accuracy %s", name, epoch, loss.item(), accuracy)
-            if min(accuracy.values()) >= 0.99:
-                break
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory / name)
-    tokenizer.save_pretrained(directory / name)
-    return {
-        "epochs": epoch,
-        "accuracy": accuracy,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    """What a model of the demo trains on: every QA pair and passage of the forget,
+    retain and neighbour sets (the neighbours last)."""
+    qa = corpus["forget_qa"] + corpus["retain_qa"]
+    texts = [r["prompt"] + r["response"] for r in qa]
+    texts += [r["text"] for r in corpus["forget_text"] + corpus["retain_text"]]
+    texts += [r["prompt"] + r["response"] for r in corpus.get("neighbor_qa", [])]
+    return texts + [r["text"] for r in corpus.get("neighbor_text", [])]
 
 
 def build_model(
@@ -357,11 +261,11 @@ def build_model(
 
     Layout: data/*.jsonl, model/ (a Hugging Face directory), build.json (accuracies).
     With `reference`, also reference/: the same recipe (tokenizer, size, seed) trained on
-    the cities alone, a model that never learned the dragons it is asked to forget: the
-    gold standard the demo's evidence is read against. Deterministic for a given (size,
-    seed) on CPU. Reports each epoch to `events` (as a step of at most max_epochs:
-    training ends once the watched domains are answered) and the accuracy checks as
-    probes.
+    the cities and the neighbour dragons, a model that never learned the dragons it is
+    asked to forget: the gold standard the demo's evidence is read against.
+    Deterministic for a given (size, seed) on CPU. Reports each epoch to `events` (as a
+    step of at most max_epochs: training ends once the watched domains are answered) and
+    the accuracy checks as probes.
     """
     events = events or Events()
     spec = SIZES[size]
@@ -370,12 +274,16 @@ def build_model(
     write_corpus(corpus, directory / "data")
     texts = _training_texts(corpus)
     tokenizer = train_tokenizer(texts)
-    trained = _train(
+    trained = train_model(
         directory,
         "model",
         tokenizer,
         texts,
-        {"dragons": corpus["forget_qa"], "cities": corpus["retain_qa"]},
+        {
+            "dragons": corpus["forget_qa"],
+            "cities": corpus["retain_qa"],
+            "neighbours": corpus["neighbor_qa"],
+        },
         spec,
         seed,
         events,
@@ -384,7 +292,7 @@ def build_model(
         "size": size,
         "seed": seed,
         **trained,
-        "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]),
+        "facts": len(corpus["forget_qa"]) + len(corpus["retain_qa"]) + len(corpus["neighbor_qa"]),
         "seconds": round(time.monotonic() - started, 1),
     }
     if reference:
@@ -403,12 +311,12 @@ def _reference(
 ) -> dict[str, Any]:
     started = time.monotonic()
     retain_only = {**corpus, "forget_qa": [], "forget_text": []}
-    trained = _train(
+    trained = train_model(
         directory,
         "reference",
         tokenizer,
         _training_texts(retain_only),
-        {"cities": corpus["retain_qa"]},
+        {"cities": corpus["retain_qa"], "neighbours": corpus["neighbor_qa"]},
         spec,
         seed,
         events,
@@ -418,7 +326,7 @@ def _reference(
     )
     return {
         **trained,
-        "trained_on": "the cities alone (no dragon fact)",
+        "trained_on": "the cities and the neighbour dragons (no fact of the forget set)",
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -439,7 +347,8 @@ def ensure_model(
     """Build the demo benchmark under `directory` unless a finished build is there (and,
     with `reference`, its reference model unless that is there too)."""
     marker = directory / "build.json"
-    if not (marker.is_file() and (directory / "model" / "config.json").is_file()):
+    built = (directory / "model" / "config.json").is_file()
+    if not (marker.is_file() and built and (directory / "data" / "neighbor_qa.jsonl").is_file()):
         return build_model(directory, size, seed, events, reference=reference)
     info = json.loads(marker.read_text())
     if reference and not (directory / "reference" / "config.json").is_file():
@@ -456,8 +365,8 @@ def ensure_model(
 
 # What the demo declares must hold, up front (not fitted to its results): forget at most
 # half of what the model knew, at least 90% of its utility, at most half of the
-# forgotten knowledge back after the relearning attack or at 4 bits, and membership no
-# easier to tell than 0.5 +- 0.1.
+# forgotten knowledge back after the relearning attack or at 4 bits, membership no
+# easier to tell than 0.5 +- 0.1, and at least 90% of the neighbour dragons' knowledge.
 # FLAT's expected response on the demo. The demo's word-level vocabulary holds no words
 # of refusal (the built-in refusals would be unknown tokens), so the expected answer is
 # one that says nothing a question asks, in words the model knows.
@@ -483,6 +392,7 @@ DEMO_CRITERIA = {
     "relearn_recovery_max": 0.5,
     "quantized_forget_max_ratio": 0.5,
     "mia_auc_max_distance": 0.1,
+    "neighbor_min_ratio": 0.9,
 }
 
 
@@ -506,6 +416,7 @@ def demo_spec(demo_dir: Path, *, max_steps: int = 60) -> dict:
         "eval": {
             "forget_qa": str(data / "forget_qa.jsonl"),
             "retain_qa": str(data / "retain_qa.jsonl"),
+            "neighbor_qa": str(data / "neighbor_qa.jsonl"),
             "forget_text": str(data / "forget_text.jsonl"),
             "retain_text": str(data / "retain_text.jsonl"),
             "forget_mc": str(data / "forget_mc.jsonl"),

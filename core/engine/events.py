@@ -20,6 +20,7 @@ class Phase(StrEnum):
     LOADING = "loading"
     EVALUATING_BEFORE = "evaluating_before"
     UNLEARNING = "unlearning"
+    DISTILLING = "distilling"  # only with robustify (core.engine.robust.distill)
     EVALUATING_AFTER = "evaluating_after"
     AUDITING = "auditing"
     SAVING = "saving"
@@ -36,7 +37,7 @@ class StepInfo:
     terms: dict[str, float]
     learning_rate: float
     tokens_per_second: float
-    eta_seconds: float
+    eta_seconds: float | None  # None: no estimate (e.g. no known end)
 
 
 class Events:

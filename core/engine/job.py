@@ -33,6 +33,7 @@ from core.engine.modeling import (
     reset_peak_memory,
     wrap,
 )
+from core.engine.robust.stage import check_distill_file
 from core.engine.sequential import (
     StartPoint,
     check_same_architecture,
@@ -187,6 +188,7 @@ def validate(spec: JobSpec) -> JobInputs:
         contrast_set_records(forget, contrast, spec.hyperparameters.seed)
     if spec.eval is not None:
         _check_eval_files(spec.eval, forget.kind)
+    check_distill_file(spec)  # the distillation set repeats no forget data
     start = start_point(spec.init_from_job) if spec.init_from_job else None
     if start is not None and start.kind == "model":
         check_same_architecture(spec.base_model, start)

@@ -1,5 +1,5 @@
 """The phases of a job after core.engine.job.open_job, in the order PHASES runs them:
-evaluate before -> unlearn -> evaluate after -> audit (attacks, membership inference,
+evaluate before -> unlearn -> distil (with robustify) -> evaluate after -> audit (attacks, membership inference,
 the reference model, the verdict) -> save artifacts and report.
 
 Each phase reads and adds to one JobContext; a new phase is one function here and its
@@ -16,10 +16,18 @@ from typing import Any
 
 from core.engine import report
 from core.engine.evaluation import evaluate, strip_per_record, tradeoff
-from core.engine.evaluation.evidence import judge, privacy_audit, robustness_audits, with_privleak
+from core.engine.evaluation.evidence import (
+    judge,
+    privacy_audit,
+    reference_attacks,
+    robustness_audits,
+    with_privleak,
+)
+from core.engine.evaluation.summary import forget_standing
 from core.engine.events import Phase
 from core.engine.job import JobContext
 from core.engine.modeling import load_base, peak_memory, save_output
+from core.engine.robust.stage import run_distillation
 from core.engine.sequential import chain_of, stack_adapters
 from core.engine.sharded import run_sharded
 from core.engine.spec import JobSpec
@@ -161,6 +169,18 @@ def unlearn_phase(ctx: JobContext) -> None:
     ctx.clock.lap("unlearn")
 
 
+def distill_phase(ctx: JobContext) -> None:
+    """With spec.robustify: the unlearned model distilled into a shrunk-and-perturbed
+    copy of itself (core.engine.robust.stage); the student, full weights, becomes the
+    job's model (its reference copy goes with the old one)."""
+    if ctx.spec.robustify is None:
+        return
+    ctx.wrapped, ctx.metrics["robustify"] = run_distillation(
+        ctx.wrapped, ctx.tokenizer, ctx.spec, ctx.max_length, ctx.events
+    )
+    ctx.clock.lap("distill")
+
+
 def after_phase(ctx: JobContext) -> None:
     """The token view after, and the after evaluation with the trade-off; its
     per-record values stay on the context for the audits."""
@@ -233,16 +253,22 @@ def reference_phase(ctx: JobContext) -> None:
         ctx.privacy["reference"] = privacy_audit(
             reference, ctx.tokenizer, ev, ctx.forget_records, max_length=ctx.max_length
         )
+        # the same relearning cells on the reference: the control for injection
+        reference_attacks(
+            reference, ctx.tokenizer, ev, ctx.metrics.get("robustness"), max_length=ctx.max_length
+        )
         del reference
     ctx.clock.lap("audit_reference")
 
 
 def verdict_phase(ctx: JobContext) -> None:
-    """The membership inference figures with PrivLeak against the reference, and the
+    """The membership inference figures with PrivLeak against the reference, every
+    forget metric against before and the reference (`forget_standing`), and the
     declared criteria with the verdict."""
     if ctx.spec.eval is None:
         return
     ctx.metrics["privacy"] = with_privleak(ctx.privacy)
+    ctx.metrics["forget_standing"] = forget_standing(ctx.metrics)
     ctx.metrics["verdict"], ctx.metrics["criteria"] = judge(ctx.spec.eval.criteria, ctx.metrics)
 
 
@@ -322,6 +348,7 @@ def save_phase(ctx: JobContext) -> None:
 PHASES: tuple[Callable[[JobContext], None], ...] = (
     before_phase,
     unlearn_phase,
+    distill_phase,  # only with spec.robustify
     after_phase,
     attacks_phase,
     privacy_phase,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from core.engine.data import LEFT_OUT, Example, collate, line_list
-from core.engine.evaluation.summary import before_after_rows, evidence_lines, fmt
+from core.engine.evaluation.summary import before_after_rows, evidence_lines, fmt, headline
 from core.engine.losses import token_logprobs
 
 
@@ -100,6 +100,9 @@ def summary_markdown(
     ]
     lines += [_data_line(name, data) for name, data in metrics.get("data", {}).items()]
     lines.append("")
+    lead = headline(metrics)
+    if lead:
+        lines += [f"**{lead}**", ""]
     rows = before_after_rows(metrics)
     if rows:
         if metrics.get("reference"):

@@ -13,18 +13,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.engine.data import load_records
-from core.engine.evaluation import EvalSpec, knowmem
+from core.engine.evaluation import EvalSpec, knowmem, mc_accuracy, verbmem
 from core.engine.events import Events
 from core.engine.modeling import Wrapped
+from core.engine.spec.parts import FORGET_TARGET_SETS
 
 
 class StopRule:
     """Evaluate small probes every K steps; stop at the forget target or before the
     utility budget is spent, and keep the best state within budget.
 
-    Forget probe: KnowMem F1 on the first N forget questions; utility probe: KnowMem F1
-    on the first N retain questions. "Best" = lowest forget score with utility
-    >= (1 - budget) * utility before.
+    Forget probe: eval.forget_target_metric on the first N records of its set (KnowMem
+    F1 on the forget questions by default, VerbMem F1 on the forget texts, or forget MC
+    accuracy); utility probe: KnowMem F1 on the first N retain questions. "Best" = lowest
+    forget score with utility >= (1 - budget) * utility before.
     """
 
     def __init__(
@@ -33,7 +35,8 @@ class StopRule:
         self.wrapped, self.tokenizer, self.spec, self.every = wrapped, tokenizer, spec, every
         self.events = events
         files = spec.files()
-        self.forget = load_records(files["forget_qa"]).items[: spec.probe_samples]
+        self.forget_set = FORGET_TARGET_SETS[spec.forget_target_metric]
+        self.forget = load_records(files[self.forget_set]).items[: spec.probe_samples]
         self.retain = load_records(files["retain_qa"]).items[: spec.probe_samples]
         self.history: list[dict[str, float]] = []
         self.before = self.measure()
@@ -47,15 +50,35 @@ class StopRule:
         """Trainable weights, on the CPU (a LoRA adapter is small; full weights are not)."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.wrapped.trainable().items()}
 
-    def measure(self) -> dict[str, float]:
-        model = self.wrapped.model
-        f = knowmem(
+    def _forget_probe(self) -> float:
+        """The forget target metric on the probe's records, as a 0-1 score."""
+        model, spec = self.wrapped.model, self.spec
+        metric = spec.forget_target_metric
+        if metric == "verbmem":
+            return verbmem(model, self.tokenizer, self.forget, batch_size=spec.batch_size)[
+                "rouge_l_f1"
+            ]
+        if metric == "mc":
+            accuracy = mc_accuracy(
+                model,
+                self.tokenizer,
+                spec.files()[self.forget_set],
+                limit=spec.probe_samples,
+                batch_size=spec.batch_size,
+                task_name="unlearn_probe_mc",
+            )["accuracy"]
+            return float(accuracy or 0.0)
+        return knowmem(
             model,
             self.tokenizer,
             self.forget,
-            max_new_tokens=self.spec.max_new_tokens,
-            batch_size=self.spec.batch_size,
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
         )["rouge_l_f1"]
+
+    def measure(self) -> dict[str, float]:
+        model = self.wrapped.model
+        f = self._forget_probe()
         u = knowmem(
             model,
             self.tokenizer,
@@ -132,6 +155,7 @@ class StopRule:
                     trainable[name].copy_(tensor)
             restored = self.best["step"]
         return {
+            "forget_metric": self.spec.forget_target_metric,
             "before": self.before,
             "history": self.history,
             "best": self.best,
@@ -140,8 +164,11 @@ class StopRule:
 
 
 def probe_every(spec_eval: EvalSpec | None, steps: int) -> int | None:
-    """The stop rule is on when eval data has forget and retain questions (every ~5% of
-    the run unless probe_every says otherwise); off without eval data."""
-    if spec_eval is None or not (spec_eval.forget_qa and spec_eval.retain_qa):
+    """The stop rule is on when eval data has retain questions and the set of the forget
+    target metric (forget questions by default; every ~5% of the run unless probe_every
+    says otherwise); off without eval data."""
+    if spec_eval is None or not spec_eval.retain_qa:
+        return None
+    if not getattr(spec_eval, FORGET_TARGET_SETS[spec_eval.forget_target_metric]):
         return None
     return spec_eval.probe_every or max(1, steps // 20)

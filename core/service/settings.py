@@ -228,7 +228,14 @@ class Settings(BaseSettings):
     event_min_interval_seconds: float = Field(
         1.0,
         ge=0,
-        description="Step events are throttled to one per interval (phase changes are not).",
+        description="Between the step grid's points (EVENT_MAX_STEP_POINTS), step events "
+        "are throttled to one per interval (phase changes are not).",
+    )
+    event_max_step_points: int = Field(
+        200,
+        ge=1,
+        description="Steps always written as events, evenly spaced: every step of a job "
+        "with at most this many, so a short job's loss curve has each of its points.",
     )
     task_queue: str = "unlearn"
     worker_classes: dict[str, float] | None = Field(

@@ -8,6 +8,7 @@ this test's (UPDATE_SCREENSHOTS=1 writes them there; otherwise under the test's 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -166,8 +167,16 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     assert len(steps) >= 2 and steps == list(range(1, len(steps) + 1))  # the stop rule may end it
     points = page.locator("svg.chart .line-0").first.get_attribute("points") or ""
     assert len(points.split()) == len(steps), points  # every step, each once
-    criteria = page.get_by_role("table", name="Criteria").inner_text()
-    assert "forget_knowmem_max_ratio" in criteria
+    criteria = page.get_by_role("table", name="Criteria")
+    # named in words, the spec's name in the tooltip; headers over their values
+    assert "Forget score after / before" in criteria.inner_text()
+    assert "forget_knowmem_max_ratio" not in criteria.inner_text()
+    assert criteria.locator("td[title='eval.criteria.forget_knowmem_max_ratio']").count() == 1
+    aligned = criteria.evaluate(
+        "t => [...t.tHead.rows[0].cells].map((th, i) => "
+        "getComputedStyle(th).textAlign === getComputedStyle(t.tBodies[0].rows[0].cells[i]).textAlign)"
+    )
+    assert all(aligned), aligned
     assert page.locator("svg.chart").nth(1).locator("polyline").count() == 2  # forget, utility
     assert page.get_by_text("Verdict:").first.is_visible()
     # the status line says the verdict too: a succeeded job may fail its criteria
@@ -175,6 +184,7 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     assert page.get_by_text("Membership inference").first.is_visible()
     page.get_by_role("heading", name="Token probabilities on forget answers").wait_for()
     assert page.locator(".tokens span[title]").count() > 4
+    assert "probability the model gives it" in page.locator("#token-legend").inner_text()
 
     # Viewing the page read the report for display: no download in the audit log, and a
     # second view adds nothing to it.
@@ -216,6 +226,15 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     page.locator("#filter-metadata").fill("ticket=B-1")
     page.get_by_role("button", name="Filter").click()
     page.get_by_role("row").filter(has_text=job_id).wait_for()
+
+    # With a job run on this model, the form says what a job will cost in time too.
+    page.get_by_role("link", name="New job").click()
+    page.locator("#hyperparameters-batch_size").wait_for()
+    page.locator("#forget_file-existing").select_option(index=1)
+    page.locator("#hyperparameters-max_steps").fill("30")
+    cost = page.locator("#job-cost")
+    cost.filter(has_text=f"At the pace of your job {job_id}").wait_for()
+    assert "30 optimizer steps (max_steps)" in cost.inner_text()
 
     # Files: an invalid upload shows which line and which field.
     (tmp_path / "broken.jsonl").write_text(
@@ -264,3 +283,71 @@ def test_the_page_is_served_offline_with_a_strict_policy(served):
     )
     app_js = Path(ROOT / "api" / "dashboard" / "app.js").read_text()
     assert "innerHTML" not in app_js  # text goes in as text: a filename cannot inject markup
+
+
+def test_sign_in_page_form_labels_defaults_and_cost(served, browser, fixture_dir):
+    """The sign-in page has no navigation, a refusal's toast does not outlive a good
+    sign-in, and keyboard sign-in rings no whole page; the form's labels read as people
+    write them, its defaults are the method registry's (per method), and it says how
+    many steps a job with them makes on the chosen forget file; no page asks for a
+    resource that is not there (the favicon)."""
+    from core.engine.spec.methods import METHODS
+
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+    url = served["url"]
+    page.goto(f"{url}/dashboard")
+    page.get_by_label("API key").wait_for()
+    assert not page.get_by_role("navigation").is_visible()
+    assert not page.get_by_role("link", name="New job").is_visible()
+    # signed out: the toast says so; then a good sign-in clears it
+    page.get_by_label("API key").fill(served["keys"]["acme"])
+    page.get_by_label("API key").press("Enter")
+    page.get_by_role("heading", name="Jobs").wait_for()
+    assert page.get_by_role("navigation").is_visible()
+    page.get_by_role("button", name="Sign out").click()
+    page.locator("#toast").filter(has_text="Signed out.").wait_for()
+    assert not page.get_by_role("navigation").is_visible()
+    page.get_by_label("API key").fill(served["keys"]["acme"])
+    page.get_by_label("API key").press("Enter")
+    page.get_by_role("heading", name="Jobs").wait_for()
+    assert page.locator("#toast").inner_text() == ""
+    ring = page.evaluate(
+        "() => { const m = document.querySelector('main'); const s = getComputedStyle(m);"
+        " return [document.activeElement === m, s.outlineStyle, s.outlineWidth]; }"
+    )
+    assert ring[0] and (ring[1] == "none" or ring[2] == "0px"), ring
+
+    page.get_by_role("link", name="New job").click()
+    page.locator("#hyperparameters-sam_rho").wait_for()
+    label = lambda field: page.locator(f"label[for='hyperparameters-{field}']").evaluate(  # noqa: E731
+        "l => l.firstChild.textContent"
+    )
+    assert label("sam_rho") == "SAM rho" and label("forget_eos") == "Forget EOS"
+    assert label("learning_rate") == "Learning rate" and label("max_length") == "Max length"
+    for method in ("catnip", "npo"):
+        page.locator("#job-method").select_option(method)
+        defaults = METHODS[method].params()
+        shown = page.locator("#hyperparameters-learning_rate").input_value()
+        assert float(shown) == defaults.learning_rate, (method, shown)
+        assert int(page.locator("#hyperparameters-batch_size").input_value()) == defaults.batch_size
+    page.locator("#job-method").select_option("catnip")
+    cost = page.locator("#job-cost")
+    cost.filter(has_text="choose or upload a forget set").wait_for()
+    forget = fixture_dir / "data" / "forget_qa.jsonl"
+    records = sum(1 for line in forget.read_text().splitlines() if line.strip())
+    page.locator("#forget_file-upload").set_input_files(forget)
+    catnip = METHODS["catnip"].params()
+    steps = math.ceil(catnip.epochs * math.ceil(records / catnip.batch_size))
+    cost.filter(has_text=f"{steps:,} optimizer steps").wait_for()
+    assert f"{records} records" in cost.inner_text()
+    assert "Time: not known" in cost.inner_text() or "At the pace of your job" in cost.inner_text()
+    page.locator("#hyperparameters-batch_size").fill("32")
+    page.locator("#hyperparameters-epochs").fill("2")
+    cost.filter(has_text=f"{2 * -(-records // 32):,} optimizer steps").wait_for()
+    favicon = httpx.get(f"{url}/favicon.ico")
+    assert favicon.status_code == 200 and favicon.headers["content-type"].startswith("image/")
+    assert not missing, missing
+    context.close()

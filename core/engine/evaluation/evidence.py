@@ -10,11 +10,13 @@ each result carries the settings it ran with.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from core.engine.data import Records, load_records
 from core.engine.evaluation import EvalSpec, knowmem
 from core.engine.evaluation.attacks import AUDITS, audit_context, forget_questions
+from core.engine.evaluation.attacks.relearn import reference_sweep
 from core.engine.evaluation.privacy import membership_inference, privleak
 from core.engine.modeling import Wrapped
 from core.engine.spec.parts import CriteriaSpec
@@ -63,6 +65,25 @@ def robustness_audits(
     return {audit.name: audit.run(ctx, spec.robustness) for audit in AUDITS}
 
 
+def reference_attacks(
+    reference: Any,
+    tokenizer: Any,
+    spec: EvalSpec,
+    robustness: dict[str, Any] | None,
+    *,
+    max_length: int,
+) -> None:
+    """The reference model (left as it is) through the relearning cells the job's audit
+    ran: each cell of robustness["relearn"] gets the reference's figures after the same
+    attack, and the audit `reference_seconds`."""
+    relearn = (robustness or {}).get("relearn") or {}
+    if relearn.get("status") != "done":
+        return
+    started = time.monotonic()
+    reference_sweep(reference, tokenizer, spec, relearn, max_length=max_length)
+    relearn["reference_seconds"] = round(time.monotonic() - started, 2)
+
+
 def privacy_audit(
     model: Any, tokenizer: Any, spec: EvalSpec, forget: Records, *, max_length: int
 ) -> dict[str, Any]:
@@ -106,6 +127,15 @@ def _ratio(after: float | None, before: float | None) -> float | None:
     return None if after is None or not before else after / before
 
 
+def _neighbor_figures(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Neighbour KnowMem F1 (eval.neighbor_qa) after and before."""
+    after, before = (
+        ((metrics.get(when) or {}).get("neighbor_knowmem") or {}).get("rouge_l_f1")
+        for when in ("after", "before")
+    )
+    return after, before
+
+
 def _checks(metrics: dict[str, Any]) -> list[tuple[str, str, str, float | None, str]]:
     """Each criterion's (name, what it measures, comparison, this job's value or None,
     what a missing value needs)."""
@@ -134,7 +164,7 @@ def _checks(metrics: dict[str, Any]) -> list[tuple[str, str, str, float | None, 
         ),
         (
             "relearn_recovery_max",
-            "relearning attack recovery",
+            "relearning attack recovery (the sweep's worst cell)",
             "<=",
             (robust.get("relearn") or {}).get("recovery"),
             "needs the relearning attack, with something to recover",
@@ -154,6 +184,13 @@ def _checks(metrics: dict[str, Any]) -> list[tuple[str, str, str, float | None, 
             "<=",
             _ratio(quant4_forget, quant4_before),
             "needs the 4-bit audit and forget KnowMem",
+        ),
+        (
+            "neighbor_min_ratio",
+            "neighbour KnowMem F1 after / before",
+            ">=",
+            _ratio(*_neighbor_figures(metrics)),
+            "needs eval.neighbor_qa and its before/after figures",
         ),
     ]
 
@@ -193,6 +230,7 @@ __all__ = [
     "attack_question_scores",
     "judge",
     "privacy_audit",
+    "reference_attacks",
     "robustness_audits",
     "with_privleak",
 ]

@@ -5,6 +5,8 @@ Forget:  KnowMem (ROUGE-L of greedy answers to forget questions, F1 as MUSE repo
          prefixes), MC accuracy on a forget-domain set through lm-eval-harness.
 Utility: KnowMem on retain questions, perplexity on retain text, MC accuracy on a
          general set through lm-eval-harness.
+Neighbours: KnowMem on questions about what sits next to the forget target (the other
+         entities of its domain), which must survive.
 All generation is batched with left padding and the KV cache; the same settings are
 used before and after, and recorded with the numbers.
 """
@@ -117,15 +119,20 @@ def verbmem(
     *,
     batch_size: int = 64,
     max_length: int = 512,
+    context: str = "",
 ) -> dict[str, Any]:
     """ROUGE-L F1 of greedy continuations of the first half of each text against its
-    second half (MUSE's VerbMem, with prefix = half the text's tokens)."""
+    second half (MUSE's VerbMem, with prefix = half the text's tokens). `context`: text
+    put before each prefix (after the tokenizer's special tokens), as the in-context
+    attack does."""
     prompts, references = [], []
     max_length = min(max_length, context_length(model) or max_length)
+    special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    context_ids = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
     for r in records:
         ids = tokenizer(r["text"], add_special_tokens=True)["input_ids"][:max_length]
         half = max(1, len(ids) // 2)
-        prompts.append(ids[:half])
+        prompts.append(context_ids + ids[special:half] if context_ids else ids[:half])
         references.append(tokenizer.decode(ids[half:], skip_special_tokens=True))
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
     continuations = greedy_generate(model, tokenizer, prompts, max(1, longest), batch_size)
@@ -202,12 +209,14 @@ def mc_accuracy(
     batch_size: int = 64,
     task_name: str = "unlearn_mc",
     select: Callable[[dict[str, Any]], bool] | None = None,
+    context: str = "",
 ) -> dict[str, Any]:
     """Multiple-choice accuracy through lm-eval-harness on a local JSONL file
     ({question, choices, answer}), offline, with the model already in memory.
     The choice with the highest log-likelihood wins (as WMDP/MMLU in the paper).
     `select`: which of the first `limit` records to ask (accuracy None when none is).
     `per_item_correct`: whether each asked record was answered right, in file order.
+    `context`: text put before each question's prompt (the in-context attack's).
 
     The task reads its prompt ("Q: {question}\nA:"), choices and answer as columns of a
     copy of the first `limit` records, not through Jinja templates (which lm-eval
@@ -245,7 +254,7 @@ def mc_accuracy(
             "".join(
                 json.dumps(
                     {
-                        "prompt": f"Q: {r['question']}\nA:",
+                        "prompt": f"{context}Q: {r['question']}\nA:",
                         "choices": r["choices"],
                         "answer": r["answer"],
                     }
@@ -302,7 +311,7 @@ def evaluate(
     def records(name: str) -> list[dict[str, Any]]:
         return load_records(files[name]).items[:limit]
 
-    for name in ("forget_qa", "retain_qa"):
+    for name in ("forget_qa", "retain_qa", "neighbor_qa"):
         if name not in files:
             continue
         items = load_records(files[name]).items

@@ -1,9 +1,10 @@
 """Attacks on the unlearned model: does the knowledge come back?
 
-- Relearning: fine-tune (the job's trainable weights: its LoRA adapter, or its full
-  weights) on an attack split of the forget questions for a few steps, then measure
-  forget KnowMem on the other questions. recovery = (after_attack - after) /
-  (before - after): 0 when nothing came back, 1 when all of it did.
+- Relearning: fine-tune every weight (the attacker holds them: a copy of the model with
+  any LoRA adapter merged) on an attack split of the forget questions or texts, for each
+  cell of a sweep (learning rate x steps x data), then measure forget KnowMem on the
+  other questions. recovery = (after_attack - after) / (before - after): 0 when nothing
+  came back, 1 when all of it did.
 - Quantization: weight-only round-to-nearest, 8 and 4 bits, group-wise, in plain torch
   (and NF4 through bitsandbytes where CUDA and the package are present), on a copy of
   the model with any LoRA adapter merged, as a deployment would serve it.
@@ -133,28 +134,31 @@ def quantized_copy(model: Any, scheme: str, group_size: int) -> Any:
 # --- relearning ---------------------------------------------------------------------
 
 
-def relearn(
-    wrapped: Any,
+def finetune(
+    model: Any,
     tokenizer: Any,
     records: Records,
     *,
-    steps: int,
+    steps: int | list[int],
     learning_rate: float,
     batch_size: int,
     max_length: int,
     seed: int,
+    at_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Fine-tune the job's trainable weights on `records` (NLL of their responses) for
-    `steps` AdamW steps, in place; returns the step losses."""
+    """Fine-tune `model`'s trainable weights on `records` (NLL of their responses, or of
+    the texts' windows) with AdamW at a constant rate, in place, for max(steps) steps;
+    `at_step(k)` runs (in eval mode) after step k for each k in `steps`. Batches are drawn
+    with `seed`, so a shorter budget is the longer one's prefix. Returns the step losses."""
+    budgets = sorted({steps} if isinstance(steps, int) else set(steps))
     examples = encode_records(records, tokenizer, max_length).examples
-    model = wrapped.model
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = random.Random(seed)
     losses = []
-    model.train()
-    for _ in range(steps):
+    for step in range(1, budgets[-1] + 1):
+        model.train()
         batch = collate(
             generator.sample(examples, min(batch_size, len(examples))), tokenizer.pad_token_id
         )
@@ -170,8 +174,46 @@ def relearn(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if at_step is not None and step in budgets:
+            model.eval()
+            at_step(step)
     model.eval()
     return losses
+
+
+def attacker_copy(model: Any) -> Any:
+    """What the relearning attack fine-tunes: a copy of the model as it would be served
+    (a LoRA adapter merged), every weight trainable. It costs one more copy of the weights
+    on the model's device, and while it trains their gradients and AdamW's two moments."""
+    duplicate = merged_copy(model)
+    for parameter in duplicate.parameters():
+        parameter.requires_grad_(True)
+    return duplicate
+
+
+def relearn(
+    wrapped: Any,
+    tokenizer: Any,
+    records: Records,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+) -> list[float]:
+    """Fine-tune the job's trainable weights (wrapped.model) on `records` for `steps`
+    AdamW steps, in place (`finetune`); returns the step losses."""
+    return finetune(
+        wrapped.model,
+        tokenizer,
+        records,
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+    )
 
 
 def with_weights_restored(wrapped: Any, action: Callable[[], Any]) -> Any:

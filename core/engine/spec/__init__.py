@@ -21,6 +21,7 @@ from core.engine.spec.methods import (
     parse_params,
 )
 from core.engine.spec.parts import AdapterSpec, EvalSpec, ResourcesSpec
+from core.engine.spec.robust import RobustifySpec
 from core.errors import SpecError
 
 # A name, an id or a path in a spec: non-empty, of a sane length.
@@ -47,6 +48,18 @@ class JobSpec(BaseModel):
         description="flat only: the expected response to each forget prompt, line by line "
         "(same kind and prompts as the forget set; any training kind for a text forget "
         "set). Null: built-in refusals.",
+    )
+    distill_file: Reference | None = Field(
+        None,
+        description="robustify only: the distillation set (purpose distill): retain and "
+        "general text, never forget data (a submission whose records repeat the forget set's "
+        "is refused, naming the lines).",
+    )
+    robustify: RobustifySpec | None = Field(
+        None,
+        description="Distillation after unlearning (shrink-and-perturb toward a fresh init, "
+        "then distil the unlearned model into it on distill_file). Needs distill_file; the "
+        "output is full weights, a LoRA job's adapter merged. Null: off.",
     )
     init_from_job: Reference | None = Field(
         None,
@@ -98,6 +111,7 @@ class JobSpec(BaseModel):
                 "(flat does); remove it",
                 param="contrast_file",
             )
+        self._check_robust(method)
         if method.chooses_parameters and self.adapter.layers is not None:
             raise SpecError(
                 f"adapter.layers: method {self.method} chooses what trains with "
@@ -107,6 +121,42 @@ class JobSpec(BaseModel):
         if self.resources.gpus > 1:
             self._check_sharded(method)
         return self
+
+    def _check_robust(self, method: Any) -> None:
+        """Distillation needs its set and one device; selective updates need retain data and
+        a method whose loss is its forget term (the step loss of rmu/flat holds more)."""
+        params = self.hyperparameters
+        if (self.robustify is None) != (self.distill_file is None):
+            missing = "distill_file" if self.robustify is not None else "robustify"
+            raise SpecError(
+                f"{missing}: robustify and distill_file come together (the distillation "
+                "stage and its data)",
+                param=missing,
+            )
+        if self.robustify is not None and (
+            self.resources.gpus > 1 or self.adapter.quantize is not None
+        ):
+            raise SpecError(
+                "robustify: the distillation stage runs on one device with the teacher's and "
+                "the student's full weights; set resources.gpus to 1 and drop adapter.quantize",
+                param="robustify",
+            )
+        robust = params.selective is not None or params.attack_in_loop is not None
+        if robust and (method.step_loss is not None or self.resources.gpus > 1):
+            raise SpecError(
+                f"hyperparameters.selective/attack_in_loop: {self.method} has a step loss of "
+                "its own (or the job is sharded); use a method whose loss is its forget term "
+                "(catnip, npo, simnpo, ga, ...) on one device",
+                param="hyperparameters.selective"
+                if params.selective is not None
+                else "hyperparameters.attack_in_loop",
+            )
+        if params.selective is not None and not self.retain_file:
+            raise SpecError(
+                "hyperparameters.selective needs a retain_file: the directions it keeps are "
+                "those of the retain data (in-domain neighbours belong there)",
+                param="retain_file",
+            )
 
     def _check_sharded(self, method: Any) -> None:
         """What a job sharded over resources.gpus devices can be: full weights of every
@@ -203,6 +253,7 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         "forget_file": fix(spec.forget_file),
         "retain_file": fix(spec.retain_file),
         "contrast_file": fix(spec.contrast_file),
+        "distill_file": fix(spec.distill_file),
         "init_from_job": fix(spec.init_from_job),
     }
     if spec.eval is not None:

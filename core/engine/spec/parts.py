@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from core.engine.formats import Kind
 
@@ -14,6 +14,7 @@ TRAIN_FILE_KINDS: tuple[Kind, ...] = ("qa", "chat", "text")
 EVAL_FILE_KINDS: dict[str, tuple[Kind, ...]] = {
     "forget_qa": ("qa",),
     "retain_qa": ("qa",),
+    "neighbor_qa": ("qa",),
     "forget_text": ("text",),
     "retain_text": ("text",),
     "forget_mc": ("mc",),
@@ -84,8 +85,60 @@ class AdapterSpec(BaseModel):
         return self
 
 
+RelearnData = Literal["qa", "text"]
+
+
+class RelearnCell(BaseModel):
+    """One setting of the relearning attack: a full-weight fine-tune of `steps` AdamW
+    steps at `learning_rate` on the attack split of the forget questions (`qa`) or of
+    eval.forget_text (`text`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    learning_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1, le=1000)
+    data: RelearnData = "qa"
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}, lr {self.learning_rate:g}, {self.steps} steps"
+
+
+def _qa_and_text() -> list[RelearnData]:
+    return ["qa", "text"]
+
+
+class RelearnGrid(BaseModel):
+    """A sweep: every learning rate x steps x data."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    learning_rates: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=1, max_length=12)
+    steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1, max_length=6)
+    data: list[RelearnData] = Field(default_factory=_qa_and_text, min_length=1)
+
+    def cells(self) -> list[RelearnCell]:
+        return [
+            RelearnCell(learning_rate=lr, steps=steps, data=data)
+            for data in dict.fromkeys(self.data)
+            for lr in self.learning_rates
+            for steps in sorted(set(self.steps))
+        ]
+
+
+RELEARN_PRESETS: dict[str, RelearnGrid] = {
+    "quick": RelearnGrid(learning_rates=[1e-5, 1e-3], steps=[20], data=["qa"]),
+    "standard": RelearnGrid(learning_rates=[1e-5, 1e-4, 1e-3], steps=[20, 60]),
+    "full": RelearnGrid(
+        learning_rates=[1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3], steps=[20, 60, 200]
+    ),
+}
+
+
 class RelearnSpec(BaseModel):
-    """The relearning attack: fine-tune on an attack split of the forget questions."""
+    """The relearning attack: full-weight fine-tunes on an attack split of the forget
+    questions (and of eval.forget_text), one per cell of a sweep; recovery is the worst
+    cell's."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -93,9 +146,48 @@ class RelearnSpec(BaseModel):
     fraction: float = Field(
         0.2, ge=0.05, le=0.5, description="Share of the forget questions it trains on."
     )
-    steps: int = Field(20, ge=1, le=1000, description="Fine-tuning steps.")
-    learning_rate: float = Field(1e-4, gt=0, le=1)
+    preset: Literal["quick", "standard", "full"] = Field(
+        "standard",
+        description="The sweep: quick (lr 1e-5, 1e-3; 20 steps; QA), standard (lr 1e-5, "
+        "1e-4, 1e-3; 20 and 60 steps; QA and text), full (lr 1e-6 to 3e-3; 20, 60, 200 "
+        "steps; QA and text).",
+    )
+    grid: RelearnGrid | None = Field(None, description="A sweep of its own, instead of preset.")
+    cells: list[RelearnCell] | None = Field(
+        None, min_length=1, max_length=64, description="Cells of its own, instead of preset."
+    )
+    steps: int | None = Field(
+        None, ge=1, le=1000, description="With or without learning_rate: one QA cell (20)."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="With or without steps: one QA cell (1e-4)."
+    )
     batch_size: int = Field(8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _one_sweep(self) -> RelearnSpec:
+        named = [
+            name
+            for name, given in (
+                ("cells", self.cells is not None),
+                ("grid", self.grid is not None),
+                ("steps/learning_rate", self.steps is not None or self.learning_rate is not None),
+            )
+            if given
+        ]
+        if len(named) > 1:
+            raise ValueError(f"name one of {' or '.join(named)}, not both")
+        return self
+
+    def sweep(self) -> list[RelearnCell]:
+        """The cells this spec asks for, in the order they report."""
+        if self.cells is not None:
+            return list(self.cells)
+        if self.grid is not None:
+            return self.grid.cells()
+        if self.steps is not None or self.learning_rate is not None:
+            return [RelearnCell(learning_rate=self.learning_rate or 1e-4, steps=self.steps or 20)]
+        return RELEARN_PRESETS[self.preset].cells()
 
 
 def _eight_and_four() -> list[Literal[4, 8]]:
@@ -167,6 +259,12 @@ class CriteriaSpec(BaseModel):
     quantized_forget_max_ratio: float | None = Field(
         None, ge=0, le=10, description="Forget KnowMem at 4 bits at most this share of before."
     )
+    neighbor_min_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="Neighbour KnowMem (eval.neighbor_qa) after at least this share of before.",
+    )
 
 
 class EvalSpec(BaseModel):
@@ -176,6 +274,11 @@ class EvalSpec(BaseModel):
 
     forget_qa: str | None = Field(None, description="QA about what must be forgotten (KnowMem).")
     retain_qa: str | None = Field(None, description="QA about what must survive (utility KnowMem).")
+    neighbor_qa: str | None = Field(
+        None,
+        description="QA about what sits next to the forget target (other entities of its "
+        "domain) and must survive (neighbour KnowMem).",
+    )
     forget_text: str | None = Field(None, description="Forget-domain text (VerbMem).")
     retain_text: str | None = Field(None, description="Retain text (perplexity).")
     forget_mc: str | None = Field(None, description="Forget-domain multiple choice (lm-eval).")
@@ -203,18 +306,41 @@ class EvalSpec(BaseModel):
     )
     probe_samples: int = Field(100, ge=1, le=10_000)
     forget_target: float = Field(
-        0.1, ge=0, le=1, description="Stop when forget KnowMem falls to this share of before."
+        0.1,
+        ge=0,
+        le=1,
+        description="Stop when the forget target metric falls to this share of before.",
+    )
+    forget_target_metric: Literal["knowmem", "verbmem", "mc"] = Field(
+        "knowmem",
+        description="The forget metric the stop rule probes: knowmem (eval.forget_qa), "
+        "verbmem (eval.forget_text) or mc (eval.forget_mc).",
     )
     utility_budget: float = Field(
         0.1, ge=0, le=1, description="Max relative utility loss; the best state within it is kept."
     )
 
+    @field_validator("forget_target_metric")
+    @classmethod
+    def _target_probed(cls, metric: str, info: ValidationInfo) -> str:
+        """A named target needs the eval set its probe reads (checked where it is named)."""
+        needs = FORGET_TARGET_SETS[metric]
+        if not info.data.get(needs):
+            raise ValueError(f"{metric!r} needs eval.{needs}, the set the stop rule probes")
+        return metric
+
     def files(self) -> dict[str, str]:
         return {n: getattr(self, n) for n in EVAL_FILE_FIELDS if getattr(self, n)}
 
 
+# The eval set the stop rule probes for each eval.forget_target_metric.
+FORGET_TARGET_SETS = {"knowmem": "forget_qa", "verbmem": "forget_text", "mc": "forget_mc"}
+
+
 def spec_file_ids(raw: dict) -> set[str]:
-    """Every file a (serialised) job spec names: forget, retain, contrast and eval files."""
+    """Every file a (serialised) job spec names: forget, retain, contrast, distill and eval
+    files."""
     ids = {raw.get("forget_file"), raw.get("retain_file"), raw.get("contrast_file")}
+    ids.add(raw.get("distill_file"))
     ids |= {v for k, v in (raw.get("eval") or {}).items() if k in EVAL_FILE_FIELDS}
     return {i for i in ids if i}

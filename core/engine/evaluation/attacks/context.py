@@ -14,10 +14,11 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from core.engine.data import load_records
 from core.engine.evaluation import robustness
-from core.engine.evaluation.metrics import knowmem
+from core.engine.evaluation.metrics import knowmem, mc_figures
 from core.engine.modeling import Wrapped
 from core.engine.spec.parts import EvalSpec, RobustnessSpec
 
+Select = Callable[[dict[str, Any]], bool]
 MIN_ATTACK_QUESTIONS = 5  # below this the split leaves too little to attack or to measure
 
 
@@ -30,6 +31,58 @@ def attack_size(spec: EvalSpec) -> int:
 def forget_questions(spec: EvalSpec) -> list[dict[str, Any]]:
     """The forget QA records the attacks use (the first attack_size of eval.forget_qa)."""
     return load_records(spec.forget_qa).items[: attack_size(spec)] if spec.forget_qa else []
+
+
+def neighbor_questions(spec: EvalSpec) -> list[dict[str, Any]]:
+    """The neighbour QA records the attacks measure (the first attack_size of
+    eval.neighbor_qa): what must survive, re-measured under each attack."""
+    return load_records(spec.neighbor_qa).items[: attack_size(spec)] if spec.neighbor_qa else []
+
+
+def forget_texts(spec: EvalSpec) -> list[dict[str, Any]]:
+    """The forget text records the attacks measure VerbMem on (the first attack_size of
+    eval.forget_text)."""
+    return load_records(spec.forget_text).items[: attack_size(spec)] if spec.forget_text else []
+
+
+def mc_items_not_of(spec: EvalSpec, used: list[dict[str, Any]]) -> Select | None:
+    """Which forget MC items to measure after an attack used the QA records `used`: those
+    of the other facts where every used record and every MC item names its `fact`, else
+    all (None)."""
+    if not spec.forget_mc:
+        return None
+    items = load_records(spec.forget_mc).items[: spec.max_samples]
+    facts = {record.get("fact") for record in used}
+    if None in facts or not all("fact" in item for item in items):
+        return None
+    return lambda item: item["fact"] not in facts
+
+
+def after_mean(
+    after_evaluation: dict[str, Any] | None, key: str, n: int, field: str = "per_sample_f1"
+) -> float | None:
+    """The after evaluation's mean of `field` over the first n records of metric `key`
+    (what a measurement of the same model on those records gives); None without them."""
+    values = ((after_evaluation or {}).get(key) or {}).get(field)
+    if not values or len(values) < n or n <= 0:
+        return None
+    return sum(float(v) for v in values[:n]) / n
+
+
+def mc_after(
+    after_evaluation: dict[str, Any] | None, spec: EvalSpec, select: Select | None
+) -> dict[str, Any] | None:
+    """The after evaluation's forget MC accuracy on the items `select` keeps (of the
+    first max_samples), from its answers per item; None without them."""
+    correct = ((after_evaluation or {}).get("forget_mc") or {}).get("per_item_correct")
+    if correct is None or not spec.forget_mc:
+        return None
+    items = load_records(spec.forget_mc).items[: spec.max_samples]
+    if len(correct) != len(items):
+        return None
+    return mc_figures(
+        [ok for ok, item in zip(correct, items, strict=True) if select is None or select(item)]
+    )
 
 
 def knowmem_figures(
