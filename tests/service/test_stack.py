@@ -207,47 +207,24 @@ def test_a_tenant_job_through_the_stack_and_a_restarted_worker(stack, fixture_di
         assert query["status"] == "success" and query["data"]["result"], query
 
 
+def unlearn_verify(out: Path, artifact: Path) -> subprocess.CompletedProcess[str]:
+    """`unlearn verify` of the downloaded certificate against the published keys."""
+    command = [sys.executable, "-m", "api", "verify", str(out / "certificate.json")]
+    command += ["--keys", str(out / "keys.json"), "--artifact", str(artifact)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def verify(client, job_id: str, out: Path) -> None:
     certificate = client.certificate(job_id)
     (out / "certificate.json").write_bytes(certificate)
     (out / "keys.json").write_text(httpx.get(client.base_url + "/v1/signing-keys").text)
     adapter = client.download_artifact(job_id, "adapter", out, unpack=False)
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "api",
-            "verify",
-            str(out / "certificate.json"),
-            "--keys",
-            str(out / "keys.json"),
-            "--artifact",
-            str(adapter),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = unlearn_verify(out, adapter)
     assert ok.returncode == 0 and f"valid: job {job_id}" in ok.stdout, ok.stdout + ok.stderr
     # The check can fail: another file is not the certified artifact.
     other = out / "other.tar"
     other.write_bytes(b"not the adapter")
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "api",
-            "verify",
-            str(out / "certificate.json"),
-            "--keys",
-            str(out / "keys.json"),
-            "--artifact",
-            str(other),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = unlearn_verify(out, other)
     assert bad.returncode != 0, bad.stdout
 
 

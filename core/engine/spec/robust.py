@@ -1,4 +1,4 @@
-"""The options for robust and selective forgetting (issue 37), torch-free, so the API
+"""The options for robust and selective forgetting, torch-free, so the API
 validates them without loading torch: selective updates and the attack in the loop (any
 method's hyperparameters), and the distillation stage after unlearning (`robustify`, a
 part of the job spec). What each does: docs/methods.md, "Robust and selective forgetting";
