@@ -537,18 +537,63 @@ async function renderResults(id, job, into) {
     if (summary?.evidence?.length) {
       parts.push(h("ul", { class: "plain" }, summary.evidence.map((line) => h("li", {}, line.replaceAll("**", "")))));
     }
+    const sweep = relearnCells(metrics?.robustness?.relearn);
+    if (sweep) parts.push(sweep);
     const artifacts = (await api(`/v1/jobs/${id}/artifacts`)).data;
+    // the worker signs each model directory (adapter or full weights) before archiving it
+    const models = artifacts.filter((a) => MODEL_ARTIFACTS.includes(a.name)).map((a) => a.name);
     parts.push(h("h2", {}, "Downloads"), h("ul", { class: "plain", id: "downloads" },
       artifacts.map((a) => h("li", {}, h("button", { type: "button", class: "link", "data-artifact": a.name,
         onclick: () => download(`/v1/jobs/${id}/artifacts/${a.name}`, a.filename).catch((e) => toast(e.message)) },
       `${a.name}`), ` ${a.filename}, ${(a.bytes / 1024).toFixed(0)} kB, sha256 `, h("code", {}, a.sha256.slice(0, 16) + "…"))),
       h("li", {}, h("button", { type: "button", class: "link", "data-artifact": "certificate",
         onclick: () => download(`/v1/jobs/${id}/certificate`, `${id}-certificate.json`).catch((e) => toast(e.message)) },
-      "certificate"), " signed (Ed25519); check it offline with ", h("code", {}, "unlearn verify"))));
+      "certificate"), ": an in-toto statement in a DSSE envelope, signed with Ed25519",
+      models.length ? [`; the ${models.join(" and ")} directory signed with OpenSSF model signing (`, h("code", {}, "model.sig"), " in its archive)"] : "",
+      models.length ? ". Check both offline with " : ". Check it offline with ", h("code", {}, "unlearn verify"))));
     const report = artifacts.find((a) => a.name === "report");
     if (report) parts.push(await tokenView(id));
   }
   into.replaceChildren(...parts);
+}
+
+const MODEL_ARTIFACTS = ["adapter", "model"];
+
+function points(value) {
+  return value === null || value === undefined ? "–" : (100 * value).toFixed(1);
+}
+
+function relearnCells(relearn) {
+  // The relearning sweep, one row per cell: its settings, the job's forget KnowMem F1
+  // after that attack and its recovery, the reference model's after the same attack.
+  if (relearn?.status !== "done" || !relearn.cells?.length) return null;
+  const reference = relearn.cells.some((c) => c.reference);
+  const columns = ["Data", "Learning rate", "Steps", "Forget KnowMem F1 after the attack", "Recovery",
+    ...(reference ? ["Never learned it, after the attack"] : [])];
+  const row = (cell) => {
+    const worst = cell.cell === relearn.worst_cell;
+    const settings = [h("td", {}, cell.data, worst ? [" ", h("span", { class: "badge worst" }, "worst")] : null),
+      h("td", { class: "num" }, Number(cell.learning_rate).toExponential()), h("td", { class: "num" }, cell.steps)];
+    if (cell.status !== "done") {
+      return h("tr", {}, settings, h("td", { colspan: columns.length - 3, class: "muted" }, `off (${cell.reason})`));
+    }
+    return h("tr", { class: worst ? "worst" : null }, settings,
+      h("td", { class: "num" }, points(cell.forget_knowmem_f1)),
+      h("td", { class: "num" }, cell.recovery === null || cell.recovery === undefined ? "–" : cell.recovery.toFixed(2),
+        cell.recovery < 0 ? h("div", { class: "hint muted" }, NEGATIVE_RECOVERY) : null),
+      reference ? h("td", { class: "num" }, points(cell.reference?.forget_knowmem_f1)) : null);
+  };
+  const f1 = relearn.forget_knowmem_f1;
+  return h("section", { "aria-labelledby": "relearn-cells-title" },
+    h("h2", { id: "relearn-cells-title" }, "Relearning sweep"),
+    h("p", { class: "muted" }, "Each cell fine-tunes every weight of a copy of the model on the attack split "
+      + "(qa: forget questions, text: forget texts) and measures forget KnowMem F1 on the other "
+      + `${relearn.settings.measured_questions} questions: ${points(f1.before)} before unlearning, ${points(f1.after)} after. `
+      + "The job's recovery is the worst cell's"
+      + (reference && relearn.reference_after ? `; the reference model answers ${points(relearn.reference_after.forget_knowmem_f1)} before any attack.` : ".")),
+    h("table", { id: "relearn-cells", "aria-labelledby": "relearn-cells-title" },
+      h("thead", {}, h("tr", {}, columns.map((c, i) => h("th", { scope: "col", class: i === 0 ? null : "num" }, c)))),
+      h("tbody", {}, relearn.cells.map(row))));
 }
 
 async function tokenView(id) {

@@ -182,6 +182,21 @@ def test_a_job_from_the_form_to_its_download_in_a_real_browser(
     # the status line says the verdict too: a succeeded job may fail its criteria
     assert page.locator("#job-status .badge.pass, #job-status .badge.fail").count() == 1
     assert page.get_by_text("Membership inference").first.is_visible()
+    # The relearning sweep: a row per cell of the job's metrics, the worst cell marked.
+    relearn = httpx.get(f"{url}/v1/jobs/{job_id}/metrics", headers=key).json()["metrics"][
+        "robustness"
+    ]["relearn"]
+    assert relearn["status"] == "done" and relearn["cells"], relearn
+    cells = page.get_by_role("table", name="Relearning sweep")
+    assert cells.locator("tbody tr").count() == len(relearn["cells"])
+    worst = cells.locator("tbody tr.worst")
+    assert worst.count() == 1 and worst.locator(".badge.worst").count() == 1
+    worst_cell = next(c for c in relearn["cells"] if c["cell"] == relearn["worst_cell"])
+    assert f"{100 * worst_cell['forget_knowmem_f1']:.1f}" in worst.inner_text()
+    # The certificate line says what is signed, and how.
+    downloads = page.locator("#downloads").inner_text()
+    assert "in-toto statement in a DSSE envelope, signed with Ed25519" in downloads
+    assert "adapter directory signed with OpenSSF model signing" in downloads
     page.get_by_role("heading", name="Token probabilities on forget answers").wait_for()
     assert page.locator(".tokens span[title]").count() > 4
     assert "probability the model gives it" in page.locator("#token-legend").inner_text()
