@@ -205,16 +205,26 @@ def bench(
         "stop once forget KnowMem is at 10% of before; 0: train on while the utility budget "
         "allows, towards a model that never learned it).",
     ),
+    recipes: str | None = typer.Option(
+        None,
+        help="Instead of the method grid: robust and selective recipes (comma-separated "
+        "names from core/demo/recipes.py, or 'all'), each under the relearning sweep, on "
+        "held-out neighbours, with time and peak memory.",
+    ),
     output: Path = typer.Option(None, help="Default: $UNLEARN_DATA_DIR/bench."),
     device: str | None = typer.Option(None),
 ) -> None:
-    """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot."""
+    """CATNIP and the baselines on the demo benchmark: a Markdown table and the Fig. 3 plot
+    (with --recipes: the robust recipes' table)."""
     _quiet_libraries()
     from core.demo.bench import grid, run_bench
     from core.demo.build import demo_spec, ensure_model
 
     demo_dir = _data_dir() / "demo"
     ensure_model(demo_dir, events=ConsoleEvents(), reference=True)
+    if recipes is not None:
+        _bench_recipes(demo_dir, recipes, steps, output, device)
+        return
     try:
         learning_rates = (
             []
@@ -240,6 +250,22 @@ def bench(
     run_bench(demo_dir, out, base, runs, device=device, echo=typer.echo)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"plot: {out / 'tradeoff.png'}")
+
+
+def _bench_recipes(
+    demo_dir: Path, names: str, steps: int, output: Path | None, device: str | None
+) -> None:
+    from core.demo.build import demo_spec
+    from core.demo.recipes import RECIPES, run_recipes
+
+    chosen = list(RECIPES) if names.strip() == "all" else [n.strip() for n in names.split(",")]
+    unknown = [n for n in chosen if n not in RECIPES]
+    if unknown:
+        raise typer.BadParameter(f"--recipes: unknown {unknown}; known: {', '.join(RECIPES)}")
+    out = output or _data_dir() / "bench-recipes"
+    typer.echo(f"[bench] {len(chosen)} recipes -> {out}", err=True)
+    run_recipes(demo_dir, out, demo_spec(demo_dir, max_steps=steps), chosen, device, typer.echo)
+    typer.echo((out / "results.md").read_text())
 
 
 def main() -> None:  # pragma: no cover

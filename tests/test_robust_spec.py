@@ -142,3 +142,37 @@ def test_the_check_reads_chat_records(tmp_path):
     path.write_text(json.dumps(other) + "\n" + json.dumps(chat) + "\n")
     distill = load_records(path)
     assert overlapping_lines(FORGET, distill) == [(2, 1)]
+
+
+def _robust(**over):
+    raw = {
+        "profile": "robust",
+        "method": "catnip",
+        "base_model": "m",
+        "forget_file": "f",
+        "retain_file": "r",
+        "distill_file": "d",
+        **over,
+    }
+    return parse_spec(raw)
+
+
+def test_the_robust_profile_fills_what_the_spec_leaves_out():
+    spec = _robust(hyperparameters={"learning_rate": 1e-3, "selective": {"components": 4}})
+    assert spec.profile == "robust" and spec.hyperparameters.retain_loss == "kl"
+    assert spec.hyperparameters.learning_rate == 1e-3
+    assert spec.hyperparameters.selective.mode == "project"
+    assert spec.hyperparameters.selective.components == 4  # the spec's field wins
+    assert spec.robustify is not None and spec.robustify.alpha == 0.6
+    assert _robust(robustify={"alpha": 0.3}).robustify.alpha == 0.3
+    # the standard profile adds nothing
+    plain = parse_spec({"method": "catnip", "base_model": "m", "forget_file": "f"})
+    assert plain.profile == "standard" and plain.robustify is None
+    assert plain.hyperparameters.selective is None
+
+
+def test_the_robust_profile_names_the_file_it_needs():
+    for missing in ("retain_file", "distill_file"):
+        with pytest.raises(SpecError) as caught:
+            _robust(**{missing: None})
+        assert caught.value.param == missing and 'profile "robust"' in caught.value.message

@@ -107,6 +107,8 @@ def content(session: Session, job: Job, keyring: Keyring) -> dict[str, Any]:
         },
         "starts_from": _starts_from(session, job),
         "spec": spec,
+        "profile": spec.get("profile") or "standard",
+        "stages": stages(spec, metrics),
         "code_version": code_version(),
         "artifacts": {
             a.name: {"filename": a.filename, "bytes": a.bytes, "sha256": a.sha256}
@@ -147,6 +149,35 @@ def _starts_from(session: Session, job: Job) -> dict[str, Any] | None:
             else None
         ),
     }
+
+
+def stages(spec: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """What changed the weights, in order, as the metrics record it ran: the unlearning
+    (its method, retain term, selective updates and attack in the loop, steps done), then
+    the distillation stage where the job had one."""
+    hyper = metrics.get("hyperparameters") or spec.get("hyperparameters") or {}
+    done = [
+        {
+            "stage": "unlearning",
+            "method": metrics.get("method", spec.get("method")),
+            "retain_loss": hyper.get("retain_loss", "none"),
+            "selective": hyper.get("selective"),
+            "attack_in_loop": hyper.get("attack_in_loop"),
+            "steps": metrics.get("steps"),
+        }
+    ]
+    robustify = metrics.get("robustify")
+    if robustify:
+        done.append(
+            {
+                "stage": "distillation",
+                "options": robustify.get("options"),
+                "steps": robustify.get("steps"),
+                "stop_reason": robustify.get("stop_reason"),
+                "output": robustify.get("output"),
+            }
+        )
+    return done
 
 
 def audits(spec: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from core.engine.spec.methods import (
     parse_params,
 )
 from core.engine.spec.parts import AdapterSpec, EvalSpec, ResourcesSpec
+from core.engine.spec.profiles import Profile, apply_profile
 from core.engine.spec.robust import RobustifySpec
 from core.errors import SpecError
 
@@ -31,6 +32,12 @@ Reference = Annotated[str, Field(min_length=1, max_length=4096)]
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    profile: Profile = Field(
+        "standard",
+        description="Defaults the spec starts from; fields it names win. robust: a KL "
+        "retain term on in-domain retain data, selective updates, then distillation "
+        "(needs retain_file and distill_file; docs/methods.md).",
+    )
     method: str = Field(
         max_length=64,
         description="Unlearning method id: catnip, catnip_ref, catnip_seq, ga, npo, simnpo, "
@@ -78,6 +85,8 @@ class JobSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _typed_hyperparameters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = apply_profile(data)
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             raw = data.get("hyperparameters")
             if raw is None or isinstance(raw, dict):
